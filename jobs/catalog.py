@@ -1,0 +1,75 @@
+"""The catalogue: the study's 10 base models and 31 tasks, plus tiny offline counterparts and demo tasks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from jobs.config import CONFIG_DIR, BaseModelSpec, ConfigError, TaskSpec, parse_model, read_yaml
+
+CATALOG_DIR = CONFIG_DIR / "catalog"
+STUDY_FILES = ("base_models.yaml", "tasks.yaml")
+OFFLINE_FILES = ("tiny_models.yaml", "demo_tasks.yaml")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Base models and tasks by name; `study` marks the names that come from the LoRA Land paper."""
+
+    base_models: dict[str, BaseModelSpec] = field(default_factory=dict)
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
+    study_base_models: frozenset[str] = frozenset()
+    study_tasks: frozenset[str] = frozenset()
+
+    def base_model(self, name: str) -> BaseModelSpec:
+        """The named base model, or a KeyError listing the known names."""
+        if name not in self.base_models:
+            raise KeyError(f"unknown base model {name!r}; known: {', '.join(sorted(self.base_models))}")
+        return self.base_models[name]
+
+    def task(self, name: str) -> TaskSpec:
+        """The named task, or a KeyError listing the known names."""
+        if name not in self.tasks:
+            raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(self.tasks))}")
+        return self.tasks[name]
+
+
+def load_catalog_file(path: Path) -> tuple[list[BaseModelSpec], list[TaskSpec]]:
+    """Read one catalogue YAML (`base_models:` and/or `tasks:` lists), validating every entry."""
+    data = read_yaml(path) or {}
+    problems: list[str] = []
+    if not isinstance(data, dict) or not set(data) <= {"base_models", "tasks"}:
+        raise ConfigError(str(path), ["a catalogue file holds only `base_models:` and `tasks:` lists"])
+    models, tasks = [], []
+    for key, spec_type, out in (("base_models", BaseModelSpec, models), ("tasks", TaskSpec, tasks)):
+        for index, entry in enumerate(data.get(key) or []):
+            try:
+                out.append(parse_model(spec_type, entry, str(path)))
+            except ConfigError as exc:
+                problems += [f"{key}[{index}].{p}" for p in exc.problems]
+    if problems:
+        raise ConfigError(str(path), problems)
+    return models, tasks
+
+
+@lru_cache(maxsize=8)
+def load_catalog(directory: Path = CATALOG_DIR) -> Catalog:
+    """The whole catalogue in `directory`: the study's files, then the offline tiny models and demo tasks."""
+    base_models: dict[str, BaseModelSpec] = {}
+    tasks: dict[str, TaskSpec] = {}
+    study: dict[str, set[str]] = {"models": set(), "tasks": set()}
+    for filename in STUDY_FILES + OFFLINE_FILES:
+        path = directory / filename
+        if not path.exists():
+            continue
+        models, new_tasks = load_catalog_file(path)
+        for spec in models:
+            base_models[spec.name] = spec
+            if filename in STUDY_FILES:
+                study["models"].add(spec.name)
+        for spec in new_tasks:
+            tasks[spec.name] = spec
+            if filename in STUDY_FILES:
+                study["tasks"].add(spec.name)
+    return Catalog(base_models, tasks, frozenset(study["models"]), frozenset(study["tasks"]))

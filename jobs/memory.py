@@ -1,0 +1,52 @@
+"""GPU memory a QLoRA job needs, from the base model's shape and the job's settings (an estimate, in GB).
+
+Terms: 4-bit linear weights with their quantization constants, 16-bit embeddings and LM head, LoRA
+weights with gradients and AdamW state, activations (one saved hidden state per layer plus one
+layer's recomputation with gradient checkpointing, every layer's without), the logits in fp32 with
+their gradient, and the CUDA context and allocator slack.
+"""
+
+from __future__ import annotations
+
+from jobs.config import BaseModelSpec, LoraSettings, QuantizationSettings, TrainingSettings
+
+GB = 1024**3
+CUDA_OVERHEAD_BYTES = 1.0 * GB
+NF4_BYTES = 0.5
+QUANT_CONSTANT_BYTES = {True: 1 / 64 + 4 / (64 * 256), False: 4 / 64}  # per weight, blocksize 64; keyed by double_quant
+TRAINABLE_BYTES = 4 + 4 + 8  # fp32 weight, gradient, two AdamW moments
+
+
+def linear_shapes(spec: BaseModelSpec) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear projection of one block, by module name."""
+    a = spec.architecture
+    head_dim = a.hidden_size // a.num_attention_heads
+    q, kv = a.num_attention_heads * head_dim, a.num_key_value_heads * head_dim
+    attention = {"q_proj": (a.hidden_size, q), "k_proj": (a.hidden_size, kv), "v_proj": (a.hidden_size, kv)}
+    if spec.family == "phi":
+        return attention | {"dense": (q, a.hidden_size), "fc1": (a.hidden_size, a.intermediate_size), "fc2": (a.intermediate_size, a.hidden_size)}
+    mlp = {"gate_proj": (a.hidden_size, a.intermediate_size), "up_proj": (a.hidden_size, a.intermediate_size),
+           "down_proj": (a.intermediate_size, a.hidden_size)}
+    return attention | {"o_proj": (q, a.hidden_size)} | mlp
+
+
+def lora_parameters(spec: BaseModelSpec, lora: LoraSettings) -> int:
+    """Trainable LoRA parameters: r * (in + out) per adapted projection per layer."""
+    shapes = linear_shapes(spec)
+    targets = shapes if lora.target_modules == "all-linear" else {k: v for k, v in shapes.items() if k in lora.target_modules}
+    return spec.architecture.num_layers * sum(lora.r * (i + o) for i, o in targets.values())
+
+
+def estimate_memory_gb(spec: BaseModelSpec, lora: LoraSettings, quant: QuantizationSettings, training: TrainingSettings) -> float:
+    """Peak GPU memory of one fine-tuning job in GB."""
+    a = spec.architecture
+    linear = a.num_layers * sum(i * o for i, o in linear_shapes(spec).values())
+    embeddings = a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
+    weight_bytes = NF4_BYTES + QUANT_CONSTANT_BYTES[quant.double_quant] if quant.load_in_4bit else 2
+    base = linear * weight_bytes + embeddings * 2
+    tokens = training.micro_batch_size * training.max_seq_length
+    one_layer = tokens * (10 * a.hidden_size + 3 * a.intermediate_size) * 2
+    saved = tokens * a.hidden_size * 2 * a.num_layers + one_layer if training.gradient_checkpointing else one_layer * a.num_layers
+    logits = tokens * a.vocab_size * (2 + 4 + 4)
+    total = base + lora_parameters(spec, lora) * TRAINABLE_BYTES + saved + logits + CUDA_OVERHEAD_BYTES
+    return total / GB

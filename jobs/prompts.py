@@ -1,0 +1,54 @@
+"""Prompt templates: a task's Jinja templates turn a dataset row into prompt and completion.
+
+Templates are completion-style and zero-shot, the same for base and fine-tuned models.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Mapping
+
+import jinja2
+
+from jobs.config import TaskSpec
+
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+@lru_cache(maxsize=512)
+def _template(source: str) -> jinja2.Template:
+    return _ENV.from_string(source)
+
+
+def render(source: str, row: Mapping[str, Any]) -> str:
+    """Render one template against one row; a missing column raises a KeyError naming it."""
+    try:
+        return _template(source).render(**row)
+    except jinja2.UndefinedError as exc:
+        raise KeyError(f"template needs a column the row lacks: {exc.message}") from None
+
+
+def prompt_for(task: TaskSpec, row: Mapping[str, Any], max_chars: int | None = None, evaluation: bool = False) -> str:
+    """The prompt for `row`; at evaluation a task with its own eval set uses that set's template.
+
+    Long prompts are cut the same way for every model: the input is cut from the front of the
+    prompt's end, keeping the instruction head and the answer cue (the last line) intact.
+    """
+    source = task.eval.prompt if evaluation and task.eval else task.prompt
+    text = render(source, row)
+    return cut_prompt(text, max_chars) if max_chars else text
+
+
+def completion_for(task: TaskSpec, row: Mapping[str, Any]) -> str:
+    """The gold completion (training target) for `row`."""
+    return render(task.completion, row)
+
+
+def cut_prompt(text: str, max_chars: int) -> str:
+    """Cut `text` to at most `max_chars`, dropping characters before the final cue line."""
+    if len(text) <= max_chars:
+        return text
+    head, sep, cue = text.rpartition("\n")
+    if not sep or len(cue) >= max_chars:
+        return text[:max_chars]
+    return head[: max_chars - len(cue) - 1] + "\n" + cue

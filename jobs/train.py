@@ -1,0 +1,365 @@
+"""QLoRA fine-tuning of one (base model, task) job.
+
+- The base is loaded in 4-bit nf4 with double quantization; LoRA is attached with PEFT.
+- Loss is on completion tokens only. With `packing`, the examples of one optimizer step are packed
+  padding-free into rows of at most `micro_batch_size * max_seq_length` tokens (position ids restart
+  per example, so attention never crosses examples); the loss is the token mean over the whole step,
+  exactly as for one padded batch of the same examples.
+- Every `checkpoint_every` steps the adapter, optimizer, scheduler, RNG and data position are saved
+  atomically; a job started again on the same `output_dir` continues the same trajectory.
+- A CUDA out-of-memory halves the micro-batch and doubles accumulation (same effective batch).
+
+Run alone: `python -m jobs.train --config job.yaml` (trains, evaluates, writes result.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from jobs.config import JobConfig, TrainingSettings
+from jobs.data import train_rows
+from jobs.models import attach_lora, load_base_model, load_tokenizer, resolve_device
+from jobs.prompts import completion_for, prompt_for
+
+IGNORE = -100
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class StepCallback(Protocol):
+    """Receives step metrics (loss, learning_rate, tokens_per_second, ...) every `log_every` steps."""
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class TrainingError(RuntimeError):
+    """A job cannot go on (e.g. out of memory at the micro-batch floor); the message says what to change."""
+
+
+@dataclass
+class Example:
+    """One tokenized example: labels are IGNORE on prompt tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs besides weights and optimizer to continue the same trajectory."""
+
+    step: int = 0
+    cursor: int = 0  # examples consumed so far: the data position
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    trained_tokens: int = 0
+    oom_backoffs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """What training hands on: the adapter folder (safetensors) and a summary of the run."""
+
+    adapter_dir: str
+    summary: dict[str, float]
+    history: list[dict[str, float]]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Prompt tokens exactly as evaluation sees them: BOS (if the model has one) + prompt."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_len: int) -> Example:
+    """Prompt + " " + completion + EOS, cut to `max_len` by dropping the prompt's start."""
+    answer = tokenizer(" " + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer = answer[: max_len - 1]
+    prompt_ids = encode_prompt(tokenizer, prompt)[-(max_len - len(answer)) :]
+    return Example(prompt_ids + answer, [IGNORE] * len(prompt_ids) + answer)
+
+
+class DataOrder:
+    """A fresh seeded permutation per epoch; the example at any data position is known without state."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self._epochs: dict[int, list[int]] = {}
+
+    def index(self, cursor: int) -> int:
+        epoch, offset = divmod(cursor, self.size)
+        if epoch not in self._epochs:
+            order = list(range(self.size))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epochs = {epoch: order}
+        return self._epochs[epoch][offset]
+
+
+def make_batches(examples: list[Example], micro_batch_size: int, max_seq_length: int, packing: bool, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Forward-pass inputs for one optimizer step's examples.
+
+    Packed: rows of at most `micro_batch_size * max_seq_length` tokens, no padding, position ids
+    restarting per example. Unpacked: `micro_batch_size` examples per pass, padded to the longest.
+    """
+    if not packing:
+        return [_padded(examples[i : i + micro_batch_size], pad_id) for i in range(0, len(examples), micro_batch_size)]
+    budget = micro_batch_size * max_seq_length
+    rows: list[list[Example]] = [[]]
+    for example in examples:
+        if rows[-1] and sum(len(e.input_ids) for e in rows[-1]) + len(example.input_ids) > budget:
+            rows.append([])
+        rows[-1].append(example)
+    return [_packed(row) for row in rows]
+
+
+def _packed(row: list[Example]) -> dict[str, torch.Tensor]:
+    ids = [t for e in row for t in e.input_ids]
+    labels = [t for e in row for t in e.labels]
+    positions = [p for e in row for p in range(len(e.input_ids))]
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+    }
+
+
+def _padded(row: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in row)
+    pad = [width - len(e.input_ids) for e in row]
+    return {
+        "input_ids": torch.tensor([e.input_ids + [pad_id] * p for e, p in zip(row, pad)]),
+        "labels": torch.tensor([e.labels + [IGNORE] * p for e, p in zip(row, pad)]),
+        "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * p for e, p in zip(row, pad)]),
+    }
+
+
+def tokenize_task(config: JobConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+    """Every training row of the job's task, tokenized."""
+    rows = train_rows(config.task, config.training.max_train_examples)
+    if not rows:
+        raise TrainingError(f"task {config.task.name}: the training split is empty")
+    max_chars = config.evaluation.prompt_max_chars
+    return [
+        encode_example(tokenizer, prompt_for(config.task, row, max_chars), completion_for(config.task, row), config.training.max_seq_length)
+        for row in rows
+    ]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, model: PeftModel, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, keep: int) -> Path:
+    """Write a checkpoint into a hidden folder, then rename it into place: a kill mid-save leaves no broken checkpoint."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:08d}"
+    staging = root / f".staging-{state.step:08d}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, staging / "trainer_state.pt")
+    (staging / "state.json").write_text(json.dumps(asdict(state)))
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (staging folders are ignored)."""
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model: PeftModel, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler and RNG; return the saved state."""
+    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    saved = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    _set_rng_state(saved["rng"])
+    return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def make_optimizer(model: PeftModel, settings: TrainingSettings, device: str) -> torch.optim.Optimizer:
+    """Paged AdamW (bitsandbytes) on a GPU, torch AdamW on a CPU, unless the config names one."""
+    name = settings.optimizer
+    if name == "auto":
+        name = "paged_adamw_32bit" if device == "cuda" else "adamw"
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    import bitsandbytes as bnb
+
+    optimizer_class = bnb.optim.PagedAdamW32bit if name == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
+    return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated on a GPU, peak resident memory of the process on a CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _forward_backward(model: PeftModel, batches: list[dict[str, torch.Tensor]], device: str) -> tuple[float, int]:
+    """Accumulate gradients of the step's token-mean loss; returns (loss, non-padding tokens)."""
+    label_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    total_loss, tokens = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch, use_cache=False, num_items_in_batch=torch.tensor(label_tokens, device=device))
+        out.loss.backward()
+        total_loss += float(out.loss)
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    return total_loss, tokens
+
+
+Fault = Callable[[int], None]
+
+
+def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+          on_step: StepCallback | None = None, fault: Fault | None = None) -> tuple[TrainResult, PeftModel, PreTrainedTokenizerBase]:
+    """Fine-tune the job's adapter, resuming from `output_dir`'s latest checkpoint; returns the result and the model.
+
+    `fault(step)` is called before each forward-backward attempt (tests inject out-of-memory there).
+    """
+    settings = config.training
+    device = resolve_device(config.device)
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+    tokenizer = tokenizer or load_tokenizer(config.base_model)
+    model = model or attach_lora(load_base_model(config.base_model, config.quantization, device), config.lora, settings.gradient_checkpointing)
+    model.train()
+    examples = tokenize_task(config, tokenizer)
+    optimizer = make_optimizer(model, settings, device)
+    scheduler = get_scheduler(settings.lr_scheduler if settings.lr_scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=math.ceil(settings.warmup_ratio * settings.max_steps),
+                              num_training_steps=settings.max_steps)
+    root = Path(config.output_dir) / CHECKPOINT_DIR
+    checkpoint = latest_checkpoint(root)
+    state = TrainState(micro_batch_size=settings.micro_batch_size, gradient_accumulation_steps=settings.gradient_accumulation_steps)
+    if checkpoint:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    resumed_from = state.step
+    order = DataOrder(len(examples), settings.seed)
+    effective_batch = settings.micro_batch_size * settings.gradient_accumulation_steps
+    started, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
+    while state.step < settings.max_steps:
+        step_examples = [examples[order.index(state.cursor + i)] for i in range(effective_batch)]
+        loss, tokens = _train_step(model, step_examples, state, settings, device, tokenizer.pad_token_id, fault)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.cursor += effective_batch
+        state.trained_tokens += tokens
+        window_tokens += tokens
+        if state.step % settings.log_every == 0 or state.step == settings.max_steps:
+            now = time.perf_counter()
+            metrics = {"loss": loss, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
+                       "micro_batch_size": float(state.micro_batch_size)}
+            state.history.append({"step": float(state.step), **metrics})
+            window_start, window_tokens = now, 0
+            if on_step:
+                on_step(state.step, metrics)
+        if state.step % settings.checkpoint_every == 0 or state.step == settings.max_steps:
+            save_checkpoint(root, model, optimizer, scheduler, state, settings.keep_checkpoints)
+    wall = time.perf_counter() - started
+    adapter_dir = save_adapter(model, config)
+    summary = {
+        "train_loss": state.history[-1]["loss"] if state.history else float("nan"),
+        "steps": float(state.step),
+        "trained_tokens": float(state.trained_tokens),
+        "train_tokens_per_second": state.trained_tokens / max(wall, 1e-9) if resumed_from == 0 else float("nan"),
+        "train_wall_time_s": wall,
+        "peak_memory_mb": peak_memory_mb(device),
+        "final_micro_batch_size": float(state.micro_batch_size),
+        "final_gradient_accumulation_steps": float(state.gradient_accumulation_steps),
+        "oom_backoffs": float(state.oom_backoffs),
+        "resumed_from_step": float(resumed_from),
+    }
+    return TrainResult(str(adapter_dir), summary, state.history), model, tokenizer
+
+
+def _train_step(model: PeftModel, step_examples: list[Example], state: TrainState, settings: TrainingSettings,
+                device: str, pad_id: int, fault: Fault | None) -> tuple[float, int]:
+    """One optimizer step's gradients; on out-of-memory halve the micro-batch, double accumulation, retry."""
+    while True:
+        batches = make_batches(step_examples, state.micro_batch_size, settings.max_seq_length, settings.packing, pad_id)
+        try:
+            if fault:
+                fault(state.step)
+            return _forward_backward(model, batches, device)
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            if state.micro_batch_size // 2 < settings.min_micro_batch_size:
+                raise TrainingError(
+                    f"out of memory at step {state.step} with micro_batch_size {state.micro_batch_size} "
+                    f"(floor {settings.min_micro_batch_size}); lower training.max_seq_length or use a GPU with more memory"
+                ) from None
+            state.micro_batch_size //= 2
+            state.gradient_accumulation_steps *= 2
+            state.oom_backoffs += 1
+
+
+def save_adapter(model: PeftModel, config: JobConfig) -> Path:
+    """Save the final adapter (safetensors + adapter_config.json naming the base by its Hub id) atomically."""
+    target = Path(config.output_dir) / ADAPTER_DIR
+    staging = target.with_name(f".{ADAPTER_DIR}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.peft_config["default"].base_model_name_or_path = config.base_model.hf_id
+    model.save_pretrained(staging, safe_serialization=True)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.train --config FILE`: train, evaluate and write result.json, without Ray."""
+    from jobs.run import cli_main
+
+    return cli_main("train", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

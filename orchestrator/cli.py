@@ -1,0 +1,143 @@
+"""The `loraland` command line: catalogue, validation and planning (more commands join as they land).
+
+A user's mistake exits with status 2 and one line per problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from jobs.catalog import load_catalog, load_catalog_file
+from jobs.config import ConfigError, JobConfig, parse_model, read_yaml
+
+console = Console()
+USER_ERROR = 2
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    """The base models and tasks (the study's; `--all` adds the tiny models and demo tasks)."""
+    catalog = load_catalog()
+    models = [m for m in catalog.base_models.values() if args.all or m.name in catalog.study_base_models]
+    tasks = [t for t in catalog.tasks.values() if args.all or t.name in catalog.study_tasks]
+    if args.json:
+        print(json.dumps({
+            "base_models": [{"name": m.name, "hf_id": m.hf_id, "family": m.family, "params_billion": m.params_billion,
+                             "instruction_tuned": m.instruction_tuned} for m in models],
+            "tasks": [{"name": t.name, "metric": t.metric, "category": t.category, "dataset": t.dataset.id} for t in tasks],
+        }, indent=2))
+        return 0
+    table = Table(title=f"Base models ({len(models)})")
+    for column in ("name", "Hugging Face id", "family", "params (B)", "instruct"):
+        table.add_column(column)
+    for m in models:
+        table.add_row(m.name, m.hf_id, m.family, f"{m.params_billion:g}", "yes" if m.instruction_tuned else "no")
+    console.print(table)
+    table = Table(title=f"Tasks ({len(tasks)})")
+    for column in ("name", "category", "dataset", "metric", "description"):
+        table.add_column(column)
+    for t in tasks:
+        table.add_row(t.name, t.category, t.dataset.id, t.metric, t.description)
+    console.print(table)
+    return 0
+
+
+def _validate_any(path: Path) -> str:
+    """Validate one of our YAML files, recognised by its keys; returns what it is."""
+    from orchestrator.config import load_sweep
+    from serving.config import ServeConfig
+
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), ["expected a mapping of keys at the top level"])
+    if "deployments" in data:
+        parse_model(ServeConfig, data, str(path))
+        return "serve config"
+    if "base_model" in data and "task" in data:
+        parse_model(JobConfig, data, str(path))
+        return "job config"
+    if any(isinstance(v, list) and v and isinstance(v[0], dict) for k, v in data.items() if k in ("base_models", "tasks")):
+        load_catalog_file(path)
+        return "catalogue"
+    load_sweep(path)
+    return "sweep"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check any of our YAML files: sweep, catalogue, job or serve config."""
+    kind = _validate_any(Path(args.file))
+    console.print(f"[green]ok[/green] {args.file} is a valid {kind}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The job matrix of a sweep with memory, GPU share, time and cost."""
+    from orchestrator.config import ResourceSettings, load_sweep
+    from orchestrator.plan import plan_json
+
+    sweep = load_sweep(args.sweep)
+    overrides = {k: v for k, v in (("gpu_memory_gb", args.gpu_memory_gb), ("price_per_gpu_hour", args.price_per_gpu_hour)) if v is not None}
+    if overrides:
+        sweep.resources = parse_model(ResourceSettings, sweep.resources.model_dump() | overrides, "command line")
+    plan = plan_json(sweep)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    table = Table(title=f"Sweep {sweep.name}: {plan['totals']['jobs']} fine-tunes + {plan['totals']['base_evaluations']} base evaluations")
+    for column in ("base model", "task", "GPU mem (GB)", "GPUs", "jobs/GPU", "GPU-hours", "hours"):
+        table.add_column(column, justify="right" if column not in ("base model", "task") else "left")
+    for job in plan["jobs"]:
+        table.add_row(job["base_model"], job["task"], f"{job['gpu_memory_gb']:.2f}", f"{job['gpus']:g}", str(job["jobs_per_gpu"]),
+                      f"{job['gpu_hours']:.2f}", f"{job['hours']:.2f}")
+    console.print(table)
+    t = plan["totals"]
+    console.print(f"Total: {t['jobs']} fine-tunes, {t['base_evaluations']} base evaluations, {t['gpu_hours']:.1f} GPU-hours, "
+                  f"${t['cost']:,.2f} at ${t['price_per_gpu_hour']}/GPU-hour; up to {t['jobs_per_gpu']} jobs per "
+                  f"{t['gpu_memory_gb']:g} GB GPU (largest job {t['max_gpu_memory_gb']:.1f} GB).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every `loraland` command."""
+    parser = argparse.ArgumentParser(prog="loraland", description="Fine-tune, track and serve many QLoRA adapters on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = commands.add_parser("catalog", help=cmd_catalog.__doc__)
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_argument("--all", action="store_true", help="include the tiny offline models and demo tasks")
+    sub.set_defaults(run=cmd_catalog)
+    sub = commands.add_parser("validate", help=cmd_validate.__doc__)
+    sub.add_argument("file", help="a YAML file of ours")
+    sub.set_defaults(run=cmd_validate)
+    sub = commands.add_parser("plan", help=cmd_plan.__doc__)
+    sub.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/lora_land.yaml")
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU (overrides resources.gpu_memory_gb)")
+    sub.add_argument("--price-per-gpu-hour", type=float, help="price of a GPU-hour (overrides resources.price_per_gpu_hour)")
+    sub.set_defaults(run=cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `loraland` console script."""
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {exc.source}: {problem}", file=sys.stderr)
+        return USER_ERROR
+    except (KeyError, FileNotFoundError, ValueError) as exc:
+        message: Any = exc.args[0] if exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return USER_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""The sweep config (what the user edits to fan out jobs) and its expansion into job configs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from jobs.catalog import Catalog, load_catalog
+from jobs.config import (
+    ConfigError,
+    EvalSettings,
+    JobConfig,
+    LoraSettings,
+    QuantizationSettings,
+    StrictModel,
+    TrainingSettings,
+    data_home,
+    parse_model,
+    read_yaml,
+)
+
+
+class ResourceSettings(StrictModel):
+    """What each job asks Ray for, and the hardware `plan` prices."""
+
+    device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where jobs run; cpu for the tiny demo.")
+    gpu_memory_gb: float = Field(default=24.0, gt=0, description="Memory of one GPU of the cluster (the study used 24 GB A10G).")
+    gpu_tflops: float = Field(default=125.0, gt=0, description="Peak bf16 TFLOP/s of one GPU, for the time estimate.")
+    mfu: float = Field(default=0.2, gt=0, le=1, description="Fraction of peak a QLoRA job reaches, for the time estimate.")
+    price_per_gpu_hour: float = Field(default=1.21, ge=0, description="Price of one GPU-hour in dollars (A10G on demand).")
+    cpus_per_job: float = Field(default=1.0, gt=0, description="CPUs each job reserves.")
+    memory_headroom: float = Field(default=1.15, ge=1.0, description="Multiplier on the memory estimate before packing GPUs.")
+
+
+class RetrySettings(StrictModel):
+    """Failure handling."""
+
+    max_failures: int = Field(default=3, ge=0, description="Retries of a failing job before it is marked failed.")
+
+
+class TrackingSettings(StrictModel):
+    """Where runs are logged."""
+
+    uri: str | None = Field(default=None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else SQLite in the data folder.")
+    experiment: str | None = Field(default=None, description="Experiment name; default: the sweep's name.")
+
+
+class SweepConfig(StrictModel):
+    """A sweep: base models x tasks, with shared LoRA, quantization, training and evaluation settings."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Sweep name: experiment name and job-key prefix.")
+    description: str = Field(default="", description="What this sweep is for.")
+    base_models: list[str] = Field(min_length=1, description="Base model names from the catalogue.")
+    tasks: list[str] = Field(min_length=1, description="Task names from the catalogue.")
+    evaluate_base: bool = Field(default=True, description="Also score each base model zero-shot on each task.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (study: r 8, alpha 16, q_proj/v_proj).")
+    quantization: QuantizationSettings = Field(default_factory=QuantizationSettings, description="4-bit loading.")
+    training: TrainingSettings = Field(default_factory=TrainingSettings, description="Optimisation (study defaults).")
+    evaluation: EvalSettings = Field(default_factory=EvalSettings, description="Evaluation settings.")
+    resources: ResourceSettings = Field(default_factory=ResourceSettings, description="Per-job resources and pricing.")
+    retries: RetrySettings = Field(default_factory=RetrySettings, description="Failure handling.")
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow settings.")
+    storage_path: str = Field(default="", description="Checkpoints and results; a shared path (NFS) on a cluster. Default: data folder.")
+
+
+def catalog_problems(data: Any, catalog: Catalog) -> list[str]:
+    """Names in a raw sweep dict that the catalogue does not know (checked even when other fields are wrong)."""
+    problems = []
+    if not isinstance(data, dict):
+        return problems
+    for key, known in (("base_models", catalog.base_models), ("tasks", catalog.tasks)):
+        names = data.get(key)
+        for index, name in enumerate(names if isinstance(names, list) else []):
+            if isinstance(name, str) and name not in known:
+                problems.append(f"{key}[{index}]: unknown {key[:-1].replace('_', ' ')} {name!r}; see `loraland catalog --all`")
+        if isinstance(names, list) and len(set(map(str, names))) != len(names):
+            problems.append(f"{key}: lists a name twice")
+    return problems
+
+
+def load_sweep(path: str | Path, catalog: Catalog | None = None) -> SweepConfig:
+    """Load and validate a sweep file; every problem is collected and raised at once as a ConfigError."""
+    catalog = catalog or load_catalog()
+    data = read_yaml(path)
+    problems = catalog_problems(data, catalog)
+    try:
+        sweep = parse_model(SweepConfig, data, str(path))
+    except ConfigError as exc:
+        raise ConfigError(str(path), exc.problems + problems) from None
+    if problems:
+        raise ConfigError(str(path), problems)
+    return sweep
+
+
+def storage_root(sweep: SweepConfig) -> Path:
+    """Where the sweep's jobs keep checkpoints and results."""
+    return Path(sweep.storage_path) if sweep.storage_path else data_home() / "sweeps" / sweep.name
+
+
+def config_hash(sweep: SweepConfig, kind: str) -> str:
+    """Hash of every setting that changes a job's outcome (not resources, tracking or storage)."""
+    relevant = {"kind": kind, "quantization": sweep.quantization.model_dump(mode="json"), "evaluation": sweep.evaluation.model_dump(mode="json")}
+    if kind == "train":
+        relevant |= {"lora": sweep.lora.model_dump(mode="json"), "training": sweep.training.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def job_key(sweep: SweepConfig, base_model: str, task: str, kind: str) -> str:
+    """The stable key of a job: sweep, base model, task, kind and config hash."""
+    return f"{sweep.name}/{base_model}/{task}/{kind}-{config_hash(sweep, kind)}"
+
+
+def expand_jobs(sweep: SweepConfig, catalog: Catalog | None = None) -> list[JobConfig]:
+    """Every job of the sweep: a fine-tune per (base, task), plus a base evaluation per pair if asked."""
+    catalog = catalog or load_catalog()
+    kinds = ["train", "evaluate_base"] if sweep.evaluate_base else ["train"]
+    jobs = []
+    for base_name in sweep.base_models:
+        for task_name in sweep.tasks:
+            for kind in kinds:
+                key = job_key(sweep, base_name, task_name, kind)
+                jobs.append(JobConfig(
+                    kind=kind, job_key=key, base_model=catalog.base_model(base_name), task=catalog.task(task_name),
+                    lora=sweep.lora, quantization=sweep.quantization, training=sweep.training,
+                    evaluation=sweep.evaluation, device=sweep.resources.device,
+                    output_dir=str(storage_root(sweep) / key.split("/", 1)[1]),
+                ))
+    return jobs

@@ -1,0 +1,90 @@
+"""`loraland plan`: the job matrix before anything runs: memory, GPU share, time and cost per job."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from jobs.config import JobConfig
+from jobs.memory import estimate_memory_gb
+from orchestrator.config import ResourceSettings, SweepConfig, expand_jobs
+
+EVAL_EFFICIENCY = 0.25  # decoding reaches a fraction of training's utilisation
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One job as `plan` shows it."""
+
+    base_model: str
+    task: str
+    kind: str
+    job_key: str
+    gpu_memory_gb: float
+    gpus: float
+    jobs_per_gpu: int
+    gpu_hours: float
+    hours: float
+
+
+def gpu_share(memory_gb: float, resources: ResourceSettings) -> tuple[float, int]:
+    """(GPU fraction to ask Ray for, jobs that fit on one GPU); a job bigger than a GPU asks for whole GPUs."""
+    need = memory_gb * resources.memory_headroom
+    per_gpu = int(resources.gpu_memory_gb // need)
+    if per_gpu >= 1:
+        return math.floor(10_000 / per_gpu) / 10_000, per_gpu  # Ray keeps 4 decimals of a resource
+    return float(math.ceil(need / resources.gpu_memory_gb)), 0
+
+
+def job_gpu_hours(job: JobConfig, resources: ResourceSettings) -> float:
+    """Compute time on one whole GPU: ~8N FLOPs per trained token (6N, plus 2N recomputation), 2N per evaluated one."""
+    params = job.base_model.params_billion * 1e9
+    rate = resources.gpu_tflops * 1e12 * resources.mfu
+    limit = job.evaluation.limit or job.task.eval_limit
+    eval_tokens = limit * (job.task.mean_example_tokens + (job.evaluation.max_new_tokens or job.task.max_new_tokens))
+    seconds = eval_tokens * 2 * params / (rate * EVAL_EFFICIENCY)
+    if job.kind == "train":
+        t = job.training
+        flops_per_token = (8 if t.gradient_checkpointing else 6) * params
+        seconds += t.max_steps * t.micro_batch_size * t.gradient_accumulation_steps * job.task.mean_example_tokens * flops_per_token / rate
+    return seconds / 3600
+
+
+def plan_sweep(sweep: SweepConfig) -> list[PlannedJob]:
+    """Every job of the sweep with its resource and time estimate."""
+    planned = []
+    for job in expand_jobs(sweep):
+        memory = estimate_memory_gb(job.base_model, job.lora, job.quantization, job.training)
+        gpus, per_gpu = gpu_share(memory, sweep.resources)
+        if sweep.resources.device == "cpu":
+            gpus = 0.0
+        gpu_hours = job_gpu_hours(job, sweep.resources)
+        planned.append(PlannedJob(job.base_model.name, job.task.name, job.kind, job.job_key, round(memory, 2), gpus, per_gpu,
+                                  round(gpu_hours, 3), round(gpu_hours / min(gpus, 1.0) if gpus else gpu_hours, 3)))
+    return planned
+
+
+def plan_totals(planned: list[PlannedJob], resources: ResourceSettings) -> dict[str, float]:
+    """Totals over the sweep: jobs, GPU-hours, cost, and how many jobs share one GPU (the tightest base model)."""
+    gpu_hours = sum(p.gpu_hours for p in planned)
+    return {
+        "jobs": sum(p.kind == "train" for p in planned),
+        "base_evaluations": sum(p.kind == "evaluate_base" for p in planned),
+        "gpu_hours": round(gpu_hours, 2),
+        "cost": round(gpu_hours * resources.price_per_gpu_hour, 2),
+        "price_per_gpu_hour": resources.price_per_gpu_hour,
+        "gpu_memory_gb": resources.gpu_memory_gb,
+        "jobs_per_gpu": min((p.jobs_per_gpu for p in planned), default=0),
+        "max_gpu_memory_gb": max((p.gpu_memory_gb for p in planned), default=0.0),
+    }
+
+
+def plan_json(sweep: SweepConfig) -> dict:
+    """The machine-readable plan: fine-tuning `jobs`, `base_evaluations`, and `totals` over both."""
+    planned = plan_sweep(sweep)
+    return {
+        "sweep": sweep.name,
+        "jobs": [asdict(p) for p in planned if p.kind == "train"],
+        "base_evaluations": [asdict(p) for p in planned if p.kind == "evaluate_base"],
+        "totals": plan_totals(planned, sweep.resources),
+    }

