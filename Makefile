@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m orchestrator.demo
+	HF_HUB_OFFLINE=1 $(PY) -m orchestrator.demo
 
 test: setup
 	$(PY) -m pytest -q

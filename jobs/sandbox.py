@@ -114,12 +114,20 @@ def program_for(problem: dict[str, Any], completion: str) -> str:
 
 # --------------------------------------------------------------------------- the child's prelude
 
-# Runs as `python -I -c PRELUDE program.py` in the working directory. It reads the program,
-# installs the guards, then executes the program as __main__. Kept free of f-strings with braces
-# from the outside so it can be read as plain Python.
+# Runs as `python -I -c PRELUDE program.py` in the working directory: reads the program, installs
+# the guards, then executes the program as __main__. Two layers:
+#  1. wrappers around the Python-level functions (builtins.open, os.*, shutil.*, socket.*,
+#     subprocess.Popen, ...) that raise PermissionError / OSError with a clear message;
+#  2. an audit hook (PEP 578) under them that sees the same operations however they are reached
+#     (C types such as _io.FileIO or _socket.socket, originals fished out of a wrapper's closure,
+#     ctypes), and cannot be removed once added. The hook keeps its state in closure cells that
+#     hold only immutable values and C functions, and its path resolver has no free or global
+#     names, so the program cannot re-point it; introspection that could reach it (gc object
+#     walks, swapping a function's __code__) is refused.
+# Neither layer is a security boundary against code written to escape; the OS limits are.
 PRELUDE = r'''
-import builtins, errno, io, os, sys
-import _io, _socket, posix, resource, shutil, socket, subprocess
+import builtins, errno, io, os, stat, sys
+import _io, _socket, pathlib, posix, resource, shutil, socket, subprocess
 try:
     import _posixsubprocess
 except ImportError:
@@ -128,165 +136,246 @@ except ImportError:
 _PROGRAM = sys.argv[1]
 with _io.open(_PROGRAM, "rb") as _handle:
     _SOURCE = _handle.read()
-_ROOT = os.path.realpath(os.getcwd())
-_ALLOWED = frozenset({"/dev/null"})
-_readlink = os.readlink
-_realpath = os.path.realpath
 
 
-def _resolve(path, dir_fd=None):
-    """Absolute real path of `path` (fds via /proc), or None when it is not a path we can judge."""
-    if isinstance(path, int):
+def _real_path(path, dir_fd, k):
+    """Absolute path with symlinks resolved, or None for a non-file fd / an unjudgeable object.
+
+    Uses no global or free names (not even builtins): everything comes in `k`, so changing this
+    module's globals cannot change its answer.
+    """
+    (type_, str_, bytes_, int_, direntry, fspath, getcwd, lstat, readlink, is_link, oserror) = k
+    kind = type_(path)
+    if kind is int_:
         try:
-            target = _readlink("/proc/self/fd/%d" % path)
-        except OSError:
+            target = readlink("/proc/self/fd/" + str_(path))
+        except oserror:
             return None
-        return target if target.startswith("/") else None  # pipes, sockets: not files
-    try:
-        text = os.fsdecode(os.fspath(path))
-    except TypeError:
-        return None  # the original function will raise its own TypeError
-    if dir_fd is not None and not os.path.isabs(text):
+        return target if target[:1] == "/" else None  # pipes and sockets are not files
+    if kind is direntry:
+        path = path.path
+    elif kind is not str_ and kind is not bytes_:
         try:
-            text = os.path.join(_readlink("/proc/self/fd/%d" % dir_fd), text)
-        except OSError:
+            path = fspath(path)
+        except Exception:
+            return None  # the original function raises its own TypeError
+    if type_(path) is bytes_:
+        path = path.decode("utf-8", "surrogateescape")
+    if dir_fd is not None and dir_fd >= 0 and path[:1] != "/":
+        try:
+            path = readlink("/proc/self/fd/" + str_(dir_fd)) + "/" + path
+        except oserror:
             return "/"
-    return _realpath(text)
+    if path[:1] != "/":
+        path = getcwd() + "/" + path
+    pending = [part for part in path.split("/") if part and part != "."]
+    pending.reverse()
+    done = []
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        candidate = "/" + "/".join(done + [part])
+        try:
+            mode = lstat(candidate).st_mode
+        except oserror:
+            done.append(part)
+            continue
+        if is_link(mode) and hops < 40:
+            hops += 1
+            target = readlink(candidate)
+            if target[:1] == "/":
+                done = []
+            more = [p for p in target.split("/") if p and p != "."]
+            more.reverse()
+            pending.extend(more)
+        else:
+            done.append(part)
+    return "/" + "/".join(done)
 
 
-def _check(path, dir_fd=None):
-    resolved = _resolve(path, dir_fd)
-    if resolved is None or resolved in _ALLOWED:
-        return
-    if resolved == _ROOT or resolved.startswith(_ROOT + os.sep):
-        return
-    raise PermissionError(errno.EACCES, "sandbox: no writes outside the working directory", str(path))
+def _install():
+    """Install both layers. Everything lives in this function's closures, not in module globals."""
+    root = posix.getcwd()
+    inside_prefix = root.rstrip("/") + "/"
+    allowed = frozenset({"/dev/null"})
+    k = (type, str, bytes, int, posix.DirEntry, posix.fspath, posix.getcwd, posix.lstat, posix.readlink,
+         stat.S_ISLNK, OSError)
+    real_path = _real_path
+    denied_error = PermissionError
+    net_error = OSError
+    import_error = ImportError
+    eacces, eperm, enetunreach = errno.EACCES, errno.EPERM, errno.ENETUNREACH
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    write_chars = frozenset("wax+")
+    type_, str_, int_, frozenset_ = type, str, int, frozenset
+
+    def check(path, dir_fd=None):
+        resolved = real_path(path, dir_fd, k)
+        if resolved is None or resolved in allowed or resolved == root or resolved.startswith(inside_prefix):
+            return
+        raise denied_error(eacces, "sandbox: no writes outside the working directory", str_(path))
+
+    def deny(what, error=PermissionError):
+        code = enetunreach if error is net_error else eperm
+
+        def denied(*args, **kwargs):
+            raise error(code, "sandbox: " + what + " is disabled")
+
+        denied.__name__ = what.rsplit(".", 1)[-1]
+        return denied
+
+    # ---- layer 1: wrappers
+    original_open = _io.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if type_(mode) is str_ and write_chars & frozenset_(mode):
+            check(file)
+        return original_open(file, mode, *args, **kwargs)
+
+    class FileIO(_io.FileIO):
+        def __init__(self, file, mode="r", *args, **kwargs):
+            if type_(mode) is str_ and write_chars & frozenset_(mode):
+                check(file)
+            super().__init__(file, mode, *args, **kwargs)
+
+    builtins.open = io.open = _io.open = guarded_open
+    io.FileIO = _io.FileIO = FileIO
+
+    original_os_open = posix.open
+
+    def guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
+        if flags & write_flags:
+            check(path, dir_fd)
+        return original_os_open(path, flags, mode, dir_fd=dir_fd)
+
+    os.open = posix.open = guarded_os_open
+
+    def guard_paths(name, specs, modules=(os, posix)):
+        """Wrap `name` so each (param, position, dir_fd param) path is checked before the call."""
+        original = getattr(modules[0], name, None)
+        if original is None:
+            return
+
+        def guarded(*args, **kwargs):
+            for param, position, dir_fd_param in specs:
+                value = args[position] if position < len(args) else kwargs.get(param)
+                if value is not None:
+                    check(value, kwargs.get(dir_fd_param) if dir_fd_param else None)
+            return original(*args, **kwargs)
+
+        guarded.__name__ = name
+        for module in modules:
+            if hasattr(module, name):
+                setattr(module, name, guarded)
+
+    one = [("path", 0, "dir_fd")]
+    for name in ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "lchown", "lchmod", "chflags",
+                 "lchflags", "mkfifo", "mknod", "utime", "truncate", "setxattr", "removexattr"):
+        guard_paths(name, one)
+    for name in ("fchmod", "fchown", "ftruncate", "fsetxattr", "fremovexattr"):
+        guard_paths(name, [("fd", 0, None)])
+    for name in ("rename", "replace", "link"):
+        guard_paths(name, [("src", 0, "src_dir_fd"), ("dst", 1, "dst_dir_fd")])
+    guard_paths("symlink", [("dst", 1, "dir_fd")])
+    guard_paths("makedirs", [("name", 0, None)], modules=(os,))
+    guard_paths("removedirs", [("name", 0, None)], modules=(os,))
+    guard_paths("rmtree", [("path", 0, None)], modules=(shutil,))
+    guard_paths("move", [("src", 0, None), ("dst", 1, None)], modules=(shutil,))
+    for name in ("copy", "copy2", "copyfile", "copytree", "copymode", "copystat"):
+        guard_paths(name, [("dst", 1, None)], modules=(shutil,))
+
+    class NoSocket(socket.socket):
+        def __init__(self, *args, **kwargs):
+            raise net_error(enetunreach, "sandbox: network access is disabled")
+
+    class NoRawSocket(_socket.socket):
+        def __init__(self, *args, **kwargs):
+            raise net_error(enetunreach, "sandbox: network access is disabled")
+
+    socket.socket = socket.SocketType = NoSocket
+    _socket.socket = _socket.SocketType = NoRawSocket
+    for module in (socket, _socket):
+        for name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
+                     "gethostbyaddr", "getnameinfo", "socketpair", "fromfd", "fromshare", "dup"):
+            if hasattr(module, name):
+                setattr(module, name, deny("socket." + name, net_error))
+
+    for name in ("fork", "forkpty", "vfork", "system", "popen", "execv", "execve", "execl", "execle", "execlp",
+                 "execlpe", "execvp", "execvpe", "fexecve", "spawnv", "spawnve", "spawnl", "spawnle",
+                 "spawnlp", "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg",
+                 "setsid", "setpgid", "setpgrp", "_exit", "abort", "setuid", "setgid", "setreuid", "setregid",
+                 "setresuid", "setresgid", "pidfd_open", "chroot"):
+        for module in (os, posix):
+            if hasattr(module, name):
+                setattr(module, name, deny("os." + name))
+
+    class NoPopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            raise denied_error(eperm, "sandbox: starting processes is disabled")
+
+    subprocess.Popen = NoPopen
+    if _posixsubprocess is not None:
+        _posixsubprocess.fork_exec = deny("_posixsubprocess.fork_exec")
+    resource.setrlimit = deny("resource.setrlimit")
+    if hasattr(resource, "prlimit"):
+        resource.prlimit = deny("resource.prlimit")
+
+    # ---- layer 2: the audit hook
+    always_denied = frozenset({
+        "socket.__new__", "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.gethostbyname",
+        "socket.gethostbyaddr", "socket.getnameinfo", "socket.sendto", "socket.sendmsg", "socket.sethostname",
+        "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.kill", "os.killpg",
+        "subprocess.Popen", "resource.setrlimit", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+    })
+    # event -> ((argument index of a path, argument index of its dir_fd or None), ...)
+    path_events = {
+        "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.chmod": ((0, 2),),
+        "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.truncate": ((0, None),), "os.chflags": ((0, None),),
+        "os.setxattr": ((0, None),), "os.removexattr": ((0, None),), "os.rename": ((0, 2), (1, 3)),
+        "os.link": ((0, 2), (1, 3)), "os.symlink": ((1, 2),), "shutil.rmtree": ((0, 1),),
+        "shutil.copyfile": ((1, None),), "shutil.copymode": ((1, None),), "shutil.copystat": ((1, None),),
+        "shutil.copytree": ((1, None),), "shutil.move": ((0, None), (1, None)), "shutil.chown": ((0, None),),
+    }
+
+    def hook(event, args):
+        if event in always_denied:
+            if event[:7] == "socket.":
+                raise net_error(enetunreach, "sandbox: " + event + " is not allowed (network disabled)")
+            raise denied_error(eperm, "sandbox: " + event + " is not allowed")
+        spec = path_events.get(event)
+        if spec is None:
+            if event == "open":
+                if args[2] & write_flags:
+                    path = args[0]
+                else:
+                    return
+                spec, args = ((0, None),), (path,)
+            elif event[:7] == "ctypes.":
+                if event == "ctypes.dlopen":
+                    raise import_error("sandbox: ctypes is disabled")
+                raise denied_error(eperm, "sandbox: " + event + " is not allowed")
+            elif event == "resource.prlimit" and args[2] is not None:
+                raise denied_error(eperm, "sandbox: resource.prlimit is not allowed")
+            elif event == "object.__setattr__" and args[1] == "__code__":
+                raise denied_error(eperm, "sandbox: replacing a function's code is not allowed")
+            else:
+                return
+        for path_index, dir_fd_index in spec:
+            dir_fd = args[dir_fd_index] if dir_fd_index is not None else None
+            resolved = real_path(args[path_index], dir_fd, k)
+            if resolved is None or resolved in allowed or resolved == root or resolved[:len(inside_prefix)] == inside_prefix:
+                continue
+            raise denied_error(eacces, "sandbox: " + event + " outside the working directory is not allowed")
+
+    sys.addaudithook(hook)
 
 
-def _deny(what, exc=PermissionError):
-    def denied(*args, **kwargs):
-        raise exc(errno.EPERM if exc is PermissionError else errno.ENETUNREACH, "sandbox: %s is disabled" % what)
-    denied.__name__ = what.rsplit(".", 1)[-1]
-    return denied
-
-
-# ---- files
-_WRITE_CHARS = set("wax+")
-_open = _io.open
-
-
-def _guarded_open(file, mode="r", *args, **kwargs):
-    if isinstance(mode, str) and _WRITE_CHARS & set(mode):
-        _check(file)
-    return _open(file, mode, *args, **kwargs)
-
-
-_FileIO = _io.FileIO
-
-
-class _GuardedFileIO(_FileIO):
-    def __init__(self, file, mode="r", *args, **kwargs):
-        if isinstance(mode, str) and _WRITE_CHARS & set(mode):
-            _check(file)
-        super().__init__(file, mode, *args, **kwargs)
-
-
-_GuardedFileIO.__name__ = _GuardedFileIO.__qualname__ = "FileIO"
-builtins.open = io.open = _io.open = _guarded_open
-io.FileIO = _io.FileIO = _GuardedFileIO
-
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_os_open = posix.open
-
-
-def _guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
-    if flags & _WRITE_FLAGS:
-        _check(path, dir_fd)
-    return _os_open(path, flags, mode, dir_fd=dir_fd)
-
-
-os.open = posix.open = _guarded_os_open
-
-
-def _guard_paths(name, specs, modules=(os, posix)):
-    """Wrap modules' `name` so each (param, position, dir_fd param) path is checked first."""
-    original = getattr(modules[0], name, None)
-    if original is None:
-        return
-
-    def guarded(*args, **kwargs):
-        for param, position, dir_fd_param in specs:
-            value = args[position] if position < len(args) else kwargs.get(param)
-            if value is not None:
-                _check(value, kwargs.get(dir_fd_param) if dir_fd_param else None)
-        return original(*args, **kwargs)
-
-    guarded.__name__ = name
-    for module in modules:
-        if hasattr(module, name):
-            setattr(module, name, guarded)
-
-
-_ONE = [("path", 0, "dir_fd")]
-for _name in ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "lchown", "lchmod", "chflags",
-              "lchflags", "mkfifo", "mknod", "utime", "truncate", "setxattr", "removexattr"):
-    _guard_paths(_name, _ONE)
-for _name in ("fchmod", "fchown", "ftruncate", "fsetxattr", "fremovexattr"):
-    _guard_paths(_name, [("fd", 0, None)])
-for _name in ("rename", "replace", "link"):
-    _guard_paths(_name, [("src", 0, "src_dir_fd"), ("dst", 1, "dst_dir_fd")])
-_guard_paths("symlink", [("dst", 1, "dir_fd")])
-_guard_paths("makedirs", [("name", 0, None)], modules=(os,))
-_guard_paths("removedirs", [("name", 0, None)], modules=(os,))
-_guard_paths("rmtree", [("path", 0, None)], modules=(shutil,))
-_guard_paths("move", [("src", 0, None), ("dst", 1, None)], modules=(shutil,))
-for _name in ("copy", "copy2", "copyfile", "copytree", "copymode", "copystat"):
-    _guard_paths(_name, [("dst", 1, None)], modules=(shutil,))
-
-# ---- network
-_NET = "network access"
-
-
-class _NoSocket(socket.socket):
-    def __init__(self, *args, **kwargs):
-        raise OSError(errno.ENETUNREACH, "sandbox: network access is disabled")
-
-
-class _NoRawSocket(_socket.socket):
-    def __init__(self, *args, **kwargs):
-        raise OSError(errno.ENETUNREACH, "sandbox: network access is disabled")
-
-
-socket.socket = socket.SocketType = _NoSocket
-_socket.socket = _socket.SocketType = _NoRawSocket
-for _module in (socket, _socket):
-    for _name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
-                  "gethostbyaddr", "getnameinfo", "socketpair", "fromfd", "fromshare", "dup"):
-        if hasattr(_module, _name):
-            setattr(_module, _name, _deny("socket." + _name, OSError))
-
-# ---- processes, signals, limits
-for _name in ("fork", "forkpty", "vfork", "system", "popen", "execv", "execve", "execl", "execle", "execlp",
-              "execlpe", "execvp", "execvpe", "fexecve", "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp",
-              "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg", "setsid",
-              "setpgid", "setpgrp", "_exit", "abort", "setuid", "setgid", "setreuid", "setregid",
-              "setresuid", "setresgid", "pidfd_open", "chroot"):
-    for _module in (os, posix):
-        if hasattr(_module, _name):
-            setattr(_module, _name, _deny("os." + _name))
-
-
-class _NoPopen(subprocess.Popen):
-    def __init__(self, *args, **kwargs):
-        raise PermissionError(errno.EPERM, "sandbox: starting processes is disabled")
-
-
-subprocess.Popen = _NoPopen
-if _posixsubprocess is not None:
-    _posixsubprocess.fork_exec = _deny("_posixsubprocess.fork_exec")
-resource.setrlimit = _deny("resource.setrlimit")
-if hasattr(resource, "prlimit"):
-    resource.prlimit = _deny("resource.prlimit")
+_install()
+del _install
 
 # ---- run the program as __main__
 sys.argv = [_PROGRAM]

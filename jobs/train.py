@@ -186,7 +186,7 @@ def save_checkpoint(root: Path, model: PeftModel, optimizer: torch.optim.Optimiz
     final = root / f"step-{state.step:08d}"
     staging = root / f".staging-{state.step:08d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, save_embedding_layers=False)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, staging / "trainer_state.pt")
     (staging / "state.json").write_text(json.dumps(asdict(state)))
     if final.exists():
@@ -245,7 +245,7 @@ def _forward_backward(model: PeftModel, batches: list[dict[str, torch.Tensor]], 
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch, use_cache=False, num_items_in_batch=torch.tensor(label_tokens, device=device))
         out.loss.backward()
-        total_loss += float(out.loss)
+        total_loss += float(out.loss.detach())
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     return total_loss, tokens
 
@@ -291,6 +291,8 @@ def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrain
         state.cursor += effective_batch
         state.trained_tokens += tokens
         window_tokens += tokens
+        if state.step % settings.checkpoint_every == 0 or state.step == settings.max_steps:
+            save_checkpoint(root, model, optimizer, scheduler, state, settings.keep_checkpoints)
         if state.step % settings.log_every == 0 or state.step == settings.max_steps:
             now = time.perf_counter()
             metrics = {"loss": loss, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
@@ -299,8 +301,6 @@ def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrain
             window_start, window_tokens = now, 0
             if on_step:
                 on_step(state.step, metrics)
-        if state.step % settings.checkpoint_every == 0 or state.step == settings.max_steps:
-            save_checkpoint(root, model, optimizer, scheduler, state, settings.keep_checkpoints)
     wall = time.perf_counter() - started
     adapter_dir = save_adapter(model, config)
     summary = {
@@ -346,8 +346,10 @@ def save_adapter(model: PeftModel, config: JobConfig) -> Path:
     target = Path(config.output_dir) / ADAPTER_DIR
     staging = target.with_name(f".{ADAPTER_DIR}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.peft_config["default"].base_model_name_or_path = config.base_model.hf_id
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
+    adapter_config = json.loads((staging / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = config.base_model.hf_id  # portable: never a local cache path
+    (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)

@@ -1,0 +1,26 @@
+"""Shared helpers for tests: small job configs on the tiny offline models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jobs.catalog import load_catalog
+from jobs.config import EvalSettings, JobConfig, LoraSettings, TrainingSettings
+
+FAST_TRAINING: dict[str, Any] = dict(
+    micro_batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.05,
+    max_seq_length=128, checkpoint_every=1000, log_every=5, gradient_checkpointing=False,
+)
+
+
+def tiny_job(output_dir: Path, base: str = "tiny-llama", task: str = "demo_sentiment", kind: str = "train",
+             eval_limit: int = 64, lora: dict[str, Any] | None = None, **training: Any) -> JobConfig:
+    """A job on a tiny model and a demo task that trains in seconds on the CPU."""
+    catalog = load_catalog()
+    return JobConfig(
+        kind=kind, base_model=catalog.base_model(base), task=catalog.task(task), output_dir=str(output_dir), device="cpu",
+        lora=LoraSettings(**({"target_modules": "all-linear"} | (lora or {}))),
+        training=TrainingSettings(**(FAST_TRAINING | training)),
+        evaluation=EvalSettings(limit=eval_limit, batch_size=32),
+    )
