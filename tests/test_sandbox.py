@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 
 from jobs.sandbox import (
     ExecResult,
+    _network_namespace_prefix,
     humaneval_pass,
     load_problems,
     network_namespace_available,
@@ -154,8 +157,10 @@ def test_unbounded_memory_is_stopped():
         "s.connect(('127.0.0.1', PORT))",
         "import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.connect(('127.0.0.1', PORT))",
         "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:PORT/', timeout=1)",
+        # the original C socket type, one attribute away from the replaced class
+        "import socket\ns = socket.socket.__mro__[-2]()\ns.settimeout(1)\ns.connect(('127.0.0.1', PORT))",
     ],
-    ids=["create_connection", "socket", "_socket", "urllib"],
+    ids=["create_connection", "socket", "_socket", "urllib", "c-type"],
 )
 def test_network_connection_is_blocked(attack, isolate):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
@@ -165,30 +170,29 @@ def test_network_connection_is_blocked(attack, isolate):
         completion = _with_attack(attack.replace("PORT", str(port)))
         result = run_program(program_for(ADD, completion), timeout_s=10, isolate_network=isolate)
         assert (result.passed, result.status) == (False, "failed"), result.detail
-        listener.settimeout(0.3)
-        with pytest.raises(socket.timeout):
-            connection, _ = listener.accept()
-            connection.close()
+        listener.setblocking(False)  # the program has ended: a connection would be queued by now
+        with pytest.raises(BlockingIOError):
+            listener.accept()[0].close()
 
 
 @pytest.mark.skipif(not network_namespace_available(), reason="unshare --net not allowed here")
-def test_network_namespace_stops_what_the_prelude_cannot():
-    # The prelude is no security boundary: the original C socket type is one attribute away
-    # (with the prelude alone this connects). The network namespace leaves nothing to reach.
+def test_network_namespace_alone_leaves_nothing_to_reach():
+    # The namespace layer on its own, without the prelude: a plain interpreter run under the
+    # same `unshare` prefix cannot reach a listener on the host's loopback.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(5)
         port = listener.getsockname()[1]
-        attack = f"import socket\ns = socket.socket.__mro__[-2]()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))"
-        result = run_program(program_for(ADD, _with_attack(attack)), timeout_s=10, isolate_network=True)
-        assert (result.passed, result.status) == (False, "failed"), result.detail
-        assert "Network is unreachable" in result.detail
-        listener.settimeout(0.3)
-        with pytest.raises(socket.timeout):
-            listener.accept()
+        code = f"import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))"
+        prefix = _network_namespace_prefix()
+        done = subprocess.run([*prefix, sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=30)
+        assert done.returncode != 0
+        assert "Network is unreachable" in done.stderr
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()[0].close()
 
 
-@pytest.mark.parametrize("isolate", ISOLATION)
 @pytest.mark.parametrize(
     "attack",
     [
@@ -202,14 +206,24 @@ def test_network_namespace_stops_what_the_prelude_cannot():
         "import os\nos.symlink(TARGET, 'link')\nopen('link', 'w').write('pwned')",
         "import subprocess\nsubprocess.run(['touch', TARGET])",
         "import os\nos.system('touch ' + TARGET)",
+        # past the wrappers: the original open from a wrapper's closure, a dir_fd, ctypes
+        "orig = [c.cell_contents for c in open.__closure__ if getattr(c.cell_contents, '__name__', '') == 'open']\n"
+        "orig[0](TARGET, 'w').write('pwned')",
+        "import os\nfd = os.open(os.path.dirname(TARGET), os.O_RDONLY)\n"
+        "os.open(os.path.basename(TARGET), os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
+        "import ctypes\nctypes.CDLL(None).system(b'touch ' + TARGET.encode())",
     ],
-    ids=["open", "pathlib", "os.open", "FileIO", "rename", "chdir", "shutil.copy", "symlink", "subprocess", "system"],
+    ids=[
+        "open", "pathlib", "os.open", "FileIO", "rename", "chdir", "shutil.copy", "symlink", "subprocess", "system",
+        "original-open", "dir_fd", "ctypes",
+    ],
 )
-def test_write_outside_the_directory_is_blocked(attack, isolate, tmp_path):
+def test_write_outside_the_directory_is_blocked(attack, tmp_path):
+    # Files are guarded by the prelude alone (the network namespace does not touch them).
     target = tmp_path / "outside" / "escape.txt"
     target.parent.mkdir()
     completion = _with_attack(attack.replace("TARGET", repr(str(target))))
-    result = run_program(program_for(ADD, completion), timeout_s=10, isolate_network=isolate)
+    result = run_program(program_for(ADD, completion), timeout_s=10, isolate_network=False)
     assert (result.passed, result.status) == (False, "failed"), result.detail
     assert not target.exists()
 

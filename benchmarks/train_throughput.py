@@ -1,0 +1,540 @@
+"""Training throughput: our loop (`jobs.train.train`, packed) against a naive Hugging Face `Trainer` baseline.
+
+Both sides fine-tune the same 4-bit nf4 (double-quantized) base with the same LoRA adapter (all-linear,
+r 8), seed, examples in the same order, effective batch, learning rate, scheduler and optimizer, for
+`--warmup-steps + --steps` optimizer steps; the warm-up steps are not timed. The only difference is
+how examples reach the model:
+
+- ours:     `jobs.train.train`: the examples of one optimizer step packed padding-free into rows of
+            `micro_batch_size * max_seq_length` tokens (one forward-backward per row).
+- baseline: `transformers.Trainer`, a collator that right-pads each micro-batch to its longest
+            example, no packing, `gradient_accumulation_steps` forward-backwards per optimizer step,
+            no eval, no saving, logging off, report_to none, dataloader workers 0.
+
+Trained tokens are the non-padding tokens the model was fed (counted by a forward pre-hook on the
+model, identically for both sides); tokens/s is trained tokens over the wall time of the timed steps.
+Peak memory: on a CPU the growth of the peak resident set (ru_maxrss) over the resident set just
+before training, each side in its own process so the peaks do not mix; on a GPU
+`torch.cuda.max_memory_allocated` (weights included) and the reserved peak.
+
+    python benchmarks/train_throughput.py [--out FILE] [--base tiny-llama] [--task demo_colors] [--steps 30]
+    python benchmarks/train_throughput.py --gpu-shape mistral-7b   # random-init Mistral-7B shape, 4-bit, needs a GPU
+
+Writes JSON (default benchmarks/results/train_throughput.json) with top-level `speedup`
+(ours tokens/s / baseline tokens/s), `ours`, `baseline`, `settings`, `machine` and `command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_throughput.json"
+RESULT_MARK = "TRAIN_THROUGHPUT_RESULT "
+SIDES = ("ours", "baseline")
+GPU_SHAPES = {"mistral-7b": "mistral-7b"}  # --model value -> catalogue base model whose real shape is built at random
+CUDA_CONTEXT_BYTES = 512 * 2**20  # per-process CUDA context, outside torch's allocator (estimate)
+GPU_BYTES = 80 * 10**9  # "one 80 GB GPU"
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from jobs.config import LoraSettings, TrainingSettings
+
+    study, lora = TrainingSettings(), LoraSettings()
+    parser = argparse.ArgumentParser(
+        description="Trained tokens/s and peak memory of jobs.train (packed) vs a padded transformers.Trainer baseline.")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file (default: %(default)s)")
+    parser.add_argument("--base", default="tiny-llama", help="catalogue base model, loaded in 4-bit (default: %(default)s)")
+    parser.add_argument("--task", default="demo_colors", help="catalogue task whose training rows are used (default: %(default)s)")
+    parser.add_argument("--model", default="base", choices=["base", *GPU_SHAPES],
+                        help="base: the --base model; mistral-7b: a random-initialised model of Mistral-7B's real shape "
+                             "in 4-bit (needs a CUDA GPU; tokens come from --base's tokenizer)")
+    parser.add_argument("--gpu-shape", choices=list(GPU_SHAPES), help="same as --model NAME")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per side (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed optimizer steps run first (>= 1, default: %(default)s)")
+    parser.add_argument("--micro-batch-size", type=int, default=study.micro_batch_size, help="the study's: %(default)s")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=study.gradient_accumulation_steps, help="the study's: %(default)s")
+    parser.add_argument("--max-seq-length", type=int, default=study.max_seq_length, help="the study's: %(default)s")
+    parser.add_argument("--learning-rate", type=float, default=1e-2,
+                        help="default %(default)s (the study's 2e-4 barely moves a tiny random model; speed does not depend on it)")
+    parser.add_argument("--lr-scheduler", default=study.lr_scheduler, choices=["cosine", "linear", "constant"])
+    parser.add_argument("--warmup-ratio", type=float, default=study.warmup_ratio, help="learning-rate warm-up (the study's: %(default)s)")
+    parser.add_argument("--lora-r", type=int, default=lora.r)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=study.gradient_checkpointing,
+                        help="on both sides (the study's default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=study.seed)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch/OpenMP threads per side, 0 = torch's default (default: %(default)s, as a Ray worker with "
+                             "num_cpus=1 runs; on a shared CPU, spare threads spin against other processes and swamp the result)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs per side, interleaved ours/baseline/baseline/ours...; the median tokens/s counts (default: %(default)s)")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side in this process
+    args = parser.parse_args(argv)
+    if args.gpu_shape:
+        args.model = args.gpu_shape
+    if args.steps < 1 or args.warmup_steps < 1 or args.repeats < 1:
+        parser.error("--steps, --warmup-steps and --repeats must be >= 1")
+    return args
+
+
+def job_config(args: argparse.Namespace, output_dir: str):
+    """The JobConfig both sides train from (ours runs it through `jobs.train.train`)."""
+    from jobs.catalog import load_catalog
+    from jobs.config import JobConfig, LoraSettings, TrainingSettings
+
+    catalog = load_catalog()
+    base = catalog.base_model(GPU_SHAPES.get(args.model, args.base))
+    return JobConfig(
+        base_model=base,
+        task=catalog.task(args.task),
+        output_dir=output_dir,
+        lora=LoraSettings(r=args.lora_r, target_modules="all-linear"),
+        training=TrainingSettings(
+            max_steps=args.warmup_steps + args.steps,
+            micro_batch_size=args.micro_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            max_seq_length=args.max_seq_length,
+            learning_rate=args.learning_rate,
+            lr_scheduler=args.lr_scheduler,
+            warmup_ratio=args.warmup_ratio,
+            packing=True,
+            gradient_checkpointing=args.gradient_checkpointing,
+            checkpoint_every=10**6,  # only the final checkpoint, after the timed steps
+            log_every=1,
+            seed=args.seed,
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- measuring one side
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set since it started (ru_maxrss, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS mark (VmHWM) so a loading transient is not counted; False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return peak_rss_mb()
+
+
+@dataclass
+class Meter:
+    """Counts what the model is fed (forward hooks) and stamps the end of every optimizer step."""
+
+    device: str
+    steps: list[dict[str, float]] = field(default_factory=list)
+    _real: list[Any] = field(default_factory=list)
+    _total: int = 0
+    _passes: int = 0
+    _losses: list[Any] = field(default_factory=list)
+    started: float = 0.0
+
+    def attach(self, model) -> None:
+        model.register_forward_pre_hook(self._before, with_kwargs=True)
+        model.register_forward_hook(self._after, with_kwargs=True)
+
+    def _before(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        self._total += ids.numel()
+        self._real.append(mask.sum() if mask is not None else ids.numel())  # summed lazily: no sync per pass
+        self._passes += 1
+
+    def _after(self, module, args, kwargs, output) -> None:
+        if getattr(output, "loss", None) is not None:
+            self._losses.append(output.loss.detach())
+
+    def end_step(self, step: int) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        real = int(sum(int(r) for r in self._real))
+        self.steps.append({"step": step, "time": time.perf_counter(), "tokens": real, "padding": self._total - real,
+                           "passes": self._passes, "loss": float(sum(float(l) for l in self._losses))})
+        self._real, self._total, self._passes, self._losses = [], 0, 0, []
+
+    def summary(self, warmup: int) -> dict[str, float]:
+        if len(self.steps) <= warmup:
+            raise RuntimeError(f"only {len(self.steps)} steps were recorded (warm-up {warmup})")
+        timed = self.steps[warmup:]
+        seconds = timed[-1]["time"] - self.steps[warmup - 1]["time"]
+        tokens = sum(s["tokens"] for s in timed)
+        return {
+            "steps": len(timed),
+            "trained_tokens": tokens,
+            "padding_tokens": sum(s["padding"] for s in timed),
+            "forward_passes": sum(s["passes"] for s in timed),
+            "seconds": seconds,
+            "tokens_per_second": tokens / max(seconds, 1e-9),
+            "seconds_per_step": seconds / len(timed),
+            "first_loss": self.steps[0]["loss"],
+            "final_loss": self.steps[-1]["loss"],
+        }
+
+
+def build_model(args: argparse.Namespace, config, device: str):
+    """The 4-bit base with a fresh LoRA adapter, identical on both sides for the same seed."""
+    import torch
+
+    from jobs.models import attach_lora, load_base_model
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if args.model == "base":
+        base = load_base_model(config.base_model, config.quantization, device)
+    else:
+        base = random_4bit_model(config.base_model, config.quantization, device)
+        torch.manual_seed(args.seed)
+    return attach_lora(base, config.lora, config.training.gradient_checkpointing)
+
+
+def random_4bit_model(spec, quant, device: str):
+    """A random-initialised model of `spec`'s real shape with every block linear in bitsandbytes 4-bit,
+    as `load_base_model` would load the real checkpoint (lm_head and embeddings stay in the compute dtype)."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jobs.models import compute_dtype
+    from jobs.tiny import model_config
+
+    dtype = compute_dtype(quant, device)
+    config = model_config(spec)  # the catalogue's architecture numbers -> e.g. MistralConfig
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or name == "lm_head":
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=dtype,
+                                      compress_statistics=quant.double_quant, quant_type=quant.quant_type, device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=quant.double_quant,
+                                             quant_type=quant.quant_type, module=layer).to(device)  # quantizes
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer)
+            del child
+    model.is_loaded_in_4bit = True  # what a bitsandbytes load sets: attach_lora then prepares it for k-bit training
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return model
+
+
+def run_ours(config, model, tokenizer, meter: Meter) -> None:
+    from jobs.train import train
+
+    train(config, model=model, tokenizer=tokenizer, on_step=lambda step, metrics: meter.end_step(step))
+
+
+def run_baseline(config, model, tokenizer, meter: Meter, device: str) -> None:
+    """transformers.Trainer, padding to the longest example per micro-batch, no packing."""
+    import dataclasses
+
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from jobs.train import IGNORE, DataOrder, tokenize_task
+
+    settings = config.training
+    examples = tokenize_task(config, tokenizer)
+    order = DataOrder(len(examples), settings.seed)
+    count = settings.max_steps * settings.micro_batch_size * settings.gradient_accumulation_steps
+    # The very examples, in the very order, that jobs.train feeds: step k gets the same effective batch on both sides.
+    dataset = [{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in map(order.index, range(count))]
+    pad_id = tokenizer.pad_token_id
+
+    def pad_to_longest(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        pads = [width - len(f["input_ids"]) for f in features]
+        return {
+            "input_ids": torch.tensor([f["input_ids"] + [pad_id] * p for f, p in zip(features, pads)]),
+            "labels": torch.tensor([f["labels"] + [IGNORE] * p for f, p in zip(features, pads)]),
+            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(features, pads)]),
+        }
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            meter.end_step(state.global_step)
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    extra = {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in names else {}
+    extra.update({"use_cpu": True, "dataloader_pin_memory": False} if device == "cpu" else {})
+    arguments = TrainingArguments(
+        output_dir=config.output_dir,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.micro_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler if settings.lr_scheduler != "constant" else "constant_with_warmup",
+        warmup_steps=math.ceil(settings.warmup_ratio * settings.max_steps),  # as jobs.train computes it
+        weight_decay=settings.weight_decay,
+        max_grad_norm=1.0,  # jobs.train clips at 1.0
+        optim="paged_adamw_32bit" if device == "cuda" else "adamw_torch",  # jobs.train's `auto` optimizer
+        seed=settings.seed,
+        gradient_checkpointing=False,  # already set up on the model by attach_lora, as for ours
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        **extra,
+    )
+
+    class SequentialTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):  # older transformers: no train_sampling_strategy
+            return SequentialSampler(self.train_dataset)
+
+    trainer_class = Trainer if extra.get("train_sampling_strategy") else SequentialTrainer
+    trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, data_collator=pad_to_longest, callbacks=[StepEnd()])
+    trainer.train()
+
+
+def run_side(args: argparse.Namespace) -> dict[str, Any]:
+    """One side in this process: build, train, measure; returns the side's figures."""
+    import torch
+
+    import transformers  # noqa: F401  both sides import the same modules before the memory baseline is taken
+    from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: F401
+
+    import jobs.train  # noqa: F401
+    from jobs.models import load_tokenizer, resolve_device
+
+    device = resolve_device("auto")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix=f"train-throughput-{args.side}-") as tmp:
+        config = job_config(args, tmp).model_copy(update={"device": device})
+        tokenizer = load_tokenizer(_tokenizer_spec(args))  # --base's tokenizer, also for a random 7B shape
+        model = build_model(args, config, device)
+        meter = Meter(device)
+        meter.attach(model)
+        rss_before = current_rss_mb()
+        hwm_reset = reset_peak_rss()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            allocated_before = torch.cuda.memory_allocated()
+        if args.side == "ours":
+            run_ours(config, model, tokenizer, meter)
+        else:
+            run_baseline(config, model, tokenizer, meter, device)
+        figures = meter.summary(args.warmup_steps)
+        figures["examples"] = figures["steps"] * args.micro_batch_size * args.gradient_accumulation_steps
+        figures["peak_rss_mb"] = peak_rss_mb()  # whole process, loading included
+        figures["rss_before_training_mb"] = rss_before
+        peak_training = peak_rss_since_reset_mb() if hwm_reset else figures["peak_rss_mb"]
+        figures["peak_rss_growth_mb"] = max(0.0, peak_training - rss_before)
+        figures["peak_rss_growth_source"] = "VmHWM reset before training" if hwm_reset else "ru_maxrss"
+        if device == "cuda":
+            peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+            figures.update({
+                "peak_gpu_allocated_mb": peak / 2**20,
+                "peak_gpu_reserved_mb": reserved / 2**20,
+                "gpu_allocated_before_training_mb": allocated_before / 2**20,
+                "jobs_per_80gb_gpu": int(GPU_BYTES // (reserved + CUDA_CONTEXT_BYTES)),
+            })
+            figures["peak_mb"] = figures["peak_gpu_allocated_mb"]
+        else:
+            figures["peak_mb"] = figures["peak_rss_growth_mb"]
+        figures["device"] = device
+        figures["torch_threads"] = torch.get_num_threads()
+    return figures
+
+
+def _tokenizer_spec(args: argparse.Namespace):
+    from jobs.catalog import load_catalog
+
+    return load_catalog().base_model(args.base)
+
+
+# --------------------------------------------------------------------------- the parent: both sides, table, JSON
+
+
+def child_command(args: argparse.Namespace, side: str) -> list[str]:
+    skip = {"out", "side", "repeats", "gpu_shape"}
+    command = [sys.executable, str(Path(__file__).resolve()), "--side", side]
+    for key, value in vars(args).items():
+        if key in skip or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            command.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            command += [flag, str(value)]
+    return command
+
+
+def run_child(args: argparse.Namespace, side: str) -> dict[str, Any]:
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    if args.threads > 0:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    started = time.perf_counter()
+    done = subprocess.run(child_command(args, side), capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-6000:])
+        raise SystemExit(f"train_throughput: the {side} side failed (exit {done.returncode})")
+    result = json.loads(lines[-1][len(RESULT_MARK):])
+    result["process_seconds"] = time.perf_counter() - started
+    return result
+
+
+def machine_info() -> dict[str, Any]:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    info = {
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "load_average_at_start": list(os.getloadavg()),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / 10**9
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(sides: dict[str, dict[str, Any]], speedup: float, gpu: bool) -> None:
+    memory = "peak GPU MB" if gpu else "peak RSS +MB"
+    headers = ["side", "steps", "examples", "passes", "trained tokens", "padding tokens", "seconds", "tokens/s", memory, "final loss"]
+    rows = [[name, f"{s['steps']}", f"{s['examples']}", f"{s['forward_passes']}", f"{s['trained_tokens']}", f"{s['padding_tokens']}",
+             f"{s['seconds']:.2f}", f"{s['tokens_per_second']:.0f}", f"{s['peak_mb']:.0f}", f"{s['final_loss']:.3f}"]
+            for name, s in sides.items()]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    print(line(headers))
+    print(line(["-" * w for w in widths]))
+    for row in rows:
+        print(line(row))
+    print(f"speedup (ours / baseline tokens/s): {speedup:.2f}x")
+    if gpu:
+        for name, s in sides.items():
+            print(f"{name}: peak GPU allocated {s['peak_gpu_allocated_mb']:.0f} MB, reserved {s['peak_gpu_reserved_mb']:.0f} MB "
+                  f"-> {s['jobs_per_80gb_gpu']} jobs per 80 GB GPU")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.side:
+        result = run_side(args)
+        print(RESULT_MARK + json.dumps(result), flush=True)
+        return 0
+
+    import torch
+
+    if args.model != "base" and not torch.cuda.is_available():
+        print(f"train_throughput: --model {args.model} builds a 7B-shaped 4-bit model and needs a CUDA GPU; none is visible, nothing run.",
+              file=sys.stderr)
+        return 2
+    order = [SIDES[(i + i // 2) % 2] for i in range(2 * args.repeats)]  # ours, baseline, baseline, ours, ...
+    machine = machine_info()
+    wall = time.perf_counter()
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+    for side in order:
+        result = run_child(args, side)
+        runs[side].append(result)
+        print(f"  {side}: {result['tokens_per_second']:.0f} tokens/s over {result['steps']} steps "
+              f"({result['process_seconds']:.0f} s with start-up)", flush=True)
+    sides = {}
+    for side in SIDES:  # the run with the median tokens/s (upper median for an even count) stands for the side
+        ranked = sorted(runs[side], key=lambda r: r["tokens_per_second"])
+        sides[side] = dict(ranked[len(ranked) // 2])
+        sides[side]["runs_tokens_per_second"] = [r["tokens_per_second"] for r in runs[side]]
+        sides[side]["median_tokens_per_second"] = statistics.median(sides[side]["runs_tokens_per_second"])
+    speedup = sides["ours"]["median_tokens_per_second"] / sides["baseline"]["median_tokens_per_second"]
+    print_table(sides, speedup, machine["device"] == "cuda")
+    settings = {key: value for key, value in vars(args).items() if key not in ("side", "out", "gpu_shape")}
+    settings.update({
+        "effective_batch": args.micro_batch_size * args.gradient_accumulation_steps,
+        "quantization": "4-bit nf4, double quantization",
+        "lora": f"all-linear, r {args.lora_r}",
+        "optimizer": "bitsandbytes paged AdamW 32-bit" if machine["device"] == "cuda" else "torch AdamW",
+        "ours": "jobs.train.train: packed padding-free rows of micro_batch_size * max_seq_length tokens",
+        "baseline": "transformers.Trainer: right-padded to the longest example per micro-batch, no packing",
+        "timing": f"{args.warmup_steps} warm-up step(s) untimed; each side in its own process; order {','.join(order)}",
+        "peak_memory": "GPU: torch.cuda.max_memory_allocated (weights included)" if machine["device"] == "cuda"
+                       else "CPU: growth of the peak resident set (VmHWM reset before training, else ru_maxrss) "
+                            "over the resident set just before training",
+    })
+    document = {
+        "speedup": speedup,
+        "ours": sides["ours"],
+        "baseline": sides["baseline"],
+        "settings": settings,
+        "machine": machine,
+        "command": shlex.join(["python", os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "wall_seconds": time.perf_counter() - wall,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""The report: leaderboard files, real PNG charts, the study comparison, heuristics, correlations and the lift predictor."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.tracking_fixtures import BASES, SWEEP, TASKS, Sweep
+from tracking import heuristics as heur
+from tracking import report, store
+
+pytest_plugins = ["tests.tracking_fixtures"]
+
+CHARTS = ("finetuned_heatmap.png", "lift_by_base_model.png", "heuristics_correlation.png", "lift_predictor.png")
+
+
+def assert_real_chart(path: Path) -> None:
+    """A PNG that opens, is bigger than 200 x 200 px, and is not one flat colour (it has drawn content)."""
+    import matplotlib.image
+
+    assert path.stat().st_size > 5_000, path
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 200, (path, pixels.shape)
+    colours = np.unique(pixels[..., :3].reshape(-1, 3).round(2), axis=0)
+    assert len(colours) > 20, (path, len(colours))
+    non_background = (np.abs(pixels[..., :3] - pixels[0, 0, :3]).sum(axis=-1) > 0.1).mean()
+    assert non_background > 0.02, (path, non_background)
+
+
+# --------------------------------------------------------------------------- from the real sweep
+
+
+@pytest.mark.slow
+def test_report_of_the_2x2_sweep(tiny_sweep: Sweep, tmp_path: Path) -> None:
+    built = report.build_report(SWEEP, tmp_path / "report", uri=tiny_sweep.uri)
+    out = built.out_dir
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "runs.csv", "heuristics.csv", "correlations.csv",
+                 "predictor.json", *CHARTS):
+        assert (out / name).is_file(), name
+    for name in CHARTS:
+        assert_real_chart(out / name)
+    assert not (out / "vs_study.png").exists()  # tiny models and demo tasks are not the study's
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == len(BASES) * len(TASKS)  # a row per (base model, task) job pair
+    assert set(zip(board["base_model"], board["task"])) == {(b, t) for b in BASES for t in TASKS}
+    for row in board.itertuples():
+        assert row.finetuned_score == pytest.approx(tiny_sweep.job("train", row.base_model, row.task).result.score)
+        assert row.base_score == pytest.approx(tiny_sweep.job("evaluate_base", row.base_model, row.task).result.score)
+        assert row.lift == pytest.approx(row.finetuned_score - row.base_score)
+    assert board.groupby("task")["best"].any().all()
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 8 and set(runs["kind"]) == {"train", "evaluate_base"}
+    markdown = (out / "leaderboard.md").read_text()
+    for title in ("## Leaderboard", "## Best base model per task", "## Means per base model", "## Means per category",
+                  "## Correlation with results", "## Predicting lift"):
+        assert title in markdown
+    assert "<table" in (out / "leaderboard.html").read_text()
+    features = pd.read_csv(out / "heuristics.csv", index_col="task")
+    assert set(features.index) == set(TASKS) and list(features.columns) == list(heur.HEURISTICS)
+    assert features.notna().all().all() and (features["train_examples"] > 0).all()
+    predictor = json.loads((out / "predictor.json").read_text())
+    assert predictor["tasks"] == 2 and math.isfinite(predictor["loo_mae"])
+    # Logged to the sweep's parent run.
+    client = store.client(tiny_sweep.uri)
+    assert built.parent_run_id == tiny_sweep.parent_run_id
+    logged = {Path(a.path).name for a in client.list_artifacts(tiny_sweep.parent_run_id, "report")}
+    assert {"leaderboard.csv", "leaderboard.md", "leaderboard.html", *CHARTS} <= logged
+    assert "report.mean_finetuned_score" in client.get_run(tiny_sweep.parent_run_id).data.metrics
+
+
+# --------------------------------------------------------------------------- the study's models and tasks (no server)
+
+
+def study_runs(tasks: list[str], bases: list[str], noise: float = 0.02) -> pd.DataFrame:
+    """Runs as `report.runs_frame` returns them, with the study's scores (slightly perturbed) as ours."""
+    study = pd.read_csv(report.STUDY_SCORES)
+    rng = np.random.default_rng(0)
+    rows = []
+    for row in study[study["task"].isin(tasks) & study["base_model"].isin(bases)].itertuples():
+        for kind, score in (("train", row.finetuned_score), ("evaluate_base", row.base_score)):
+            rows.append({"run_id": f"{kind}-{row.base_model}-{row.task}", "job_key": f"s/{row.base_model}/{row.task}/{kind}",
+                         "kind": kind, "base_model": row.base_model, "task": row.task, "category": row.category,
+                         "metric": "accuracy", "score": float(np.clip(score + rng.normal(0, noise), 0, 1)),
+                         "peak_memory_mb": 1.0, "train_wall_time_s": 1.0, "job_wall_time_s": 1.0, "start_time": len(rows)})
+    return pd.DataFrame(rows, columns=report.RUN_COLUMNS)
+
+
+def test_report_compares_with_the_study_and_names_the_source(tmp_path: Path) -> None:
+    tasks = ["glue_sst2", "boolq", "gsm8k", "winogrande", "dbpedia", "customer_support"]
+    runs = study_runs(tasks, ["mistral-7b", "phi-2"])
+    board = report.leaderboard(runs)
+    # Synthetic heuristics: one tracks the lift exactly, one is noise, one is constant.
+    lift = report.task_means(board)["lift"]
+    rng = np.random.default_rng(1)
+    features = pd.DataFrame({name: rng.normal(size=len(lift)) for name in heur.HEURISTICS}, index=lift.index).rename_axis("task")
+    features["input_tokens_p95"] = 100 + 400 * lift
+    features["train_examples"] = 1000.0
+    built = report.write_report(runs, tmp_path, features=features)
+    assert_real_chart(tmp_path / "vs_study.png")
+    for name in CHARTS:
+        assert_real_chart(tmp_path / name)
+    comparison = pd.read_csv(tmp_path / "vs_study.csv")
+    assert len(comparison) == len(tasks) * 2 and comparison["gpt4_score"].notna().all()
+    markdown = (tmp_path / "leaderboard.md").read_text()
+    assert "## Against the study" in markdown and "arXiv 2405.00732" in markdown and "lora_land_paper_scores.csv" in markdown
+    corr = pd.read_csv(tmp_path / "correlations.csv", index_col="heuristic")
+    assert corr.loc["input_tokens_p95", "lift"] == pytest.approx(1.0)
+    assert math.isnan(corr.loc["train_examples", "lift"])  # constant: no correlation defined
+    assert built.predictor["tasks"] == len(tasks)
+    assert built.predictor["loo_mae"] < built.predictor["baseline_loo_mae"]  # the informative heuristic helps
+    means = report.means_by(board, "base_model").set_index("base_model")
+    assert means.loc["mistral-7b", "tasks"] == len(tasks)
+    assert set(report.means_by(board, "category")["category"]) == set(runs["category"])
+    best = report.best_per_task(board).set_index("task")
+    for task in tasks:
+        rows = board[board["task"] == task]
+        assert best.loc[task, "finetuned_score"] == rows["finetuned_score"].max()
+
+
+def test_leaderboard_keeps_pairs_with_a_missing_side() -> None:
+    runs = study_runs(["boolq"], ["mistral-7b", "phi-2"])
+    runs = runs[~((runs["kind"] == "evaluate_base") & (runs["base_model"] == "phi-2"))]
+    board = report.leaderboard(runs).set_index("base_model")
+    assert len(board) == 2 and math.isnan(board.loc["phi-2", "base_score"]) and math.isnan(board.loc["phi-2", "lift"])
+    assert board.loc["mistral-7b", "lift"] == pytest.approx(board.loc["mistral-7b", "finetuned_score"] - board.loc["mistral-7b", "base_score"])
+
+
+# --------------------------------------------------------------------------- heuristics (pure functions)
+
+
+def test_heuristics_of_known_examples() -> None:
+    inputs = ["a b c d", "a b", "x y z w v u"]
+    outputs = ["a b", "q", "x y z w v u"]
+    values = heur.example_heuristics(inputs, outputs, train_examples=123)
+    assert set(values) == set(heur.HEURISTICS)
+    assert values["input_tokens_mean"] == pytest.approx(4.0)
+    assert values["input_tokens_p95"] == pytest.approx(np.percentile([4, 2, 6], 95))
+    assert values["output_tokens_std"] == pytest.approx(np.std([2, 1, 6]))
+    assert values["total_tokens_mean"] == pytest.approx(np.mean([6, 3, 12]))
+    # ROUGE-L of output against input: 2/3 (P 1, R 0.5), 0, 1.
+    assert values["io_rouge_l_mean"] == pytest.approx(np.mean([2 / 3, 0.0, 1.0]))
+    assert values["train_examples"] == 123.0
+    assert heur.compressibility("ab" * 500) < 0.1 < heur.compressibility("The quick brown fox jumps over the lazy dog.")
+    assert math.isnan(heur.percentile([], 95)) and heur.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    with pytest.raises(ValueError):
+        heur.example_heuristics(["a"], [], 1)
+
+
+def test_task_heuristics_of_a_demo_task() -> None:
+    from jobs.catalog import load_catalog
+
+    task = load_catalog().task("demo_colors")
+    values = heur.task_heuristics(task, limit=50)
+    assert values["train_examples"] > 50 and 0 < values["io_rouge_l_mean"] < 1
+    assert values["output_tokens_mean"] < values["input_tokens_mean"]

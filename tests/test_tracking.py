@@ -1,0 +1,358 @@
+"""Tracking against a real `mlflow server` process with a SQLite file (tests/tracking_fixtures.py).
+
+The tiny 2 x 2 sweep (2 base models x 2 tasks, base evaluation + fine-tuning each) is run once per
+session and logged as workers log it; the tests then read everything back from the server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tracking_fixtures import BASES, SWEEP, TASKS, Server, Sweep, TcpProxy, log_one_job
+from tracking import retry, store
+
+pytest_plugins = ["tests.tracking_fixtures"]
+
+STEP_CURVES = ("loss", "learning_rate", "tokens_per_second")
+
+
+# --------------------------------------------------------------------------- fast: no server
+
+
+def test_retry_backs_off_on_transient_errors_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr(retry.time, "sleep", sleeps.append)
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 4:
+            raise ConnectionError("Connection refused")
+        return "ok"
+
+    assert retry.call_with_retry(flaky, attempts=6, base_s=0.5) == "ok"
+    assert calls["n"] == 4 and len(sleeps) == 3
+    assert all(0.75 * d <= s <= 1.25 * d for s, d in zip(sleeps, [0.5, 1.0, 2.0]))  # exponential, jittered
+
+    def bad() -> None:
+        raise ValueError("INVALID_PARAMETER_VALUE: no such thing")
+
+    sleeps.clear()
+    with pytest.raises(ValueError):
+        retry.call_with_retry(bad)
+    assert sleeps == []  # a permanent error is not retried
+
+    def always_down() -> None:
+        raise RuntimeError("API request to http://x failed with exception Max retries exceeded")
+
+    with pytest.raises(RuntimeError):
+        retry.call_with_retry(always_down, attempts=3, base_s=0.1)
+    assert len(sleeps) == 2  # gives up after `attempts`
+    assert retry.backoff_delays(6, 0.5, 4.0) == [0.5, 1.0, 2.0, 4.0, 4.0]
+
+
+def test_tracking_uri_explicit_then_env_then_embedded_sqlite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LORALAND_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = store.resolve_tracking_uri(None)
+    assert default == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert (tmp_path / "home").is_dir()  # SQLite cannot create the folder itself
+    assert store.artifact_root(default) == (tmp_path / "home" / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert store.resolve_tracking_uri(None) == "http://127.0.0.1:1"
+    assert store.artifact_root("http://127.0.0.1:1") is None  # the server keeps artifacts
+    assert store.resolve_tracking_uri("https://mlflow.example:443") == "https://mlflow.example:443"
+
+
+def test_ui_command_serves_the_embedded_store_on_loopback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tracking.ui import ui_command
+
+    monkeypatch.setenv("LORALAND_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    command = ui_command(port=5123)
+    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert command[command.index("--host") + 1] == "127.0.0.1" and command[command.index("--port") + 1] == "5123"
+    assert command[command.index("--default-artifact-root") + 1] == (tmp_path / "mlartifacts").as_uri()
+    with pytest.raises(ValueError, match="open it in a browser"):
+        ui_command("http://127.0.0.1:5000")
+
+
+def test_param_values_round_trip() -> None:
+    values = {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"], "dropout": 0.05}, "quant": True, "name": "nf4", "none": None}
+    flat = store.flatten(values)
+    assert set(flat) == {"lora.r", "lora.target_modules", "lora.dropout", "quant", "name", "none"}
+    assert {k: store.decode_param(store.encode_param(v)) for k, v in flat.items()} == flat
+
+
+# --------------------------------------------------------------------------- the 2 x 2 sweep
+
+
+def run_of(sweep: Sweep, kind: str, base: str, task: str):
+    return store.client(sweep.uri).get_run(sweep.job(kind, base, task).run_id)
+
+
+@pytest.mark.slow
+def test_sweep_layout_one_experiment_parent_and_child_per_job(tiny_sweep: Sweep) -> None:
+    client = store.client(tiny_sweep.uri)
+    assert client.get_experiment(tiny_sweep.experiment_id).name == SWEEP
+    runs = store.search_all_runs(tiny_sweep.experiment_id, uri=tiny_sweep.uri)
+    jobs = [r for r in runs if r.data.tags.get(store.TAG_ROLE) == "job"]
+    parents = [r for r in runs if r.data.tags.get(store.TAG_ROLE) == "sweep"]
+    assert len(jobs) == 8 and len(parents) == 1 and len(runs) == 9
+    assert parents[0].info.run_id == tiny_sweep.parent_run_id and parents[0].data.params["tasks"] == json.dumps(list(TASKS))
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags[store.TAG_JOB_KEY] for r in jobs} == {f"{SWEEP}/{b}/{t}/{k}" for b in BASES for t in TASKS
+                                                             for k in ("train", "evaluate_base")}
+    assert store.find_job_run(tiny_sweep.experiment_id, f"{SWEEP}/tiny-llama/demo_colors/train", tiny_sweep.uri).info.run_id \
+        == tiny_sweep.job("train", "tiny-llama", "demo_colors").run_id
+    # A re-submitted driver gets the same experiment and parent run back.
+    assert store.ensure_experiment(SWEEP, tiny_sweep.uri) == tiny_sweep.experiment_id
+    assert store.start_sweep_run(tiny_sweep.experiment_id, SWEEP, {}, tiny_sweep.uri) == tiny_sweep.parent_run_id
+    store.finish_sweep_run(tiny_sweep.parent_run_id, uri=tiny_sweep.uri)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("task", TASKS)
+def test_train_run_has_every_item(tiny_sweep: Sweep, base: str, task: str) -> None:
+    """Tags, params, step curves, eval/base/lift, memory and time, system metrics, dataset inputs,
+    predictions table and the adapter (PEFT safetensors naming its base, no base weights)."""
+    job = tiny_sweep.job("train", base, task)
+    run = run_of(tiny_sweep, "train", base, task)
+    client = store.client(tiny_sweep.uri)
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert tags[store.TAG_BASE_MODEL] == base and tags[store.TAG_TASK] == task and tags[store.TAG_SWEEP] == SWEEP
+    assert tags[store.TAG_JOB_KEY] == job.config.job_key and tags[store.TAG_KIND] == "train"
+    assert tags[store.TAG_PARENT] == tiny_sweep.parent_run_id and tags[store.TAG_CATEGORY] == "demo"
+    # Every hyper-parameter, values decodable back to what the job used.
+    assert {k: store.decode_param(v) for k, v in params.items() if k != "job_key"} == job.result.params
+    assert params["lora.target_modules"] == '"all-linear"' and store.decode_param(params["training.max_steps"]) == 10
+    # Step curves, one point per logged step.
+    for key in STEP_CURVES:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [2, 4, 6, 8, 10], key
+    # Evaluation, base score and lift.
+    base_score = tiny_sweep.job("evaluate_base", base, task).result.score
+    metric = job.result.metric
+    assert metrics["score"] == pytest.approx(job.result.score) and metrics[metric] == pytest.approx(job.result.score)
+    assert metrics["base_score"] == pytest.approx(base_score)
+    assert metrics["lift"] == pytest.approx(job.result.score - base_score)
+    assert metrics["peak_memory_mb"] > 0 and metrics["train_wall_time_s"] > 0 and metrics["trained_tokens"] > 0
+    assert metrics["train_tokens_per_second"] > 0 and metrics["eval_examples"] == 16
+    # System metrics.
+    assert any(key.startswith("system/cpu_utilization") for key in metrics), sorted(metrics)
+    # Datasets as inputs.
+    contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs}
+    assert set(contexts) == {"evaluation", "training"}
+    assert contexts["evaluation"].name == f"{task}-evaluation" and json.loads(contexts["evaluation"].profile)["num_rows"] == 16
+    # Predictions table.
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "predictions.json")).read_text())
+    assert len(table["data"]) == 16 and {"prompt", "prediction", "gold", "score"} <= set(table["columns"])
+    # The adapter: PEFT folder, safetensors, its base named by Hub id, nothing like base weights.
+    files = {Path(a.path).name: a.file_size for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(files)
+    assert not {"model.safetensors", "pytorch_model.bin", "config.json"} & set(files)
+    local = Path(client.download_artifacts(run.info.run_id, "adapter/adapter_config.json"))
+    assert json.loads(local.read_text())["base_model_name_or_path"] == job.config.base_model.hf_id
+    assert files["adapter_model.safetensors"] == (Path(job.result.adapter_dir) / "adapter_model.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_base_evaluation_runs(tiny_sweep: Sweep) -> None:
+    for base in BASES:
+        for task in TASKS:
+            job = tiny_sweep.job("evaluate_base", base, task)
+            run = run_of(tiny_sweep, "evaluate_base", base, task)
+            assert run.data.metrics["score"] == pytest.approx(job.result.score) == pytest.approx(run.data.metrics["base_score"])
+            assert "lift" not in run.data.metrics and "adapter" not in {a.path for a in store.client(tiny_sweep.uri).list_artifacts(run.info.run_id)}
+            assert job.model_version is None
+
+
+@pytest.mark.slow
+def test_adapter_loads_back_with_the_same_greedy_tokens(tiny_sweep: Sweep, tmp_path: Path) -> None:
+    """The adapter loaded from the registry gives exactly the tokens the trained model gave before it was logged."""
+    from jobs.evaluate import generate
+    from jobs.models import load_adapter, load_base_model, load_tokenizer
+    from peft import PeftModel
+
+    from tracking.registry import load_adapter_model, model_uri
+
+    job = tiny_sweep.job("train", "tiny-mistral", "demo_sentiment")
+    spec = job.config.base_model
+    tokenizer = load_tokenizer(spec)
+    prompts = [p["prompt"] for p in job.result.predictions]
+    max_new = job.config.task.max_new_tokens
+    logged = load_adapter_model(model_uri("demo_sentiment", job.model_version), device="cpu", uri=tiny_sweep.uri, dst=tmp_path / "a")
+    assert isinstance(logged, PeftModel)
+    again = generate(logged, tokenizer, prompts, max_new, job.config.evaluation.batch_size)
+    assert again == [p["prediction"] for p in job.result.predictions]  # what the in-memory model generated at evaluation
+    local = load_adapter(load_base_model(spec, job.config.quantization, "cpu"), job.result.adapter_dir)
+    assert generate(local, tokenizer, prompts, max_new, 4) == generate(logged, tokenizer, prompts, max_new, 4)
+    # The same through a run id reference, with the default download folder reused when given again.
+    assert isinstance(load_adapter_model(job.run_id, device="cpu", uri=tiny_sweep.uri, dst=tmp_path / "a"), PeftModel)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@pytest.mark.slow
+def test_champion_of_each_task_is_its_best_version(tiny_sweep: Sweep) -> None:
+    from tracking import registry
+
+    for task in TASKS:
+        versions = registry.versions(task, tiny_sweep.uri)
+        assert len(versions) == len(BASES)
+        by_run = {v.run_id: v for v in versions}
+        scores = {}
+        for base in BASES:
+            job = tiny_sweep.job("train", base, task)
+            version = by_run[job.run_id]
+            assert version.version == job.model_version
+            assert version.tags[store.TAG_BASE_MODEL] == base and float(version.tags[registry.TAG_SCORE]) == pytest.approx(job.result.score)
+            assert version.source == f"runs:/{job.run_id}/adapter"
+            scores[int(version.version)] = job.result.score
+        best = max(sorted(scores), key=lambda v: scores[v])  # ties: the earliest version
+        assert registry.champion(task, tiny_sweep.uri).version == str(best)
+        assert registry.update_champion(task, tiny_sweep.uri) == str(best)  # stable when nothing changed
+        # register_adapter is idempotent per run (a retry never makes a second version)
+        job = tiny_sweep.job("train", BASES[0], task)
+        assert registry.register_adapter(job.run_id, task, BASES[0], job.result.score, uri=tiny_sweep.uri) == job.model_version
+
+
+@pytest.mark.slow
+def test_promote_pins_the_champion_until_a_better_version_arrives(tiny_sweep: Sweep) -> None:
+    from tracking import registry
+
+    uri, task = tiny_sweep.uri, "promote_demo"  # a registered model of its own: other tests keep theirs
+    runs = [tiny_sweep.job("train", base, t).run_id for base in BASES for t in TASKS]
+    v1 = registry.register_adapter(runs[0], task, "tiny-llama", 0.9, uri=uri)
+    v2 = registry.register_adapter(runs[1], task, "tiny-llama", 0.5, uri=uri)
+    assert registry.update_champion(task, uri) == v1
+    registry.promote(task, v2, uri)  # a person prefers v2
+    assert registry.champion(task, uri).version == v2
+    assert registry.update_champion(task, uri) == v2  # automatic moves do not undo it...
+    v3 = registry.register_adapter(runs[2], task, "tiny-mistral", 0.4, uri=uri)
+    assert registry.update_champion(task, uri) == v2  # ...nor does a worse newcomer
+    v4 = registry.register_adapter(runs[3], task, "tiny-mistral", 0.7, uri=uri)
+    assert registry.update_champion(task, uri) == v4  # a newcomer better than the promoted one takes over
+    assert registry.unpin(task, uri) == v1  # back to the best of all
+    assert v3 not in (registry.champion(task, uri).version,)
+    with pytest.raises(KeyError, match="no version 99"):
+        registry.promote(task, 99, uri)
+
+
+# --------------------------------------------------------------------------- failures and concurrency
+
+
+@pytest.mark.slow
+def test_killed_worker_run_is_closed_and_a_retry_reuses_its_run(mlflow_server: Server) -> None:
+    from jobs.run import JobResult
+    from tracking.tracker import JobTracker
+
+    uri = mlflow_server.uri
+    experiment_id = store.ensure_experiment("stale-runs", uri)
+    key = "stale-runs/tiny-llama/demo_sentiment/train"
+    killed = JobTracker(experiment_id, key, "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False)
+    run_id = killed.start()
+    killed.on_step(1, {"loss": 2.0})
+    killed._stop_background()  # the worker dies here: nothing ends its run
+    assert store.close_stale_runs(experiment_id, [key], uri=uri) == [run_id]
+    closed = store.client(uri).get_run(run_id)
+    assert closed.info.status == "FAILED" and "worker lost" in closed.data.tags[store.TAG_ERROR]
+    assert store.close_stale_runs(experiment_id, uri=uri) == []
+    retried = JobTracker(experiment_id, key, "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False, register=False)
+    with retried:
+        assert retried.run_id == run_id  # the same run, not a duplicate
+        retried.finish(JobResult(key, "train", "tiny-llama", "demo_sentiment", "accuracy", 0.5, 1, None, {"a": 1},
+                                 history=[{"step": 1.0, "loss": 2.0}, {"step": 2.0, "loss": 1.0}]))
+    assert [r.info.run_id for r in store.job_runs(experiment_id, uri)] == [run_id]
+    assert store.client(uri).get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in store.client(uri).get_metric_history(run_id, "loss")) == [1, 2]  # history fills the gap
+    # An exception inside the tracker's block ends the run FAILED with the error.
+    failing = JobTracker(experiment_id, "stale-runs/x/y/train", "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False)
+    with pytest.raises(RuntimeError):
+        with failing:
+            raise RuntimeError("out of memory at the floor")
+    failed = store.client(uri).get_run(failing.run_id)
+    assert failed.info.status == "FAILED" and "out of memory" in failed.data.tags[store.TAG_ERROR]
+
+
+@pytest.mark.slow
+def test_32_processes_logging_at_once_lose_nothing(mlflow_server: Server) -> None:
+    uri = mlflow_server.uri
+    experiment_id = store.ensure_experiment("concurrency", uri)  # created by the driver, passed to workers
+    parent = store.start_sweep_run(experiment_id, "concurrency", {"workers": 32}, uri)
+    # forkserver: 32 separate processes forked from one that imported MLflow once (importing it 32
+    # times takes ~100 CPU-seconds on this 2-core machine); each opens its own connections.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tracking.tracker", "tests.tracking_fixtures"])
+    results = context.Queue()
+    start_at = time.time() + 3.0
+    workers = [context.Process(target=log_one_job, args=(uri, experiment_id, parent, i, start_at, results)) for i in range(32)]
+    for worker in workers:
+        worker.start()
+    reported = [results.get(timeout=240) for _ in workers]
+    for worker in workers:
+        worker.join(60)
+    assert [w.exitcode for w in workers] == [0] * 32
+    assert len({pid for _, _, pid in reported}) == 32  # 32 distinct processes
+    runs = store.job_runs(experiment_id, uri)
+    assert len(runs) == 32 and {r.info.run_id for r in runs} == {run_id for _, run_id, _ in reported}
+    assert {r.data.tags[store.TAG_JOB_KEY] for r in runs} == {f"concurrency/w{i:02d}" for i in range(32)}
+    for run in runs:
+        index = int(run.data.tags[store.TAG_JOB_KEY][-2:])
+        assert run.info.status == "FINISHED" and run.data.tags[store.TAG_PARENT] == parent
+        assert run.data.params["worker"] == str(index) and run.data.metrics["score"] == pytest.approx(index / 32)
+        assert run.data.metrics["tokens_per_second"] == 100.0 + index and run.data.metrics["peak_memory_mb"] == 10.0 + index
+    client = store.client(uri)
+    assert list(client.search_runs(["0"])) == []  # nothing in Default
+    elsewhere = [r for e in client.search_experiments() if e.experiment_id != experiment_id
+                 for r in client.search_runs([e.experiment_id], "tags.`loraland.job_key` LIKE 'concurrency/%'")]
+    assert elsewhere == []  # none in the wrong experiment
+    store.finish_sweep_run(parent, uri=uri)
+
+
+@pytest.mark.slow
+def test_writes_survive_the_server_being_unreachable(mlflow_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server vanishes for 3 s mid-job (connections refused and cut) while steps are logged and the job finishes."""
+    from jobs.run import JobResult
+    from tracking.tracker import JobTracker
+
+    # Let connection errors reach tracking's own retries at once (MLflow's HTTP layer would otherwise
+    # retry them for minutes itself, hiding what this test checks).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    proxy = TcpProxy(mlflow_server.port)
+    proxy.start()
+    try:
+        experiment_id = store.ensure_experiment("outage", proxy.uri)
+        tracker = JobTracker(experiment_id, "outage/tiny-llama/demo_sentiment/train", "tiny-llama", "demo_sentiment",
+                             uri=proxy.uri, system_metrics=False, register=False, flush_interval_s=0.3)
+        run_id = tracker.start()
+        for step in range(1, 6):
+            tracker.on_step(step, {"loss": 1.0 / step})
+        time.sleep(1.0)  # sent by the background flusher
+        proxy.stop()
+        for step in range(6, 11):  # training goes on while the server is away: on_step never blocks
+            started = time.monotonic()
+            tracker.on_step(step, {"loss": 1.0 / step})
+            assert time.monotonic() - started < 0.1
+        threading.Timer(3.0, proxy.start).start()
+        result = JobResult(tracker.job_key, "train", "tiny-llama", "demo_sentiment", "accuracy", 0.75, 4, None, {"lr": 0.01},
+                           summary={"peak_memory_mb": 123.0}, predictions=[{"index": 0, "prompt": "p", "prediction": "a", "gold": "a", "score": 1.0}])
+        tracker.finish(result, base_score=0.25)  # starts while the server is unreachable
+    finally:
+        proxy.stop()
+    client = store.client(mlflow_server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 11))
+    assert run.data.metrics["lift"] == pytest.approx(0.5) and run.data.metrics["peak_memory_mb"] == 123.0
+    assert run.data.params["lr"] == "0.01" and "predictions.json" in {a.path for a in client.list_artifacts(run_id)}
+    assert not math.isnan(run.data.metrics["score"])

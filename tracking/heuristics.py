@@ -1,0 +1,109 @@
+"""Task-complexity heuristics the LoRA Land study correlated with its results (Zhao et al. 2024, section 6).
+
+Per task, from a sample of its training examples (prompt = input, gold completion = output):
+- input, output and total length in tokens: p95, mean, standard deviation;
+- input-output similarity: ROUGE-L F (jobs.metrics.rouge_l) of the output against the input, mean and std;
+- compressibility: zlib-compressed bytes / raw bytes of prompt + completion, mean and std;
+- number of training examples.
+
+Tokens are whitespace-separated words (`str.split`) by default: the numbers then describe the task,
+not one base model's tokenizer, and need no download. Pass `tokenize=` (e.g. a tokenizer's
+`tokenize`) to count model tokens instead.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import zlib
+from typing import Any, Callable, Sequence
+
+from jobs.metrics import rouge_l
+
+Tokenize = Callable[[str], Sequence[Any]]
+
+SAMPLE_ROWS = 200
+HEURISTICS = (
+    "input_tokens_p95", "input_tokens_mean", "input_tokens_std",
+    "output_tokens_p95", "output_tokens_mean", "output_tokens_std",
+    "total_tokens_p95", "total_tokens_mean", "total_tokens_std",
+    "io_rouge_l_mean", "io_rouge_l_std",
+    "compressibility_mean", "compressibility_std",
+    "train_examples",
+)
+
+
+def whitespace_tokens(text: str) -> list[str]:
+    """The default token count: words separated by whitespace."""
+    return text.split()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summary(values: Sequence[float], prefix: str, p95: bool = True) -> dict[str, float]:
+    """`{prefix}_p95`, `{prefix}_mean`, `{prefix}_std` (population std) of `values` (NaN when empty)."""
+    out = {f"{prefix}_p95": percentile(values, 95)} if p95 else {}
+    out[f"{prefix}_mean"] = statistics.fmean(values) if values else math.nan
+    out[f"{prefix}_std"] = statistics.pstdev(values) if values else math.nan
+    return out
+
+
+def compressibility(text: str) -> float:
+    """zlib-compressed size / raw size of the UTF-8 text (lower = more redundant); NaN for empty text."""
+    raw = text.encode("utf-8")
+    return len(zlib.compress(raw, 9)) / len(raw) if raw else math.nan
+
+
+def example_heuristics(inputs: Sequence[str], outputs: Sequence[str], train_examples: int,
+                       tokenize: Tokenize = whitespace_tokens) -> dict[str, float]:
+    """Every heuristic of HEURISTICS from paired inputs (prompts) and outputs (gold completions)."""
+    if len(inputs) != len(outputs):
+        raise ValueError(f"{len(inputs)} inputs but {len(outputs)} outputs")
+    input_lengths = [float(len(tokenize(text))) for text in inputs]
+    output_lengths = [float(len(tokenize(text))) for text in outputs]
+    values = summary(input_lengths, "input_tokens") | summary(output_lengths, "output_tokens")
+    values |= summary([a + b for a, b in zip(input_lengths, output_lengths)], "total_tokens")
+    values |= summary([rouge_l(out, inp) for inp, out in zip(inputs, outputs)], "io_rouge_l", p95=False)
+    values |= summary([compressibility(f"{inp} {out}") for inp, out in zip(inputs, outputs)], "compressibility", p95=False)
+    values["train_examples"] = float(train_examples)
+    return values
+
+
+def task_examples(task: Any, limit: int = SAMPLE_ROWS) -> tuple[list[str], list[str]]:
+    """The first `limit` training examples of a task (jobs.config.TaskSpec) as (prompts, completions)."""
+    from jobs.data import train_rows
+    from jobs.prompts import completion_for, prompt_for
+
+    rows = train_rows(task, limit)
+    return [prompt_for(task, row) for row in rows], [completion_for(task, row) for row in rows]
+
+
+def train_size(task: Any) -> int:
+    """Number of training examples: the Hub's split metadata for Hub datasets (no full download),
+    else the rows on disk or generated."""
+    from jobs.data import train_rows
+
+    source = task.dataset
+    if source.kind == "hf":
+        try:
+            import datasets
+
+            configs = source.config.split("+") if source.config else [None]
+            return sum(datasets.load_dataset_builder(source.id, c).info.splits[source.train_split].num_examples for c in configs)
+        except Exception:  # noqa: BLE001 - metadata missing offline or for a script dataset: count the rows
+            pass
+    return len(train_rows(task))
+
+
+def task_heuristics(task: Any, limit: int = SAMPLE_ROWS, tokenize: Tokenize = whitespace_tokens) -> dict[str, float]:
+    """Every heuristic for one task, from its first `limit` training examples."""
+    prompts, completions = task_examples(task, limit)
+    return example_heuristics(prompts, completions, train_size(task), tokenize)

@@ -1,0 +1,449 @@
+"""`loraland report`: the sweep's leaderboard, plots, and the study's question (which task properties
+predict what fine-tuning gains), written to a folder and logged to the sweep's parent run.
+
+Built from the experiment's FINISHED job runs: a `train` run gives the fine-tuned score, an
+`evaluate_base` run the base score, joined on (task, base model); lift = fine-tuned - base.
+Files (in `out_dir`, and under `report/` of the parent run):
+- leaderboard.csv (a row per (task, base model)), runs.csv (a row per job run), leaderboard.md and
+  leaderboard.html (every table below, with the plots);
+- finetuned_heatmap.png, lift_by_base_model.png, and, when the sweep shares base models and tasks
+  with the study, vs_study.png (ours against the study's published fine-tuned and GPT-4 scores,
+  tracking/reference/lora_land_paper_scores.csv, source named on the chart);
+- heuristics.csv (tracking.heuristics per task), correlations.csv + heuristics_correlation.png
+  (Pearson r of each heuristic with the per-task mean base score, fine-tuned score and lift),
+  predictor.json + lift_predictor.png (ridge regression of mean lift on the standardised
+  heuristics, with its leave-one-task-out mean absolute error next to that of predicting the mean).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from jobs.config import data_home
+from tracking import heuristics as heur
+from tracking import store
+from tracking.retry import call_with_retry
+
+log = logging.getLogger(__name__)
+
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+STUDY_SCORES = REFERENCE_DIR / "lora_land_paper_scores.csv"
+STUDY_SOURCE = ('Zhao et al. 2024, "LoRA Land: 310 Fine-tuned LLMs that Rival GPT-4" (arXiv 2405.00732); '
+                "scores transcribed in tracking/reference/lora_land_paper_scores.csv")
+RUN_COLUMNS = ["run_id", "job_key", "kind", "base_model", "task", "category", "metric", "score", "peak_memory_mb",
+               "train_wall_time_s", "job_wall_time_s", "start_time"]
+BOARD_COLUMNS = ["task", "category", "metric", "base_model", "base_score", "finetuned_score", "lift", "best",
+                 "finetuned_run_id", "base_run_id"]
+TARGETS = ("base_score", "finetuned_score", "lift")
+RIDGE_ALPHA = 1.0
+
+
+@dataclass
+class Section:
+    """One part of the Markdown/HTML report: a title, a line of text, and optionally a table or an image."""
+
+    title: str
+    text: str = ""
+    table: pd.DataFrame | None = None
+    image: str | None = None
+
+
+@dataclass
+class Report:
+    """What `build_report` wrote."""
+
+    out_dir: Path
+    files: list[Path]
+    leaderboard: pd.DataFrame
+    parent_run_id: str | None = None
+    predictor: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def runs_frame(experiment_id: str, uri: str | None = None) -> pd.DataFrame:
+    """A row per FINISHED job run of the experiment (RUN_COLUMNS)."""
+    rows = []
+    for run in store.job_runs(experiment_id, uri, status="FINISHED"):
+        tags, metrics = run.data.tags, run.data.metrics
+        rows.append({"run_id": run.info.run_id, "job_key": tags.get(store.TAG_JOB_KEY), "kind": tags.get(store.TAG_KIND),
+                     "base_model": tags.get(store.TAG_BASE_MODEL), "task": tags.get(store.TAG_TASK),
+                     "category": tags.get(store.TAG_CATEGORY), "metric": tags.get(store.TAG_METRIC),
+                     "score": metrics.get("score", math.nan), "peak_memory_mb": metrics.get("peak_memory_mb", math.nan),
+                     "train_wall_time_s": metrics.get("train_wall_time_s", math.nan),
+                     "job_wall_time_s": metrics.get("job_wall_time_s", math.nan), "start_time": run.info.start_time})
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
+    """A row per (task, base model): base score, fine-tuned score, lift, and whether it is the task's best."""
+    runs = runs.sort_values("start_time").drop_duplicates(["kind", "base_model", "task"], keep="last")
+    keys = ["task", "base_model"]
+    trained = runs[runs["kind"] == "train"].rename(columns={"score": "finetuned_score", "run_id": "finetuned_run_id"})
+    base = runs[runs["kind"] == "evaluate_base"].rename(columns={"score": "base_score", "run_id": "base_run_id"})
+    board = trained[keys + ["category", "metric", "finetuned_score", "finetuned_run_id"]].merge(
+        base[keys + ["category", "metric", "base_score", "base_run_id"]], on=keys, how="outer", suffixes=("", "_b"))
+    for column in ("category", "metric"):
+        board[column] = board[column].fillna(board.pop(f"{column}_b"))
+    board["category"] = [c if isinstance(c, str) and c else _catalog_category(t) for c, t in zip(board["category"], board["task"])]
+    board["lift"] = board["finetuned_score"] - board["base_score"]
+    best = board.groupby("task")["finetuned_score"].transform("max")
+    board["best"] = board["finetuned_score"].notna() & (board["finetuned_score"] == best)
+    return board[BOARD_COLUMNS].sort_values(["category", "task", "base_model"]).reset_index(drop=True)
+
+
+def best_per_task(board: pd.DataFrame) -> pd.DataFrame:
+    """The best fine-tuned base model of each task."""
+    rows = board[board["best"]].drop_duplicates("task")
+    return rows[["task", "category", "base_model", "base_score", "finetuned_score", "lift"]].reset_index(drop=True)
+
+
+def means_by(board: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Mean base score, fine-tuned score and lift per `column` (base_model or category), with task counts."""
+    grouped = board.groupby(column)
+    out = grouped[list(TARGETS)].mean()
+    out["tasks"] = grouped["task"].nunique()
+    return out.reset_index().sort_values("finetuned_score", ascending=False).reset_index(drop=True)
+
+
+def task_means(board: pd.DataFrame) -> pd.DataFrame:
+    """Per task, the mean over base models of base score, fine-tuned score and lift (index: task)."""
+    return board.groupby("task")[list(TARGETS)].mean()
+
+
+def study_comparison(board: pd.DataFrame, reference: Path = STUDY_SCORES) -> pd.DataFrame:
+    """Our (task, base model) pairs that the study also ran, with its base, fine-tuned and GPT-4 scores."""
+    study = pd.read_csv(reference).rename(columns={"base_score": "study_base_score", "finetuned_score": "study_finetuned_score"})
+    joined = board.merge(study.drop(columns=["category"]), on=["task", "base_model"], how="inner")
+    return joined[["task", "base_model", "base_score", "finetuned_score", "study_base_score", "study_finetuned_score",
+                   "gpt35_score", "gpt4_score"]].reset_index(drop=True)
+
+
+def heuristics_frame(tasks: list[str], limit: int = heur.SAMPLE_ROWS) -> pd.DataFrame:
+    """tracking.heuristics for each task (index: task); a task whose data cannot be read gets NaNs."""
+    from jobs.catalog import load_catalog
+
+    rows = {}
+    for name in tasks:
+        try:
+            rows[name] = heur.task_heuristics(load_catalog().task(name), limit)
+        except Exception as error:  # noqa: BLE001 - e.g. a Hub dataset offline: the rest of the report still stands
+            log.warning("heuristics of task %s not computed: %s", name, error)
+            rows[name] = {key: math.nan for key in heur.HEURISTICS}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(heur.HEURISTICS)).rename_axis("task")
+
+
+def correlations(features: pd.DataFrame, targets: pd.DataFrame) -> pd.DataFrame:
+    """Pearson r of every heuristic (rows) with every per-task target (columns); NaN below 3 tasks or for a constant."""
+    joined = features.join(targets, how="inner")
+    table = pd.DataFrame(index=features.columns, columns=list(targets.columns), dtype=float)
+    for feature in features.columns:
+        for target in targets.columns:
+            pair = joined[[feature, target]].dropna()
+            constant = pair[feature].nunique() < 2 or pair[target].nunique() < 2
+            table.loc[feature, target] = math.nan if len(pair) < 3 or constant else pair[feature].corr(pair[target])
+    table["tasks"] = len(joined)
+    return table.rename_axis("heuristic")
+
+
+@dataclass
+class Ridge:
+    """A fitted ridge regression on standardised features (`usable` marks the features it uses)."""
+
+    usable: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    coef: np.ndarray
+    intercept: float
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.intercept + ((x[:, self.usable] - self.mean) / self.std) @ self.coef
+
+
+def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float = RIDGE_ALPHA) -> Ridge:
+    """Ridge regression of y on the standardised columns of x; missing or constant columns are left out."""
+    usable = np.isfinite(x).all(axis=0)
+    usable[usable] = x[:, usable].std(axis=0) > 0
+    mean, std = x[:, usable].mean(axis=0), x[:, usable].std(axis=0)
+    z = (x[:, usable] - mean) / std
+    intercept = float(y.mean())
+    coef = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - intercept))
+    return Ridge(usable, mean, std, coef, intercept)
+
+
+def lift_predictor(features: pd.DataFrame, lift: pd.Series, alpha: float = RIDGE_ALPHA) -> dict[str, Any]:
+    """Predict a task's mean lift from its heuristics; leave-one-task-out MAE, against predicting the mean."""
+    data = features.join(lift.rename("lift"), how="inner").dropna(subset=["lift"])
+    names = list(features.columns)
+    x, y = data[names].to_numpy(dtype=float), data["lift"].to_numpy(dtype=float)
+    result: dict[str, Any] = {"model": f"ridge (alpha={alpha}) on standardised heuristics, target: mean lift per task",
+                              "tasks": len(y), "loo_mae": math.nan, "baseline_loo_mae": math.nan, "loo_predictions": {},
+                              "coefficients": {}, "intercept": math.nan}
+    if len(y) == 0:
+        return result
+    full = ridge_fit(x, y, alpha)
+    result["coefficients"] = dict(zip([n for n, used in zip(names, full.usable) if used], full.coef.tolist()))
+    result["intercept"] = full.intercept
+    if len(y) < 2:
+        return result
+    predictions, baseline = [], []
+    for left_out in range(len(y)):
+        keep = np.arange(len(y)) != left_out
+        predictions.append(float(ridge_fit(x[keep], y[keep], alpha).predict(x[[left_out]])[0]))
+        baseline.append(float(y[keep].mean()))
+    result["loo_predictions"] = dict(zip(data.index, predictions))
+    result["loo_mae"] = float(np.mean(np.abs(np.array(predictions) - y)))
+    result["baseline_loo_mae"] = float(np.mean(np.abs(np.array(baseline) - y)))
+    return result
+
+
+def _catalog_category(task: str) -> str:
+    from jobs.catalog import load_catalog
+
+    try:
+        return load_catalog().task(task).category
+    except KeyError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _annotated_heatmap(ax: Any, matrix: pd.DataFrame, cmap: str, vmin: float, vmax: float) -> Any:
+    values = matrix.to_numpy(dtype=float)
+    colours = _pyplot().get_cmap(cmap).copy()
+    colours.set_bad("#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], rotation=30, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index])
+    for (row, col), value in np.ndenumerate(values):
+        ax.text(col, row, "n/a" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8,
+                color="black" if math.isnan(value) or (value - vmin) / (vmax - vmin or 1) > 0.5 else "white")
+    return image
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_finetuned_heatmap(board: pd.DataFrame, path: Path) -> Path:
+    """Fine-tuned score per task (rows) and base model (columns)."""
+    plt = _pyplot()
+    matrix = board.pivot_table(index="task", columns="base_model", values="finetuned_score", dropna=False)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * matrix.shape[1] + 3), max(4.0, 0.45 * matrix.shape[0] + 2)))
+    fig.colorbar(_annotated_heatmap(ax, matrix, "viridis", 0.0, 1.0), ax=ax, label="fine-tuned score")
+    ax.set_title("Fine-tuned score by task and base model")
+    return _save(fig, path)
+
+
+def plot_lift_by_base_model(board: pd.DataFrame, path: Path) -> Path:
+    """Mean lift over base per base model (bars) with each task's lift (dots)."""
+    plt = _pyplot()
+    models = sorted(board["base_model"].dropna().unique())
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(models) + 3), 4.5))
+    means = [board.loc[board["base_model"] == m, "lift"].mean() for m in models]
+    ax.bar(range(len(models)), np.nan_to_num(means), color="#4c72b0", alpha=0.8, label="mean over tasks")
+    for i, model in enumerate(models):
+        lifts = board.loc[board["base_model"] == model, "lift"].dropna()
+        ax.scatter(np.full(len(lifts), i) + np.linspace(-0.2, 0.2, len(lifts)), lifts, color="#dd8452", zorder=3,
+                   label="one task" if i == 0 else None)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+    ax.set_ylabel("lift (fine-tuned - base)")
+    ax.set_title("Lift from fine-tuning, per base model")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_vs_study(comparison: pd.DataFrame, path: Path) -> Path:
+    """Per task: our fine-tuned score, the study's (same base models, averaged) and GPT-4's."""
+    plt = _pyplot()
+    per_task = comparison.groupby("task")[["finetuned_score", "study_finetuned_score", "gpt4_score"]].mean()
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(per_task) + 3), 5))
+    width = 0.27
+    labels = {"finetuned_score": "ours (fine-tuned)", "study_finetuned_score": "study (fine-tuned)", "gpt4_score": "GPT-4 (study)"}
+    for offset, (column, label) in zip((-width, 0.0, width), labels.items()):
+        ax.bar(np.arange(len(per_task)) + offset, per_task[column].fillna(0), width, label=label)
+    ax.set_xticks(range(len(per_task)), per_task.index, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (task metric)")
+    ax.set_title("Ours against the LoRA Land study, same base models and tasks")
+    ax.legend()
+    fig.text(0.01, 0.005, f"Source: {STUDY_SOURCE}", fontsize=6, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_correlations(table: pd.DataFrame, path: Path) -> Path:
+    """Pearson r of each heuristic with mean base score, fine-tuned score and lift per task."""
+    plt = _pyplot()
+    matrix = table[list(TARGETS)]
+    fig, ax = plt.subplots(figsize=(7, max(5.0, 0.4 * len(matrix) + 1.5)))
+    fig.colorbar(_annotated_heatmap(ax, matrix, "RdBu_r", -1.0, 1.0), ax=ax, label="Pearson r")
+    tasks = int(table["tasks"].iloc[0]) if len(table) else 0
+    ax.set_title(f"Task heuristics vs results (Pearson r, {tasks} tasks)")
+    return _save(fig, path)
+
+
+def plot_predictor(predictor: dict[str, Any], lift: pd.Series, path: Path) -> Path:
+    """Leave-one-task-out predicted lift against the actual mean lift of each task."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    predicted = pd.Series(predictor["loo_predictions"], dtype=float)
+    actual = lift.reindex(predicted.index)
+    ax.scatter(actual, predicted, color="#4c72b0", zorder=3)
+    for task in predicted.index:
+        ax.annotate(str(task), (actual[task], predicted[task]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ends = [np.nanmin([*actual, *predicted, 0.0]), np.nanmax([*actual, *predicted, 0.0])]
+    ax.plot(ends, ends, color="grey", linestyle="--", label="perfect")
+    ax.set_xlabel("actual mean lift")
+    ax.set_ylabel("predicted (leave one task out)")
+    ax.set_title(f"Lift predictor: LOO MAE {predictor['loo_mae']:.3f} (mean-only {predictor['baseline_loo_mae']:.3f})")
+    ax.legend()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (floats to 3 decimals, NaN as n/a)."""
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    body = ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def render_markdown(title: str, sections: list[Section]) -> str:
+    """The report as Markdown."""
+    parts = [f"# {title}"]
+    for section in sections:
+        parts.append(f"## {section.title}")
+        parts += [p for p in (section.text, markdown_table(section.table) if section.table is not None else "",
+                              f"![{section.title}]({section.image})" if section.image else "") if p]
+    return "\n\n".join(parts) + "\n"
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    """The report as one self-contained HTML page (images referenced next to it)."""
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        if section.text:
+            parts.append(f"<p>{html.escape(section.text)}</p>")
+        if section.table is not None:
+            parts.append(section.table.to_html(index=False, na_rep="n/a", float_format=lambda v: f"{v:.3f}", border=0))
+        if section.image:
+            parts.append(f"<img src='{html.escape(section.image)}' alt='{html.escape(section.title)}'>")
+    return "\n".join(parts) + "\n</body></html>\n"
+
+
+def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Land leaderboard",
+                 features: pd.DataFrame | None = None, heuristics_limit: int = heur.SAMPLE_ROWS) -> Report:
+    """Write every file of the report for `runs` (see `runs_frame`) into `out_dir`.
+
+    `features` (heuristics per task, index task) is computed with tracking.heuristics when not given."""
+    if runs.empty:
+        raise ValueError("no finished job runs to report on")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    board = leaderboard(runs)
+    files = []
+
+    def table(frame: pd.DataFrame, name: str, index: bool = False) -> pd.DataFrame:
+        frame.to_csv(out / name, index=index)
+        files.append(out / name)
+        return frame
+
+    table(board, "leaderboard.csv")
+    table(runs, "runs.csv")
+    shown = board.drop(columns=["finetuned_run_id", "base_run_id"])
+    sections = [
+        Section("Leaderboard", "Score on each task's own metric; lift = fine-tuned - base (zero-shot). "
+                f"{runs['run_id'].nunique()} finished job runs.", shown),
+        Section("Best base model per task", table=best_per_task(board)),
+        Section("Means per base model", table=means_by(board, "base_model")),
+        Section("Means per category", table=means_by(board, "category")),
+        Section("Fine-tuned scores", image=plot_finetuned_heatmap(board, out / "finetuned_heatmap.png").name),
+        Section("Lift per base model", image=plot_lift_by_base_model(board, out / "lift_by_base_model.png").name),
+    ]
+    comparison = study_comparison(board)
+    if len(comparison):
+        table(comparison, "vs_study.csv")
+        sections.append(Section("Against the study", f"Pairs this sweep shares with the study. Source: {STUDY_SOURCE}.",
+                                comparison, plot_vs_study(comparison, out / "vs_study.png").name))
+    targets = task_means(board)
+    features = features if features is not None else heuristics_frame(list(targets.index), heuristics_limit)
+    table(features, "heuristics.csv", index=True)
+    corr = table(correlations(features, targets), "correlations.csv", index=True)
+    predictor = lift_predictor(features, targets["lift"])
+    (out / "predictor.json").write_text(json.dumps(predictor, indent=2, default=float))
+    files.append(out / "predictor.json")
+    sections += [
+        Section("Task complexity heuristics", "Per task, from its first training examples (tracking/heuristics.py: "
+                "whitespace tokens, ROUGE-L of output vs input, zlib compressibility).", features.reset_index()),
+        Section("Correlation with results", "Pearson r with the per-task mean over base models (n/a below 3 tasks "
+                "or for a constant).", corr.reset_index(), plot_correlations(corr, out / "heuristics_correlation.png").name),
+        Section("Predicting lift from the heuristics", f"{predictor['model']}: {predictor['tasks']} tasks, leave-one-task-out "
+                f"MAE {_fmt(predictor['loo_mae'])} against {_fmt(predictor['baseline_loo_mae'])} for predicting the mean.",
+                image=plot_predictor(predictor, targets["lift"], out / "lift_predictor.png").name
+                if predictor["loo_predictions"] else None),
+    ]
+    files += [out / s.image for s in sections if s.image]
+    (out / "leaderboard.md").write_text(render_markdown(title, sections))
+    (out / "leaderboard.html").write_text(render_html(title, sections))
+    files += [out / "leaderboard.md", out / "leaderboard.html"]
+    return Report(out, files, board, predictor=predictor)
+
+
+def build_report(experiment: str, out_dir: str | Path | None = None, uri: str | None = None, log_to_run: bool = True,
+                 heuristics_limit: int = heur.SAMPLE_ROWS, features: pd.DataFrame | None = None) -> Report:
+    """`loraland report --experiment NAME [--out DIR]`: write the report (default folder
+    `<data_home()>/reports/<experiment>`) and log it under `report/` of the sweep's parent run."""
+    experiment_id = store.experiment_id_for(experiment, uri)
+    out = Path(out_dir) if out_dir else data_home() / "reports" / experiment
+    report = write_report(runs_frame(experiment_id, uri), out, f"LoRA Land leaderboard: {experiment}", features, heuristics_limit)
+    parent = store.find_sweep_run(experiment_id, uri=uri)
+    if log_to_run and parent is not None:
+        report.parent_run_id = parent.info.run_id
+        call_with_retry(store.client(uri).log_artifacts, parent.info.run_id, str(out), "report")
+        board = report.leaderboard
+        summary = {"report.mean_finetuned_score": board["finetuned_score"].mean(), "report.mean_lift": board["lift"].mean(),
+                   "report.lift_predictor_loo_mae": report.predictor.get("loo_mae", math.nan)}
+        store.log_metrics(parent.info.run_id, [store.metric(k, v) for k, v in summary.items() if math.isfinite(v)], uri)
+    elif log_to_run:
+        log.warning("experiment %s has no sweep parent run: report written to %s only", experiment, out)
+    return report

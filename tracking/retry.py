@@ -1,0 +1,79 @@
+"""Retries with exponential back-off around tracking calls, so a tracking server that is briefly
+unreachable (restart, network blip, SQLite lock) drops nothing.
+
+Two layers protect a call to an http(s) server: MLflow's own HTTP session retries connection
+errors and 408/429/5xx answers (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, default 7, back-off factor 2,
+so a few minutes in all); `retrying` then retries whatever still comes out as a transient error
+(connection refused after those retries, a locked SQLite file with the embedded store, timeouts).
+Errors that would fail again (bad parameter, missing resource, already exists) are raised at once.
+
+Only wrap calls that are safe to repeat; `tracking` makes its non-idempotent steps (create a run,
+create a model version) look-up-then-create so that a retry after a lost reply creates nothing twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import time
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ATTEMPTS = int(os.environ.get("LORALAND_TRACKING_RETRIES", "6"))
+BASE_DELAY_S = float(os.environ.get("LORALAND_TRACKING_BACKOFF_S", "0.5"))
+MAX_DELAY_S = 20.0
+
+# Substrings of error messages that mean "try again later", whatever the exception type.
+TRANSIENT_MARKERS = (
+    "database is locked", "connection refused", "connection reset", "connection aborted", "max retries exceeded",
+    "temporarily unavailable", "timed out", "timeout", "remote end closed", "bad gateway", "service unavailable",
+    "failed to establish a new connection", "broken pipe", "too many requests",
+)
+TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"})
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for errors that a later attempt may not hit: the network, the server restarting, a lock."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    if getattr(error, "error_code", None) in TRANSIENT_CODES:
+        return True
+    text = f"{type(error).__name__}: {error}".lower()
+    return any(marker in text for marker in TRANSIENT_MARKERS)
+
+
+def backoff_delays(attempts: int = ATTEMPTS, base_s: float = BASE_DELAY_S, max_s: float = MAX_DELAY_S) -> list[float]:
+    """The sleeps between `attempts` tries: base, 2 base, 4 base, ... capped at `max_s` (before jitter)."""
+    return [min(base_s * 2**i, max_s) for i in range(max(attempts - 1, 0))]
+
+
+def call_with_retry(fn: Callable[..., T], *args: Any, attempts: int = ATTEMPTS, base_s: float = BASE_DELAY_S,
+                    max_s: float = MAX_DELAY_S, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, retried on transient errors with exponential back-off (+-25% jitter)."""
+    delays = backoff_delays(attempts, base_s, max_s)
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - classified below, re-raised unless transient
+            if attempt == len(delays) or not is_transient(error):
+                raise
+            delay = delays[attempt] * random.uniform(0.75, 1.25)
+            log.warning("tracking call %s failed (%s); retry %d/%d in %.1fs", getattr(fn, "__name__", fn),
+                        str(error).splitlines()[0][:200], attempt + 1, len(delays), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def retrying(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: every call of `fn` goes through `call_with_retry` with the module defaults."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        return call_with_retry(fn, *args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,287 @@
+"""`JobTracker`: what a worker uses to log one job to its run, from the first step to the adapter.
+
+    tracker = JobTracker.for_job(config, experiment_id, parent_run_id, uri=uri)
+    with tracker:                                   # start(): find or create the job's run
+        result = run_job(config, on_step=tracker.on_step)
+        tracker.finish(result, base_score)          # everything else, run FINISHED, adapter registered
+    # an exception inside the block ends the run FAILED with the error as the `loraland.error` tag
+
+- `on_step` never blocks training: step metrics are buffered and a background thread sends them
+  every `flush_interval_s`; a batch that fails stays buffered and is sent later. `finish` sends what
+  is left (retried), so nothing is dropped at job end, and also logs the history of any step the
+  callback never saw (a job resumed from its result file, or run without the callback).
+- A retried job reuses its run (found by the `loraland.job_key` tag) instead of making a second one.
+- System metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) are sampled every
+  `system_metrics_interval_s` by MLflow's monitor, logged as `system/...`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+import pandas as pd
+from mlflow.entities import DatasetInput, InputTag, Metric, RunTag
+
+from jobs.config import JobConfig
+from jobs.run import JobResult
+from tracking import store
+from tracking.retry import call_with_retry
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.json"
+ADAPTER_ARTIFACT = "adapter"
+TRAIN_DATASET_ROWS = 1000  # rows of the training set logged as the run's training input (a sample for big sets)
+
+
+class JobTracker:
+    """Logs one job (train or evaluate_base) to its child run of the sweep's experiment."""
+
+    def __init__(self, experiment_id: str, job_key: str, base_model: str, task: str, kind: str = "train", *,
+                 parent_run_id: str | None = None, sweep: str | None = None, uri: str | None = None,
+                 system_metrics: bool = True, system_metrics_interval_s: float = 10.0, flush_interval_s: float = 5.0,
+                 register: bool = True):
+        if not job_key:
+            raise ValueError("a tracked job needs a job_key (its run is found again by it)")
+        self.experiment_id, self.job_key, self.base_model, self.task, self.kind = experiment_id, job_key, base_model, task, kind
+        self.parent_run_id, self.sweep = parent_run_id, sweep or job_key.split("/", 1)[0]
+        self.uri = store.resolve_tracking_uri(uri)
+        self.system_metrics, self.system_metrics_interval_s = system_metrics, system_metrics_interval_s
+        self.flush_interval_s, self.register = flush_interval_s, register
+        self.run_id: str | None = None
+        self.model_version: str | None = None
+        self._buffer: list[Metric] = []
+        self._logged_steps: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._monitor: Any = None
+        self._started = 0.0
+        self._ended = False
+
+    @classmethod
+    def for_job(cls, config: JobConfig, experiment_id: str, parent_run_id: str | None = None, uri: str | None = None,
+                **options: Any) -> "JobTracker":
+        """A tracker for the job `config` describes."""
+        return cls(experiment_id, config.job_key, config.base_model.name, config.task.name, config.kind,
+                   parent_run_id=parent_run_id, uri=uri, **options)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> str:
+        """Find or create the job's run, set it RUNNING, start system metrics and the step flusher."""
+        tags = {store.TAG_ROLE: "job", store.TAG_JOB_KEY: self.job_key, store.TAG_KIND: self.kind, store.TAG_SWEEP: self.sweep,
+                store.TAG_BASE_MODEL: self.base_model, store.TAG_TASK: self.task}
+        task = _task_spec(self.task)
+        if task is not None:
+            tags |= {store.TAG_CATEGORY: task.category, store.TAG_METRIC: task.metric}
+        if self.parent_run_id:
+            tags[store.TAG_PARENT] = self.parent_run_id
+        run, created = store.find_or_create_run(self.experiment_id, store.tag_filter(job_key=self.job_key),
+                                                f"{self.base_model}.{self.task}.{self.kind}", tags, self.uri)
+        self.run_id = run.info.run_id
+        if not created:  # a retried job: the same run again
+            call_with_retry(self._client.update_run, self.run_id, "RUNNING")
+        self._started = time.monotonic()
+        if self.system_metrics:
+            self._start_system_metrics(resume=not created)
+        self._flusher = threading.Thread(target=self._flush_loop, name=f"tracker-{self.run_id[:8]}", daemon=True)
+        self._flusher.start()
+        return self.run_id
+
+    def __enter__(self) -> "JobTracker":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self.run_id is None or self._ended:
+            return
+        self.fail(f"{exc_type.__name__}: {exc}" if exc_type else "job ended without a result")
+
+    # ------------------------------------------------------------------ step metrics
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """`jobs.train.StepCallback`: buffer the step's metrics (loss, learning_rate, tokens_per_second, ...)."""
+        now = int(time.time() * 1000)
+        items = [store.metric(key, value, step, now) for key, value in metrics.items() if _finite(value)]
+        with self._lock:
+            self._buffer += items
+            self._logged_steps.add(int(step))
+
+    __call__ = on_step
+
+    def flush(self) -> None:
+        """Send the buffered step metrics now (retried); on failure they stay buffered and the error is raised."""
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+        if not batch:
+            return
+        try:
+            store.log_metrics(self._require_run(), batch, self.uri)
+        except Exception:
+            with self._lock:
+                self._buffer = batch + self._buffer
+            raise
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            try:
+                self.flush()
+            except Exception as error:  # noqa: BLE001 - kept buffered, sent by a later flush or by finish()
+                log.warning("step metrics of %s not sent yet: %s", self.job_key, str(error).splitlines()[0][:200])
+
+    # ------------------------------------------------------------------ the end
+
+    def finish(self, result: JobResult, base_score: float | None = None) -> str:
+        """Log everything the job produced and end the run FINISHED; returns the run id.
+
+        Params (every hyper-parameter), metrics (`score` and the metric's own name, `base_score`,
+        `lift`, the training summary: peak memory, wall time, tokens/s, ...), step curves not yet
+        sent, the evaluation (and training) dataset as inputs, the per-example predictions as a table,
+        and the adapter folder as the `adapter/` artifact. For a train job whose `base_score` is not
+        given, the finished evaluate_base run of the same (base model, task) is looked up. A train
+        job's adapter is then registered and the task's champion alias updated (`register=True`).
+        """
+        run_id = self._require_run()
+        self._stop_background()
+        if self.kind == "train" and base_score is None:
+            base_score = store.find_base_score(self.experiment_id, result.base_model, result.task, self.uri)
+        store.log_params(run_id, {"job_key": result.job_key, **result.params}, self.uri)
+        self._log_history(result.history)
+        self.flush()
+        store.log_metrics(run_id, [store.metric(k, v) for k, v in self._final_metrics(result, base_score).items()], self.uri)
+        existing = {item.path for item in call_with_retry(self._client.list_artifacts, run_id)}
+        self._log_datasets(result)
+        if result.predictions and PREDICTIONS_FILE not in existing:  # log_table appends: never twice
+            call_with_retry(self._client.log_table, run_id, pd.DataFrame(result.predictions), PREDICTIONS_FILE)
+        if result.adapter_dir:
+            call_with_retry(self._client.log_artifacts, run_id, result.adapter_dir, ADAPTER_ARTIFACT)
+        call_with_retry(self._client.set_terminated, run_id, "FINISHED")
+        self._ended = True
+        if self.register and self.kind == "train" and result.adapter_dir:
+            from tracking.registry import register_adapter, update_champion
+
+            self.model_version = register_adapter(run_id, result.task, result.base_model, result.score, result.job_key, self.uri)
+            update_champion(result.task, self.uri)
+        return run_id
+
+    def fail(self, error: str) -> None:
+        """End the run FAILED with `error` as the `loraland.error` tag (step metrics sent first)."""
+        run_id = self._require_run()
+        self._stop_background()
+        try:
+            self.flush()
+        finally:
+            call_with_retry(self._client.log_batch, run_id, tags=[RunTag(store.TAG_ERROR, error[:5000])])
+            call_with_retry(self._client.set_terminated, run_id, "FAILED")
+            self._ended = True
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def _client(self) -> Any:
+        return store.client(self.uri)
+
+    def _require_run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("JobTracker.start() was not called")
+        return self.run_id
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_interval_s,
+                                                 resume_logging=resume, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as error:  # noqa: BLE001 - system metrics are a nicety, never a reason to fail a job
+            log.warning("system metrics off for %s: %s", self.job_key, error)
+            self._monitor = None
+
+    def _stop_background(self) -> None:
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+    def _log_history(self, history: list[dict[str, float]]) -> None:
+        """Buffer the steps of `history` the step callback never saw."""
+        for entry in history:
+            step = int(entry.get("step", 0))
+            if step not in self._logged_steps:
+                self.on_step(step, {k: v for k, v in entry.items() if k != "step"})
+
+    def _final_metrics(self, result: JobResult, base_score: float | None) -> dict[str, float]:
+        values: dict[str, float] = {"score": result.score, result.metric: result.score, "eval_examples": float(result.examples),
+                                    "job_wall_time_s": time.monotonic() - self._started}
+        if result.kind == "evaluate_base":
+            values["base_score"] = result.score
+        elif base_score is not None:
+            values |= {"base_score": base_score, "lift": result.score - base_score}
+        values |= {key: result.summary[key] for key in result.summary}
+        return {key: float(value) for key, value in values.items() if _finite(value)}
+
+    def _log_datasets(self, result: JobResult) -> None:
+        """The evaluation rows (prompt, gold) and, for a train job, the training rows as the run's inputs."""
+        import mlflow.data
+
+        task = _task_spec(result.task)
+        frames = []
+        if result.predictions:
+            frames.append(("evaluation", pd.DataFrame({"prompt": [p["prompt"] for p in result.predictions],
+                                                       "gold": [str(p["gold"]) for p in result.predictions]}), "gold"))
+        if result.kind == "train" and task is not None:
+            try:
+                frames.append(("training", _training_frame(task), "completion"))
+            except Exception as error:  # noqa: BLE001 - the data may live only on the worker that trained
+                log.warning("training dataset of %s not logged: %s", result.job_key, error)
+        inputs = []
+        for context, frame, target in frames:
+            dataset = mlflow.data.from_pandas(frame, source=_dataset_source(task, context), name=f"{result.task}-{context}",
+                                              targets=target)
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+        if inputs:
+            call_with_retry(self._client.log_inputs, self._require_run(), inputs)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _task_spec(name: str) -> Any:
+    from jobs.catalog import load_catalog
+
+    try:
+        return load_catalog().task(name)
+    except KeyError:
+        return None
+
+
+def _training_frame(task: Any) -> pd.DataFrame:
+    """The first TRAIN_DATASET_ROWS training rows as (prompt, completion), as the model was trained on them."""
+    from jobs.data import train_rows
+    from jobs.prompts import completion_for, prompt_for
+
+    rows = train_rows(task, TRAIN_DATASET_ROWS)
+    return pd.DataFrame({"prompt": [prompt_for(task, r) for r in rows], "completion": [completion_for(task, r) for r in rows]})
+
+
+def _dataset_source(task: Any, context: str) -> Any:
+    """Where the task's data comes from, as an MLflow dataset source (Hub id, or the catalogue's source)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    if task is None:
+        return CodeDatasetSource({"loraland.source": "unknown"})
+    source = task.eval.dataset if context == "evaluation" and task.eval else task.dataset
+    split = source.eval_split if context == "evaluation" else source.train_split
+    if source.kind == "hf":
+        return HuggingFaceDatasetSource(path=source.id, config_name=source.config, split=split)
+    return CodeDatasetSource({"loraland.source": f"{source.kind}:{source.id}", "loraland.split": split})
