@@ -103,6 +103,52 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a sweep on Ray (the cluster of `ray job submit`, else a local one), exactly once per job."""
+    from orchestrator.config import load_sweep
+    from orchestrator.sweep import run_sweep, summary_table
+
+    sweep = load_sweep(args.sweep)  # the whole sweep is validated before Ray is touched
+    if args.storage_path:
+        sweep.storage_path = args.storage_path
+    outcomes = run_sweep(sweep, args.tracking_uri)
+    console.print(summary_table(outcomes))
+    failed = [o for o in outcomes if o.state == "failed"]
+    console.print(f"{len(outcomes) - len(failed)} of {len(outcomes)} jobs finished; open the runs with `loraland ui`.")
+    return 1 if failed else 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Start the MLflow UI on the tracking store (the embedded SQLite default unless --tracking-uri)."""
+    from tracking.ui import start_ui
+
+    process = start_ui(args.tracking_uri, port=args.port)
+    console.print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the leaderboard and the study's analysis for an experiment, and log them to its sweep run."""
+    from tracking.report import build_report
+
+    report = build_report(args.experiment, args.out, args.tracking_uri)
+    console.print(f"report written to {report.out_dir}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Point a task's `champion` alias at a given adapter version."""
+    from tracking.registry import promote
+
+    promote(args.task, args.version, args.tracking_uri)
+    console.print(f"{args.task}: champion is now version {args.version}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `loraland` command."""
     parser = argparse.ArgumentParser(prog="loraland", description="Fine-tune, track and serve many QLoRA adapters on Ray.")
@@ -120,6 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU (overrides resources.gpu_memory_gb)")
     sub.add_argument("--price-per-gpu-hour", type=float, help="price of a GPU-hour (overrides resources.price_per_gpu_hour)")
     sub.set_defaults(run=cmd_plan)
+    sub = commands.add_parser("sweep", help=cmd_sweep.__doc__)
+    sub.add_argument("sweep", help="sweep YAML")
+    sub.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else the embedded SQLite store)")
+    sub.add_argument("--storage-path", help="checkpoints and results (shared storage on a cluster)")
+    sub.set_defaults(run=cmd_sweep)
+    sub = commands.add_parser("ui", help=cmd_ui.__doc__)
+    sub.add_argument("--tracking-uri")
+    sub.add_argument("--port", type=int, default=5000)
+    sub.set_defaults(run=cmd_ui)
+    sub = commands.add_parser("report", help=cmd_report.__doc__)
+    sub.add_argument("--experiment", required=True, help="experiment (sweep) name")
+    sub.add_argument("--out", help="output folder (default: .loraland/reports/NAME)")
+    sub.add_argument("--tracking-uri")
+    sub.set_defaults(run=cmd_report)
+    sub = commands.add_parser("promote", help=cmd_promote.__doc__)
+    sub.add_argument("task")
+    sub.add_argument("version")
+    sub.add_argument("--tracking-uri")
+    sub.set_defaults(run=cmd_promote)
     return parser
 
 

@@ -33,6 +33,7 @@ class ResourceSettings(StrictModel):
     mfu: float = Field(default=0.2, gt=0, le=1, description="Fraction of peak a QLoRA job reaches, for the time estimate.")
     price_per_gpu_hour: float = Field(default=1.21, ge=0, description="Price of one GPU-hour in dollars (A10G on demand).")
     cpus_per_job: float = Field(default=1.0, gt=0, description="CPUs each job reserves.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each job asks for, e.g. {worker: 0.01}.")
     memory_headroom: float = Field(default=1.15, ge=1.0, description="Multiplier on the memory estimate before packing GPUs.")
 
 

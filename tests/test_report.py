@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytest.register_assert_rewrite("tests.tracking_fixtures")  # before the import below: its asserts are rewritten too
+
 from tests.tracking_fixtures import BASES, SWEEP, TASKS, Sweep
 from tracking import heuristics as heur
 from tracking import report, store

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.register_assert_rewrite("tests.tracking_fixtures")  # before the import below: its asserts are rewritten too
+
 from tests.tracking_fixtures import BASES, SWEEP, TASKS, Server, Sweep, TcpProxy, log_one_job
 from tracking import retry, store
 
@@ -91,6 +93,36 @@ def test_param_values_round_trip() -> None:
     assert {k: store.decode_param(store.encode_param(v)) for k, v in flat.items()} == flat
 
 
+@pytest.mark.slow
+def test_embedded_default_sqlite_and_loraland_ui(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No server: runs go to <data_home>/mlflow.db, artifacts to <data_home>/mlartifacts (not ./mlruns of
+    the working folder); `start_ui` serves that store on 127.0.0.1."""
+    from jobs.run import JobResult
+    from tests.tracking_fixtures import free_port
+    from tracking.tracker import JobTracker
+    from tracking.ui import start_ui, stop_server
+
+    monkeypatch.setenv("LORALAND_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    experiment_id = store.ensure_experiment("embedded")
+    with JobTracker(experiment_id, "embedded/tiny-llama/demo_sentiment/evaluate_base", "tiny-llama", "demo_sentiment",
+                    "evaluate_base", system_metrics=False) as tracker:
+        tracker.finish(JobResult(tracker.job_key, "evaluate_base", "tiny-llama", "demo_sentiment", "accuracy", 0.25, 1, None,
+                                 {"a": 1}, predictions=[{"index": 0, "prompt": "p", "prediction": "a", "gold": "b", "score": 0.0}]))
+    assert (tmp_path / "home" / "mlflow.db").is_file()
+    assert list((tmp_path / "home" / "mlartifacts").rglob("predictions.json"))
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    port = free_port()
+    ui = start_ui(port=port, log_file=tmp_path / "ui.log")
+    try:
+        seen = store.client(f"http://127.0.0.1:{port}").get_run(tracker.run_id)
+        assert seen.data.metrics["score"] == 0.25
+    finally:
+        stop_server(ui)
+    assert ui.poll() is not None
+
+
 # --------------------------------------------------------------------------- the 2 x 2 sweep
 
 
@@ -133,7 +165,7 @@ def test_train_run_has_every_item(tiny_sweep: Sweep, base: str, task: str) -> No
     assert tags[store.TAG_PARENT] == tiny_sweep.parent_run_id and tags[store.TAG_CATEGORY] == "demo"
     # Every hyper-parameter, values decodable back to what the job used.
     assert {k: store.decode_param(v) for k, v in params.items() if k != "job_key"} == job.result.params
-    assert params["lora.target_modules"] == '"all-linear"' and store.decode_param(params["training.max_steps"]) == 10
+    assert params["lora.target_modules"] == "all-linear" and store.decode_param(params["training.max_steps"]) == 10
     # Step curves, one point per logged step.
     for key in STEP_CURVES:
         history = client.get_metric_history(run.info.run_id, key)
@@ -259,7 +291,7 @@ def test_killed_worker_run_is_closed_and_a_retry_reuses_its_run(mlflow_server: S
     uri = mlflow_server.uri
     experiment_id = store.ensure_experiment("stale-runs", uri)
     key = "stale-runs/tiny-llama/demo_sentiment/train"
-    killed = JobTracker(experiment_id, key, "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False)
+    killed = JobTracker(experiment_id, key, "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False, flush_interval_s=600)
     run_id = killed.start()
     killed.on_step(1, {"loss": 2.0})
     killed._stop_background()  # the worker dies here: nothing ends its run

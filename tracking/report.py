@@ -230,14 +230,15 @@ def _pyplot() -> Any:
 
 def _annotated_heatmap(ax: Any, matrix: pd.DataFrame, cmap: str, vmin: float, vmax: float) -> Any:
     values = matrix.to_numpy(dtype=float)
-    colours = _pyplot().get_cmap(cmap).copy()
-    colours.set_bad("#dddddd")
+    colours = _pyplot().get_cmap(cmap).with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], rotation=30, ha="right")
     ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index])
     for (row, col), value in np.ndenumerate(values):
+        red, green, blue, _ = image.to_rgba(value) if not math.isnan(value) else (1.0, 1.0, 1.0, 1.0)
+        dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # white text on dark cells
         ax.text(col, row, "n/a" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8,
-                color="black" if math.isnan(value) or (value - vmin) / (vmax - vmin or 1) > 0.5 else "white")
+                color="white" if dark else "black")
     return image
 
 

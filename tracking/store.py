@@ -109,7 +109,8 @@ def encode_param(value: Any) -> str:
 
 
 def decode_param(text: str) -> Any:
-    """The inverse of `encode_param` (a plain string stays a string)."""
+    """The inverse of `encode_param` (a plain string stays a string; one that reads as JSON, like "8"
+    or "true", comes back as that value, which is what the typed configs expect anyway)."""
     try:
         return json.loads(text)
     except ValueError:

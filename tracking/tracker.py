@@ -208,8 +208,14 @@ class JobTracker:
             self._flusher.join()
             self._flusher = None
         if self._monitor is not None:
-            self._monitor.finish()
-            self._monitor = None
+            monitor, self._monitor = self._monitor, None
+            monitor.finish()
+            try:  # one last sample at job end: a job shorter than the sampling interval still gets its system metrics
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                call_with_retry(monitor.mlflow_logger.flush)
+            except Exception as error:  # noqa: BLE001 - never a reason to fail a job
+                log.warning("last system metrics sample of %s not logged: %s", self.job_key, error)
 
     def _log_history(self, history: list[dict[str, float]]) -> None:
         """Buffer the steps of `history` the step callback never saw."""

@@ -1,0 +1,76 @@
+"""Orchestrator: the Ray driver runs a sweep exactly once per job, also across a re-run and a killed driver."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+pytest_plugins = ["tests.tracking_fixtures"]
+MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
+
+
+def sweep_command(uri: str, storage: Path) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "sweep", str(MINI), "--tracking-uri", uri, "--storage-path", str(storage)]
+
+
+def job_runs(uri: str) -> list:
+    from tracking import store
+
+    experiment_id = store.experiment_id_for("mini", uri)
+    return store.job_runs(experiment_id, uri)
+
+
+def sweep_env(home: Path) -> dict[str, str]:
+    return os.environ | {"LORALAND_HOME": str(home), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path: Path) -> None:  # noqa: ANN001
+    uri = f"{mlflow_server.uri}"
+    first = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "0 already finished, 4 to run" in first.stdout and "progress: 4 done, 0 failed" in first.stdout
+    runs = job_runs(uri)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["loraland.job_key"] for r in runs}) == 4
+    from mlflow import MlflowClient
+
+    for run in runs:
+        assert "score" in run.data.metrics
+        if run.data.tags["loraland.kind"] == "train":
+            assert "lift" in run.data.metrics
+            assert "adapter" in {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    second = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "4 already finished, 0 to run" in second.stdout
+    assert sorted(r.info.run_id for r in job_runs(uri)) == sorted(r.info.run_id for r in runs)
+
+
+def test_killed_driver_then_rerun_completes_without_duplicates(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    driver = subprocess.Popen(sweep_command(uri, tmp_path / "storage"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=sweep_env(tmp_path), start_new_session=True)
+    deadline = time.monotonic() + 300
+    seen = ""
+    while time.monotonic() < deadline:  # kill it once the first job has finished and others are under way
+        line = driver.stdout.readline()
+        seen += line
+        if line.strip().startswith("finished") or not line:
+            break
+    assert "finished" in seen, seen[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)  # the driver's local Ray goes with it
+    again = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    runs = job_runs(uri)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["loraland.job_key"] for r in runs}) == 4
