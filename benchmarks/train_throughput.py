@@ -87,12 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/OpenMP threads per side, 0 = torch's default (default: %(default)s, as a Ray worker with "
                              "num_cpus=1 runs; on a shared CPU, spare threads spin against other processes and swamp the result)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="runs per side, interleaved ours/baseline/baseline/ours...; the median tokens/s counts (default: %(default)s)")
+    parser.add_argument("--repeats", type=int,
+                        help="runs per side, interleaved ours/baseline/baseline/ours...; the median time counts, the largest peak memory "
+                             "(default: 2 for --model base, 1 for a 7B shape)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side in this process
     args = parser.parse_args(argv)
     if args.gpu_shape:
         args.model = args.gpu_shape
+    if args.repeats is None:
+        args.repeats = 2 if args.model == "base" else 1
     if args.steps < 1 or args.warmup_steps < 1 or args.repeats < 1:
         parser.error("--steps, --warmup-steps and --repeats must be >= 1")
     return args
@@ -190,8 +193,18 @@ class Meter:
             torch.cuda.synchronize()
         real = int(sum(int(r) for r in self._real))
         self.steps.append({"step": step, "time": time.perf_counter(), "tokens": real, "padding": self._total - real,
-                           "passes": self._passes, "loss": float(sum(float(l) for l in self._losses))})
+                           "passes": self._passes, "loss": float(sum(float(l) for l in self._losses)),
+                           **self._peaks()})
         self._real, self._total, self._passes, self._losses = [], 0, 0, []
+
+    def _peaks(self) -> dict[str, float]:
+        """Peaks so far (monotonic): resident set (VmHWM since its reset), and GPU allocated on a GPU."""
+        peaks = {"peak_rss_mb": peak_rss_since_reset_mb()}
+        if self.device == "cuda":
+            import torch
+
+            peaks["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return peaks
 
     def summary(self, warmup: int) -> dict[str, float]:
         if len(self.steps) <= warmup:
@@ -209,6 +222,9 @@ class Meter:
             "seconds_per_step": seconds / len(timed),
             "first_loss": self.steps[0]["loss"],
             "final_loss": self.steps[-1]["loss"],
+            # through the last optimizer step, before any final saving
+            "peak_rss_through_last_step_mb": self.steps[-1]["peak_rss_mb"],
+            **({"peak_gpu_through_last_step_mb": self.steps[-1]["peak_gpu_mb"]} if "peak_gpu_mb" in self.steps[-1] else {}),
         }
 
 
@@ -234,6 +250,7 @@ def random_4bit_model(spec, quant, device: str):
     import bitsandbytes as bnb
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import QuantizationMethod
 
     from jobs.models import compute_dtype
     from jobs.tiny import model_config
@@ -254,7 +271,9 @@ def random_4bit_model(spec, quant, device: str):
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, layer)
             del child
-    model.is_loaded_in_4bit = True  # what a bitsandbytes load sets: attach_lora then prepares it for k-bit training
+    # What a bitsandbytes load sets: attach_lora then prepares the model for k-bit training, and Trainer does not `.to()` it.
+    model.is_loaded_in_4bit = True
+    model.quantization_method = QuantizationMethod.BITS_AND_BYTES
     if device == "cuda":
         torch.cuda.empty_cache()
     return model
@@ -365,18 +384,19 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
         figures["examples"] = figures["steps"] * args.micro_batch_size * args.gradient_accumulation_steps
         figures["peak_rss_mb"] = peak_rss_mb()  # whole process, loading included
         figures["rss_before_training_mb"] = rss_before
-        peak_training = peak_rss_since_reset_mb() if hwm_reset else figures["peak_rss_mb"]
+        # Peak through the last optimizer step: ours saves a checkpoint and the adapter after it, the baseline does not.
+        peak_training = figures["peak_rss_through_last_step_mb"] if hwm_reset else figures["peak_rss_mb"]
         figures["peak_rss_growth_mb"] = max(0.0, peak_training - rss_before)
-        figures["peak_rss_growth_source"] = "VmHWM reset before training" if hwm_reset else "ru_maxrss"
+        figures["peak_rss_growth_source"] = "VmHWM reset before training, read after the last step" if hwm_reset else "ru_maxrss"
         if device == "cuda":
             peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
             figures.update({
-                "peak_gpu_allocated_mb": peak / 2**20,
+                "peak_gpu_allocated_mb": peak / 2**20,  # to the end, ours' final checkpoint and adapter saving included
                 "peak_gpu_reserved_mb": reserved / 2**20,
                 "gpu_allocated_before_training_mb": allocated_before / 2**20,
                 "jobs_per_80gb_gpu": int(GPU_BYTES // (reserved + CUDA_CONTEXT_BYTES)),
             })
-            figures["peak_mb"] = figures["peak_gpu_allocated_mb"]
+            figures["peak_mb"] = figures["peak_gpu_through_last_step_mb"]
         else:
             figures["peak_mb"] = figures["peak_rss_growth_mb"]
         figures["device"] = device
@@ -499,12 +519,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {side}: {result['tokens_per_second']:.0f} tokens/s over {result['steps']} steps "
               f"({result['process_seconds']:.0f} s with start-up)", flush=True)
     sides = {}
-    for side in SIDES:  # the run with the median tokens/s (upper median for an even count) stands for the side
-        ranked = sorted(runs[side], key=lambda r: r["tokens_per_second"])
-        sides[side] = dict(ranked[len(ranked) // 2])
-        sides[side]["runs_tokens_per_second"] = [r["tokens_per_second"] for r in runs[side]]
-        sides[side]["median_tokens_per_second"] = statistics.median(sides[side]["runs_tokens_per_second"])
-    speedup = sides["ours"]["median_tokens_per_second"] / sides["baseline"]["median_tokens_per_second"]
+    for side in SIDES:
+        # Every run of a side trains the same tokens; the side's figure is the median wall time of its timed steps.
+        # The other fields (memory, loss) are those of the last run.
+        side_runs = runs[side]
+        sides[side] = dict(side_runs[-1])
+        sides[side]["seconds"] = statistics.median(r["seconds"] for r in side_runs)
+        sides[side]["seconds_per_step"] = sides[side]["seconds"] / sides[side]["steps"]
+        sides[side]["tokens_per_second"] = sides[side]["trained_tokens"] / sides[side]["seconds"]
+        sides[side]["runs_tokens_per_second"] = [r["tokens_per_second"] for r in side_runs]
+        sides[side]["runs_peak_mb"] = [r["peak_mb"] for r in side_runs]
+        sides[side]["peak_mb"] = max(sides[side]["runs_peak_mb"])
+        if len({r["trained_tokens"] for r in side_runs}) != 1:
+            raise SystemExit(f"train_throughput: the {side} runs trained different token counts: {[r['trained_tokens'] for r in side_runs]}")
+    speedup = sides["ours"]["tokens_per_second"] / sides["baseline"]["tokens_per_second"]
     print_table(sides, speedup, machine["device"] == "cuda")
     settings = {key: value for key, value in vars(args).items() if key not in ("side", "out", "gpu_shape")}
     settings.update({

@@ -105,6 +105,10 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOu
         for job in todo
     }
     _wait_all(pending, outcomes, len(jobs))
+    from tracking.registry import update_champion
+
+    for task in sweep.tasks:  # settles a race between two workers finishing one task at the same instant
+        update_champion(task, uri)
     store.finish_sweep_run(parent_run_id, "FAILED" if any(o.state == "failed" for o in outcomes.values()) else "FINISHED", uri)
     return [outcomes[job.job_key] for job in jobs]
 

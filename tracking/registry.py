@@ -111,7 +111,7 @@ def update_champion(task: str, uri: str | None = None) -> str | None:
             return None
         model = call_with_retry(client.get_registered_model, model_name(task))
         pinned, after = model.tags.get(TAG_PINNED_VERSION), int(model.tags.get(TAG_PINNED_AFTER) or 0)
-        eligible = [v for v in listed if pinned is None or v.version == pinned or int(v.version) > after]
+        eligible = [v for v in listed if pinned is None or str(v.version) == pinned or int(v.version) > after]
         best = best_version(eligible or listed)
         current = champion(task, uri)
         if current is None or current.version != best.version:
@@ -125,8 +125,8 @@ def promote(task: str, version: str | int, uri: str | None = None) -> None:
     """Make `version` the task's champion by hand (`loraland promote TASK VERSION`) and pin it."""
     client = store.client(uri)
     known = versions(task, uri)
-    if str(version) not in {v.version for v in known}:
-        raise KeyError(f"{model_name(task)} has no version {version}; versions: {', '.join(v.version for v in known) or 'none'}")
+    if str(version) not in {str(v.version) for v in known}:
+        raise KeyError(f"{model_name(task)} has no version {version}; versions: {', '.join(str(v.version) for v in known) or 'none'}")
     call_with_retry(client.set_registered_model_alias, model_name(task), CHAMPION, str(version))
     call_with_retry(client.set_registered_model_tag, model_name(task), TAG_PINNED_VERSION, str(version))
     call_with_retry(client.set_registered_model_tag, model_name(task), TAG_PINNED_AFTER, str(max(int(v.version) for v in known)))
