@@ -169,7 +169,6 @@ class Meter:
     _total: int = 0
     _passes: int = 0
     _losses: list[Any] = field(default_factory=list)
-    started: float = 0.0
 
     def attach(self, model) -> None:
         model.register_forward_pre_hook(self._before, with_kwargs=True)
