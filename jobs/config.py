@@ -20,7 +20,7 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 class StrictModel(BaseModel):
     """Base for every config: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # --------------------------------------------------------------------------- base models

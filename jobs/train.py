@@ -279,11 +279,12 @@ def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrain
     resumed_from = state.step
     order = DataOrder(len(examples), settings.seed)
     effective_batch = settings.micro_batch_size * settings.gradient_accumulation_steps
+    trainable = [p for p in model.parameters() if p.requires_grad]
     started, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
     while state.step < settings.max_steps:
         step_examples = [examples[order.index(state.cursor + i)] for i in range(effective_batch)]
         loss, tokens = _train_step(model, step_examples, state, settings, device, tokenizer.pad_token_id, fault)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
