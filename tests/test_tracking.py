@@ -58,6 +58,9 @@ def test_retry_backs_off_on_transient_errors_only(monkeypatch: pytest.MonkeyPatc
         retry.call_with_retry(always_down, attempts=3, base_s=0.1)
     assert len(sleeps) == 2  # gives up after `attempts`
     assert retry.backoff_delays(6, 0.5, 4.0) == [0.5, 1.0, 2.0, 4.0, 4.0]
+    # Two workers logging the same dataset race in the server's get-or-create (seen in CI): retried.
+    race = RuntimeError("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+    assert retry.is_transient(race)
 
 
 def test_tracking_uri_explicit_then_env_then_embedded_sqlite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

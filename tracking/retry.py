@@ -4,7 +4,8 @@ unreachable (restart, network blip, SQLite lock) drops nothing.
 Two layers protect a call to an http(s) server: MLflow's own HTTP session retries connection
 errors and 408/429/5xx answers (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, default 7, back-off factor 2,
 so a few minutes in all); `retrying` then retries whatever still comes out as a transient error
-(connection refused after those retries, a locked SQLite file with the embedded store, timeouts).
+(connection refused after those retries, a locked SQLite file with the embedded store, timeouts, a
+unique-constraint race inside the server's get-or-create of a dataset).
 Errors that would fail again (bad parameter, missing resource, already exists) are raised at once.
 
 Only wrap calls that are safe to repeat; `tracking` makes its non-idempotent steps (create a run,
@@ -33,6 +34,8 @@ TRANSIENT_MARKERS = (
     "database is locked", "connection refused", "connection reset", "connection aborted", "max retries exceeded",
     "temporarily unavailable", "timed out", "timeout", "remote end closed", "bad gateway", "service unavailable",
     "failed to establish a new connection", "broken pipe", "too many requests",
+    # The server's get-or-create (datasets, tags) raced another writer; the next attempt finds the row.
+    "unique constraint failed", "duplicate key value violates unique constraint",
 )
 TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"})
 
