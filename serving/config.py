@@ -17,6 +17,20 @@ class AutoscalingSettings(StrictModel):
     target_ongoing_requests: float = Field(default=16, gt=0, description="Requests per replica the autoscaler aims for.")
 
 
+class EngineSettings(StrictModel):
+    """The batching engine inside each replica (serving/batching.py)."""
+
+    max_batch_size: int = Field(default=64, ge=1, description="Requests decoded together in one forward pass.")
+    device_adapter_slots: int = Field(default=0, ge=0, description="Adapters held on the accelerator at once; 0: sized from free memory.")
+    host_adapter_slots: int = Field(default=256, ge=1, description="Adapters kept in host memory (LRU beyond).")
+    max_lora_rank: int = Field(default=64, ge=1, description="Largest adapter rank a replica accepts (slots are sized by it).")
+    target_modules: list[str] | None = Field(default=None, description="Modules adapters may target; default: the base model's linear layers.")
+    pinned_adapters: list[str] = Field(default_factory=list, description="Adapter ids loaded at start and never evicted.")
+    max_queued_requests: int = Field(default=256, ge=1, description="Requests waiting for a batch slot before 429/503.")
+    max_running_per_adapter: int = Field(default=0, ge=0, description="Fairness bound: batch slots one adapter may hold while others wait; 0: half the batch.")
+    loader_threads: int = Field(default=2, ge=1, description="Threads fetching adapters off the decode loop.")
+
+
 class BaseDeployment(StrictModel):
     """One base model's deployment: replicas hold the base once and multiplex its adapters."""
 
@@ -28,6 +42,7 @@ class BaseDeployment(StrictModel):
     tasks: list[str] | Literal["all"] = Field(default="all", description="Tasks whose registered adapters are served.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPU share per replica (0 on a CPU).")
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where replicas run.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Batching engine settings.")
 
 
 class ServeConfig(StrictModel):
@@ -39,7 +54,6 @@ class ServeConfig(StrictModel):
     route_prefix: str = Field(default="/", description="Route prefix of the application.")
     tracking_uri: str | None = Field(default=None, description="MLflow URI adapters come from; default: $MLFLOW_TRACKING_URI.")
     api_key: str | None = Field(default=None, description="Bearer token required on every request, if set.")
-    max_queued_requests: int = Field(default=256, ge=1, description="Requests waiting per replica before 429/503.")
     max_context_tokens: int | None = Field(default=None, gt=0, description="Prompt + max_tokens limit; default: the model's.")
     adapter_cache_dir: str = Field(default="", description="Local disk cache for adapters; default: the data folder.")
     deployments: list[BaseDeployment] = Field(min_length=1, description="One deployment per served base model.")

@@ -1,0 +1,90 @@
+"""The contract between a Serve replica and the engine that generates inside it.
+
+A replica holds one base model and multiplexes many LoRA adapters of it. It hands every request to
+an `Engine`: token ids in, an async stream of `Delta`s out. The engine owns batching, KV caches,
+sampling, stop rules and the adapter tiers; the replica owns the API, model-id resolution and where
+adapter files come from (`AdapterFetcher`). `serving.batching.BatchingEngine` is the engine we ship
+(mixed-adapter continuous batching); a faster one can replace it by implementing this protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Protocol
+
+from transformers import PreTrainedTokenizerBase
+
+# Turns an adapter id (for example "loraland-demo_sentiment/3") into a local PEFT adapter folder
+# (adapter_config.json + adapter_model.safetensors). Blocking; the engine calls it off its decode loop.
+AdapterFetcher = Callable[[str], Path]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and stops. temperature 0 is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Delta:
+    """A piece of one request's output. The last delta of a stream has `finish_reason` set."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" (max_tokens)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class EngineError(Exception):
+    """Base of the errors an engine raises for one request (never for the whole replica)."""
+
+
+class EngineOverloaded(EngineError):
+    """The bounded queue is full: the caller answers 429/503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class AdapterLoadError(EngineError):
+    """The adapter could not be fetched or is not a usable LoRA adapter of this base model."""
+
+
+class ContextTooLong(EngineError):
+    """prompt tokens + max_tokens exceed the engine's context."""
+
+
+class Engine(Protocol):
+    """What a replica needs from an engine."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_context_tokens: int
+
+    def generate(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> AsyncIterator[Delta]:
+        """Stream the completion of `prompt_ids` with `adapter` (None: the base model).
+
+        Raises (from the iterator) EngineOverloaded, AdapterLoadError or ContextTooLong for this request only.
+        """
+        ...
+
+    async def prefetch(self, adapter: str) -> float:
+        """Bring `adapter` into host memory now (fetching it if needed); returns seconds spent loading (0 if cached).
+
+        Raises AdapterLoadError."""
+        ...
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per adapter id ("" for the base): requests, prompt/completion tokens, loads, load_s, cache hits."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the decode loop and loader threads."""
+        ...
