@@ -62,6 +62,10 @@ class ContextTooLong(EngineError):
     """prompt tokens + max_tokens exceed the engine's context."""
 
 
+class InvalidRequest(EngineError):
+    """Something else about the request cannot be served (an empty prompt, max_tokens < 1); a 400."""
+
+
 class Engine(Protocol):
     """What a replica needs from an engine."""
 
@@ -83,6 +87,10 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per adapter id ("" for the base): requests, prompt/completion tokens, loads, load_s, cache hits."""
+        ...
+
+    def check_health(self) -> None:
+        """Raise RuntimeError if the decode loop has died (Serve's health check calls this)."""
         ...
 
     def shutdown(self) -> None:

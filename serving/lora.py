@@ -1,0 +1,179 @@
+"""Many LoRA adapters in one forward pass: a gathered (BGMV-style) LoRA computation.
+
+Every targeted linear layer of the base model is wrapped once by `MultiLoraLinear`. It keeps a
+stack of adapter weights, one slot per adapter held on the accelerator (slot 0 is "no adapter",
+all zeros), padded to the largest rank a replica accepts. A forward pass gets a slot index per
+batch row (`LoraBatch.indices`) and computes, for all rows at once,
+
+    y = base(x) + (x @ A[slot]^T) @ B[slot]^T          (B pre-scaled by alpha / r)
+
+with two batched matmuls over gathered weights: no Python loop over adapters, any mix of adapters
+and ranks in one batch (ranks below the batch's largest are zero-padded, which adds nothing).
+
+`read_adapter` turns a PEFT adapter folder (safetensors only) into host tensors keyed by module
+name; `LoraSlots.load` copies them into a slot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterFormatError(ValueError):
+    """The folder is not a LoRA adapter this replica can serve; the message says why."""
+
+
+@dataclass
+class LoraBatch:
+    """What every wrapped layer reads during one forward pass: the slot of each row and the largest rank."""
+
+    indices: torch.Tensor | None = None  # [batch] slot per row; None: no adapter in this batch
+    rank: int = 0
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter in host memory: per module, A [r, in] and B [out, r] with the scale folded into B."""
+
+    rank: int
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen base linear layer (plain or bitsandbytes 4-bit) plus a stack of LoRA slots."""
+
+    def __init__(self, base: nn.Module, batch: LoraBatch, slots: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.base = base
+        self.batch = batch
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        self.register_buffer("lora_a", torch.zeros(slots + 1, max_rank, self.in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(slots + 1, self.out_features, max_rank, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        indices, rank = self.batch.indices, self.batch.rank
+        if indices is None or rank == 0:
+            return y
+        squeeze = x.dim() == 2
+        x3 = x.unsqueeze(1) if squeeze else x  # [B, T, in]
+        a = self.lora_a[indices, :rank]  # [B, r, in]
+        b = self.lora_b[indices, :, :rank]  # [B, out, r]
+        delta = torch.bmm(torch.bmm(x3.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))
+        return y + (delta.squeeze(1) if squeeze else delta).to(y.dtype)
+
+
+class LoraSlots:
+    """The accelerator tier: `slots` adapter slots in every wrapped layer of one model."""
+
+    def __init__(self, model: nn.Module, target_modules: list[str], slots: int, max_rank: int, dtype: torch.dtype) -> None:
+        self.batch = LoraBatch()
+        self.slots = slots
+        self.max_rank = max_rank
+        self.layers: dict[str, MultiLoraLinear] = {}
+        self.ranks = [0] * (slots + 1)
+        targets = set(target_modules)
+        for name, module in list(model.named_modules()):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in targets or not hasattr(module, "in_features"):
+                continue
+            device = next(module.parameters()).device
+            wrapped = MultiLoraLinear(module, self.batch, slots, max_rank, dtype, device)
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, leaf, wrapped)
+            self.layers[name] = wrapped
+        if not self.layers:
+            raise AdapterFormatError(f"no linear layer of the base model is named one of {sorted(targets)}")
+
+    @staticmethod
+    def slot_bytes(model: nn.Module, target_modules: list[str], max_rank: int, dtype: torch.dtype) -> int:
+        """Bytes one slot takes over all target layers (to size the tier from free memory)."""
+        targets = set(target_modules)
+        features = sum(m.in_features + m.out_features for n, m in model.named_modules()
+                       if n.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features"))
+        return features * max_rank * torch.tensor([], dtype=dtype).element_size()
+
+    def load(self, slot: int, adapter: AdapterWeights) -> None:
+        """Copy an adapter into `slot` (1..slots); layers it does not target get zeros."""
+        for name, layer in self.layers.items():
+            layer.lora_a[slot].zero_()
+            layer.lora_b[slot].zero_()
+            if name in adapter.modules:
+                a, b = adapter.modules[name]
+                layer.lora_a[slot, : adapter.rank].copy_(a, non_blocking=True)
+                layer.lora_b[slot, :, : adapter.rank].copy_(b, non_blocking=True)
+        self.ranks[slot] = adapter.rank
+
+    def set_batch(self, slots: list[int]) -> None:
+        """Point every layer at the rows' slots for the next forward pass."""
+        rank = max((self.ranks[s] for s in slots), default=0)
+        if rank == 0:
+            self.batch.indices, self.batch.rank = None, 0
+            return
+        device = next(iter(self.layers.values())).lora_a.device
+        self.batch.indices = torch.tensor(slots, dtype=torch.long, device=device)
+        self.batch.rank = rank
+
+
+def read_adapter(path: Path, layers: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype) -> AdapterWeights:
+    """Read a PEFT LoRA folder into host memory, checked against the base model's layers.
+
+    `layers` maps each wrapped module name to its (in_features, out_features). Only safetensors are
+    read; a pickle (.bin) adapter, DoRA, LoRA biases, embedding/LM-head deltas or a rank above
+    `max_rank` are refused with the reason.
+    """
+    config_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterFormatError(f"{path.name}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (pickle .bin adapters are refused)")
+    try:
+        config = json.loads(config_path.read_text())
+        tensors = load_file(str(weights_path), device="cpu")
+    except Exception as error:  # noqa: BLE001 - any parse failure means a corrupt adapter
+        raise AdapterFormatError(f"{path.name}: unreadable adapter ({type(error).__name__}: {error})") from error
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"{path.name}: peft_type {config.get('peft_type')} is not LORA")
+    if config.get("use_dora") or config.get("lora_bias"):
+        raise AdapterFormatError(f"{path.name}: DoRA and LoRA biases are not served")
+    rank = int(config.get("r", 0))
+    if not 0 < rank <= max_rank:
+        raise AdapterFormatError(f"{path.name}: rank {rank} is outside 1..{max_rank} (max_lora_rank)")
+    alpha = float(config.get("lora_alpha", rank))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    adapter = AdapterWeights(rank=rank)
+    prefix = "base_model.model."
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            if ".lora_B." not in key:
+                raise AdapterFormatError(f"{path.name}: unexpected tensor {key} (only LoRA A/B of linear layers are served)")
+            continue
+        module = key[len(prefix):] if key.startswith(prefix) else key
+        module = module[: -len(".lora_A.weight")]
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if module not in layers or b is None:
+            raise AdapterFormatError(f"{path.name}: {module} is not a served layer of this base model")
+        fan_in, fan_out = layers[module]
+        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
+            raise AdapterFormatError(f"{path.name}: {module} has shapes {tuple(a.shape)}/{tuple(b.shape)}, "
+                                     f"expected ({rank}, {fan_in})/({fan_out}, {rank}): adapter of another base model?")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterFormatError(f"{path.name}: {module} holds NaN or infinite weights")
+        adapter.modules[module] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+    if not adapter.modules:
+        raise AdapterFormatError(f"{path.name}: holds no LoRA weights")
+    return adapter
