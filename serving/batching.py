@@ -230,7 +230,9 @@ class BatchingEngine:
         self.rows: list[Sequence] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, columns] 1 where the cache column is a real token of that row
-        self.steps = 0
+        self.steps = 0  # decode forward passes
+        self.peak_rows = 0  # most rows decoded in one forward pass
+        self.peak_adapters = 0  # most distinct adapters (base included) decoded in one forward pass
         self.stopping = False
         self.error: BaseException | None = None
         for adapter in settings.pinned_adapters:
@@ -447,6 +449,8 @@ class BatchingEngine:
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache,
                          use_cache=True)
         self.steps += 1
+        self.peak_rows = max(self.peak_rows, len(self.rows))
+        self.peak_adapters = max(self.peak_adapters, len({seq.key for seq in self.rows}))
         self._sample_and_emit(self.rows, out.logits[:, -1])
         self._drop_finished()
 
