@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
-from jobs.config import StrictModel
+from jobs.config import ConfigError, StrictModel, parse_model, read_yaml
+
+APP_BUILDER = "serving.app:build_app"  # the import_path of our application in a Ray Serve config file
 
 
 class AutoscalingSettings(StrictModel):
@@ -41,8 +44,23 @@ class BaseDeployment(StrictModel):
     max_adapters_per_replica: int = Field(default=16, ge=1, description="Adapters a replica keeps loaded (LRU beyond).")
     tasks: list[str] | Literal["all"] = Field(default="all", description="Tasks whose registered adapters are served.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPU share per replica (0 on a CPU).")
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves per replica.")
+    max_queued_requests: int = Field(default=64, ge=1, description="Requests Serve holds for this deployment when every "
+                                     "replica is full (engine batch + engine queue), before answering 503 with Retry-After.")
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where replicas run.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Batching engine settings.")
+
+
+class IngressSettings(StrictModel):
+    """The OpenAI-compatible front deployment: parses requests, resolves model ids, streams answers."""
+
+    num_replicas: int = Field(default=1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(default=0.5, ge=0, description="CPUs Ray reserves per ingress replica.")
+    max_ongoing_requests: int = Field(default=512, ge=1, description="Requests one ingress replica handles at once.")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the next token (the first "
+                                     "included, adapter load included) before the request fails with 504.")
+    model_ttl_s: float = Field(default=5.0, ge=0, description="How long a registry read is reused: a moved champion "
+                               "is served at most this long after the move.")
 
 
 class ServeConfig(StrictModel):
@@ -56,4 +74,73 @@ class ServeConfig(StrictModel):
     api_key: str | None = Field(default=None, description="Bearer token required on every request, if set.")
     max_context_tokens: int | None = Field(default=None, gt=0, description="Prompt + max_tokens limit; default: the model's.")
     adapter_cache_dir: str = Field(default="", description="Local disk cache for adapters; default: the data folder.")
+    ingress: IngressSettings = Field(default_factory=IngressSettings, description="The API deployment.")
     deployments: list[BaseDeployment] = Field(min_length=1, description="One deployment per served base model.")
+
+
+def catalog_problems(data: Any) -> list[str]:
+    """Base models and tasks of a raw ServeConfig mapping that the catalogue does not know, and base
+    models listed twice (checked even when other fields are wrong, so every problem is told at once)."""
+    from jobs.catalog import load_catalog
+
+    catalog = load_catalog()
+    deployments = data.get("deployments") if isinstance(data, dict) else None
+    problems: list[str] = []
+    seen: set[str] = set()
+    for index, deployment in enumerate(deployments if isinstance(deployments, list) else []):
+        name = deployment.get("base_model") if isinstance(deployment, dict) else None
+        if isinstance(name, str) and name not in catalog.base_models:
+            problems.append(f"deployments.{index}.base_model: unknown base model {name!r}; see `loraland catalog --all`")
+        if isinstance(name, str) and name in seen:
+            problems.append(f"deployments.{index}.base_model: {name!r} has two deployments")
+        seen.add(str(name))
+        tasks = deployment.get("tasks") if isinstance(deployment, dict) else None
+        for task in tasks if isinstance(tasks, list) else []:
+            if isinstance(task, str) and task not in catalog.tasks:
+                problems.append(f"deployments.{index}.tasks: unknown task {task!r}; see `loraland catalog --all`")
+    return problems
+
+
+def parse_serve_config(data: Any, source: str) -> ServeConfig:
+    """Validate a ServeConfig mapping (the `args` of our application), catalogue names included."""
+    problems = catalog_problems(data)
+    try:
+        config = parse_model(ServeConfig, data, source)
+    except ConfigError as error:
+        raise ConfigError(source, error.problems + problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def is_serve_config_file(data: Any) -> bool:
+    """True for a Ray Serve config file (`applications:`), as `serve run` and `serve deploy` read."""
+    return isinstance(data, dict) and "applications" in data
+
+
+def from_serve_config_file(data: dict[str, Any], source: str) -> ServeConfig:
+    """Our ServeConfig from a Ray Serve config file: the `args` of its one application whose import_path
+    is ours, with the name and route prefix of that entry and the host and port of `http_options`."""
+    apps = data.get("applications")
+    ours = [app for app in apps if isinstance(app, dict) and app.get("import_path") == APP_BUILDER] if isinstance(apps, list) else []
+    if len(ours) != 1:
+        raise ConfigError(source, [f"applications: expected exactly one application with import_path {APP_BUILDER}"])
+    app, http = ours[0], data.get("http_options") or {}
+    args = app.get("args") or {}
+    if not isinstance(args, dict) or not isinstance(http, dict):
+        raise ConfigError(source, ["applications[].args and http_options must be mappings"])
+    clashes = sorted({"name", "route_prefix", "host", "port"} & set(args))
+    if clashes:
+        raise ConfigError(source, [f"applications[].args.{key}: set it on the application entry (name, route_prefix) "
+                                   "or in http_options (host, port), not in args" for key in clashes])
+    placed = {"name": app.get("name"), "route_prefix": app.get("route_prefix"), "host": http.get("host"), "port": http.get("port")}
+    return parse_serve_config(args | {key: value for key, value in placed.items() if value is not None}, source)
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    """A serve config from YAML: either a Ray Serve config file (what `serve run` takes) whose application
+    is ours, or a bare ServeConfig mapping. Every problem is raised at once as a ConfigError."""
+    data = read_yaml(path)
+    if is_serve_config_file(data):
+        return from_serve_config_file(data, str(path))
+    return parse_serve_config(data, str(path))

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -142,6 +143,57 @@ def unpin(task: str, uri: str | None = None) -> str | None:
             if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
     return update_champion(task, uri)
+
+
+# --------------------------------------------------------------------------- what a server can serve
+
+
+@dataclass(frozen=True)
+class TaskAdapters:
+    """One task's registered adapters: every version (oldest first) and the version `champion` points at."""
+
+    task: str
+    versions: list[ModelVersion]
+    champion: str | None
+
+    def champion_version(self) -> ModelVersion | None:
+        """The champion's version entry, or None."""
+        return next((v for v in self.versions if str(v.version) == self.champion), None)
+
+    def for_base(self, base_model: str) -> ModelVersion | None:
+        """The task's adapter for `base_model`: the champion when it is on that base (a promotion counts),
+        else that base's best version (`best_version`); None when the task has none for it."""
+        champion = self.champion_version()
+        if champion is not None and champion.tags.get(store.TAG_BASE_MODEL) == base_model:
+            return champion
+        return best_version([v for v in self.versions if v.tags.get(store.TAG_BASE_MODEL) == base_model])
+
+
+def published_adapters(uri: str | None = None) -> dict[str, TaskAdapters]:
+    """Every task's registered adapters (task -> TaskAdapters), read with two paged registry searches."""
+    client = store.client(uri)
+    like = f"name LIKE '{MODEL_PREFIX}%'"
+    models = call_with_retry(_all_pages, client.search_registered_models, like)
+    found = call_with_retry(_all_pages, client.search_model_versions, like)
+    by_name: dict[str, list[ModelVersion]] = {}
+    for version in found:
+        by_name.setdefault(version.name, []).append(version)
+    return {model.name[len(MODEL_PREFIX):]: TaskAdapters(
+        task=model.name[len(MODEL_PREFIX):],
+        versions=sorted(by_name.get(model.name, []), key=lambda v: int(v.version)),
+        champion=str(model.aliases[CHAMPION]) if CHAMPION in (model.aliases or {}) else None,
+    ) for model in models}
+
+
+def _all_pages(search: Callable[..., Any], filter_string: str) -> list[Any]:
+    items: list[Any] = []
+    token = None
+    while True:
+        page = search(filter_string, page_token=token)
+        items += list(page)
+        token = page.token
+        if not token:
+            return items
 
 
 # --------------------------------------------------------------------------- getting adapters back
