@@ -1,4 +1,4 @@
-"""The `loraland` command line: catalogue, validation and planning (more commands join as they land).
+"""The `loraland` command line: catalogue, validation, planning, sweeps, tracking and serving.
 
 A user's mistake exits with status 2 and one line per problem, never a traceback.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,13 +52,13 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 def _validate_any(path: Path) -> str:
     """Validate one of our YAML files, recognised by its keys; returns what it is."""
     from orchestrator.config import load_sweep
-    from serving.config import ServeConfig
+    from serving.config import is_serve_config_file, load_serve_config
 
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(str(path), ["expected a mapping of keys at the top level"])
-    if "deployments" in data:
-        parse_model(ServeConfig, data, str(path))
+    if "deployments" in data or is_serve_config_file(data):
+        load_serve_config(path)
         return "serve config"
     if "base_model" in data and "task" in data:
         parse_model(JobConfig, data, str(path))
@@ -149,6 +150,29 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the published adapters behind an OpenAI-compatible endpoint (blocks until Ctrl-C)."""
+    from serving.config import load_serve_config
+
+    config = load_serve_config(args.config)  # validated before Ray is touched
+    if args.port is not None:
+        config.port = args.port
+    from ray import serve
+
+    from orchestrator.sweep import connect_ray
+    from serving.app import deploy
+
+    connect_ray()
+    endpoint = deploy(config)
+    console.print(f"OpenAI-compatible endpoint: {endpoint} (models: {endpoint}/models); Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `loraland` command."""
     parser = argparse.ArgumentParser(prog="loraland", description="Fine-tune, track and serve many QLoRA adapters on Ray.")
@@ -185,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("version")
     sub.add_argument("--tracking-uri")
     sub.set_defaults(run=cmd_promote)
+    sub = commands.add_parser("serve", help=cmd_serve.__doc__)
+    sub.add_argument("config", help="serve config: a Ray Serve config file like configs/serve/demo.yaml, or a bare ServeConfig")
+    sub.add_argument("--port", type=int, help="HTTP port (overrides the config's)")
+    sub.set_defaults(run=cmd_serve)
     return parser
 
 

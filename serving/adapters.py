@@ -1,0 +1,231 @@
+"""Model ids -> (base model, adapter id), and adapter ids -> checked local folders.
+
+Model ids (the OpenAI `model` field):
+
+- `<base>`: the base model alone;
+- `<base>:<task>`: that task's adapter for that base (`TaskAdapters.for_base`: the champion when it
+  is on that base, else the base's best-scoring version);
+- `<task>`: the task's champion, on whichever served base it was trained.
+
+An adapter id names one immutable registry version, `loraland-<task>/<version>`. A moved champion
+therefore resolves to a new adapter id, which loads new weights, with no restart: the ingress
+re-reads the registry when its view is older than `model_ttl_s`.
+
+`AdapterStore` is the replica's `AdapterFetcher`: it downloads a version's `adapter/` artifact once
+into a local disk cache (a lock per adapter id, across threads and processes), accepts only JSON
+config and safetensors weights (no pickle, no code), checks the config names this replica's base,
+and remembers a failure for a while so a broken adapter is not downloaded again by every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from jobs.config import BaseModelSpec
+from serving.api import APIError, model_card, model_not_found
+from serving.engine import AdapterLoadError
+from tracking import registry, store
+from tracking.registry import TaskAdapters
+
+log = logging.getLogger(__name__)
+
+ADAPTER_ID = re.compile(rf"^{registry.MODEL_PREFIX}(?P<task>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<version>[1-9][0-9]*)$")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+HARMLESS_SUFFIXES = (".json", ".md", ".txt")  # besides the weights, what an adapter folder may hold
+MIN_REFRESH_S = 1.0  # an unknown model id re-reads the registry at most this often
+
+Published = dict[str, TaskAdapters]
+ServedTasks = dict[str, frozenset[str] | None]  # base model -> tasks it serves (None: all)
+
+
+# --------------------------------------------------------------------------- ids
+
+
+def adapter_id(task: str, version: str | int) -> str:
+    """`loraland-<task>/<version>`: one registry version, hence fixed weights."""
+    return f"{registry.model_name(task)}/{version}"
+
+
+def parse_adapter_id(adapter: str) -> tuple[str, str]:
+    """(task, version) of an adapter id; AdapterLoadError if it is not one."""
+    match = ADAPTER_ID.match(adapter)
+    if match is None:
+        raise AdapterLoadError(f"{adapter!r} is not an adapter id (loraland-<task>/<version>)")
+    return match["task"], match["version"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a model id is served: a base model's deployment, with an adapter or without."""
+
+    model: str
+    base_model: str
+    adapter: str | None
+
+
+def _serves(served: ServedTasks, base: str, task: str) -> bool:
+    return base in served and (served[base] is None or task in served[base])  # type: ignore[operator]
+
+
+def _base_of(version: registry.ModelVersion) -> str:
+    return version.tags.get(store.TAG_BASE_MODEL, "")
+
+
+def resolve(model: str, published: Published, served: ServedTasks) -> Route | None:
+    """The route of a model id, or None when this endpoint does not serve it."""
+    if model in served:
+        return Route(model, model, None)
+    base, colon, task = model.rpartition(":")
+    if colon:
+        adapters = published.get(task)
+        version = adapters.for_base(base) if adapters and _serves(served, base, task) else None
+        return Route(model, base, adapter_id(task, version.version)) if version is not None else None
+    champion = published[task].champion_version() if task in published else None
+    if champion is None or not _serves(served, _base_of(champion), task):
+        return None
+    return Route(model, _base_of(champion), adapter_id(task, champion.version))
+
+
+def model_ids(published: Published, served: ServedTasks) -> list[tuple[str, str]]:
+    """Every id `resolve` accepts, as (id, owned_by): base models, `<base>:<task>` pairs, then task champions."""
+    ids = [(base, "loraland") for base in served]
+    for base in served:
+        ids += [(f"{base}:{task}", base) for task in sorted(published) if resolve(f"{base}:{task}", published, served)]
+    for task in sorted(published):
+        route = resolve(task, published, served)
+        ids += [(task, route.base_model)] if route else []
+    return ids
+
+
+class ModelResolver:
+    """The ingress's view of the registry: re-read when older than `ttl_s`, or at once for an unknown id."""
+
+    def __init__(self, served: ServedTasks, read: Callable[[], Published], ttl_s: float, timeout_s: float) -> None:
+        self.served = served
+        self.read = read
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self.published: Published | None = None
+        self.read_at = -float("inf")
+        self.lock = asyncio.Lock()
+
+    async def resolve(self, model: str) -> Route:
+        """The route of `model`; a 404 APIError when it is not served, 503 when the registry cannot be read."""
+        route = resolve(model, await self._current(self.ttl_s), self.served)
+        if route is None and model not in self.served:
+            route = resolve(model, await self._current(MIN_REFRESH_S), self.served)  # published a moment ago?
+        if route is None:
+            raise model_not_found(model, [model_id for model_id, _ in model_ids(self.published or {}, self.served)])
+        return route
+
+    async def cards(self) -> list[dict[str, object]]:
+        """GET /v1/models entries."""
+        return [model_card(model_id, owner) for model_id, owner in model_ids(await self._current(self.ttl_s), self.served)]
+
+    async def _current(self, max_age_s: float) -> Published:
+        async with self.lock:
+            if time.monotonic() - self.read_at > max_age_s:
+                try:
+                    self.published = await asyncio.wait_for(asyncio.to_thread(self.read), self.timeout_s)
+                except Exception as error:  # noqa: BLE001 - a registry outage keeps serving the last view
+                    if self.published is None:
+                        raise APIError(503, f"the model registry cannot be read: {type(error).__name__}: {error}",
+                                       type="server_error", code="registry_unavailable", retry_after_s=5) from None
+                    log.warning("registry read failed, serving the last view: %s", error)
+                self.read_at = time.monotonic()
+            return self.published or {}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def check_adapter_files(folder: Path, base: BaseModelSpec) -> None:
+    """Refuse anything but a LoRA adapter of `base` in safetensors: pickle weights, code, links, folders,
+    a config that is not JSON or names another base model. (The engine checks the tensors themselves.)"""
+    for path in sorted(folder.iterdir()):
+        if path.is_symlink() or not path.is_file():
+            raise AdapterLoadError(f"{path.name}: an adapter folder holds plain files only")
+        if path.name != ADAPTER_WEIGHTS and not path.name.endswith(HARMLESS_SUFFIXES):
+            raise AdapterLoadError(f"{path.name}: only {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} are loaded "
+                                   "(pickle weights and code are refused)")
+    for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / required).is_file():
+            raise AdapterLoadError(f"{required} is missing")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise AdapterLoadError(f"{ADAPTER_CONFIG} is not valid JSON ({error})") from None
+    named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if named != base.hf_id:
+        raise AdapterLoadError(f"{ADAPTER_CONFIG} names base model {named!r}, this deployment serves {base.hf_id!r}")
+
+
+class AdapterStore:
+    """An `AdapterFetcher`: adapter id -> checked local folder `<cache_dir>/<registered model>/<version>`."""
+
+    def __init__(self, base: BaseModelSpec, cache_dir: Path, tracking_uri: str, failure_ttl_s: float = 30.0,
+                 on_fetch: Callable[[str, str, float], None] | None = None) -> None:
+        self.base = base
+        self.cache_dir = cache_dir
+        self.tracking_uri = tracking_uri
+        self.failure_ttl_s = failure_ttl_s
+        self.on_fetch = on_fetch  # (adapter id, "disk" | "download", seconds)
+        self.failures: dict[str, tuple[float, str]] = {}
+        self.locks: dict[str, threading.Lock] = {}
+        self.locks_lock = threading.Lock()
+
+    def __call__(self, adapter: str) -> Path:
+        """The adapter's folder, downloaded if not cached; AdapterLoadError naming the adapter and the reason."""
+        task, version = parse_adapter_id(adapter)
+        recent = self.failures.get(adapter)
+        if recent and time.monotonic() - recent[0] < self.failure_ttl_s:
+            raise AdapterLoadError(recent[1])
+        folder = self.cache_dir / registry.model_name(task) / version
+        try:
+            with self._exclusive(adapter):
+                started, source = time.perf_counter(), "disk"
+                if not (folder / ADAPTER_WEIGHTS).is_file():
+                    self._download(task, version, folder)
+                    source = "download"
+                check_adapter_files(folder, self.base)
+        except AdapterLoadError as error:
+            message = f"adapter {adapter!r} cannot be served: {error}"
+            self.failures[adapter] = (time.monotonic(), message)
+            shutil.rmtree(folder, ignore_errors=True)
+            raise AdapterLoadError(message) from None
+        self.failures.pop(adapter, None)
+        if self.on_fetch:
+            self.on_fetch(adapter, source, time.perf_counter() - started)
+        return folder
+
+    def _download(self, task: str, version: str, folder: Path) -> None:
+        try:
+            registry.download_adapter(registry.model_uri(task, version), folder, self.tracking_uri)
+        except Exception as error:  # noqa: BLE001 - any registry or storage failure fails this adapter only
+            raise AdapterLoadError(f"download failed ({type(error).__name__}: {str(error)[:300]})") from None
+
+    @contextmanager
+    def _exclusive(self, adapter: str) -> Iterator[None]:
+        """One fetch of an adapter at a time: a lock per id in this process, a file lock across processes."""
+        with self.locks_lock:
+            lock = self.locks.setdefault(adapter, threading.Lock())
+        lock_file = self.cache_dir / ".locks" / (adapter.replace("/", "@") + ".lock")
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with lock, open(lock_file, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,359 @@
+"""The Ray Serve application: an OpenAI-compatible ingress in front of one deployment per base model.
+
+- `OpenAIIngress` (FastAPI through `@serve.ingress`) checks the bearer token, validates the request,
+  resolves the `model` field to (base model, adapter id) against the registry (`serving.adapters`)
+  and calls that base model's deployment through its handle with
+  `.options(multiplexed_model_id=adapter_id, stream=True)`, so Serve routes an adapter's requests to
+  the replicas that already hold it. It waits for the first event before answering, so an error
+  that happens before any token (unknown adapter file, prompt too long, overload) gets its own
+  status code; every wait is bounded by `ingress.request_timeout_s`.
+- `BaseModelServer` holds one base model and an engine (`serving.batching`), loads adapters through
+  `@serve.multiplexed` (LRU of `max_adapters_per_replica`), renders chats in the base's chat format,
+  and streams `Delta`s back; per-request engine errors come back as `APIError` events, never as a
+  replica failure. Serve's health check asks the engine whether its decode loop is alive.
+
+`build_app(args)` is the builder `serve run configs/serve/demo.yaml` imports (`args` is a ServeConfig
+mapping); `deploy(config)` runs the same application from Python (`loraland serve`, the demo, tests).
+
+No `from __future__ import annotations` here: FastAPI reads the route methods' annotations at run time.
+"""
+
+import asyncio
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jobs.catalog import load_catalog
+from jobs.config import data_home
+from serving.adapters import AdapterStore, ModelResolver, Route
+from serving.api import (DONE, APIError, ChatCompletionRequest, Completion, CompletionRequest, GenerateRequest,
+                         generate_request, parse_request, sse)
+from serving.chat import render_chat
+from serving.config import BaseDeployment, ServeConfig, parse_serve_config
+from serving.engine import AdapterLoadError, ContextTooLong, Delta, EngineError, EngineOverloaded, InvalidRequest
+from serving.metrics import IngressMetrics, ReplicaMetrics
+from tracking import registry, store
+
+log = logging.getLogger(__name__)
+
+HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
+RETRY_AFTER_S = 1.0
+
+api = FastAPI(title="LoRA Land", description="OpenAI-compatible multi-LoRA endpoint.")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, error: APIError) -> Response:
+    return error.response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> Response:
+    return APIError(400, f"invalid request: {error.errors()[0].get('msg', '')}").response()
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, error: Exception) -> Response:
+    log.exception("unexpected error in the ingress")
+    return APIError(500, f"internal error ({type(error).__name__})", type="server_error").response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
+    return JSONResponse(APIError(error.status_code, str(error.detail), code="not_found" if error.status_code == 404 else None).body(),
+                        status_code=error.status_code)
+
+
+def engine_error(error: EngineError) -> APIError:
+    """An engine's per-request error as the API answers it."""
+    if isinstance(error, ContextTooLong):
+        return APIError(400, str(error), code="context_length_exceeded", param="max_tokens")
+    if isinstance(error, InvalidRequest):
+        return APIError(400, str(error), code="invalid_value")
+    if isinstance(error, EngineOverloaded):
+        return APIError(429, f"the model is overloaded: {error}; retry later", type="overloaded_error",
+                        code="overloaded", retry_after_s=error.retry_after_s)
+    if isinstance(error, AdapterLoadError):
+        return APIError(500, str(error), type="server_error", code="adapter_load_failed")
+    return APIError(500, f"generation failed: {error}", type="server_error", code="generation_failed")
+
+
+# --------------------------------------------------------------------------- base model replicas
+
+
+@dataclass(eq=False)
+class ResidentAdapter:
+    """What `@serve.multiplexed` keeps per loaded adapter; leaving its LRU removes it from `resident`."""
+
+    adapter: str
+    resident: "dict[str, ResidentAdapter]" = field(repr=False)
+
+    def __del__(self) -> None:
+        if self.resident.get(self.adapter) is self:
+            del self.resident[self.adapter]
+
+
+@serve.deployment
+class BaseModelServer:
+    """One base model's replica: the base weights once, its adapters multiplexed, an engine generating."""
+
+    def __init__(self, deployment: BaseDeployment, tracking_uri: str, cache_dir: str, max_context_tokens: int | None) -> None:
+        from serving.batching import build_engine  # torch and the model load only in these replicas
+
+        spec = load_catalog().base_model(deployment.base_model)
+        self.chat_format = spec.chat_format
+        self.metrics = ReplicaMetrics(spec.name)
+        self.store = AdapterStore(spec, Path(cache_dir), tracking_uri, on_fetch=self.metrics.fetched)
+        self.engine = build_engine(spec, deployment.precision, deployment.device, self.store, deployment.engine, max_context_tokens)
+        self.resident: dict[str, ResidentAdapter] = {}
+
+        async def load(adapter: str) -> ResidentAdapter:  # a plain function: Serve keeps its LRU on it
+            self.metrics.loaded(adapter, await self.engine.prefetch(adapter))
+            self.resident[adapter] = ResidentAdapter(adapter, self.resident)
+            return self.resident[adapter]
+
+        self.load_adapter = serve.multiplexed(max_num_models_per_replica=deployment.max_adapters_per_replica)(load)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta | APIError]:
+        """Stream the answer with the request's adapter (Serve's multiplexed model id; "" for the base)."""
+        adapter = serve.get_multiplexed_model_id() or None
+        try:
+            if adapter is not None:
+                self.metrics.cache_lookup(adapter, hit=adapter in self.resident)
+                await self.load_adapter(adapter)
+            prompt_ids = self.encode(request)
+            max_tokens = request.max_tokens or max(1, self.engine.max_context_tokens - len(prompt_ids))
+            async for delta in self.engine.generate(prompt_ids, adapter, request.sampling(max_tokens)):
+                yield delta
+        except EngineError as error:
+            yield engine_error(error)
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        """Prompt token ids exactly as evaluation encodes prompts (BOS + text); a chat in the base's format."""
+        from jobs.train import encode_prompt
+
+        text = request.prompt if request.prompt is not None else render_chat(list(request.messages), self.chat_format)
+        return encode_prompt(self.engine.tokenizer, text)
+
+    def check_health(self) -> None:
+        """Serve's health check: fails when the engine's decode loop has died (Serve then replaces the replica)."""
+        self.engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+# --------------------------------------------------------------------------- the API
+
+
+@dataclass
+class Answer:
+    """What one request produced (for the response body and the metrics)."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, delta: Delta) -> None:
+        self.text += delta.text
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        self.prompt_tokens = max(self.prompt_tokens, delta.prompt_tokens)
+        self.completion_tokens = max(self.completion_tokens, delta.completion_tokens)
+
+
+async def prepend(first: Delta | APIError, rest: AsyncIterator[Delta | APIError]) -> AsyncIterator[Delta | APIError]:
+    """`first` and then the rest of the events."""
+    yield first
+    async for event in rest:
+        yield event
+
+
+@serve.deployment
+@serve.ingress(api)  # decorating serializes the class: what its methods use is defined above
+class OpenAIIngress:
+    """`/v1/models`, `/v1/completions`, `/v1/chat/completions` over the base models' deployments."""
+
+    def __init__(self, config: ServeConfig, servers: dict[str, DeploymentHandle], tracking_uri: str) -> None:
+        self.servers = servers
+        self.api_key = config.api_key
+        self.timeout_s = config.ingress.request_timeout_s
+        served = {d.base_model: None if d.tasks == "all" else frozenset(d.tasks) for d in config.deployments}
+        self.resolver = ModelResolver(served, partial(registry.published_adapters, tracking_uri),
+                                      config.ingress.model_ttl_s, config.ingress.request_timeout_s)
+        self.metrics = IngressMetrics()
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self.authorize(request)
+        return {"object": "list", "data": await self.resolver.cards()}
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request) -> dict[str, Any]:
+        self.authorize(request)
+        route = await self.resolver.resolve(model)
+        return {"id": model, "object": "model", "created": 0, "owned_by": route.base_model}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self.answer(request, CompletionRequest)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.answer(request, ChatCompletionRequest)
+
+    def authorize(self, request: Request) -> None:
+        """401 unless the configured bearer token is given (no check when none is configured)."""
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+
+    async def answer(self, request: Request, schema: type[CompletionRequest | ChatCompletionRequest]) -> Response:
+        started = time.perf_counter()
+        self.authorize(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+        parsed = parse_request(schema, body)
+        route = await self.resolver.resolve(parsed.model)
+        stream = self.servers[route.base_model].options(multiplexed_model_id=route.adapter or "", stream=True)
+        events = self.events(stream.generate.remote(generate_request(parsed)))
+        completion = Completion(chat=schema is ChatCompletionRequest, model=parsed.model, adapter=route.adapter or "")
+        first = await anext(events, None)
+        if isinstance(first, APIError) or first is None:
+            error = first or APIError(500, "the model returned no answer", type="server_error")
+            self.metrics.finished(route.model, route.adapter, error.status, time.perf_counter() - started, 0, 0)
+            return error.response()
+        self.metrics.first_token(route.model, route.adapter, time.perf_counter() - started)
+        if parsed.stream:
+            return StreamingResponse(self.stream(first, events, completion, route, parsed.include_usage(), started),
+                                     media_type="text/event-stream", headers={"X-Loraland-Adapter": completion.adapter or "base"})
+        answer = Answer()
+        try:
+            async for event in prepend(first, events):
+                if isinstance(event, APIError):
+                    self.metrics.finished(route.model, route.adapter, event.status, time.perf_counter() - started, 0, 0)
+                    return event.response()
+                answer.add(event)
+        finally:
+            await events.aclose()
+        self.metrics.finished(route.model, route.adapter, 200, time.perf_counter() - started, answer.prompt_tokens,
+                              answer.completion_tokens)
+        body = completion.body(answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens)
+        return JSONResponse(body, headers={"X-Loraland-Adapter": completion.adapter or "base"})
+
+    async def stream(self, first: Delta, events: AsyncIterator[Delta | APIError], completion: Completion, route: Route,
+                     include_usage: bool, started: float) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        answer, status = Answer(), 200
+        try:
+            if completion.chat:
+                yield sse(completion.chunk(None, first=True))
+            async for event in prepend(first, events):
+                if isinstance(event, APIError):  # failed midway: the status is sent already, so an error event
+                    status = event.status
+                    yield sse(event.body())
+                    break
+                answer.add(event)
+                if event.text:
+                    yield sse(completion.chunk(event.text))
+                if event.finish_reason:
+                    yield sse(completion.chunk(None, event.finish_reason))
+            if include_usage and status == 200:
+                yield sse(completion.usage_chunk(answer.prompt_tokens, answer.completion_tokens))
+            yield DONE
+        finally:
+            await events.aclose()
+            self.metrics.finished(route.model, route.adapter, status, time.perf_counter() - started, answer.prompt_tokens,
+                                  answer.completion_tokens)
+
+    async def events(self, response: DeploymentResponseGenerator) -> AsyncIterator[Delta | APIError]:
+        """The replica's events, each waited for at most `request_timeout_s`; Serve's failures as APIErrors."""
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(response.__anext__(), self.timeout_s)
+                except StopAsyncIteration:
+                    return
+                yield event
+                if isinstance(event, APIError):
+                    return
+        except asyncio.TimeoutError:
+            yield APIError(504, f"no token for {self.timeout_s:g} s (ingress.request_timeout_s)", type="server_error",
+                           code="timeout")
+        except BackPressureError as error:
+            yield APIError(503, f"every replica of this model is busy: {error}; retry later", type="overloaded_error",
+                           code="overloaded", retry_after_s=error.retry_after_s or RETRY_AFTER_S)
+        except DeploymentUnavailableError as error:
+            yield APIError(503, error.message, type="server_error", code="unavailable", retry_after_s=RETRY_AFTER_S)
+        except Exception as error:  # noqa: BLE001 - a replica that died mid-request: this request fails, as a 500
+            log.exception("request to a base model replica failed")
+            yield APIError(500, f"the model's replica failed ({type(error).__name__}); retry", type="server_error",
+                           code="replica_failed")
+        finally:
+            response.cancel()  # a client gone, a timeout or a failure: the replica stops generating
+
+
+# --------------------------------------------------------------------------- building and running
+
+
+def server_options(deployment: BaseDeployment) -> dict[str, Any]:
+    """Serve options of a base model's deployment. A replica accepts what its engine can hold (batch +
+    engine queue); beyond that Serve queues up to `max_queued_requests`, then answers 503."""
+    options: dict[str, Any] = {
+        "name": f"base-{deployment.base_model}",
+        "ray_actor_options": {"num_cpus": deployment.num_cpus, "num_gpus": deployment.num_gpus},
+        "max_ongoing_requests": deployment.engine.max_batch_size + deployment.engine.max_queued_requests,
+        "max_queued_requests": deployment.max_queued_requests,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+    }
+    if deployment.autoscaling is not None:
+        options["autoscaling_config"] = deployment.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = deployment.num_replicas
+    return options
+
+
+def app_for(config: ServeConfig) -> serve.Application:
+    """The application: the ingress bound to one deployment per base model."""
+    uri = store.resolve_tracking_uri(config.tracking_uri)
+    cache_dir = str(Path(config.adapter_cache_dir or data_home() / "adapter-cache").resolve())
+    servers = {d.base_model: BaseModelServer.options(**server_options(d)).bind(d, uri, cache_dir, config.max_context_tokens)
+               for d in config.deployments}
+    ingress = OpenAIIngress.options(num_replicas=config.ingress.num_replicas, ray_actor_options={"num_cpus": config.ingress.num_cpus},
+                                    max_ongoing_requests=config.ingress.max_ongoing_requests)
+    return ingress.bind(config, servers, uri)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application builder of a Ray Serve config file (`import_path: serving.app:build_app`); `args`
+    is a ServeConfig mapping (see configs/serve/demo.yaml)."""
+    return app_for(parse_serve_config(args, "application args"))
+
+
+def deploy(config: ServeConfig) -> str:
+    """Start Serve's HTTP proxy on the config's host and port (Ray must be connected) and run the
+    application, waiting until every replica is up; returns the OpenAI base URL."""
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(app_for(config), name=config.name, route_prefix=config.route_prefix)
+    return f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/v1"
