@@ -1,12 +1,20 @@
 """`make demo`: the demo sweep end to end on the embedded default (local Ray, SQLite MLflow, tiny models, CPU).
 
 It runs what `ray job submit -- loraland sweep configs/sweeps/demo.yaml` runs on a cluster (here on a
-local one-node Ray on loopback), writes the leaderboard report, and prints where to look.
+local one-node Ray on loopback), writes the leaderboard report, then serves the sweep's adapters
+(`configs/serve/demo.yaml`, what `loraland serve` runs) and sends one request to each, and prints
+where to look. In a terminal it keeps serving until Ctrl-C; without one (CI, a pipe) it stops there.
 """
 
 from __future__ import annotations
 
+import socket
+import sys
+import time
+
+import httpx
 from rich.console import Console
+from rich.table import Table
 
 from jobs.config import PROJECT_ROOT
 from orchestrator.config import load_sweep
@@ -14,6 +22,7 @@ from orchestrator.plan import plan_json
 from orchestrator.sweep import run_sweep, summary_table
 
 DEMO_SWEEP = PROJECT_ROOT / "configs" / "sweeps" / "demo.yaml"
+DEMO_SERVE = PROJECT_ROOT / "configs" / "serve" / "demo.yaml"
 console = Console()
 
 
@@ -30,8 +39,70 @@ def main() -> int:
     report = build_report(sweep.name)
     uri = store.resolve_tracking_uri(None)
     console.print(f"Report (leaderboard, plots, heuristics): {report.out_dir}")
+    served = serve_and_ask()
     console.print(f"MLflow runs and registered adapters: {uri}; browse them with `.venv/bin/loraland ui` -> http://127.0.0.1:5000")
-    return 1 if any(o.state == "failed" for o in outcomes) else 0
+    failed = any(o.state == "failed" for o in outcomes) or not served
+    if sys.stdin.isatty():
+        wait_for_ctrl_c()
+    return 1 if failed else 0
+
+
+def serve_and_ask() -> bool:
+    """Serve the demo's adapters, send one greedy request to each (`<base>:<task>`), print the answers
+    and the endpoint; True when every adapter answered."""
+    from jobs.catalog import load_catalog
+    from jobs.data import eval_rows
+    from jobs.prompts import prompt_for
+    from orchestrator.sweep import connect_ray
+    from serving.app import deploy
+    from serving.config import load_serve_config
+
+    config = load_serve_config(DEMO_SERVE)
+    config.port = config.port if port_is_free(config.port) else free_port()
+    connect_ray()
+    endpoint = deploy(config)
+    models = [m["id"] for m in httpx.get(f"{endpoint}/models", timeout=60).json()["data"] if ":" in m["id"]]
+    table = Table(title=f"One request to each adapter at {endpoint}")
+    for column in ("model", "adapter", "answer"):
+        table.add_column(column, no_wrap=column != "answer")
+    answered = 0
+    for model in models:
+        task = load_catalog().task(model.split(":", 1)[1])
+        prompt = prompt_for(task, eval_rows(task, 1)[0], evaluation=True)
+        response = httpx.post(f"{endpoint}/completions", timeout=120, json={
+            "model": model, "prompt": prompt, "max_tokens": task.max_new_tokens, "temperature": 0})
+        body = response.json()
+        ok = response.status_code == 200
+        answered += ok
+        answer = body["choices"][0]["text"].strip() if ok else f"error {response.status_code}: {body['error']['message']}"
+        table.add_row(model, body.get("system_fingerprint", "") if ok else "", answer)
+    console.print(table)
+    console.print(f"OpenAI-compatible endpoint: {endpoint} (GET {endpoint}/models lists {len(models)} adapters, "
+                  "their base models and each task's champion)")
+    return answered == len(models) > 0
+
+
+def wait_for_ctrl_c() -> None:
+    """Keep the endpoint up until Ctrl-C."""
+    from ray import serve
+
+    console.print("Serving until Ctrl-C (try: curl the endpoint, or point the `openai` client at it).")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,521 @@
+"""Serving: the OpenAI-compatible Ray Serve app over adapters published by a tiny sweep.
+
+Fast tests cover the pieces alone (model-id resolution over real registry entities, chat formats,
+request validation, adapter file checks, serve configs, the health check). The slow tests start a
+real Serve app on loopback (Ray on 127.0.0.1, HTTP on a free port) in front of the session's real
+`mlflow server`, and talk to it with the official `openai` client and raw HTTP: every adapter's
+greedy answer must equal what the same adapter gives offline (PEFT + `jobs.evaluate.generate`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+pytest.register_assert_rewrite("tests.tracking_fixtures")  # before the import below: its asserts are rewritten too
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+from jobs.config import ConfigError, PROJECT_ROOT
+from orchestrator.cli import main as cli
+from serving.adapters import AdapterStore, adapter_id, check_adapter_files, model_ids, resolve
+from serving.api import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from serving.chat import Message, render_chat
+from serving.config import BaseDeployment, EngineSettings, IngressSettings, ServeConfig, load_serve_config
+from serving.engine import AdapterLoadError
+from tests.tracking_fixtures import BASES, TASKS, Server, Sweep, free_port
+from tracking.registry import TaskAdapters
+
+pytest_plugins = ["tests.tracking_fixtures"]
+
+API_KEY = "sk-test-loraland"
+PROMPTS_PER_ADAPTER = 3
+MAX_TOKENS = 12  # every greedy request here and offline asks for this many tokens
+
+
+# --------------------------------------------------------------------------- fast: pieces alone
+
+
+def version(task: str, number: int, base: str, score: float) -> ModelVersion:
+    tags = [ModelVersionTag("loraland.base_model", base), ModelVersionTag("loraland.score", repr(score))]
+    return ModelVersion(f"loraland-{task}", str(number), 0, tags=tags)
+
+
+def test_model_ids_resolve_to_base_pair_and_champion() -> None:
+    published = {
+        "sentiment": TaskAdapters("sentiment", [version("sentiment", 1, "llama", 0.9), version("sentiment", 2, "mistral", 0.7),
+                                                version("sentiment", 3, "llama", 0.95)], champion="2"),
+        "colors": TaskAdapters("colors", [version("colors", 1, "gemma", 0.5)], champion="1"),  # gemma is not served
+        "math": TaskAdapters("math", [version("math", 1, "llama", 0.2)], champion=None),
+    }
+    served = {"llama": None, "mistral": frozenset({"sentiment"})}
+    assert resolve("llama", published, served).adapter is None
+    assert resolve("llama:sentiment", published, served).adapter == "loraland-sentiment/3"  # best llama version
+    assert resolve("mistral:sentiment", published, served).adapter == "loraland-sentiment/2"  # the champion, on mistral
+    sentiment = resolve("sentiment", published, served)
+    assert (sentiment.base_model, sentiment.adapter) == ("mistral", "loraland-sentiment/2")
+    assert resolve("llama:math", published, served).adapter == "loraland-math/1"
+    for unknown in ("gemma", "colors", "math", "mistral:math", "llama:colors", "nope", "llama:", ":sentiment"):
+        assert resolve(unknown, published, served) is None, unknown
+    ids = [model_id for model_id, _ in model_ids(published, served)]
+    assert ids == ["llama", "mistral", "llama:math", "llama:sentiment", "mistral:sentiment", "sentiment"]
+
+
+@pytest.mark.parametrize("chat_format, expected", [
+    ("llama2", "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Bye [/INST]"),
+    ("mistral", "[INST] Be brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]"),
+    ("zephyr", "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n<|user|>\nBye</s>\n<|assistant|>\n"),
+    ("gemma", "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+              "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"),
+    ("phi", "Instruct: Be brief.\n\nHi\nOutput: Hello\nInstruct: Bye\nOutput:"),
+    ("plain", "Be brief.\nHi\nHello\nBye"),
+])
+def test_chat_formats(chat_format: str, expected: str) -> None:
+    messages = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Bye")]
+    assert render_chat(messages, chat_format) == expected
+
+
+@pytest.mark.parametrize("schema, body, param", [
+    (CompletionRequest, {"model": "m", "prompt": "p", "temperature": -1}, "temperature"),
+    (CompletionRequest, {"model": "m", "prompt": "p", "n": 2}, "n"),
+    (CompletionRequest, {"model": "m", "prompt": "p", "max_tokens": 0}, "max_tokens"),
+    (CompletionRequest, {"model": "m", "prompt": "p", "top_p": 0}, "top_p"),
+    (CompletionRequest, {"model": "m", "prompt": "p", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    (CompletionRequest, {"model": "m", "prompt": "p", "logprobs": 2}, "logprobs"),
+    (CompletionRequest, {"model": "m", "prompt": "p", "frequency_penalty": 0.5}, "frequency_penalty"),
+    (CompletionRequest, {"model": "m", "prompt": "p", "bogus": 1}, "bogus"),
+    (CompletionRequest, {"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    (CompletionRequest, {"model": "m"}, "prompt"),
+    (ChatCompletionRequest, {"model": "m", "messages": []}, "messages"),
+    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages"),
+    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+])
+def test_bad_parameters_are_400_naming_the_parameter(schema: type, body: dict[str, Any], param: str) -> None:
+    with pytest.raises(APIError) as caught:
+        parse_request(schema, body)
+    error = caught.value
+    assert error.status == 400 and error.param == param and error.type == "invalid_request_error"
+    assert set(error.body()["error"]) == {"message", "type", "param", "code"} and param in error.message
+
+
+def test_valid_requests_parse_with_openai_defaults() -> None:
+    completion = parse_request(CompletionRequest, {"model": "m", "prompt": ["p"], "stop": "x"})
+    assert (completion.max_tokens, completion.temperature, completion.stop_strings(), completion.prompt_text()) == (16, 1.0, ("x",), "p")
+    chat = parse_request(ChatCompletionRequest, {"model": "m", "max_completion_tokens": 5, "messages": [
+        {"role": "developer", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+    assert [m.to_message() for m in chat.messages] == [Message("system", "be brief"), Message("user", "hi")]
+
+
+def adapter_folder(root: Path, base_hf_id: str, extra: dict[str, bytes] | None = None) -> Path:
+    root.mkdir(parents=True)
+    (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "base_model_name_or_path": base_hf_id}))
+    (root / "adapter_model.safetensors").write_bytes(b"checked by the engine")
+    (root / "README.md").write_text("model card")
+    for name, data in (extra or {}).items():
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"adapter_model.bin": b"pickle"}, "pickle weights and code are refused"),
+    ({"modeling_custom.py": b"import os"}, "pickle weights and code are refused"),
+    ({"adapter_config.json": b"{not json"}, "not valid JSON"),
+    ({"adapter_config.json": json.dumps({"base_model_name_or_path": "tiny/tiny-mistral"}).encode()}, "names base model 'tiny/tiny-mistral'"),
+])
+def test_adapter_files_only_json_and_safetensors_of_this_base(tmp_path: Path, extra: dict[str, bytes], message: str) -> None:
+    from jobs.catalog import load_catalog
+
+    base = load_catalog().base_model("tiny-llama")
+    check_adapter_files(adapter_folder(tmp_path / "ok", base.hf_id), base)
+    with pytest.raises(AdapterLoadError, match=message):
+        check_adapter_files(adapter_folder(tmp_path / "bad", base.hf_id, extra), base)
+
+
+def test_serve_config_file_is_ray_serve_format_and_ours() -> None:
+    """configs/serve/demo.yaml is what `serve run` reads (Ray's schema, our builder) and what `loraland serve` reads."""
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import build_app, server_options
+
+    path = PROJECT_ROOT / "configs/serve/demo.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    assert schema.http_options.host == "127.0.0.1" and schema.applications[0].import_path == "serving.app:build_app"
+    config = load_serve_config(path)
+    assert (config.name, config.host, config.port, config.route_prefix) == ("loraland-demo", "127.0.0.1", 8000, "/")
+    assert [d.base_model for d in config.deployments] == ["tiny-llama", "tiny-mistral"]
+    assert isinstance(build_app(schema.applications[0].args), Application)
+    options = server_options(config.deployments[0])
+    assert options["max_ongoing_requests"] == 64 + 256 and options["num_replicas"] == 1
+
+
+def test_bad_serve_config_is_one_line_per_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("applications:\n  - import_path: serving.app:build_app\n    args:\n      port: 9\n"
+                   "      deployments: [{base_model: nope, precision: 8bit}]\n")
+    assert cli(["serve", str(bad)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {bad}: applications[].args.port: set it on the application entry (name, route_prefix) "
+                     "or in http_options (host, port), not in args"]
+    bad.write_text("deployments: [{base_model: nope, precision: 8bit}]\n")
+    assert cli(["serve", str(bad)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "precision" in lines[0] and "unknown base model 'nope'" in lines[1]
+    with pytest.raises(ConfigError):
+        load_serve_config(tmp_path / "missing.yaml")
+
+
+def test_health_check_fails_when_the_decode_loop_dies(tmp_path: Path) -> None:
+    """Serve's health check on a base model's replica is the engine's: alive, then dead after shutdown."""
+    from serving.app import BaseModelServer
+
+    server = BaseModelServer.func_or_class(BaseDeployment(base_model="tiny-llama", device="cpu"), "sqlite:///" + str(tmp_path / "m.db"),
+                                           str(tmp_path / "cache"), None)
+    server.check_health()
+    server.engine.shutdown()
+    with pytest.raises(RuntimeError, match="decode loop"):
+        server.check_health()
+
+
+# --------------------------------------------------------------------------- slow: a real app on loopback
+
+
+@dataclass
+class Endpoint:
+    url: str
+    metrics_port: int
+    sweep: Sweep
+    offline: dict[tuple[str, str], str]  # (model id or adapter id, prompt) -> greedy answer offline
+    prompts: dict[str, list[str]] = field(default_factory=dict)  # task -> eval prompts
+    moving: tuple[str, str] = ("", "")  # versions of serve_moving: (first champion, promoted later)
+
+    def client(self, api_key: str = API_KEY) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=120)
+
+    def post(self, path: str, body: Any, key: str | None = API_KEY) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post(self.url + path, content=content, headers=headers | {"Content-Type": "application/json"}, timeout=120)
+
+
+def offline_answers(uri: str, task: str, version: str, prompts: list[str], max_new_tokens: int, dst: Path) -> list[str]:
+    """What the adapter of `task` version `version` answers offline: PEFT on the 4-bit base, one prompt at a time."""
+    from jobs.catalog import load_catalog
+    from jobs.evaluate import generate
+    from jobs.models import load_tokenizer
+    from tracking.registry import load_adapter_model, model_uri
+
+    model = load_adapter_model(model_uri(task, version), device="cpu", uri=uri, dst=dst)
+    base = model.peft_config["default"].base_model_name_or_path
+    spec = next(s for s in load_catalog().base_models.values() if s.hf_id == base)
+    return [generate(model, load_tokenizer(spec), [prompt], max_new_tokens, 1)[0] for prompt in prompts]
+
+
+def chat_prompt(base: str, prompt: str) -> str:
+    from jobs.catalog import load_catalog
+
+    return render_chat([Message("user", prompt)], load_catalog().base_model(base).chat_format)
+
+
+def publish_test_adapters(sweep: Sweep, root: Path) -> tuple[str, str]:
+    """Registered models of this module's own (the registry is shared per server): `serve_moving` (two
+    versions of tiny-llama adapters, champion the first), `serve_corrupt` (unreadable weights) and
+    `serve_pickle` (a pickle file in the folder)."""
+    from tracking import registry, store
+
+    uri, client = sweep.uri, store.client(sweep.uri)
+    first = sweep.job("train", "tiny-llama", "demo_sentiment")
+    second = sweep.job("train", "tiny-llama", "demo_colors")
+    v1 = registry.register_adapter(first.run_id, "serve_moving", "tiny-llama", 0.9, uri=uri)
+    v2 = registry.register_adapter(second.run_id, "serve_moving", "tiny-llama", 0.1, uri=uri)
+    registry.promote("serve_moving", v1, uri)
+    experiment_id = store.ensure_experiment("serving-test-adapters", uri)
+    good = Path(first.result.adapter_dir)
+    for task, extra in (("serve_corrupt", {"adapter_model.safetensors": b"\x00" * 64}), ("serve_pickle", {"adapter_model.bin": b"\x80\x04."})):
+        folder = root / task
+        shutil.copytree(good, folder)
+        for name, data in extra.items():
+            (folder / name).write_bytes(data)
+        run_id = client.create_run(experiment_id, run_name=task).info.run_id
+        client.log_artifacts(run_id, str(folder), "adapter")
+        client.set_terminated(run_id)
+        registry.register_adapter(run_id, task, "tiny-llama", 0.5, uri=uri)
+    return str(v1), str(v2)
+
+
+@pytest.fixture(scope="module")
+def endpoint(tiny_sweep: Sweep, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    import ray
+    from ray import serve
+
+    from serving.app import deploy
+
+    root = tmp_path_factory.mktemp("serving")
+    moving = publish_test_adapters(tiny_sweep, root / "published")
+    prompts = {task: [p["prompt"] for p in tiny_sweep.job("train", BASES[0], task).result.predictions[:PROMPTS_PER_ADAPTER]]
+               for task in TASKS}
+    offline: dict[tuple[str, str], str] = {}
+    for base in BASES:
+        for task in TASKS:
+            job = tiny_sweep.job("train", base, task)
+            asked = prompts[task] + [chat_prompt(base, prompts[task][0]), prompts["demo_colors"][0]]
+            answers = offline_answers(tiny_sweep.uri, task, job.model_version, asked, MAX_TOKENS, root / "offline" / base / task)
+            offline |= {(f"{base}:{task}", prompt): answer for prompt, answer in zip(asked, answers)}
+            offline |= {(adapter_id(task, job.model_version), prompt): answer for prompt, answer in zip(asked, answers)}
+    config = ServeConfig(
+        name="loraland-test", port=free_port(), tracking_uri=tiny_sweep.uri, api_key=API_KEY, adapter_cache_dir=str(root / "cache"),
+        ingress=IngressSettings(num_cpus=0, model_ttl_s=0.5, request_timeout_s=120),
+        deployments=[
+            BaseDeployment(base_model="tiny-llama", device="cpu", num_cpus=0.5, max_adapters_per_replica=4),
+            BaseDeployment(base_model="tiny-mistral", device="cpu", num_cpus=0.5, tasks=list(TASKS)),
+            # the overload case: one request decoding, one in the engine's queue, one in Serve's queue, the rest 503
+            BaseDeployment(base_model="tiny-gemma", device="cpu", num_cpus=0.5, tasks=[], max_queued_requests=1,
+                           engine=EngineSettings(max_batch_size=1, max_queued_requests=1)),
+        ])
+    metrics_port = free_port()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
+    try:
+        url = deploy(config)
+        yield Endpoint(url, metrics_port, tiny_sweep, offline, prompts, moving)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    """The status, and OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+ADAPTER_IDS = [f"{base}:{task}" for base in BASES for task in TASKS]
+
+
+@pytest.mark.slow
+def test_openai_client_lists_completes_chats_and_streams(endpoint: Endpoint) -> None:
+    client = endpoint.client()
+    listed = {model.id for model in client.models.list()}
+    assert set(BASES) | {"tiny-gemma"} | set(ADAPTER_IDS) | set(TASKS) | {"serve_moving", "tiny-llama:serve_moving"} <= listed
+    assert not {"tiny-gemma:demo_sentiment", "tiny-mistral:serve_moving"} & listed  # gemma serves no tasks, mistral only TASKS
+    answered = []
+    for model in ADAPTER_IDS:
+        base, task = model.split(":")
+        max_tokens = MAX_TOKENS
+        for prompt in endpoint.prompts[task]:
+            response = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+            assert response.choices[0].text.strip() == endpoint.offline[(model, prompt)], (model, prompt)
+            assert response.model == model and response.system_fingerprint == adapter_id(task, endpoint.sweep.job("train", base, task).model_version)
+            assert response.usage.prompt_tokens > 0 and response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+            answered.append(response.choices[0].text.strip())
+        prompt = endpoint.prompts[task][0]
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0)
+        assert chat.choices[0].message.content.strip() == endpoint.offline[(model, chat_prompt(base, prompt))]
+        assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
+        chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                                     temperature=0, stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens and chunks[-1].choices == []
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [chat.choices[0].finish_reason]
+        streamed = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed).strip() == endpoint.offline[(model, prompt)]
+    assert any(answered), "every adapter answered nothing: the comparison would prove little"
+    base = client.completions.create(model="tiny-mistral", prompt=endpoint.prompts[TASKS[0]][0], max_tokens=5, temperature=0)
+    assert base.system_fingerprint == "base" and base.usage.completion_tokens >= 1
+
+
+@pytest.mark.slow
+def test_task_champion_and_stop_strings(endpoint: Endpoint) -> None:
+    from tracking import registry
+
+    client = endpoint.client()
+    for task in TASKS:
+        champion = registry.champion(task, endpoint.sweep.uri)
+        prompt = endpoint.prompts[task][0]
+        response = client.completions.create(model=task, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        assert response.system_fingerprint == adapter_id(task, champion.version)
+        assert response.choices[0].text.strip() == endpoint.offline[(adapter_id(task, champion.version), prompt)]
+    prompt = endpoint.prompts["demo_colors"][0]
+    full = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0).choices[0]
+    assert full.finish_reason == "length" and len(full.text) > 2
+    cut = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0, stop=[full.text[2:4]]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(full.text[2:4])]
+
+
+@pytest.mark.slow
+def test_concurrent_requests_for_different_adapters_all_answer_correctly(endpoint: Endpoint) -> None:
+    client = endpoint.client()
+    asks = [(model, prompt) for model in ADAPTER_IDS for prompt in endpoint.prompts[model.split(":")[1]]] * 2
+
+    def ask(model: str, prompt: str) -> str:
+        return client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0).choices[0].text.strip()
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(lambda item: ask(*item), asks))
+    assert answers == [endpoint.offline[item] for item in asks]
+
+
+@pytest.mark.slow
+def test_every_error_has_its_status_and_openai_shape(endpoint: Endpoint) -> None:
+    import openai
+
+    prompt = endpoint.prompts[TASKS[0]][0]
+    error = assert_openai_error(endpoint.post("/completions", {"model": "tiny-llama:no_such_task", "prompt": prompt}), 404, "model_not_found")
+    assert error["param"] == "model" and "tiny-llama:no_such_task" in error["message"]
+    assert_openai_error(endpoint.post("/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404)
+    with pytest.raises(openai.NotFoundError):
+        endpoint.client().completions.create(model="nope", prompt=prompt)
+    bad = [{"model": "tiny-llama", "prompt": prompt, "temperature": -1}, {"model": "tiny-llama", "prompt": prompt, "n": 3},
+           {"model": "tiny-llama", "prompt": prompt, "max_tokens": 0}, {"model": "tiny-llama"}, ["not", "an", "object"],
+           {"model": "tiny-llama", "prompt": prompt, "unknown_parameter": True}]
+    for body in bad:
+        assert_openai_error(endpoint.post("/completions", body), 400)
+    assert_openai_error(endpoint.post("/completions", b"{not json"), 400, "invalid_json")
+    assert_openai_error(endpoint.post("/chat/completions", {"model": "tiny-llama", "messages": [{"role": "assistant", "content": "x"}]}), 400)
+    with pytest.raises(openai.BadRequestError):
+        endpoint.client().chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}], temperature=5)
+    too_long = assert_openai_error(endpoint.post("/completions", {"model": "tiny-llama:demo_sentiment", "prompt": prompt * 40}), 400,
+                                   "context_length_exceeded")
+    assert "context" in too_long["message"]
+    assert_openai_error(endpoint.post("/completions", {"model": "tiny-llama", "prompt": prompt, "max_tokens": 100000}), 400,
+                        "context_length_exceeded")
+    assert_openai_error(endpoint.post("/completions", {"model": "tiny-llama", "prompt": prompt}, key=None), 401, "invalid_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        endpoint.client(api_key="wrong").models.list()
+    assert_openai_error(httpx.get(endpoint.url + "/nowhere", headers={"Authorization": f"Bearer {API_KEY}"}), 404)
+
+
+@pytest.mark.slow
+def test_overload_is_503_or_429_with_retry_after(endpoint: Endpoint) -> None:
+    """tiny-gemma holds 1 running + 1 queued in its engine and 1 in Serve's queue: a burst of 12 overflows."""
+    body = {"model": "tiny-gemma", "prompt": endpoint.prompts[TASKS[0]][0], "max_tokens": 48, "temperature": 0}
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda _: endpoint.post("/completions", body), range(12)))
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429, 503} and statuses.count(200) >= 1, statuses
+    rejected = [r for r in responses if r.status_code != 200]
+    assert rejected, statuses
+    for response in rejected:
+        assert_openai_error(response, response.status_code, "overloaded")
+        assert int(response.headers["Retry-After"]) >= 1
+    assert endpoint.post("/completions", body).status_code == 200  # and it serves again once the burst is over
+
+
+@pytest.mark.slow
+def test_corrupt_adapters_fail_only_their_own_requests(endpoint: Endpoint) -> None:
+    good_model, prompt = "tiny-llama:demo_sentiment", endpoint.prompts["demo_sentiment"][0]
+    bodies = [{"model": m, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+              for m in ("tiny-llama:serve_corrupt", good_model, "tiny-llama:serve_pickle", good_model, "tiny-llama:serve_corrupt")]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: endpoint.post("/completions", body), bodies))
+    for body, response in zip(bodies, responses):
+        if body["model"] == good_model:
+            assert response.status_code == 200 and response.json()["choices"][0]["text"].strip() == endpoint.offline[(good_model, prompt)]
+            continue
+        error = assert_openai_error(response, 500, "adapter_load_failed")
+        assert "loraland-serve_" in error["message"]  # names the adapter
+    pickled = assert_openai_error(endpoint.post("/completions", bodies[2]), 500, "adapter_load_failed")
+    assert "pickle" in pickled["message"]
+    corrupt = assert_openai_error(endpoint.post("/chat/completions", {"model": "tiny-llama:serve_corrupt", "stream": True,
+                                                                       "messages": [{"role": "user", "content": prompt}]}), 500)
+    assert "unreadable" in corrupt["message"] or "safetensors" in corrupt["message"].lower()
+    again = endpoint.client().completions.create(model=good_model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+    assert again.choices[0].text.strip() == endpoint.offline[(good_model, prompt)]  # the replica goes on
+
+
+@pytest.mark.slow
+def test_a_moved_champion_is_served_without_restart(endpoint: Endpoint) -> None:
+    from tracking import registry
+
+    first, promoted = endpoint.moving
+    prompt = endpoint.prompts["demo_colors"][0]
+    before = endpoint.offline[(adapter_id("demo_sentiment", first_model_version(endpoint, "demo_sentiment")), prompt)]
+    after = endpoint.offline[(adapter_id("demo_colors", first_model_version(endpoint, "demo_colors")), prompt)]
+    client = endpoint.client()
+    response = client.completions.create(model="serve_moving", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+    assert response.system_fingerprint == f"loraland-serve_moving/{first}" and response.choices[0].text.strip() == before
+    registry.promote("serve_moving", promoted, endpoint.sweep.uri)
+    deadline = time.monotonic() + 60
+    while response.system_fingerprint != f"loraland-serve_moving/{promoted}" and time.monotonic() < deadline:
+        time.sleep(0.2)  # the ingress re-reads the registry every model_ttl_s (0.5 s here)
+        response = client.completions.create(model="serve_moving", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+    assert response.system_fingerprint == f"loraland-serve_moving/{promoted}"
+    assert response.choices[0].text.strip() == after  # the new version's weights, not the old ones
+
+
+def first_model_version(endpoint: Endpoint, task: str) -> str:
+    """The tiny-llama adapter of `task` (serve_moving's versions are these two runs)."""
+    return str(endpoint.sweep.job("train", "tiny-llama", task).model_version)
+
+
+@pytest.mark.slow
+def test_one_download_per_adapter_however_many_ask(endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.catalog import load_catalog
+    from tracking import registry
+
+    downloads: list[str] = []
+    real_download = registry.download_adapter
+
+    def counted(ref: str, dst: Any = None, uri: Any = None) -> Path:
+        downloads.append(ref)
+        time.sleep(0.2)  # widen the window in which the other threads ask
+        return real_download(ref, dst, uri)
+
+    monkeypatch.setattr(registry, "download_adapter", counted)
+    sources: list[str] = []
+    store = AdapterStore(load_catalog().base_model("tiny-mistral"), tmp_path, endpoint.sweep.uri,
+                         on_fetch=lambda adapter, source, seconds: sources.append(source))
+    adapter = adapter_id("demo_colors", endpoint.sweep.job("train", "tiny-mistral", "demo_colors").model_version)
+    start = threading.Barrier(8)
+
+    def fetch() -> Path:
+        start.wait()
+        return store(adapter)
+
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: fetch(), range(8)))
+    assert len(downloads) == 1 and len(set(folders)) == 1 and sorted(sources) == ["disk"] * 7 + ["download"]
+    assert (folders[0] / "adapter_model.safetensors").is_file()
+    with pytest.raises(AdapterLoadError, match="names base model"):  # a tiny-llama adapter is refused by a tiny-mistral store
+        store(adapter_id("demo_colors", endpoint.sweep.job("train", "tiny-llama", "demo_colors").model_version))
+
+
+@pytest.mark.slow
+def test_per_adapter_metrics_are_exported_for_prometheus(endpoint: Endpoint) -> None:
+    client = endpoint.client()
+    model = "tiny-mistral:demo_sentiment"
+    adapter = adapter_id("demo_sentiment", endpoint.sweep.job("train", "tiny-mistral", "demo_sentiment").model_version)
+    for _ in range(2):
+        client.completions.create(model=model, prompt=endpoint.prompts["demo_sentiment"][0], max_tokens=4, temperature=0)
+    wanted = [f'ray_loraland_requests_total{{', f'adapter="{adapter}"', 'ray_loraland_time_to_first_token_seconds_bucket',
+              'ray_loraland_request_latency_seconds_count', 'ray_loraland_completion_tokens_total',
+              'ray_loraland_adapter_load_seconds_count', 'ray_loraland_adapter_cache_total', 'result="hit"',
+              'ray_loraland_adapter_fetches_total', 'source="download"']
+    text, deadline = "", time.monotonic() + 90
+    while time.monotonic() < deadline:  # Ray's agent exports what replicas reported within a few seconds
+        text = httpx.get(f"http://127.0.0.1:{endpoint.metrics_port}/metrics", timeout=10).text
+        if all(item in text for item in wanted):
+            break
+        time.sleep(1.0)
+    assert [item for item in wanted if item not in text] == []
+    requests = [line for line in text.splitlines() if line.startswith("ray_loraland_requests_total{") and f'model="{model}"' in line
+                and 'status="200"' in line]
+    assert requests and float(requests[0].rsplit(" ", 1)[1]) >= 2
