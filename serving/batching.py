@@ -79,6 +79,13 @@ class Sequence:
     def key(self) -> str:
         return self.adapter or BASE
 
+    def send(self, item: Delta | BaseException) -> None:
+        """Hand `item` to the client's stream; a client whose event loop is gone counts as cancelled."""
+        try:
+            self.emit(item)
+        except RuntimeError:  # "Event loop is closed": nobody is listening any more
+            self.cancelled = True
+
 
 class AdapterTiers:
     """Host-memory LRU of adapters with loads on a thread pool; accelerator slots LRU over idle slots."""
@@ -322,9 +329,9 @@ class BatchingEngine:
                 self._fail_unloadable()
                 admitted = self._admit()
                 if admitted:
-                    self._guarded(self._prefill, admitted)
+                    self._guarded(self._prefill, admitted, victims=admitted)
                 if self.rows:
-                    self._guarded(self._decode)
+                    self._guarded(self._decode, victims=self.rows)
                 elif not admitted:
                     self.wake.wait(timeout=0.05)
                     self.wake.clear()
@@ -332,21 +339,25 @@ class BatchingEngine:
             self.error = error
             log.exception("decode loop died")
             for seq in self.rows + [s for q in self.waiting.values() for s in q]:
-                seq.emit(EngineError(f"engine failure: {error}"))
+                seq.send(EngineError(f"engine failure: {error}"))
             raise
 
-    def _guarded(self, step: Callable[..., None], *args: object) -> None:
-        """Run one step; if it raises, fail the requests in the batch (not the replica) and start a fresh batch."""
+    def _guarded(self, step: Callable[..., None], *args: object, victims: list[Sequence]) -> None:
+        """Run one step; if it raises, fail its requests (not the replica's others, not the replica)."""
         try:
             with torch.inference_mode():
                 step(*args)
         except Exception as error:  # noqa: BLE001 - one bad batch must not kill the replica
             log.exception("engine step failed")
-            victims = self.rows + (list(args[0]) if args else [])  # type: ignore[call-overload]
-            for seq in {id(s): s for s in victims}.values():
+            failed = {id(seq) for seq in victims}
+            for seq in list(victims):
                 if not seq.finished:
                     self._finish(seq, None, error=EngineError(f"generation failed: {type(error).__name__}: {error}"))
-            self.rows, self.cache, self.mask = [], None, None
+            if any(id(seq) in failed for seq in self.rows):  # the running batch's cache may be half-updated
+                for seq in self.rows:
+                    if not seq.finished:
+                        self._finish(seq, None, error=EngineError(f"generation failed: {type(error).__name__}: {error}"))
+                self.rows, self.cache, self.mask = [], None, None
 
     def _drain_inbox(self) -> None:
         while True:
@@ -360,7 +371,7 @@ class BatchingEngine:
         for adapter, message in self.tiers.take_failures().items():
             for seq in self.waiting.pop(adapter, deque()):
                 self._unqueue(seq)
-                seq.emit(AdapterLoadError(message))
+                seq.send(AdapterLoadError(message))
 
     def _unqueue(self, seq: Sequence) -> None:
         with self.pending_lock:
@@ -510,7 +521,7 @@ class BatchingEngine:
         hold = _stop_prefix_len(seq.text, stops)
         upto = len(seq.text) - hold
         if upto > seq.sent:
-            seq.emit(Delta(text=seq.text[seq.sent:upto], token_ids=seq.out_ids[seq.tokens_sent:],
+            seq.send(Delta(text=seq.text[seq.sent:upto], token_ids=seq.out_ids[seq.tokens_sent:],
                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.out_ids)))
             seq.sent, seq.tokens_sent = upto, len(seq.out_ids)
 
@@ -529,7 +540,7 @@ class BatchingEngine:
         self.tiers.release(seq.slot)
         seq.slot = 0
         if error is not None:
-            seq.emit(error)
+            seq.send(error)
             return
         if drop_last:
             seq.text += self._flush(seq)
@@ -537,7 +548,7 @@ class BatchingEngine:
         entry = self.counters[seq.key]
         entry["prompt_tokens"] += len(seq.prompt_ids)
         entry["completion_tokens"] += completion
-        seq.emit(Delta(text=seq.text[seq.sent:], token_ids=seq.out_ids[seq.tokens_sent: completion], finish_reason=reason,
+        seq.send(Delta(text=seq.text[seq.sent:], token_ids=seq.out_ids[seq.tokens_sent: completion], finish_reason=reason,
                        prompt_tokens=len(seq.prompt_ids), completion_tokens=completion))
         seq.sent, seq.tokens_sent = len(seq.text), completion
 

@@ -18,7 +18,7 @@ from jobs.config import QuantizationSettings
 from jobs.models import load_adapter, load_base_model
 from serving.batching import BatchingEngine, build_engine
 from serving.config import EngineSettings
-from serving.engine import AdapterLoadError, ContextTooLong, Delta, EngineOverloaded, InvalidRequest, SamplingParams
+from serving.engine import AdapterLoadError, ContextTooLong, Delta, EngineError, EngineOverloaded, InvalidRequest, SamplingParams
 from serving.synthetic import random_adapter
 
 BASE = "tiny-llama"
@@ -305,3 +305,22 @@ def test_a_client_that_goes_away_frees_its_row(engine: BatchingEngine) -> None:
             break
         run(asyncio.sleep(0.01))
     assert engine.rows == [] and engine.pending == 0
+
+
+def test_a_failing_forward_pass_fails_only_its_requests(adapter_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine(adapter_dir)
+    try:
+        forward = engine.model.forward
+
+        def flaky(*args: Any, **kwargs: Any) -> Any:
+            if kwargs["input_ids"].shape[1] == 7:  # a prefill of exactly 7 prompt tokens blows up
+                raise RuntimeError("injected kernel failure")
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(engine.model, "forward", flaky)
+        with pytest.raises(EngineError, match="generation failed: RuntimeError: injected kernel failure"):
+            run(_collect_ids(engine, list(range(10, 17)), "a0"))
+        engine.check_health()
+        assert len(tokens(run(collect(engine, PROMPTS[0], "a0")))) == GREEDY.max_tokens
+    finally:
+        engine.shutdown()
