@@ -48,7 +48,6 @@ PREFILL_TOKEN_BUDGET = 8192  # prompt tokens prefilled in one iteration, so deco
 DEVICE_SLOT_MEMORY_FRACTION = 0.1  # of free accelerator memory, when device_adapter_slots is 0
 CPU_DEFAULT_SLOTS = 64
 
-Emit = Callable[[Delta | BaseException], None]
 
 
 @dataclass(eq=False)
@@ -58,7 +57,8 @@ class Sequence:
     adapter: str | None
     prompt_ids: list[int]
     params: SamplingParams
-    emit: Emit
+    loop: asyncio.AbstractEventLoop  # the client's event loop and stream
+    stream: asyncio.Queue[Delta | BaseException]
     generator: torch.Generator | None = None
     out_ids: list[int] = field(default_factory=list)
     slot: int = 0
@@ -78,13 +78,6 @@ class Sequence:
     @property
     def key(self) -> str:
         return self.adapter or BASE
-
-    def send(self, item: Delta | BaseException) -> None:
-        """Hand `item` to the client's stream; a client whose event loop is gone counts as cancelled."""
-        try:
-            self.emit(item)
-        except RuntimeError:  # "Event loop is closed": nobody is listening any more
-            self.cancelled = True
 
 
 class AdapterTiers:
@@ -235,6 +228,7 @@ class BatchingEngine:
         self.pending = 0  # requests submitted but not yet admitted (bounded by max_queued_requests)
         self.pending_lock = threading.Lock()
         self.rows: list[Sequence] = []
+        self.outbox: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Delta | BaseException]]] = defaultdict(list)
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, columns] 1 where the cache column is a real token of that row
         self.steps = 0  # decode forward passes
@@ -252,8 +246,7 @@ class BatchingEngine:
         self._validate(prompt_ids, params)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
-        seq = Sequence(adapter=adapter, prompt_ids=list(prompt_ids), params=params,
-                       emit=lambda item: loop.call_soon_threadsafe(stream.put_nowait, item))
+        seq = Sequence(adapter=adapter, prompt_ids=list(prompt_ids), params=params, loop=loop, stream=stream)
         self._submit(seq)
         done = False
         try:
@@ -335,12 +328,27 @@ class BatchingEngine:
                 elif not admitted:
                     self.wake.wait(timeout=0.05)
                     self.wake.clear()
+                self._flush()
         except BaseException as error:  # noqa: BLE001 - recorded for check_health
             self.error = error
             log.exception("decode loop died")
             for seq in self.rows + [s for q in self.waiting.values() for s in q]:
-                seq.send(EngineError(f"engine failure: {error}"))
+                self._send(seq, EngineError(f"engine failure: {error}"))
+            self._flush()
             raise
+
+    def _send(self, seq: Sequence, item: Delta | BaseException) -> None:
+        self.outbox[seq.loop].append((seq, item))
+
+    def _flush(self) -> None:
+        """Deliver this iteration's deltas: one wake-up per client event loop, not one per token."""
+        outbox, self.outbox = self.outbox, defaultdict(list)
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # "Event loop is closed": nobody is listening any more
+                for seq, _ in items:
+                    seq.cancelled = True
 
     def _guarded(self, step: Callable[..., None], *args: object, victims: list[Sequence]) -> None:
         """Run one step; if it raises, fail its requests (not the replica's others, not the replica)."""
@@ -371,7 +379,7 @@ class BatchingEngine:
         for adapter, message in self.tiers.take_failures().items():
             for seq in self.waiting.pop(adapter, deque()):
                 self._unqueue(seq)
-                seq.send(AdapterLoadError(message))
+                self._send(seq, AdapterLoadError(message))
 
     def _unqueue(self, seq: Sequence) -> None:
         with self.pending_lock:
@@ -521,7 +529,7 @@ class BatchingEngine:
         hold = _stop_prefix_len(seq.text, stops)
         upto = len(seq.text) - hold
         if upto > seq.sent:
-            seq.send(Delta(text=seq.text[seq.sent:upto], token_ids=seq.out_ids[seq.tokens_sent:],
+            self._send(seq, Delta(text=seq.text[seq.sent:upto], token_ids=seq.out_ids[seq.tokens_sent:],
                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.out_ids)))
             seq.sent, seq.tokens_sent = upto, len(seq.out_ids)
 
@@ -540,19 +548,19 @@ class BatchingEngine:
         self.tiers.release(seq.slot)
         seq.slot = 0
         if error is not None:
-            seq.send(error)
+            self._send(seq, error)
             return
         if drop_last:
-            seq.text += self._flush(seq)
+            seq.text += self._decoder_tail(seq)
         completion = len(seq.out_ids) - (1 if drop_last else 0)
         entry = self.counters[seq.key]
         entry["prompt_tokens"] += len(seq.prompt_ids)
         entry["completion_tokens"] += completion
-        seq.send(Delta(text=seq.text[seq.sent:], token_ids=seq.out_ids[seq.tokens_sent: completion], finish_reason=reason,
+        self._send(seq, Delta(text=seq.text[seq.sent:], token_ids=seq.out_ids[seq.tokens_sent: completion], finish_reason=reason,
                        prompt_tokens=len(seq.prompt_ids), completion_tokens=completion))
         seq.sent, seq.tokens_sent = len(seq.text), completion
 
-    def _flush(self, seq: Sequence) -> str:
+    def _decoder_tail(self, seq: Sequence) -> str:
         """Text still held in the incremental decoder (an unfinished multi-byte character) at EOS."""
         ids = seq.out_ids[:-1]
         prefix = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=True)
@@ -574,6 +582,11 @@ class BatchingEngine:
             per_slot = LoraSlots.slot_bytes(model, targets, settings.max_lora_rank, dtype)
             return max(1, min(settings.host_adapter_slots, int(free * DEVICE_SLOT_MEMORY_FRACTION // max(per_slot, 1))))
         return min(settings.host_adapter_slots, CPU_DEFAULT_SLOTS)
+
+
+def _deliver(items: list[tuple[Sequence, Delta | BaseException]]) -> None:
+    for seq, item in items:
+        seq.stream.put_nowait(item)
 
 
 def _pad_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
