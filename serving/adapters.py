@@ -123,8 +123,10 @@ class ModelResolver:
 
     async def resolve(self, model: str) -> Route:
         """The route of `model`; a 404 APIError when it is not served, 503 when the registry cannot be read."""
+        if model in self.served:  # a base model needs no registry
+            return Route(model, model, None)
         route = resolve(model, await self._current(self.ttl_s), self.served)
-        if route is None and model not in self.served:
+        if route is None:
             route = resolve(model, await self._current(MIN_REFRESH_S), self.served)  # published a moment ago?
         if route is None:
             raise model_not_found(model, [model_id for model_id, _ in model_ids(self.published or {}, self.served)])

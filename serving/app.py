@@ -177,6 +177,14 @@ class Answer:
         self.completion_tokens = max(self.completion_tokens, delta.completion_tokens)
 
 
+async def read_json(request: Request) -> Any:
+    """The request's JSON body; a 400 when it is not JSON."""
+    try:
+        return await request.json()
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+
+
 async def prepend(first: Delta | APIError, rest: AsyncIterator[Delta | APIError]) -> AsyncIterator[Delta | APIError]:
     """`first` and then the rest of the events."""
     yield first
@@ -227,39 +235,39 @@ class OpenAIIngress:
                            code="invalid_api_key")
 
     async def answer(self, request: Request, schema: type[CompletionRequest | ChatCompletionRequest]) -> Response:
+        """Validate, route, and answer once the first event is in: JSON, an SSE stream, or the error."""
         started = time.perf_counter()
         self.authorize(request)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        parsed = parse_request(schema, body)
+        parsed = parse_request(schema, await read_json(request))
         route = await self.resolver.resolve(parsed.model)
-        stream = self.servers[route.base_model].options(multiplexed_model_id=route.adapter or "", stream=True)
-        events = self.events(stream.generate.remote(generate_request(parsed)))
+        handle = self.servers[route.base_model].options(multiplexed_model_id=route.adapter or "", stream=True)
+        events = self.events(handle.generate.remote(generate_request(parsed)))
         completion = Completion(chat=schema is ChatCompletionRequest, model=parsed.model, adapter=route.adapter or "")
-        first = await anext(events, None)
-        if isinstance(first, APIError) or first is None:
-            error = first or APIError(500, "the model returned no answer", type="server_error")
-            self.metrics.finished(route.model, route.adapter, error.status, time.perf_counter() - started, 0, 0)
-            return error.response()
+        first = await anext(events, None) or APIError(500, "the model returned no answer", type="server_error")
+        if isinstance(first, APIError):
+            self.record(route, first.status, started, Answer())
+            return first.response()
         self.metrics.first_token(route.model, route.adapter, time.perf_counter() - started)
+        headers = {"X-Loraland-Adapter": completion.adapter or "base"}
         if parsed.stream:
             return StreamingResponse(self.stream(first, events, completion, route, parsed.include_usage(), started),
-                                     media_type="text/event-stream", headers={"X-Loraland-Adapter": completion.adapter or "base"})
+                                     media_type="text/event-stream", headers=headers)
         answer = Answer()
         try:
             async for event in prepend(first, events):
                 if isinstance(event, APIError):
-                    self.metrics.finished(route.model, route.adapter, event.status, time.perf_counter() - started, 0, 0)
+                    self.record(route, event.status, started, Answer())
                     return event.response()
                 answer.add(event)
         finally:
             await events.aclose()
-        self.metrics.finished(route.model, route.adapter, 200, time.perf_counter() - started, answer.prompt_tokens,
-                              answer.completion_tokens)
+        self.record(route, 200, started, answer)
         body = completion.body(answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens)
-        return JSONResponse(body, headers={"X-Loraland-Adapter": completion.adapter or "base"})
+        return JSONResponse(body, headers=headers)
+
+    def record(self, route: Route, status: int, started: float, answer: Answer) -> None:
+        self.metrics.finished(route.model, route.adapter, status, time.perf_counter() - started, answer.prompt_tokens,
+                              answer.completion_tokens)
 
     async def stream(self, first: Delta, events: AsyncIterator[Delta | APIError], completion: Completion, route: Route,
                      include_usage: bool, started: float) -> AsyncIterator[str]:
@@ -283,8 +291,7 @@ class OpenAIIngress:
             yield DONE
         finally:
             await events.aclose()
-            self.metrics.finished(route.model, route.adapter, status, time.perf_counter() - started, answer.prompt_tokens,
-                                  answer.completion_tokens)
+            self.record(route, status, started, answer)
 
     async def events(self, response: DeploymentResponseGenerator) -> AsyncIterator[Delta | APIError]:
         """The replica's events, each waited for at most `request_timeout_s`; Serve's failures as APIErrors."""
