@@ -177,6 +177,18 @@ class Answer:
         self.completion_tokens = max(self.completion_tokens, delta.completion_tokens)
 
 
+def serve_error(error: Exception) -> APIError:
+    """A failed call to a base model's deployment as the API answers it."""
+    if isinstance(error, BackPressureError):
+        return APIError(503, f"every replica of this model is busy: {error}; retry later", type="overloaded_error",
+                        code="overloaded", retry_after_s=error.retry_after_s or RETRY_AFTER_S)
+    if isinstance(error, DeploymentUnavailableError):
+        return APIError(503, error.message, type="server_error", code="unavailable", retry_after_s=RETRY_AFTER_S)
+    log.error("request to a base model replica failed: %r", error)
+    return APIError(500, f"the model's replica failed ({type(error).__name__}); retry", type="server_error",
+                    code="replica_failed")
+
+
 async def read_json(request: Request) -> Any:
     """The request's JSON body; a 400 when it is not JSON."""
     try:
@@ -245,6 +257,7 @@ class OpenAIIngress:
         completion = Completion(chat=schema is ChatCompletionRequest, model=parsed.model, adapter=route.adapter or "")
         first = await anext(events, None) or APIError(500, "the model returned no answer", type="server_error")
         if isinstance(first, APIError):
+            await events.aclose()
             self.record(route, first.status, started, Answer())
             return first.response()
         self.metrics.first_token(route.model, route.adapter, time.perf_counter() - started)
@@ -295,29 +308,28 @@ class OpenAIIngress:
 
     async def events(self, response: DeploymentResponseGenerator) -> AsyncIterator[Delta | APIError]:
         """The replica's events, each waited for at most `request_timeout_s`; Serve's failures as APIErrors."""
+        ended = False  # the call finished or failed by itself: nothing to cancel (cancel() would re-raise its error)
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(response.__anext__(), self.timeout_s)
                 except StopAsyncIteration:
+                    ended = True
+                    return
+                except asyncio.TimeoutError:
+                    yield APIError(504, f"no token for {self.timeout_s:g} s (ingress.request_timeout_s)",
+                                   type="server_error", code="timeout")
+                    return
+                except Exception as error:  # noqa: BLE001 - Serve's or the replica's failure fails this request only
+                    ended = True
+                    yield serve_error(error)
                     return
                 yield event
                 if isinstance(event, APIError):
                     return
-        except asyncio.TimeoutError:
-            yield APIError(504, f"no token for {self.timeout_s:g} s (ingress.request_timeout_s)", type="server_error",
-                           code="timeout")
-        except BackPressureError as error:
-            yield APIError(503, f"every replica of this model is busy: {error}; retry later", type="overloaded_error",
-                           code="overloaded", retry_after_s=error.retry_after_s or RETRY_AFTER_S)
-        except DeploymentUnavailableError as error:
-            yield APIError(503, error.message, type="server_error", code="unavailable", retry_after_s=RETRY_AFTER_S)
-        except Exception as error:  # noqa: BLE001 - a replica that died mid-request: this request fails, as a 500
-            log.exception("request to a base model replica failed")
-            yield APIError(500, f"the model's replica failed ({type(error).__name__}); retry", type="server_error",
-                           code="replica_failed")
         finally:
-            response.cancel()  # a client gone, a timeout or a failure: the replica stops generating
+            if not ended:
+                response.cancel()  # the client left or a timeout: the replica stops generating
 
 
 # --------------------------------------------------------------------------- building and running

@@ -158,6 +158,8 @@ def test_serve_config_file_is_ray_serve_format_and_ours() -> None:
     assert isinstance(build_app(schema.applications[0].args), Application)
     options = server_options(config.deployments[0])
     assert options["max_ongoing_requests"] == 64 + 256 and options["num_replicas"] == 1
+    scaled = server_options(BaseDeployment(base_model="tiny-llama", autoscaling={"min_replicas": 0, "max_replicas": 4}))
+    assert "num_replicas" not in scaled and scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 16}
 
 
 def test_bad_serve_config_is_one_line_per_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
