@@ -70,6 +70,35 @@ def test_model_ids_resolve_to_base_pair_and_champion() -> None:
     assert ids == ["llama", "mistral", "llama:math", "llama:sentiment", "mistral:sentiment", "sentiment"]
 
 
+def test_resolver_reuses_its_view_and_survives_a_registry_outage() -> None:
+    """One registry read per TTL; when a read fails the last view is served; with no view yet, a 503."""
+    import asyncio
+
+    from serving.adapters import ModelResolver
+
+    published = {"sentiment": TaskAdapters("sentiment", [version("sentiment", 1, "llama", 0.9)], champion="1")}
+    reads: list[str] = []
+
+    def read() -> dict[str, TaskAdapters]:
+        reads.append("read")
+        if len(reads) > 1:
+            raise ConnectionError("registry down")
+        return published
+
+    async def scenario() -> None:
+        resolver = ModelResolver({"llama": None}, read, ttl_s=3600, timeout_s=5)
+        assert (await resolver.resolve("sentiment")).adapter == "loraland-sentiment/1"
+        assert (await resolver.resolve("llama:sentiment")).adapter == "loraland-sentiment/1" and len(reads) == 1
+        resolver.ttl_s = 0  # every call re-reads now, and every read fails
+        assert (await resolver.resolve("sentiment")).adapter == "loraland-sentiment/1" and len(reads) == 2
+        assert (await resolver.resolve("llama")).adapter is None  # a base model needs no registry at all
+        with pytest.raises(APIError) as caught:
+            await ModelResolver({"llama": None}, read, ttl_s=0, timeout_s=5).resolve("sentiment")
+        assert caught.value.status == 503 and caught.value.code == "registry_unavailable" and caught.value.retry_after_s
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("chat_format, expected", [
     ("llama2", "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Bye [/INST]"),
     ("mistral", "[INST] Be brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]"),
