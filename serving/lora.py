@@ -1,14 +1,16 @@
-"""Many LoRA adapters in one forward pass: a gathered (BGMV-style) LoRA computation.
+"""Many LoRA adapters in one forward pass, without a Python loop over adapters.
 
 Every targeted linear layer of the base model is wrapped once by `MultiLoraLinear`. It keeps a
 stack of adapter weights, one slot per adapter held on the accelerator (slot 0 is "no adapter",
-all zeros), padded to the largest rank a replica accepts. A forward pass gets a slot index per
-batch row (`LoraBatch.indices`) and computes, for all rows at once,
+all zeros), padded to the largest rank a replica accepts. For a batch whose rows use the U distinct
+slots `s_1..s_U` (largest rank r among them), each layer computes for all rows at once
 
-    y = base(x) + (x @ A[slot]^T) @ B[slot]^T          (B pre-scaled by alpha / r)
+    y = base(x) + ((x @ A_cat^T) * M) @ B_cat^T
 
-with two batched matmuls over gathered weights: no Python loop over adapters, any mix of adapters
-and ranks in one batch (ranks below the batch's largest are zero-padded, which adds nothing).
+where A_cat [U*r, in] and B_cat [out, U*r] are the U adapters' A and B (B pre-scaled by alpha / rank)
+side by side, and M [rows, U*r] is 1 on each row's own block and 0 elsewhere. Each active adapter's
+weights are read once per step (not once per row, as a per-row gather would), A_cat/B_cat are rebuilt
+only when the set of active slots changes, and ranks below r are zero-padded, which adds nothing.
 
 `read_adapter` turns a PEFT adapter folder (safetensors only) into host tensors keyed by module
 name; `LoraSlots.load` copies them into a slot.
@@ -35,10 +37,12 @@ class AdapterFormatError(ValueError):
 
 @dataclass
 class LoraBatch:
-    """What every wrapped layer reads during one forward pass: the slot of each row and the largest rank."""
+    """What every wrapped layer reads during one forward pass (set by `LoraSlots.set_batch`)."""
 
-    indices: torch.Tensor | None = None  # [batch] slot per row; None: no adapter in this batch
-    rank: int = 0
+    slots: torch.Tensor | None = None  # [U] the distinct slots of the batch; None: no adapter in this batch
+    rank: int = 0  # the largest rank among them
+    mask: torch.Tensor | None = None  # [rows, U*rank] 1 on each row's own block; None when U == 1
+    version: int = 0  # changes whenever `slots`, `rank` or a slot's weights change
 
 
 @dataclass
@@ -66,17 +70,23 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_a", torch.zeros(slots + 1, max_rank, self.in_features, dtype=dtype, device=device))
         self.register_buffer("lora_b", torch.zeros(slots + 1, self.out_features, max_rank, dtype=dtype, device=device))
 
+        self.cached_version = -1
+        self.a_cat = self.b_cat = torch.empty(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        indices, rank = self.batch.indices, self.batch.rank
-        if indices is None or rank == 0:
+        batch = self.batch
+        if batch.slots is None:
             return y
-        squeeze = x.dim() == 2
-        x3 = x.unsqueeze(1) if squeeze else x  # [B, T, in]
-        a = self.lora_a[indices, :rank]  # [B, r, in]
-        b = self.lora_b[indices, :, :rank]  # [B, out, r]
-        delta = torch.bmm(torch.bmm(x3.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))
-        return y + (delta.squeeze(1) if squeeze else delta).to(y.dtype)
+        if self.cached_version != batch.version:  # the active adapters changed: lay them side by side once
+            rank, count = batch.rank, batch.slots.numel()
+            self.a_cat = self.lora_a[batch.slots, :rank].reshape(count * rank, self.in_features)
+            self.b_cat = self.lora_b[batch.slots, :, :rank].permute(1, 0, 2).reshape(self.out_features, count * rank)
+            self.cached_version = batch.version
+        hidden = x.to(self.a_cat.dtype) @ self.a_cat.T  # [rows, (T,) U*r]
+        if batch.mask is not None:
+            hidden = hidden * (batch.mask if hidden.dim() == 2 else batch.mask[:, None, :])
+        return y + (hidden @ self.b_cat.T).to(y.dtype)
 
 
 class LoraSlots:
@@ -88,6 +98,7 @@ class LoraSlots:
         self.max_rank = max_rank
         self.layers: dict[str, MultiLoraLinear] = {}
         self.ranks = [0] * (slots + 1)
+        self._active: tuple[int, ...] = ()  # the distinct slots of the last batch
         targets = set(target_modules)
         for name, module in list(model.named_modules()):
             leaf = name.rsplit(".", 1)[-1]
@@ -119,16 +130,28 @@ class LoraSlots:
                 layer.lora_a[slot, : adapter.rank].copy_(a, non_blocking=True)
                 layer.lora_b[slot, :, : adapter.rank].copy_(b, non_blocking=True)
         self.ranks[slot] = adapter.rank
+        self.batch.version += 1
 
     def set_batch(self, slots: list[int]) -> None:
-        """Point every layer at the rows' slots for the next forward pass."""
-        rank = max((self.ranks[s] for s in slots), default=0)
-        if rank == 0:
-            self.batch.indices, self.batch.rank = None, 0
+        """Point every layer at the rows' slots (one per row, 0 for none) for the next forward pass."""
+        active = tuple(dict.fromkeys(s for s in slots if self.ranks[s] > 0))  # distinct, in order of first use
+        layer = next(iter(self.layers.values()))
+        if not active:
+            self.batch.slots, self.batch.mask, self.batch.rank = None, None, 0
             return
-        device = next(iter(self.layers.values())).lora_a.device
-        self.batch.indices = torch.tensor(slots, dtype=torch.long, device=device)
-        self.batch.rank = rank
+        rank = max(self.ranks[s] for s in active)
+        if active != self._active or rank != self.batch.rank:
+            self._active = active
+            self.batch.slots = torch.tensor(active, dtype=torch.long, device=layer.lora_a.device)
+            self.batch.rank = rank
+            self.batch.version += 1
+        if len(active) == 1 and all(s == active[0] for s in slots):
+            self.batch.mask = None
+            return
+        block = {slot: index for index, slot in enumerate(active)}
+        owner = torch.tensor([block.get(s, -1) for s in slots], device=layer.lora_a.device)  # -1: no adapter
+        columns = torch.arange(len(active) * rank, device=layer.lora_a.device) // rank
+        self.batch.mask = (columns[None, :] == owner[:, None]).to(layer.lora_a.dtype)
 
 
 def read_adapter(path: Path, layers: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype) -> AdapterWeights:
