@@ -20,6 +20,7 @@ No `from __future__ import annotations` here: FastAPI reads the route methods' a
 
 import asyncio
 import hmac
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from serving.api import (DONE, APIError, ChatCompletionRequest, Completion, Comp
                          generate_request, parse_request, sse)
 from serving.chat import render_chat
 from serving.config import BaseDeployment, ServeConfig, parse_serve_config
-from serving.engine import AdapterLoadError, ContextTooLong, Delta, EngineError, EngineOverloaded, InvalidRequest
+from serving.engine import AdapterLoadError, ContextTooLong, Delta, Engine, EngineError, EngineOverloaded, InvalidRequest
 from serving.metrics import IngressMetrics, ReplicaMetrics
 from tracking import registry, store
 
@@ -111,13 +112,14 @@ class BaseModelServer:
     """One base model's replica: the base weights once, its adapters multiplexed, an engine generating."""
 
     def __init__(self, deployment: BaseDeployment, tracking_uri: str, cache_dir: str, max_context_tokens: int | None) -> None:
-        from serving.batching import build_engine  # torch and the model load only in these replicas
-
         spec = load_catalog().base_model(deployment.base_model)
         self.chat_format = spec.chat_format
         self.metrics = ReplicaMetrics(spec.name)
         self.store = AdapterStore(spec, Path(cache_dir), tracking_uri, on_fetch=self.metrics.fetched)
-        self.engine = build_engine(spec, deployment.precision, deployment.device, self.store, deployment.engine, max_context_tokens)
+        module, function = deployment.engine.factory.split(":")  # the engine (torch, the model) loads only here
+        build_engine = getattr(importlib.import_module(module), function)
+        self.engine: Engine = build_engine(spec, deployment.precision, deployment.device, self.store, deployment.engine,
+                                           max_context_tokens)
         self.resident: dict[str, ResidentAdapter] = {}
 
         async def load(adapter: str) -> ResidentAdapter:  # a plain function: Serve keeps its LRU on it

@@ -110,11 +110,12 @@ class AdapterTiers:
             if adapter in self.host:
                 self.host.move_to_end(adapter)
                 return None
-            if adapter not in self.loading:
-                future = self.pool.submit(self._load, adapter)
-                self.loading[adapter] = future
-                future.add_done_callback(lambda f, a=adapter: self._loaded(a, f))
-            return self.loading[adapter]
+            if adapter in self.loading:
+                return self.loading[adapter]
+            future = self.loading[adapter] = self.pool.submit(self._load, adapter)
+        # Outside the lock: a load that already failed runs the callback right here, and it takes the lock.
+        future.add_done_callback(lambda f, a=adapter: self._loaded(a, f))
+        return future
 
     def _load(self, adapter: str) -> float:
         started = time.perf_counter()

@@ -32,6 +32,9 @@ class EngineSettings(StrictModel):
     max_queued_requests: int = Field(default=256, ge=1, description="Requests waiting for a batch slot before 429/503.")
     max_running_per_adapter: int = Field(default=0, ge=0, description="Fairness bound: batch slots one adapter may hold while others wait; 0: half the batch.")
     loader_threads: int = Field(default=2, ge=1, description="Threads fetching adapters off the decode loop.")
+    factory: str = Field(default="serving.batching:build_engine", pattern=r"^[\w.]+:\w+$",
+                         description="module:function building the engine (spec, precision, device, fetch, settings, "
+                                     "max_context_tokens) -> serving.engine.Engine; replace it with a faster engine.")
 
 
 class BaseDeployment(StrictModel):
