@@ -40,7 +40,9 @@ class ResourceSettings(StrictModel):
 class RetrySettings(StrictModel):
     """Failure handling."""
 
-    max_failures: int = Field(default=3, ge=0, description="Retries of a failing job before it is marked failed.")
+    max_failures: int = Field(default=3, ge=0, description="Retries of a job that raised or whose worker crashed, before it is marked failed.")
+    max_node_losses: int = Field(default=-1, ge=-1, description="Resubmissions of a job whose node was lost (preemption, scale-down); "
+                                 "-1: no limit. They never count toward max_failures.")
 
 
 class TrackingSettings(StrictModel):

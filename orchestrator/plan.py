@@ -50,18 +50,20 @@ def job_gpu_hours(job: JobConfig, resources: ResourceSettings) -> float:
     return seconds / 3600
 
 
+def plan_job(job: JobConfig, resources: ResourceSettings) -> PlannedJob:
+    """One job's memory, GPU share (0 on the CPU) and time: what `plan` shows and what the driver asks Ray for."""
+    memory = estimate_memory_gb(job.base_model, job.lora, job.quantization, job.training)
+    gpus, per_gpu = gpu_share(memory, resources)
+    if resources.device == "cpu":
+        gpus = 0.0
+    gpu_hours = job_gpu_hours(job, resources)
+    return PlannedJob(job.base_model.name, job.task.name, job.kind, job.job_key, round(memory, 2), gpus, per_gpu,
+                      round(gpu_hours, 3), round(gpu_hours / min(gpus, 1.0) if gpus else gpu_hours, 3))
+
+
 def plan_sweep(sweep: SweepConfig) -> list[PlannedJob]:
     """Every job of the sweep with its resource and time estimate."""
-    planned = []
-    for job in expand_jobs(sweep):
-        memory = estimate_memory_gb(job.base_model, job.lora, job.quantization, job.training)
-        gpus, per_gpu = gpu_share(memory, sweep.resources)
-        if sweep.resources.device == "cpu":
-            gpus = 0.0
-        gpu_hours = job_gpu_hours(job, sweep.resources)
-        planned.append(PlannedJob(job.base_model.name, job.task.name, job.kind, job.job_key, round(memory, 2), gpus, per_gpu,
-                                  round(gpu_hours, 3), round(gpu_hours / min(gpus, 1.0) if gpus else gpu_hours, 3)))
-    return planned
+    return [plan_job(job, sweep.resources) for job in expand_jobs(sweep)]
 
 
 def plan_totals(planned: list[PlannedJob], resources: ResourceSettings) -> dict[str, float]:

@@ -1,10 +1,21 @@
 """`loraland sweep`: the Ray driver that fans a sweep out over a cluster, exactly once per job.
 
 Ray core tasks, not Tune: every job is one function call with its own resources (a GPU share from
-`plan`), Ray retries it on failure (`max_retries` = the sweep's budget, application errors included),
-and the exactly-once state lives where it must survive a lost driver anyway: the job's MLflow run
-(found by its job key) and its checkpoints on the storage path. Tune's experiment restore would be a
-second, competing record of the same state.
+`plan`), and the exactly-once state lives where it must survive a lost driver anyway: the job's MLflow
+run (found by its job key) and its checkpoints on the storage path. Tune's experiment restore would be
+a second, competing record of the same state.
+
+Every job is submitted at once, base evaluations first (a fine-tune's lift needs its base score), then
+fine-tunes longest first (plan's estimate; LPT keeps the longest job from starting last). Ray holds the
+queue and starts a job wherever its resources are free, so concurrency is whatever the cluster holds at
+each moment and grows as soon as a node joins.
+
+Retries are the driver's, not Ray's (tasks run with `max_retries=0`), because Ray counts a lost node
+and a crashing job against one budget. Here a job whose node died (`NodeDiedError`: preemption,
+scale-down, a dead machine) is resubmitted without touching `retries.max_failures` (up to
+`retries.max_node_losses`, unlimited by default); any other failure (the job raised, its worker process
+crashed or ran out of memory) counts, and past `max_failures` retries the job ends failed with its
+error and the sweep goes on. A resubmitted job reuses its MLflow run and resumes from its checkpoint.
 
 Run again after a crash, or submitted twice, the driver skips jobs whose run is FINISHED, closes
 runs left RUNNING by killed workers, and resubmits the rest, which resume from their checkpoints.
@@ -14,16 +25,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
 
 from jobs.config import JobConfig
-from orchestrator.config import SweepConfig, expand_jobs
-from orchestrator.plan import gpu_share
-from jobs.memory import estimate_memory_gb
+from orchestrator.config import RetrySettings, SweepConfig, expand_jobs
+from orchestrator.plan import plan_job
 
 console = Console(highlight=False)
 PROGRESS_EVERY_S = 10.0
@@ -38,6 +49,7 @@ class JobOutcome:
     score: float | None = None
     base_score: float | None = None
     error: str = ""
+    node: str = ""  # Ray node id (hex) the finishing attempt ran on
 
 
 def run_tracked_job(job: JobConfig, experiment_id: str, parent_run_id: str, uri: str) -> dict[str, Any]:
@@ -48,7 +60,14 @@ def run_tracked_job(job: JobConfig, experiment_id: str, parent_run_id: str, uri:
     with JobTracker.for_job(job, experiment_id, parent_run_id, uri) as tracker:
         result = run_job(job, on_step=tracker.on_step)
         tracker.finish(result)
-    return {"score": result.score, "job_key": job.job_key}
+    return {"score": result.score, "job_key": job.job_key, "node": this_node()}
+
+
+def this_node() -> str:
+    """The Ray node id of the calling task."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def connect_ray() -> None:
@@ -64,27 +83,49 @@ def connect_ray() -> None:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
 
 
-def job_resources(job: JobConfig, sweep: SweepConfig) -> dict[str, float]:
-    """The Ray resources of one job: CPUs, and a GPU share from its memory estimate unless on the CPU."""
+def job_resources(job: JobConfig, sweep: SweepConfig) -> dict[str, Any]:
+    """The Ray resources of one job: CPUs, and `plan`'s GPU share from its memory estimate unless on the CPU."""
     resources: dict[str, Any] = {"num_cpus": sweep.resources.cpus_per_job}
     if sweep.resources.custom:
         resources["resources"] = dict(sweep.resources.custom)
     if sweep.resources.device != "cpu":
-        memory = estimate_memory_gb(job.base_model, job.lora, job.quantization, job.training)
-        resources["num_gpus"] = gpu_share(memory, sweep.resources)[0]
+        resources["num_gpus"] = plan_job(job, sweep.resources).gpus
     return resources
+
+
+def job_task(function: Callable[..., dict[str, Any]], sweep: SweepConfig, reuse_workers: bool = False) -> Any:
+    """`function` as a Ray task of this sweep. A GPU job gets a fresh worker process (`max_calls=1`, Ray's own default
+    for GPU tasks, which `.options(num_gpus=...)` alone does not apply), so the CUDA memory it cached goes back to the
+    GPU's other jobs when it ends; CPU jobs (and `reuse_workers`, for stand-ins that touch no GPU) reuse their workers."""
+    import ray
+
+    return ray.remote(max_calls=0 if reuse_workers or sweep.resources.device == "cpu" else 1)(function)
+
+
+def submit_job(task: Any, job: JobConfig, sweep: SweepConfig, *args: Any) -> Any:
+    """Submit one attempt of `job`: named by its job key (`ray list tasks`, the dashboard, the worker's process title),
+    with its resources, no Ray-side retries (see the module doc)."""
+    return task.options(name=job.job_key, max_retries=0, retry_exceptions=False, **job_resources(job, sweep)).remote(*args)
+
+
+def submission_order(jobs: list[JobConfig], sweep: SweepConfig) -> list[JobConfig]:
+    """Base evaluations first, then fine-tunes longest first by plan's estimate (ties keep catalogue order)."""
+    return sorted(jobs, key=lambda job: (job.kind != "evaluate_base", -plan_job(job, sweep.resources).hours))
 
 
 def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOutcome]:
     """Run every unfinished job of the sweep on Ray, base evaluations first; returns each job's outcome."""
-    import ray
-
     from tracking import store
+
+    if "://" in sweep.storage_path:
+        raise ValueError(f"storage path {sweep.storage_path!r}: jobs write checkpoints to a filesystem path shared by every node "
+                         "(NFS, EFS, FSx); mount the bucket there instead of passing a URI")
 
     uri = store.resolve_tracking_uri(tracking_uri or sweep.tracking.uri)
     experiment_id = store.ensure_experiment(sweep.tracking.experiment or sweep.name, uri)
     parent_run_id = store.start_sweep_run(experiment_id, sweep.name, sweep.model_dump(mode="json"), uri=uri)
-    jobs = sorted(expand_jobs(sweep), key=lambda job: job.kind != "evaluate_base")
+    catalogue_order = expand_jobs(sweep)
+    jobs = submission_order(catalogue_order, sweep)
     outcomes: dict[str, JobOutcome] = {}
     todo = []
     for job in jobs:
@@ -98,36 +139,57 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOu
                   + (f"; closed {len(closed)} runs left RUNNING by lost workers" if closed else ""))
     if todo:
         connect_ray()
-    remote = ray.remote(run_tracked_job)
-    pending = {
-        remote.options(max_retries=sweep.retries.max_failures, retry_exceptions=True, **job_resources(job, sweep))
-        .remote(job, experiment_id, parent_run_id, uri): job
-        for job in todo
-    }
-    _wait_all(pending, outcomes, len(jobs))
+        remote = job_task(run_tracked_job, sweep)
+        run_jobs(todo, lambda job: submit_job(remote, job, sweep, job, experiment_id, parent_run_id, uri), sweep.retries, outcomes, len(jobs))
     from tracking.registry import update_champion
 
     for task in sweep.tasks:  # settles a race between two workers finishing one task at the same instant
         update_champion(task, uri)
     store.finish_sweep_run(parent_run_id, "FAILED" if any(o.state == "failed" for o in outcomes.values()) else "FINISHED", uri)
-    return [outcomes[job.job_key] for job in jobs]
+    return [outcomes[job.job_key] for job in catalogue_order]
 
 
-def _wait_all(pending: dict[Any, JobConfig], outcomes: dict[str, JobOutcome], total: int) -> None:
-    """Collect results as they come, printing progress (done / running / failed / queued, ETA)."""
+def run_jobs(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], retries: RetrySettings, outcomes: dict[str, JobOutcome],
+             total: int, on_result: Callable[[JobConfig, dict[str, Any]], None] | None = None) -> None:
+    """Submit every job at once (`submit` returns the attempt's ObjectRef), collect results as they come, resubmit
+    failures by the retry rules of the module doc, print progress (done / failed / running or queued, ETA) every
+    PROGRESS_EVERY_S. `on_result(job, result)` sees each finished job's returned dict."""
     import ray
+    from ray.exceptions import NodeDiedError
 
+    pending = {submit(job): job for job in jobs}
+    failures: Counter[str] = Counter()
+    node_losses: Counter[str] = Counter()
     started, last_print, finished_here = time.monotonic(), 0.0, 0
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_EVERY_S)
         for ref in ready:
             job = pending.pop(ref)
+            label = f"{job.kind:13s} {job.base_model.name} x {job.task.name}"
             try:
-                outcomes[job.job_key] = JobOutcome(job, "finished", ray.get(ref)["score"])
+                result = ray.get(ref)
+            except NodeDiedError:
+                node_losses[job.job_key] += 1
+                if retries.max_node_losses < 0 or node_losses[job.job_key] <= retries.max_node_losses:
+                    console.print(f"  node lost {label}: resubmitted (does not count toward max_failures)", soft_wrap=True)
+                    pending[submit(job)] = job
+                    continue
+                outcomes[job.job_key] = JobOutcome(job, "failed", error=f"its node was lost {node_losses[job.job_key]} times")
+            except Exception as error:  # the job raised, or its worker crashed: counts toward max_failures
+                failures[job.job_key] += 1
+                message = str(error).strip().splitlines()[-1][:300]
+                if failures[job.job_key] <= retries.max_failures:
+                    console.print(f"  retry {failures[job.job_key]}/{retries.max_failures} {label}: {message}", soft_wrap=True)
+                    pending[submit(job)] = job
+                    continue
+                outcomes[job.job_key] = JobOutcome(job, "failed", error=message)
+            else:
+                outcomes[job.job_key] = JobOutcome(job, "finished", result.get("score"), node=result.get("node", ""))
                 finished_here += 1
-            except Exception as error:  # the job failed past its retry budget: record it, go on
-                outcomes[job.job_key] = JobOutcome(job, "failed", error=str(error).strip().splitlines()[-1][:300])
-            console.print(f"  {outcomes[job.job_key].state:8s} {job.kind:13s} {job.base_model.name} x {job.task.name}")
+                if on_result:
+                    on_result(job, result)
+            outcome = outcomes[job.job_key]
+            console.print(f"  {outcome.state:8s} {label}" + (f" on node {outcome.node[:8]}" if outcome.node else ""), soft_wrap=True)
         now = time.monotonic()
         if now - last_print >= PROGRESS_EVERY_S or not pending:
             last_print = now
@@ -135,7 +197,7 @@ def _wait_all(pending: dict[Any, JobConfig], outcomes: dict[str, JobOutcome], to
             failed = sum(o.state == "failed" for o in outcomes.values())
             eta = (now - started) / finished_here * len(pending) if finished_here else float("nan")
             console.print(f"progress: {done} done, {failed} failed, {len(pending)} running or queued of {total}"
-                          + (f", ETA {eta:.0f} s" if finished_here and pending else ""))
+                          + (f", ETA {eta:.0f} s" if finished_here and pending else ""), soft_wrap=True)
 
 
 def summary_table(outcomes: list[JobOutcome]) -> Table:
