@@ -1,0 +1,361 @@
+"""The driver on a real multi-node Ray cluster on loopback (`infra/local_cluster.py`): `ray job submit`, a lost node, a
+node joining mid-sweep, the retry rules; and (fast) the order, the local cluster's command line and the infra YAML."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+import pytest
+import yaml
+
+from infra.local_cluster import LocalCluster, free_port_block, ray_bin
+from jobs.config import PROJECT_ROOT
+
+pytest_plugins = ["tests.tracking_fixtures"]
+MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
+EXCLUDES = [".venv", ".loraland", ".git", ".pytest_cache", "benchmarks/results"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sweep_file(tmp_path: Path, name: str, **sections: dict[str, Any]) -> Path:
+    """The mini sweep under another name (its own MLflow experiment and job keys), sections updated."""
+    data = yaml.safe_load(MINI.read_text())
+    data["name"] = name
+    for section, values in sections.items():
+        data[section] = data.get(section, {}) | values
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def job_runs(uri: str, experiment: str) -> list:
+    from tracking import store
+
+    return store.job_runs(store.experiment_id_for(experiment, uri), uri)
+
+
+def assert_one_finished_run_per_job(uri: str, experiment: str, jobs: int = 4) -> list:
+    runs = job_runs(uri, experiment)
+    assert len(runs) == jobs and {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert len({r.data.tags["loraland.job_key"] for r in runs}) == jobs
+    return runs
+
+
+def job_env(home: Path) -> dict[str, str]:
+    return {"LORALAND_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def sweep_args(sweep: Path, uri: str, storage: Path) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep), "--tracking-uri", uri, "--storage-path", str(storage)]
+
+
+def submit(cluster: LocalCluster, sweep: Path, uri: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """`ray job submit --working-dir .` of the sweep, the job running this venv's Python; returns the result and seconds."""
+    runtime_env = {"excludes": EXCLUDES, "env_vars": job_env(tmp_path / "home")}
+    command = [ray_bin(), "job", "submit", f"--address={cluster.dashboard_url}", f"--working-dir={PROJECT_ROOT}",
+               f"--runtime-env-json={json.dumps(runtime_env)}", "--", *sweep_args(sweep, uri, tmp_path / "storage")]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=os.environ | cluster.env(), cwd=PROJECT_ROOT)
+    return done, time.monotonic() - started
+
+
+def start_driver(cluster: LocalCluster, sweep: Path, uri: str, tmp_path: Path) -> subprocess.Popen:
+    """The driver as a client of the cluster (`RAY_ADDRESS`), output to a file."""
+    log = (tmp_path / "driver.log").open("w")
+    env = os.environ | cluster.env() | job_env(tmp_path / "home")
+    return subprocess.Popen(sweep_args(sweep, uri, tmp_path / "storage"), stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=PROJECT_ROOT)
+
+
+def finish(driver: subprocess.Popen, tmp_path: Path, timeout_s: float = 600) -> str:
+    try:
+        driver.wait(timeout=timeout_s)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    output = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 0, output[-4000:]
+    return output
+
+
+def task_process(job_key_prefix: str) -> psutil.Process | None:
+    """The Ray worker running a job: the driver names each task by its job key, which becomes the process title."""
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith(f"ray::{job_key_prefix}"):
+            return process
+    return None
+
+
+def wait_for(condition: Any, timeout_s: float, what: str, driver: subprocess.Popen | None = None) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (value := condition()) is not None:
+            return value
+        assert driver is None or driver.poll() is None, f"the driver ended before {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpoint_steps(storage: Path, task: str) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in storage.glob(f"tiny-llama/{task}/train-*/checkpoints/step-*") if (p / "state.json").is_file())
+
+
+def nodes_used(output: str) -> set[str]:
+    return set(re.findall(r"^\s+finished .* on node ([0-9a-f]{8})$", output, flags=re.MULTILINE))
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    """Head plus `request.param` (default 2) one-CPU worker nodes on loopback; stopped whatever happens."""
+    local = LocalCluster(free_port_block())
+    try:
+        local.start(workers=getattr(request, "param", 2))
+        yield local
+    finally:
+        local.stop()
+        assert not local.root.exists()
+
+
+# --------------------------------------------------------------------------- on a real cluster
+
+
+@pytest.mark.slow
+def test_submitted_sweep_runs_each_job_once_and_a_resubmission_runs_none(cluster: LocalCluster, mlflow_server: Any,
+                                                                          tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    sweep = sweep_file(tmp_path, "mini-submit")
+    first, first_s = submit(cluster, sweep, mlflow_server.uri, tmp_path)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    assert "0 already finished, 4 to run" in first.stdout and "progress: 4 done, 0 failed" in first.stdout
+    runs = assert_one_finished_run_per_job(mlflow_server.uri, "mini-submit")
+    for run in runs:
+        assert "score" in run.data.metrics
+        if run.data.tags["loraland.kind"] == "train":
+            assert {"lift", "steps", "train_loss"} <= set(run.data.metrics)
+            assert "adapter" in {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(run.info.run_id)}
+    workers = {cluster.node_id(name)[:8] for name in cluster.workers}
+    assert nodes_used(first.stdout) and nodes_used(first.stdout) <= workers  # jobs ran on worker nodes, none on the head
+    assert cluster.non_loopback_sockets() == []
+
+    second, second_s = submit(cluster, sweep, mlflow_server.uri, tmp_path)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
+    assert "4 already finished, 0 to run" in second.stdout
+    assert sorted(r.info.run_id for r in job_runs(mlflow_server.uri, "mini-submit")) == sorted(r.info.run_id for r in runs)
+    assert second_s < 0.5 * first_s, (first_s, second_s)
+
+
+@pytest.mark.slow
+def test_a_lost_node_costs_at_most_a_checkpoint_interval_and_no_retry(cluster: LocalCluster, mlflow_server: Any,
+                                                                      tmp_path: Path) -> None:
+    """max_failures 0: the interrupted job still finishes, so losing its node did not use the retry budget."""
+    every = 10
+    sweep = sweep_file(tmp_path, "mini-nodeloss", training={"max_steps": 60, "checkpoint_every": every, "log_every": every},
+                       retries={"max_failures": 0})
+    storage = tmp_path / "storage"
+    driver = start_driver(cluster, sweep, mlflow_server.uri, tmp_path)
+    try:
+        wait_for(lambda: (checkpoint_steps(storage, "demo_arithmetic") or [0])[-1] >= 2 * every or None, 300,
+                 "two checkpoints of the demo_arithmetic fine-tune", driver)
+        worker = task_process("mini-nodeloss/tiny-llama/demo_arithmetic/train")
+        assert worker is not None, "the demo_arithmetic fine-tune is not running"
+        assert cluster.non_loopback_sockets() == []  # mid-sweep: workers, driver and MLflow traffic included
+        cluster.kill_raylet(cluster.node_of(worker.pid))
+        psutil.wait_procs([worker], timeout=60)
+        at_loss = checkpoint_steps(storage, "demo_arithmetic")[-1]  # the newest checkpoint once the job's process is gone
+        output = finish(driver, tmp_path)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert "node lost train         tiny-llama x demo_arithmetic: resubmitted" in output
+    assert not re.search(r"^\s+retry \d", output, flags=re.MULTILINE) and "progress: 4 done, 0 failed" in output
+    runs = {(r.data.tags["loraland.kind"], r.data.tags["loraland.task"]): r for r in assert_one_finished_run_per_job(mlflow_server.uri,
+                                                                                                                      "mini-nodeloss")}
+    interrupted, untouched = runs[("train", "demo_arithmetic")].data.metrics, runs[("train", "demo_similarity")].data.metrics
+    assert interrupted["steps"] == 60 and untouched["steps"] == 60
+    # the retry started from the newest checkpoint on the storage path: at most `every` steps were done twice
+    assert interrupted["resumed_from_step"] == at_loss >= 2 * every
+    assert untouched["resumed_from_step"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", [1], indirect=True)
+def test_a_node_added_mid_sweep_gets_jobs(cluster: LocalCluster, mlflow_server: Any, tmp_path: Path) -> None:
+    sweep = sweep_file(tmp_path, "mini-grow")
+    driver = start_driver(cluster, sweep, mlflow_server.uri, tmp_path)
+    try:
+        wait_for(lambda: task_process("mini-grow/"), 300, "the first job to start", driver)
+        cluster.add_worker()
+        cluster.wait_for_nodes(3)
+        output = finish(driver, tmp_path)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert cluster.node_id("worker-2")[:8] in nodes_used(output), output[-3000:]
+    assert_one_finished_run_per_job(mlflow_server.uri, "mini-grow")
+
+
+# --------------------------------------------------------------------------- retry rules (a one-node local Ray)
+
+
+def flaky(marker: str, failures: int) -> dict[str, Any]:
+    """Raises the first `failures` times it runs (attempts counted in the file `marker`)."""
+    path = Path(marker)
+    attempt = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(attempt))
+    if attempt <= failures:
+        raise RuntimeError(f"attempt {attempt} failed")
+    return {"score": float(attempt)}
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_retried_up_to_max_failures_then_recorded_failed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import ray
+
+    from orchestrator.config import RetrySettings, load_sweep
+    from orchestrator.sweep import JobOutcome, connect_ray, expand_jobs, job_task, run_jobs, submit_job
+
+    sweep = load_sweep(MINI)
+    jobs = expand_jobs(sweep)[:2]
+    fails = {jobs[0].job_key: 1, jobs[1].job_key: 5}
+    connect_ray()
+    try:
+        task = job_task(flaky, sweep)
+        outcomes: dict[str, JobOutcome] = {}
+        run_jobs(jobs, lambda job: submit_job(task, job, sweep, str(tmp_path / job.kind), fails[job.job_key]),
+                 RetrySettings(max_failures=2), outcomes, len(jobs))
+    finally:
+        ray.shutdown()
+    recovered, failed = outcomes[jobs[0].job_key], outcomes[jobs[1].job_key]
+    assert recovered.state == "finished" and recovered.score == 2.0
+    assert failed.state == "failed" and failed.error == "RuntimeError: attempt 3 failed"
+    assert (tmp_path / jobs[1].kind).read_text() == "3"  # first attempt + max_failures retries, no more
+    assert "retry 2/2" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- fast
+
+
+def test_submission_order_puts_base_evaluations_first_then_longest_fine_tunes() -> None:
+    from orchestrator.config import expand_jobs, load_sweep
+    from orchestrator.plan import plan_job
+    from orchestrator.sweep import submission_order
+
+    sweep = load_sweep(PROJECT_ROOT / "configs" / "sweeps" / "lora_land.yaml")
+    ordered = submission_order(expand_jobs(sweep), sweep)
+    kinds = [job.kind for job in ordered]
+    assert kinds == sorted(kinds, key=lambda kind: kind != "evaluate_base")
+    hours = [plan_job(job, sweep.resources).hours for job in ordered if job.kind == "train"]
+    assert hours == sorted(hours, reverse=True) and hours[0] > 10 * hours[-1]
+
+
+def test_local_cluster_rejects_bad_input_with_one_line() -> None:
+    script = PROJECT_ROOT / "infra" / "local_cluster.py"
+    bad = subprocess.run([sys.executable, str(script), "start", "--port", "80"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "--port must be between" in bad.stderr
+    idle = subprocess.run([sys.executable, str(script), "stop", "--port", str(free_port_block())], capture_output=True, text=True,
+                          timeout=60)
+    assert idle.returncode == 0 and "stopped 0 processes" in idle.stdout
+
+
+# --------------------------------------------------------------------------- infra/ (fast)
+
+INFRA = PROJECT_ROOT / "infra"
+IMAGE_PROJECT = "/home/ray/loraland"  # where infra/Dockerfile puts the project
+
+
+def infra_yaml() -> dict[str, Any]:
+    """Every YAML file under infra/, parsed (a syntax error fails every test below)."""
+    return {path.relative_to(INFRA).as_posix(): yaml.safe_load(path.read_text()) for path in sorted(INFRA.rglob("*.y*ml"))}
+
+
+def flags(command: list[str]) -> dict[str, str]:
+    """`--flag value` and `--flag=value` pairs of a command line (a bare flag maps to "")."""
+    found: dict[str, str] = {}
+    for index, word in enumerate(command):
+        if word.startswith("--"):
+            name, _, value = word.partition("=")
+            following = command[index + 1] if index + 1 < len(command) else "--"
+            found[name] = value or ("" if following.startswith("--") else following)
+    return found
+
+
+def click_options(command: Any) -> set[str]:
+    return {option for param in command.params for option in param.opts}
+
+
+def test_infra_holds_a_rayjob_a_cluster_launcher_and_an_mlflow_server() -> None:
+    assert {"kuberay/rayjob.yaml", "aws/cluster.yaml", "mlflow/docker-compose.yaml"} <= set(infra_yaml())
+
+
+def test_the_rayjob_runs_the_sweep_on_autoscaled_gpu_workers_with_shared_storage() -> None:
+    import shlex
+
+    import ray
+
+    from orchestrator.cli import build_parser
+    from orchestrator.config import load_sweep
+
+    job = infra_yaml()["kuberay/rayjob.yaml"]
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec, cluster = job["spec"], job["spec"]["rayClusterSpec"]
+    entrypoint = shlex.split(spec["entrypoint"])
+    assert entrypoint[:2] == ["loraland", "sweep"]
+    args = build_parser().parse_args(entrypoint[1:])  # the real command line accepts it
+    load_sweep(PROJECT_ROOT / Path(args.sweep).relative_to(IMAGE_PROJECT))  # a valid sweep of this repository
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")
+    assert cluster["rayVersion"] == ray.__version__ and cluster["enableInTreeAutoscaling"] is True
+    gpu_groups = [group for group in cluster["workerGroupSpecs"]
+                  if all(c["resources"]["limits"].get("nvidia.com/gpu", 0) >= 1 for c in group["template"]["spec"]["containers"])]
+    assert gpu_groups and all(group["minReplicas"] < group["maxReplicas"] for group in gpu_groups)
+    assert all(json.loads(json.loads(group["rayStartParams"]["resources"])) == {"worker": 1} for group in gpu_groups)
+    for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:  # every node sees the storage path
+        mounts = [m["mountPath"] for c in pod["template"]["spec"]["containers"] for m in c["volumeMounts"]]
+        assert any(args.storage_path.startswith(mount + "/") for mount in mounts), pod
+        assert all(c["image"] == cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+                   for c in pod["template"]["spec"]["containers"])
+
+
+def test_the_cluster_launcher_scales_g5_workers_that_install_the_project() -> None:
+    import shlex
+
+    from ray.scripts.scripts import start
+
+    config = infra_yaml()["aws/cluster.yaml"]
+    assert config["provider"]["type"] == "aws" and config["head_node_type"] in config["available_node_types"]
+    gpu = [t for t in config["available_node_types"].values() if t["node_config"]["InstanceType"].startswith("g5.")]
+    assert gpu and all(t["min_workers"] < t["max_workers"] <= config["max_workers"] and t["resources"]["GPU"] >= 1 for t in gpu)
+    assert any("make setup" in command for command in config["setup_commands"])
+    starts = [shlex.split(c.split(";")[-1]) for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if " start " in c]
+    assert len(starts) == 2 and all(set(flags(command)) <= click_options(start) for command in starts)
+
+
+def test_the_mlflow_server_keeps_runs_in_postgres_and_artifacts_in_the_object_store() -> None:
+    from mlflow.cli import server
+
+    services = infra_yaml()["mlflow/docker-compose.yaml"]["services"]
+    assert {"postgres", "minio", "mlflow"} <= set(services)
+    command = services["mlflow"]["command"]
+    options = flags(command)
+    assert command[:2] == ["mlflow", "server"] and set(options) <= click_options(server)
+    assert options["--backend-store-uri"].startswith("postgresql://") and "@postgres:5432/" in options["--backend-store-uri"]
+    assert options["--artifacts-destination"].startswith("s3://") and "--serve-artifacts" in options
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+
+
+def test_an_object_store_uri_as_storage_path_is_refused_with_one_line(tmp_path: Path) -> None:
+    done = subprocess.run([*sweep_args(MINI, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path), "--storage-path", "s3://bucket/sweeps"],
+                          capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "mount the bucket" in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow (or Ray) is touched
