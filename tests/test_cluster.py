@@ -220,8 +220,13 @@ def flaky(marker: str, failures: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_a_failing_job_is_retried_up_to_max_failures_then_recorded_failed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_failing_job_is_retried_up_to_max_failures_then_recorded_failed(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
+
+    for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_ADDRESS"):  # what connect_ray/ray.init set: undone after
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
     from orchestrator.config import RetrySettings, load_sweep
     from orchestrator.sweep import JobOutcome, connect_ray, expand_jobs, job_task, run_jobs, submit_job
