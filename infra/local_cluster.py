@@ -113,7 +113,8 @@ class LocalCluster:
         return self.root / "auth_token"
 
     def env(self) -> dict[str, str]:
-        """What a client of this cluster needs in its environment: addresses and the token."""
+        """What a client of this cluster needs in its environment: addresses and the token (before `import ray`: Ray reads
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when imported, and with it at 1 dials 127.0.0.1 by the machine's external address)."""
         return {"RAY_ADDRESS": self.address, "RAY_API_SERVER_ADDRESS": self.dashboard_url, "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": str(self.token_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 

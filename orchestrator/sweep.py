@@ -78,9 +78,15 @@ def connect_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    else:  # the embedded default: a one-node Ray on loopback (without the variable Ray swaps 127.0.0.1 for eth0's address)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        return
+    # The embedded default: a one-node Ray on loopback. With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at 1 (Linux's default)
+    # Ray swaps 127.0.0.1 for the address it would use to reach the internet and listens on every interface. Ray reads
+    # the variable when it is imported, so the constant is set too (ray may have been imported before this call).
+    from ray._private import ray_constants
+
+    os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR].lower() in ("1", "true")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
 
 
 def job_resources(job: JobConfig, sweep: SweepConfig) -> dict[str, Any]:

@@ -206,7 +206,7 @@ def test_a_node_added_mid_sweep_gets_jobs(cluster: LocalCluster, mlflow_server: 
     assert_one_finished_run_per_job(mlflow_server.uri, "mini-grow")
 
 
-# --------------------------------------------------------------------------- retry rules (a one-node local Ray)
+# --------------------------------------------------------------------------- the embedded one-node Ray
 
 
 def flaky(marker: str, failures: int) -> dict[str, Any]:
@@ -219,34 +219,46 @@ def flaky(marker: str, failures: int) -> dict[str, Any]:
     return {"score": float(attempt)}
 
 
-@pytest.mark.slow
-def test_a_failing_job_is_retried_up_to_max_failures_then_recorded_failed(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def embedded_ray_scenario(scratch: str) -> None:
+    """Run by a fresh `python -c` (see the test below): ray imported first, as any library may do, then the driver's
+    embedded Ray; two flaky jobs through the driver's loop. Prints one JSON line."""
     import ray
+    import psutil
 
-    for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_ADDRESS"):  # what connect_ray/ray.init set: undone after
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-
-    from orchestrator.config import RetrySettings, load_sweep
-    from orchestrator.sweep import JobOutcome, connect_ray, expand_jobs, job_task, run_jobs, submit_job
+    from infra.local_cluster import is_loopback
+    from orchestrator.config import RetrySettings, expand_jobs, load_sweep
+    from orchestrator.sweep import JobOutcome, connect_ray, job_task, run_jobs, submit_job
 
     sweep = load_sweep(MINI)
     jobs = expand_jobs(sweep)[:2]
     fails = {jobs[0].job_key: 1, jobs[1].job_key: 5}
     connect_ray()
-    try:
-        task = job_task(flaky, sweep)
-        outcomes: dict[str, JobOutcome] = {}
-        run_jobs(jobs, lambda job: submit_job(task, job, sweep, str(tmp_path / job.kind), fails[job.job_key]),
-                 RetrySettings(max_failures=2), outcomes, len(jobs))
-    finally:
-        ray.shutdown()
-    recovered, failed = outcomes[jobs[0].job_key], outcomes[jobs[1].job_key]
-    assert recovered.state == "finished" and recovered.score == 2.0
-    assert failed.state == "failed" and failed.error == "RuntimeError: attempt 3 failed"
-    assert (tmp_path / jobs[1].kind).read_text() == "3"  # first attempt + max_failures retries, no more
-    assert "retry 2/2" in capsys.readouterr().out
+    ray_processes = psutil.Process().children(recursive=True)
+    off_loopback = [str(c.laddr) for p in ray_processes for c in p.net_connections(kind="inet")
+                    if not all(is_loopback(a.ip) for a in (c.laddr, c.raddr) if a)]
+    task = job_task(flaky, sweep)
+    outcomes: dict[str, JobOutcome] = {}
+    run_jobs(jobs, lambda job: submit_job(task, job, sweep, f"{scratch}/{job.kind}", fails[job.job_key]), RetrySettings(max_failures=2),
+             outcomes, len(jobs))
+    print(json.dumps({"node_ip": ray.util.get_node_ip_address(), "off_loopback": off_loopback, "ray_processes": len(ray_processes),
+                      "outcomes": [[outcomes[job.job_key].state, outcomes[job.job_key].score, outcomes[job.job_key].error] for job in jobs]}))
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_the_embedded_ray_stays_on_loopback_and_retries_a_failing_job_up_to_max_failures(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)  # Ray's workers import `flaky` from this module
+    code = f"from tests.test_cluster import embedded_ray_scenario; embedded_ray_scenario({str(tmp_path)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["node_ip"] == "127.0.0.1" and report["ray_processes"] > 0 and report["off_loopback"] == []
+    (recovered, recovered_score, _), (failed, _, error) = report["outcomes"]
+    assert (recovered, recovered_score) == ("finished", 2.0)
+    assert failed == "failed" and error == "RuntimeError: attempt 3 failed"
+    assert (tmp_path / "evaluate_base").read_text() == "3"  # the first attempt + max_failures retries, no more
+    assert "retry 2/2" in done.stdout
 
 
 # --------------------------------------------------------------------------- fast
