@@ -202,6 +202,16 @@ class LocalCluster:
         self.lost += raylet.children(recursive=True)
         raylet.kill()
 
+    def kill_node(self, node: str) -> None:
+        """SIGKILL a node's raylet and every process under it at once: the machine is gone. (After `kill_raylet` alone,
+        a worker may still finish its task and hand the result to its owner.)"""
+        raylet = self.raylet(node)
+        for process in [raylet, *raylet.children(recursive=True)]:
+            try:
+                process.kill()
+            except psutil.Error:
+                continue
+
     def alive_nodes(self) -> int:
         """How many nodes the GCS counts alive."""
         done = subprocess.run([ray_bin(), "list", "nodes", "--format=json", f"--address={self.dashboard_url}", "--limit=1000"],

@@ -1,0 +1,282 @@
+"""Benchmark: the driver's scheduling of the study's 310 fine-tunes on 8 (fake) GPUs over 2 nodes.
+
+    python benchmarks/sweep_scale.py [--out FILE] [--ideal-s 60] [--fresh-workers] [--sweep configs/sweeps/lora_land.yaml]
+
+Stand-in jobs sleep instead of training; the scheduling is the real driver's: `orchestrator.sweep.run_jobs` (submit
+everything, collect, resubmit a job whose node was lost), `submission_order` (base evaluations first, then longest
+first), `submit_job` (plan's GPU share from the memory estimate, the job key as task name, no Ray-side retries) and
+`job_task`, on a real Ray cluster on loopback (`infra/local_cluster.py`: a head and 2 worker nodes advertising 4
+fake GPUs and 24 CPUs each, so only GPUs bind). Each job sleeps `plan`'s wall-time estimate at its GPU share
+(`hours`), saving its progress as often as the sweep checkpoints (`checkpoint_every / max_steps` of its length: 2.5%)
+and resuming from it when resubmitted, as real jobs do; the sleeps are scaled so that a run's ideal lower bound is
+`--ideal-s` seconds:
+
+    ideal = max(sum(gpus_i * sleep_i) / GPUs, max(sleep_i))
+
+A warm-up pass (the same jobs, sleeps scaled to a quarter of that) first starts the worker processes, then four
+timed runs on the same cluster:
+1. ours: makespan / ideal, GPU utilisation (sum(gpus_i * sleep_i) / (GPUs * makespan)), scheduling overhead per job;
+2. node_loss: the same, with a worker node (raylet and workers) SIGKILLed once 30% of the sweep's GPU-time is done, and a
+   replacement node started at once, as an autoscaler would; the driver resubmits the jobs of the lost node. Also
+   reported against the bound for the capacity actually there (4 GPUs from the kill until the replacement joined);
+3. catalogue_order: ours with the jobs in catalogue order instead of longest first (what LPT is worth);
+4. naive: one whole GPU per job, catalogue order, each job sleeping plan's estimate on a whole GPU (`gpu_hours`).
+   Under plan's model (a job at a 1/k share runs k times slower) that is the same GPU-time as ours: same ideal.
+   `--naive-sleep hours` makes a naive job as slow as a packed one instead (jobs that leave a GPU mostly idle).
+
+Scheduling overhead per job = mean of (a) the gap between a job's start and the end of the previous job run by the
+same worker process (the time a leased slot sits idle between two jobs; the first job of each worker is counted
+under worker start-up instead), (b) the time from a job's end to the driver holding its result, (c) sleep overshoot.
+
+Stand-ins reuse worker processes. Real GPU jobs get a fresh process each (`max_calls=1`, see `job_task`); on this
+machine 2 cores start every worker of 8 fake GPUs, about one a second, which would measure process start-up, not
+scheduling: `--fresh-workers` runs it that way anyway.
+
+Prints a table and writes JSON (default benchmarks/results/sweep_scale.json) with top-level `makespan_ratio`,
+`makespan_ratio_node_loss`, `overhead_s_per_job`, `naive_makespan_ratio`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported: keeps 127.0.0.1 (infra/README.md)
+
+from infra.local_cluster import LocalCluster, free_port_block  # noqa: E402
+from jobs.config import JobConfig  # noqa: E402
+from orchestrator import sweep as driver  # noqa: E402
+from orchestrator.config import RetrySettings, SweepConfig, expand_jobs, load_sweep  # noqa: E402
+from orchestrator.plan import plan_job  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sweep_scale.json"
+NODES, GPUS_PER_NODE, CPUS_PER_NODE = 2, 4, 24
+KILL_AT = 0.30
+WARM_UP_FRACTION = 0.25
+
+
+def stand_in(seconds: float, state: str) -> dict[str, Any]:
+    """A job: sleep `seconds`, less what its last checkpoint holds. The file `state` keeps the attempt's start and node
+    and the seconds checkpointed (`lose_node` fills that in for the jobs it interrupts). Returns when and where it ran."""
+    import psutil
+    import ray
+
+    path = Path(state)
+    checkpointed = json.loads(path.read_text())["checkpointed"] if path.exists() else 0.0
+    start, node = time.time(), ray.get_runtime_context().get_node_id()
+    path.write_text(json.dumps({"start": start, "node": node, "checkpointed": checkpointed, "seconds": seconds}))
+    time.sleep(seconds - checkpointed)
+    return {"start": start, "end": time.time(), "slept": seconds - checkpointed, "resumed_from": checkpointed, "node": node,
+            "pid": os.getpid(), "created": psutil.Process().create_time()}
+
+
+def lose_node(cluster: LocalCluster, node: str, states: Path, checkpoint_fraction: float) -> list[float]:
+    """Checkpoint, as of now, every job running on `node` (whole checkpoint intervals since its attempt started), then
+    SIGKILL the node's raylet and workers (the machine is gone). Returns the seconds checkpointed of each job it interrupted."""
+    now, node_id, interrupted = time.time(), cluster.node_id(node), []
+    for path in states.iterdir():
+        state = json.loads(path.read_text())
+        if state["node"] == node_id and state["start"] + state["seconds"] - state["checkpointed"] > now:
+            every = state["seconds"] * checkpoint_fraction
+            state["checkpointed"] += max(0.0, (now - state["start"]) // every * every)  # started after `now`: nothing
+            path.write_text(json.dumps(state))
+            interrupted.append(round(state["checkpointed"], 3))
+    cluster.kill_node(node)
+    return interrupted
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default: %(default)s)")
+    parser.add_argument("--ideal-s", type=float, default=60.0, help="ideal lower bound of a run in seconds (default: %(default)s)")
+    parser.add_argument("--fresh-workers", action="store_true", help="a new worker process per job, as real GPU jobs get")
+    parser.add_argument("--naive-sleep", choices=["gpu_hours", "hours"], default="gpu_hours",
+                        help="plan's estimate a naive job sleeps (default %(default)s: a whole GPU makes it faster)")
+    parser.add_argument("--sweep", type=Path, default=ROOT / "configs" / "sweeps" / "lora_land.yaml", help="sweep whose fine-tunes are stood in for")
+    args = parser.parse_args(argv)
+    if args.ideal_s <= 0:
+        parser.error("--ideal-s must be > 0")
+    return args
+
+
+def timed_run(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], retries: RetrySettings,
+              on_result: Callable[[JobConfig, float], None] | None = None) -> tuple[float, float, dict[str, dict[str, Any]], int]:
+    """All jobs through `driver.run_jobs`; returns (start, end, each job's result plus `seen`: when the driver got it, how
+    many attempts the driver resubmitted). `on_result(job, start)` follows progress."""
+    results: dict[str, dict[str, Any]] = {}
+    submissions: list[str] = []
+    started = time.time()
+
+    def record(job: JobConfig, result: dict[str, Any]) -> None:
+        results[job.job_key] = result | {"seen": time.time()}
+        if on_result:
+            on_result(job, started)
+
+    outcomes: dict[str, driver.JobOutcome] = {}
+    driver.run_jobs(jobs, lambda job: submissions.append(job.job_key) or submit(job), retries, outcomes, len(jobs), on_result=record)
+    resubmitted = len(submissions) - len(jobs)
+    failed = [o for o in outcomes.values() if o.state != "finished"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} stand-in jobs failed, e.g. {failed[0].error}")
+    return started, time.time(), results, resubmitted
+
+
+def figures(started: float, ended: float, results: dict[str, dict[str, Any]], resubmitted: int, sleep: dict[str, float],
+            gpus: dict[str, float], ideal: float, gpus_total: int) -> dict[str, Any]:
+    """Makespan against the ideal, GPU utilisation, and the overhead per job (see the module doc)."""
+    makespan = ended - started
+    by_worker: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for result in results.values():
+        by_worker[result["pid"]].append(result)
+    gaps, worker_starts = [], []
+    for runs in by_worker.values():
+        runs.sort(key=lambda r: r["start"])
+        worker_starts.append(runs[0]["start"] - max(runs[0]["created"], started))
+        gaps += [later["start"] - earlier["end"] for earlier, later in zip(runs, runs[1:])]
+    to_driver = [r["seen"] - r["end"] for r in results.values()]
+    overshoot = [r["end"] - r["start"] - r["slept"] for r in results.values()]
+    parts = {"idle_between_jobs": mean(gaps) if gaps else 0.0, "result_to_driver": mean(to_driver), "sleep_overshoot": mean(overshoot)}
+    return {
+        "jobs": len(results), "makespan_s": round(makespan, 2), "ideal_s": round(ideal, 2), "makespan_ratio": round(makespan / ideal, 4),
+        "gpu_utilisation": round(sum(gpus[k] * sleep[k] for k in results) / (gpus_total * makespan), 4),
+        "overhead_s_per_job": round(sum(parts.values()), 3), "overhead_parts_s": {k: round(v, 3) for k, v in parts.items()},
+        "jobs_after_a_job_on_the_same_worker": len(gaps), "worker_processes": len(by_worker),
+        "worker_start_s_mean": round(mean(worker_starts), 3), "nodes_used": len({r["node"] for r in results.values()}),
+        "resubmitted": resubmitted, "resumed_jobs": sum(r["resumed_from"] > 0 for r in results.values()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the cluster
+    sweep = load_sweep(args.sweep)
+    sweep.evaluate_base = False  # the 310 fine-tunes (base evaluations are 0.2% of plan's GPU-hours)
+    jobs = expand_jobs(sweep)
+    plans = {job.job_key: plan_job(job, sweep.resources) for job in jobs}
+    shares = {key: p.gpus for key, p in plans.items()}
+    gpus_total = NODES * GPUS_PER_NODE
+    scale = args.ideal_s / max(sum(p.gpus * p.hours for p in plans.values()) / gpus_total, max(p.hours for p in plans.values()))
+    ours_sleep = {key: p.hours * scale for key, p in plans.items()}
+    naive_sleep = {key: getattr(p, args.naive_sleep) * scale for key, p in plans.items()}
+    ideal = max(sum(shares[k] * s for k, s in ours_sleep.items()) / gpus_total, max(ours_sleep.values()))
+    print(f"{len(jobs)} stand-in jobs sleeping {min(ours_sleep.values()):.2f}-{max(ours_sleep.values()):.2f} s "
+          f"(plan's estimated hours x {scale:.2e}); ideal lower bound {ideal:.1f} s on {gpus_total} GPUs", flush=True)
+
+    checkpoint_fraction = sweep.training.checkpoint_every / sweep.training.max_steps
+    scratch = Path(tempfile.mkdtemp(prefix="sweep_scale-"))
+    states = scratch / "states"
+    cluster = LocalCluster(free_port_block())
+    driver.console.quiet = True  # the driver's line per job, x 1,550 here, is noise: the table below is the output
+    runs: dict[str, dict[str, Any]] = {}
+    try:
+        began = time.time()
+        cluster.start(workers=NODES, num_cpus=CPUS_PER_NODE, num_gpus=GPUS_PER_NODE)
+        print(f"cluster up in {time.time() - began:.0f} s: head + {NODES} nodes x {GPUS_PER_NODE} fake GPUs", flush=True)
+        os.environ.update(cluster.env())
+        driver.connect_ray()
+        task = driver.job_task(stand_in, sweep, reuse_workers=not args.fresh_workers)
+        ordered = driver.submission_order(jobs, sweep)
+
+        def ours(sleep: dict[str, float], resources: Callable[..., Any] = driver.submit_job) -> Callable[[JobConfig], Any]:
+            """Submit through `resources` (the driver's submit_job, or the naive one); job states in `states`."""
+            states.mkdir(exist_ok=True)
+            for old in states.iterdir():
+                old.unlink()
+            return lambda job: resources(task, job, sweep, sleep[job.job_key], str(states / job.job_key.replace("/", "_")))
+
+        began = time.time()
+        timed_run(ordered, ours({k: s * WARM_UP_FRACTION for k, s in ours_sleep.items()}), sweep.retries)
+        print(f"warm-up pass (worker processes started) in {time.time() - began:.0f} s", flush=True)
+        print("\n| run | jobs | makespan s | ideal s | ratio | GPU util | overhead s/job | worker processes | nodes |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+
+        runs["ours"] = figures(*timed_run(ordered, ours(ours_sleep), sweep.retries), ours_sleep, shares, ideal, gpus_total)
+        print_row("ours", runs["ours"])
+
+        events: dict[str, Any] = {}
+        work = sum(shares[k] * s for k, s in ours_sleep.items())
+        done_work: list[float] = []
+
+        def kill_and_replace() -> None:  # then a replacement joins, as an autoscaler would
+            events["checkpointed_s_of_interrupted_jobs"] = lose_node(cluster, cluster.workers[0], states, checkpoint_fraction)
+            events["killed_at_s"] = round(time.time() - events["started"], 2)
+            cluster.add_worker(CPUS_PER_NODE, GPUS_PER_NODE)
+            events["replacement_joined_after_s"] = round(time.time() - events["started"], 2)
+
+        killer = threading.Thread(target=kill_and_replace)
+
+        def lose_a_node(job: JobConfig, started: float) -> None:
+            done_work.append(shares[job.job_key] * ours_sleep[job.job_key])
+            if sum(done_work) >= KILL_AT * work and not events:
+                events.update(started=started, jobs_done_at_kill=len(done_work))
+                killer.start()
+
+        loss = timed_run(ordered, ours(ours_sleep), sweep.retries, lose_a_node)
+        killer.join()
+        del events["started"]
+        runs["node_loss"] = figures(*loss, ours_sleep, shares, ideal, gpus_total) | events
+        # the bound for the capacity that was there: GPUs_per_node fewer GPUs from the kill until the replacement joined
+        down = events["replacement_joined_after_s"] - events["killed_at_s"]
+        capacity_ideal = max(ideal + down * GPUS_PER_NODE / gpus_total, max(ours_sleep.values()))
+        runs["node_loss"] |= {"ideal_for_capacity_present_s": round(capacity_ideal, 2),
+                              "makespan_ratio_vs_capacity_present": round(runs["node_loss"]["makespan_s"] / capacity_ideal, 4)}
+        print_row("node_loss", runs["node_loss"])
+
+        runs["catalogue_order"] = figures(*timed_run(jobs, ours(ours_sleep), sweep.retries), ours_sleep, shares, ideal, gpus_total)
+        print_row("catalogue_order", runs["catalogue_order"])
+
+        def one_gpu_each(task: Any, job: JobConfig, sweep: SweepConfig, *args: Any) -> Any:
+            return task.options(name=job.job_key, num_gpus=1, num_cpus=sweep.resources.cpus_per_job, max_retries=0).remote(*args)
+
+        runs["naive"] = figures(*timed_run(jobs, ours(naive_sleep, one_gpu_each), sweep.retries), naive_sleep, {k: 1.0 for k in plans}, ideal, gpus_total)
+        print_row("naive", runs["naive"])
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    report = {
+        "makespan_ratio": runs["ours"]["makespan_ratio"],
+        "makespan_ratio_node_loss": runs["node_loss"]["makespan_ratio"],
+        "overhead_s_per_job": runs["ours"]["overhead_s_per_job"],
+        "naive_makespan_ratio": runs["naive"]["makespan_ratio"],
+        "goals": {"makespan_ratio": 1.10, "makespan_ratio_node_loss": 1.25, "overhead_s_per_job": 0.5},
+        "runs": runs,
+        "settings": {"sweep": str(args.sweep), "jobs": len(jobs), "ideal_s": args.ideal_s, "seconds_per_planned_hour": scale,
+                     "naive_sleep": args.naive_sleep, "checkpoint_every_fraction_of_a_job": checkpoint_fraction,
+                     "nodes": NODES, "gpus_per_node": GPUS_PER_NODE, "cpus_per_node": CPUS_PER_NODE, "kill_at_fraction": KILL_AT,
+                     "fresh_workers": args.fresh_workers, "warm_up_fraction": WARM_UP_FRACTION},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "ray": ray.__version__, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "command": " ".join(["python", *sys.argv]) if argv is None else f"main({argv})",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nmakespan_ratio {report['makespan_ratio']}, makespan_ratio_node_loss {report['makespan_ratio_node_loss']}, "
+          f"overhead_s_per_job {report['overhead_s_per_job']}, naive_makespan_ratio {report['naive_makespan_ratio']} -> {args.out}")
+    return 0
+
+
+def print_row(name: str, f: dict[str, Any]) -> None:
+    print(f"| {name} | {f['jobs']} | {f['makespan_s']:.1f} | {f['ideal_s']:.1f} | {f['makespan_ratio']:.3f} | {f['gpu_utilisation']:.3f} | "
+          f"{f['overhead_s_per_job']:.3f} | {f['worker_processes']} | {f['nodes_used']} |", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
