@@ -93,6 +93,7 @@ class AdapterTiers:
         self.wake = wake
         self.stats = stats
         self.layer_shapes = {name: (layer.in_features, layer.out_features) for name, layer in slots.layers.items()}
+        self.pin = next(iter(slots.layers.values())).lora_a.is_cuda  # page-locked host copies for async copies to a GPU
         self.pool = concurrent.futures.ThreadPoolExecutor(settings.loader_threads, thread_name_prefix="adapter-loader")
         self.lock = threading.Lock()
         self.host: OrderedDict[str, AdapterWeights] = OrderedDict()
@@ -128,7 +129,7 @@ class AdapterTiers:
             raise
         except Exception as error:  # noqa: BLE001 - fetch failures of any kind fail only this adapter
             raise AdapterLoadError(f"adapter {adapter!r} could not be fetched: {type(error).__name__}: {error}") from error
-        if torch.cuda.is_available() and self.lora.layers and next(iter(self.lora.layers.values())).lora_a.is_cuda:
+        if self.pin:
             weights.modules = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.modules.items()}
         seconds = time.perf_counter() - started
         with self.lock:
@@ -456,11 +457,9 @@ class BatchingEngine:
         self.rows.extend(new)
 
     def _decode(self) -> None:
-        live = [seq for seq in self.rows if not seq.finished and not seq.cancelled]
-        if len(live) < len(self.rows):
-            self._drop_finished()
-            if not self.rows:
-                return
+        self._drop_finished()  # clients that went away since the last step
+        if not self.rows:
+            return
         assert self.cache is not None and self.mask is not None
         ids = torch.tensor([[seq.out_ids[-1]] for seq in self.rows], device=self.device)
         positions = torch.tensor([[seq.position] for seq in self.rows], device=self.device)
@@ -534,10 +533,14 @@ class BatchingEngine:
                            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.out_ids)))
             seq.sent, seq.tokens_sent = upto, len(seq.out_ids)
 
+    def _window(self, seq: Sequence, ids: list[int]) -> tuple[str, str]:
+        """Text of `ids` from the decoder's prefix offset: up to its read offset, and to the end."""
+        prefix = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=True)
+        return prefix, self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+
     def _detokenize(self, seq: Sequence) -> str:
         """The text the newest token adds (vLLM/TGI-style incremental decoding: stable across merges)."""
-        prefix = self.tokenizer.decode(seq.out_ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(seq.out_ids[seq.prefix_offset:], skip_special_tokens=True)
+        prefix, full = self._window(seq, seq.out_ids)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.out_ids)
             return full[len(prefix):]
@@ -563,9 +566,7 @@ class BatchingEngine:
 
     def _decoder_tail(self, seq: Sequence) -> str:
         """Text still held in the incremental decoder (an unfinished multi-byte character) at EOS."""
-        ids = seq.out_ids[:-1]
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        prefix, full = self._window(seq, seq.out_ids[:-1])
         return full[len(prefix):]
 
     # ------------------------------------------------------------------ sizing
