@@ -5,10 +5,15 @@ Ray core tasks, not Tune: every job is one function call with its own resources 
 run (found by its job key) and its checkpoints on the storage path. Tune's experiment restore would be
 a second, competing record of the same state.
 
-Every job is submitted at once, base evaluations first (a fine-tune's lift needs its base score), then
-fine-tunes longest first (plan's estimate; LPT keeps the longest job from starting last). Ray holds the
-queue and starts a job wherever its resources are free, so concurrency is whatever the cluster holds at
-each moment and grows as soon as a node joins.
+Jobs go out base evaluations first (a fine-tune's lift needs its base score), then fine-tunes longest
+first (plan's estimate; LPT keeps the longest job from starting last). The driver holds the queue and
+keeps submitted to Ray what the cluster holds now plus `resources.queue_ahead` of it (re-read from
+`ray.cluster_resources()` as jobs end, so concurrency follows the cluster as nodes join or go); Ray
+starts each submitted job wherever its resources are free, and the few waiting in Ray start the moment
+a slot frees. A resubmitted job goes to the front of the driver's queue, so a job interrupted by a lost
+node restarts before the jobs that never started, not behind all of them (Ray core has no task
+priorities). The autoscaler is asked for room for every unfinished job (`request_resources`), so it
+scales for the whole sweep, not only for what is submitted.
 
 Retries are the driver's, not Ray's (tasks run with `max_retries=0`), because Ray counts a lost node
 and a crashing job against one budget. Here a job whose node died (`NodeDiedError`: preemption,
@@ -23,9 +28,10 @@ runs left RUNNING by killed workers, and resubmits the rest, which resume from t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,6 +44,7 @@ from orchestrator.plan import plan_job
 
 console = Console(highlight=False)
 PROGRESS_EVERY_S = 10.0
+WAIT_S = 1.0  # how often the driver looks for results and for capacity that joined
 
 
 @dataclass
@@ -89,14 +96,19 @@ def connect_ray() -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
 
 
-def job_resources(job: JobConfig, sweep: SweepConfig) -> dict[str, Any]:
-    """The Ray resources of one job: CPUs, and `plan`'s GPU share from its memory estimate unless on the CPU."""
-    resources: dict[str, Any] = {"num_cpus": sweep.resources.cpus_per_job}
-    if sweep.resources.custom:
-        resources["resources"] = dict(sweep.resources.custom)
+def job_demand(job: JobConfig, sweep: SweepConfig) -> dict[str, float]:
+    """The Ray resources of one job by Ray's names: CPUs, the sweep's custom resources, and `plan`'s GPU share from its
+    memory estimate unless on the CPU."""
+    demand = {"CPU": sweep.resources.cpus_per_job, **sweep.resources.custom}
     if sweep.resources.device != "cpu":
-        resources["num_gpus"] = plan_job(job, sweep.resources).gpus
-    return resources
+        demand["GPU"] = plan_job(job, sweep.resources).gpus
+    return demand
+
+
+def ray_options(demand: dict[str, float]) -> dict[str, Any]:
+    """A demand as `.options()` keywords."""
+    custom = {name: amount for name, amount in demand.items() if name not in ("CPU", "GPU")}
+    return {"num_cpus": demand.get("CPU", 0.0), "num_gpus": demand.get("GPU", 0.0)} | ({"resources": custom} if custom else {})
 
 
 def job_task(function: Callable[..., dict[str, Any]], sweep: SweepConfig, reuse_workers: bool = False) -> Any:
@@ -111,7 +123,7 @@ def job_task(function: Callable[..., dict[str, Any]], sweep: SweepConfig, reuse_
 def submit_job(task: Any, job: JobConfig, sweep: SweepConfig, *args: Any) -> Any:
     """Submit one attempt of `job`: named by its job key (`ray list tasks`, the dashboard, the worker's process title),
     with its resources, no Ray-side retries (see the module doc)."""
-    return task.options(name=job.job_key, max_retries=0, retry_exceptions=False, **job_resources(job, sweep)).remote(*args)
+    return task.options(name=job.job_key, max_retries=0, retry_exceptions=False, **ray_options(job_demand(job, sweep))).remote(*args)
 
 
 def submission_order(jobs: list[JobConfig], sweep: SweepConfig) -> list[JobConfig]:
@@ -146,7 +158,8 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOu
     if todo:
         connect_ray()
         remote = job_task(run_tracked_job, sweep)
-        run_jobs(todo, lambda job: submit_job(remote, job, sweep, job, experiment_id, parent_run_id, uri), sweep.retries, outcomes, len(jobs))
+        run_jobs(todo, lambda job: submit_job(remote, job, sweep, job, experiment_id, parent_run_id, uri), lambda job: job_demand(job, sweep),
+                 sweep.retries, outcomes, len(jobs), sweep.resources.queue_ahead)
     from tracking.registry import update_champion
 
     for task in sweep.tasks:  # settles a race between two workers finishing one task at the same instant
@@ -155,55 +168,94 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOu
     return [outcomes[job.job_key] for job in catalogue_order]
 
 
-def run_jobs(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], retries: RetrySettings, outcomes: dict[str, JobOutcome],
-             total: int, on_result: Callable[[JobConfig, dict[str, Any]], None] | None = None) -> None:
-    """Submit every job at once (`submit` returns the attempt's ObjectRef), collect results as they come, resubmit
-    failures by the retry rules of the module doc, print progress (done / failed / running or queued, ETA) every
-    PROGRESS_EVERY_S. `on_result(job, result)` sees each finished job's returned dict."""
+def run_jobs(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], demand: Callable[[JobConfig], dict[str, float]],
+             retries: RetrySettings, outcomes: dict[str, JobOutcome], total: int, queue_ahead: float = 1.0,
+             on_result: Callable[[JobConfig, dict[str, Any]], None] | None = None) -> None:
+    """Run `jobs` in their order: keep submitted (`submit` returns the attempt's ObjectRef) what the cluster holds plus
+    `queue_ahead` of it by each job's `demand`, collect results as they come, put failures back at the front of the queue
+    by the retry rules of the module doc, keep the autoscaler's request at the unfinished jobs, print progress (done /
+    failed / submitted / queued, ETA) every PROGRESS_EVERY_S. `on_result(job, result)` sees each finished job's dict."""
     import ray
     from ray.exceptions import NodeDiedError
 
-    pending = {submit(job): job for job in jobs}
+    queue, pending = deque(jobs), {}
     failures: Counter[str] = Counter()
     node_losses: Counter[str] = Counter()
     started, last_print, finished_here = time.monotonic(), 0.0, 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_EVERY_S)
-        for ref in ready:
-            job = pending.pop(ref)
-            label = f"{job.kind:13s} {job.base_model.name} x {job.task.name}"
-            try:
-                result = ray.get(ref)
-            except NodeDiedError:
-                node_losses[job.job_key] += 1
-                if retries.max_node_losses < 0 or node_losses[job.job_key] <= retries.max_node_losses:
-                    console.print(f"  node lost {label}: resubmitted (does not count toward max_failures)", soft_wrap=True)
-                    pending[submit(job)] = job
-                    continue
-                outcomes[job.job_key] = JobOutcome(job, "failed", error=f"its node was lost {node_losses[job.job_key]} times")
-            except Exception as error:  # the job raised, or its worker crashed: counts toward max_failures
-                failures[job.job_key] += 1
-                message = str(error).strip().splitlines()[-1][:300]
-                if failures[job.job_key] <= retries.max_failures:
-                    console.print(f"  retry {failures[job.job_key]}/{retries.max_failures} {label}: {message}", soft_wrap=True)
-                    pending[submit(job)] = job
-                    continue
-                outcomes[job.job_key] = JobOutcome(job, "failed", error=message)
-            else:
-                outcomes[job.job_key] = JobOutcome(job, "finished", result.get("score"), node=result.get("node", ""))
-                finished_here += 1
-                if on_result:
-                    on_result(job, result)
-            outcome = outcomes[job.job_key]
-            console.print(f"  {outcome.state:8s} {label}" + (f" on node {outcome.node[:8]}" if outcome.node else ""), soft_wrap=True)
-        now = time.monotonic()
-        if now - last_print >= PROGRESS_EVERY_S or not pending:
-            last_print = now
-            done = sum(o.state in ("finished", "skipped") for o in outcomes.values())
-            failed = sum(o.state == "failed" for o in outcomes.values())
-            eta = (now - started) / finished_here * len(pending) if finished_here else float("nan")
-            console.print(f"progress: {done} done, {failed} failed, {len(pending)} running or queued of {total}"
-                          + (f", ETA {eta:.0f} s" if finished_here and pending else ""), soft_wrap=True)
+    try:
+        while queue or pending:
+            submit_window(queue, pending, submit, demand, queue_ahead)
+            now = time.monotonic()
+            if now - last_print >= PROGRESS_EVERY_S:
+                request_capacity([demand(job) for job in (*pending.values(), *queue)])
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
+            for ref in ready:
+                job = pending.pop(ref)
+                label = f"{job.kind:13s} {job.base_model.name} x {job.task.name}"
+                try:
+                    result = ray.get(ref)
+                except NodeDiedError:
+                    node_losses[job.job_key] += 1
+                    if retries.max_node_losses < 0 or node_losses[job.job_key] <= retries.max_node_losses:
+                        console.print(f"  node lost {label}: resubmitted (does not count toward max_failures)", soft_wrap=True)
+                        queue.appendleft(job)
+                        continue
+                    outcomes[job.job_key] = JobOutcome(job, "failed", error=f"its node was lost {node_losses[job.job_key]} times")
+                except Exception as error:  # the job raised, or its worker crashed: counts toward max_failures
+                    failures[job.job_key] += 1
+                    message = str(error).strip().splitlines()[-1][:300]
+                    if failures[job.job_key] <= retries.max_failures:
+                        console.print(f"  retry {failures[job.job_key]}/{retries.max_failures} {label}: {message}", soft_wrap=True)
+                        queue.appendleft(job)
+                        continue
+                    outcomes[job.job_key] = JobOutcome(job, "failed", error=message)
+                else:
+                    outcomes[job.job_key] = JobOutcome(job, "finished", result.get("score"), node=result.get("node", ""))
+                    finished_here += 1
+                    if on_result:
+                        on_result(job, result)
+                outcome = outcomes[job.job_key]
+                console.print(f"  {outcome.state:8s} {label}" + (f" on node {outcome.node[:8]}" if outcome.node else ""), soft_wrap=True)
+            now = time.monotonic()
+            if now - last_print >= PROGRESS_EVERY_S or not (pending or queue):
+                last_print = now
+                done = sum(o.state in ("finished", "skipped") for o in outcomes.values())
+                failed = sum(o.state == "failed" for o in outcomes.values())
+                left = len(pending) + len(queue)
+                eta = (now - started) / finished_here * left if finished_here else float("nan")
+                console.print(f"progress: {done} done, {failed} failed, {len(pending)} running or starting, {len(queue)} queued of {total}"
+                              + (f", ETA {eta:.0f} s" if finished_here and left else ""), soft_wrap=True)
+    finally:
+        with contextlib.suppress(Exception):  # Ray itself may be what failed; never hide the error that ended the loop
+            request_capacity([])
+
+
+def submit_window(queue: deque[JobConfig], pending: dict[Any, JobConfig], submit: Callable[[JobConfig], Any],
+                  demand: Callable[[JobConfig], dict[str, float]], queue_ahead: float) -> None:
+    """Submit from the front of `queue` while, for each resource the next job needs, the submitted jobs ask for less than
+    (1 + queue_ahead) x the cluster's total of it; with nothing submitted, the next job goes regardless (a cluster scaled
+    to zero GPU nodes grows on demand)."""
+    import ray
+
+    capacity = ray.cluster_resources()
+    in_flight: Counter[str] = Counter()
+    for job in pending.values():
+        in_flight.update(demand(job))
+    while queue:
+        need = demand(queue[0])
+        if pending and any(in_flight[name] >= (1 + queue_ahead) * capacity.get(name, 0.0) for name in need if need[name] > 0):
+            return
+        job = queue.popleft()
+        pending[submit(job)] = job
+        in_flight.update(need)
+
+
+def request_capacity(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler for room for `bundles` at once (its standing request, replaced by every call; nothing happens on a
+    cluster without an autoscaler). [] withdraws it, so the cluster can scale down once the sweep ends."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{name: amount for name, amount in bundle.items() if amount > 0} for bundle in bundles])
 
 
 def summary_table(outcomes: list[JobOutcome]) -> Table:

@@ -210,10 +210,14 @@ def test_a_node_added_mid_sweep_gets_jobs(cluster: LocalCluster, mlflow_server: 
 
 
 def flaky(marker: str, failures: int) -> dict[str, Any]:
-    """Raises the first `failures` times it runs (attempts counted in the file `marker`)."""
+    """Raises the first `failures` times it runs (attempts counted in the file `marker`); each attempt appends
+    "<marker name> <attempt>" to the file `starts` beside it."""
     path = Path(marker)
     attempt = int(path.read_text()) + 1 if path.exists() else 1
     path.write_text(str(attempt))
+    with open(path.parent / "starts", "a") as starts:
+        starts.write(f"{path.name} {attempt}\n")
+    time.sleep(0.3)
     if attempt <= failures:
         raise RuntimeError(f"attempt {attempt} failed")
     return {"score": float(attempt)}
@@ -221,32 +225,35 @@ def flaky(marker: str, failures: int) -> dict[str, Any]:
 
 def embedded_ray_scenario(scratch: str) -> None:
     """Run by a fresh `python -c` (see the test below): ray imported first, as any library may do, then the driver's
-    embedded Ray; two flaky jobs through the driver's loop. Prints one JSON line."""
+    embedded Ray; six jobs through the driver's loop, two at a time (queue_ahead 0): `a` fails once, `b` always, `c`-`f`
+    never. Prints one JSON line."""
     import ray
     import psutil
 
     from infra.local_cluster import is_loopback
     from orchestrator.config import RetrySettings, expand_jobs, load_sweep
-    from orchestrator.sweep import JobOutcome, connect_ray, job_task, run_jobs, submit_job
+    from orchestrator.sweep import JobOutcome, connect_ray, job_demand, job_task, run_jobs, submit_job
 
     sweep = load_sweep(MINI)
-    jobs = expand_jobs(sweep)[:2]
-    fails = {jobs[0].job_key: 1, jobs[1].job_key: 5}
+    template = expand_jobs(sweep)[0]
+    jobs = [template.model_copy(update={"job_key": f"{template.job_key}-{name}"}) for name in "abcdef"]
+    fails = dict(zip((job.job_key for job in jobs), [1, 5, 0, 0, 0, 0]))
     connect_ray()
+    sweep.resources.cpus_per_job = ray.cluster_resources()["CPU"] / 2  # two jobs fit, whatever the machine's cores
     ray_processes = psutil.Process().children(recursive=True)
     off_loopback = [str(c.laddr) for p in ray_processes for c in p.net_connections(kind="inet")
                     if not all(is_loopback(a.ip) for a in (c.laddr, c.raddr) if a)]
     task = job_task(flaky, sweep)
     outcomes: dict[str, JobOutcome] = {}
-    run_jobs(jobs, lambda job: submit_job(task, job, sweep, f"{scratch}/{job.kind}", fails[job.job_key]), RetrySettings(max_failures=2),
-             outcomes, len(jobs))
+    run_jobs(jobs, lambda job: submit_job(task, job, sweep, f"{scratch}/{job.job_key[-1]}", fails[job.job_key]),
+             lambda job: job_demand(job, sweep), RetrySettings(max_failures=2), outcomes, len(jobs), queue_ahead=0)
     print(json.dumps({"node_ip": ray.util.get_node_ip_address(), "off_loopback": off_loopback, "ray_processes": len(ray_processes),
                       "outcomes": [[outcomes[job.job_key].state, outcomes[job.job_key].score, outcomes[job.job_key].error] for job in jobs]}))
     ray.shutdown()
 
 
 @pytest.mark.slow
-def test_the_embedded_ray_stays_on_loopback_and_retries_a_failing_job_up_to_max_failures(tmp_path: Path) -> None:
+def test_the_embedded_ray_stays_on_loopback_and_retries_a_failing_job_first_up_to_max_failures(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     env["PYTHONPATH"] = str(PROJECT_ROOT)  # Ray's workers import `flaky` from this module
     code = f"from tests.test_cluster import embedded_ray_scenario; embedded_ray_scenario({str(tmp_path)!r})"
@@ -254,11 +261,15 @@ def test_the_embedded_ray_stays_on_loopback_and_retries_a_failing_job_up_to_max_
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["node_ip"] == "127.0.0.1" and report["ray_processes"] > 0 and report["off_loopback"] == []
-    (recovered, recovered_score, _), (failed, _, error) = report["outcomes"]
+    (recovered, recovered_score, _), (failed, _, error), *others = report["outcomes"]
     assert (recovered, recovered_score) == ("finished", 2.0)
     assert failed == "failed" and error == "RuntimeError: attempt 3 failed"
-    assert (tmp_path / "evaluate_base").read_text() == "3"  # the first attempt + max_failures retries, no more
+    assert others == [["finished", 1.0, ""]] * 4
+    assert (tmp_path / "b").read_text() == "3"  # the first attempt + max_failures retries, no more
     assert "retry 2/2" in done.stdout
+    # a retry goes before jobs that never started: `a`'s second attempt starts before `c`, the first job queued behind it
+    starts = (tmp_path / "starts").read_text().split("\n")
+    assert starts[:2] in (["a 1", "b 1"], ["b 1", "a 1"]) and starts.index("a 2") < starts.index("c 1"), starts
 
 
 # --------------------------------------------------------------------------- fast
