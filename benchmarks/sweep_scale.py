@@ -1,6 +1,6 @@
 """Benchmark: the driver's scheduling of the study's 310 fine-tunes on 8 (fake) GPUs over 2 nodes.
 
-    python benchmarks/sweep_scale.py [--out FILE] [--ideal-s 60] [--fresh-workers] [--sweep configs/sweeps/lora_land.yaml]
+    python benchmarks/sweep_scale.py [--out FILE] [--ideal-s 60] [--fresh-workers] [--queue-ahead Q] [--sweep configs/sweeps/lora_land.yaml]
 
 Stand-in jobs sleep instead of training; the scheduling is the real driver's: `orchestrator.sweep.run_jobs` (submit
 everything, collect, resubmit a job whose node was lost), `submission_order` (base evaluations first, then longest
@@ -13,14 +13,16 @@ and resuming from it when resubmitted, as real jobs do; the sleeps are scaled so
 
     ideal = max(sum(gpus_i * sleep_i) / GPUs, max(sleep_i))
 
-A warm-up pass (the same jobs, sleeps scaled to a quarter of that) first starts the worker processes, then four
+A warm-up pass (the same jobs, sleeps scaled to a quarter of that) first starts the worker processes, then six
 timed runs on the same cluster:
 1. ours: makespan / ideal, GPU utilisation (sum(gpus_i * sleep_i) / (GPUs * makespan)), scheduling overhead per job;
-2. node_loss: the same, with a worker node (raylet and workers) SIGKILLed once 30% of the sweep's GPU-time is done, and a
+2. submit_all: ours with every job submitted to Ray at once (queue_ahead huge) instead of the driver's window;
+3. node_loss: ours, with a worker node (raylet and workers) SIGKILLed once 30% of the sweep's GPU-time is done, and a
    replacement node started at once, as an autoscaler would; the driver resubmits the jobs of the lost node. Also
    reported against the bound for the capacity actually there (4 GPUs from the kill until the replacement joined);
-3. catalogue_order: ours with the jobs in catalogue order instead of longest first (what LPT is worth);
-4. naive: one whole GPU per job, catalogue order, each job sleeping plan's estimate on a whole GPU (`gpu_hours`).
+4. node_loss_submit_all: 3 with every job submitted at once (a resubmitted job then queues behind all the others);
+5. catalogue_order: ours with the jobs in catalogue order instead of longest first (what LPT is worth);
+6. naive: one whole GPU per job, catalogue order, each job sleeping plan's estimate on a whole GPU (`gpu_hours`).
    Under plan's model (a job at a 1/k share runs k times slower) that is the same GPU-time as ours: same ideal.
    `--naive-sleep hours` makes a naive job as slow as a packed one instead (jobs that leave a GPU mostly idle).
 
@@ -61,13 +63,14 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray
 from infra.local_cluster import LocalCluster, free_port_block  # noqa: E402
 from jobs.config import JobConfig  # noqa: E402
 from orchestrator import sweep as driver  # noqa: E402
-from orchestrator.config import RetrySettings, SweepConfig, expand_jobs, load_sweep  # noqa: E402
+from orchestrator.config import SweepConfig, expand_jobs, load_sweep  # noqa: E402
 from orchestrator.plan import plan_job  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sweep_scale.json"
 NODES, GPUS_PER_NODE, CPUS_PER_NODE = 2, 4, 24
 KILL_AT = 0.30
 WARM_UP_FRACTION = 0.25
+SUBMIT_ALL = 1e9  # a queue_ahead that submits every job at once (the driver before it held a queue)
 
 
 def stand_in(seconds: float, state: str) -> dict[str, Any]:
@@ -107,15 +110,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fresh-workers", action="store_true", help="a new worker process per job, as real GPU jobs get")
     parser.add_argument("--naive-sleep", choices=["gpu_hours", "hours"], default="gpu_hours",
                         help="plan's estimate a naive job sleeps (default %(default)s: a whole GPU makes it faster)")
+    parser.add_argument("--queue-ahead", type=float, default=None,
+                        help="the driver's resources.queue_ahead (default: the sweep's); a large value submits every job at once")
     parser.add_argument("--sweep", type=Path, default=ROOT / "configs" / "sweeps" / "lora_land.yaml", help="sweep whose fine-tunes are stood in for")
     args = parser.parse_args(argv)
     if args.ideal_s <= 0:
         parser.error("--ideal-s must be > 0")
+    if args.queue_ahead is not None and args.queue_ahead < 0:
+        parser.error("--queue-ahead must be >= 0")
     return args
 
 
-def timed_run(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], retries: RetrySettings,
-              on_result: Callable[[JobConfig, float], None] | None = None) -> tuple[float, float, dict[str, dict[str, Any]], int]:
+def timed_run(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], demand: Callable[[JobConfig], dict[str, float]],
+              sweep: SweepConfig, on_result: Callable[[JobConfig, float], None] | None = None, queue_ahead: float | None = None
+              ) -> tuple[float, float, dict[str, dict[str, Any]], int]:
     """All jobs through `driver.run_jobs`; returns (start, end, each job's result plus `seen`: when the driver got it, how
     many attempts the driver resubmitted). `on_result(job, start)` follows progress."""
     results: dict[str, dict[str, Any]] = {}
@@ -128,7 +136,8 @@ def timed_run(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], retries
             on_result(job, started)
 
     outcomes: dict[str, driver.JobOutcome] = {}
-    driver.run_jobs(jobs, lambda job: submissions.append(job.job_key) or submit(job), retries, outcomes, len(jobs), on_result=record)
+    driver.run_jobs(jobs, lambda job: submissions.append(job.job_key) or submit(job), demand, sweep.retries, outcomes, len(jobs),
+                    sweep.resources.queue_ahead if queue_ahead is None else queue_ahead, on_result=record)
     resubmitted = len(submissions) - len(jobs)
     failed = [o for o in outcomes.values() if o.state != "finished"]
     if failed:
@@ -166,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the cluster
     sweep = load_sweep(args.sweep)
     sweep.evaluate_base = False  # the 310 fine-tunes (base evaluations are 0.2% of plan's GPU-hours)
+    if args.queue_ahead is not None:
+        sweep.resources.queue_ahead = args.queue_ahead
     jobs = expand_jobs(sweep)
     plans = {job.job_key: plan_job(job, sweep.resources) for job in jobs}
     shares = {key: p.gpus for key, p in plans.items()}
@@ -191,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         driver.connect_ray()
         task = driver.job_task(stand_in, sweep, reuse_workers=not args.fresh_workers)
         ordered = driver.submission_order(jobs, sweep)
+        demand: Callable[[JobConfig], dict[str, float]] = lambda job: driver.job_demand(job, sweep)  # noqa: E731
 
         def ours(sleep: dict[str, float], resources: Callable[..., Any] = driver.submit_job) -> Callable[[JobConfig], Any]:
             """Submit through `resources` (the driver's submit_job, or the naive one); job states in `states`."""
@@ -200,50 +212,65 @@ def main(argv: list[str] | None = None) -> int:
             return lambda job: resources(task, job, sweep, sleep[job.job_key], str(states / job.job_key.replace("/", "_")))
 
         began = time.time()
-        timed_run(ordered, ours({k: s * WARM_UP_FRACTION for k, s in ours_sleep.items()}), sweep.retries)
+        timed_run(ordered, ours({k: s * WARM_UP_FRACTION for k, s in ours_sleep.items()}), demand, sweep)
         print(f"warm-up pass (worker processes started) in {time.time() - began:.0f} s", flush=True)
         print("\n| run | jobs | makespan s | ideal s | ratio | GPU util | overhead s/job | worker processes | nodes |\n"
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
 
-        runs["ours"] = figures(*timed_run(ordered, ours(ours_sleep), sweep.retries), ours_sleep, shares, ideal, gpus_total)
+        runs["ours"] = figures(*timed_run(ordered, ours(ours_sleep), demand, sweep), ours_sleep, shares, ideal, gpus_total)
         print_row("ours", runs["ours"])
 
-        events: dict[str, Any] = {}
+        runs["submit_all"] = figures(*timed_run(ordered, ours(ours_sleep), demand, sweep, queue_ahead=SUBMIT_ALL), ours_sleep, shares,
+                                     ideal, gpus_total)
+        print_row("submit_all", runs["submit_all"])
         work = sum(shares[k] * s for k, s in ours_sleep.items())
-        done_work: list[float] = []
+        killed: list[str] = []
 
-        def kill_and_replace() -> None:  # then a replacement joins, as an autoscaler would
-            events["checkpointed_s_of_interrupted_jobs"] = lose_node(cluster, cluster.workers[0], states, checkpoint_fraction)
-            events["killed_at_s"] = round(time.time() - events["started"], 2)
-            cluster.add_worker(CPUS_PER_NODE, GPUS_PER_NODE)
-            events["replacement_joined_after_s"] = round(time.time() - events["started"], 2)
+        def node_loss_run(queue_ahead: float | None) -> dict[str, Any]:
+            """A run in which a worker node is lost at KILL_AT of the work and a replacement joins, as an autoscaler would."""
+            events: dict[str, Any] = {}
+            done_work: list[float] = []
 
-        killer = threading.Thread(target=kill_and_replace)
+            def kill_and_replace() -> None:
+                victim = next(name for name in cluster.workers if name not in killed)
+                killed.append(victim)
+                events["checkpointed_s_of_interrupted_jobs"] = lose_node(cluster, victim, states, checkpoint_fraction)
+                events["killed_at_s"] = round(time.time() - events["started"], 2)
+                cluster.add_worker(CPUS_PER_NODE, GPUS_PER_NODE)
+                events["replacement_joined_after_s"] = round(time.time() - events["started"], 2)
 
-        def lose_a_node(job: JobConfig, started: float) -> None:
-            done_work.append(shares[job.job_key] * ours_sleep[job.job_key])
-            if sum(done_work) >= KILL_AT * work and not events:
-                events.update(started=started, jobs_done_at_kill=len(done_work))
-                killer.start()
+            killer = threading.Thread(target=kill_and_replace)
 
-        loss = timed_run(ordered, ours(ours_sleep), sweep.retries, lose_a_node)
-        killer.join()
-        del events["started"]
-        runs["node_loss"] = figures(*loss, ours_sleep, shares, ideal, gpus_total) | events
-        # the bound for the capacity that was there: GPUs_per_node fewer GPUs from the kill until the replacement joined
-        down = events["replacement_joined_after_s"] - events["killed_at_s"]
-        capacity_ideal = max(ideal + down * GPUS_PER_NODE / gpus_total, max(ours_sleep.values()))
-        runs["node_loss"] |= {"ideal_for_capacity_present_s": round(capacity_ideal, 2),
-                              "makespan_ratio_vs_capacity_present": round(runs["node_loss"]["makespan_s"] / capacity_ideal, 4)}
-        print_row("node_loss", runs["node_loss"])
+            def lose_a_node(job: JobConfig, started: float) -> None:
+                done_work.append(shares[job.job_key] * ours_sleep[job.job_key])
+                if sum(done_work) >= KILL_AT * work and not events:
+                    events.update(started=started, jobs_done_at_kill=len(done_work))
+                    killer.start()
 
-        runs["catalogue_order"] = figures(*timed_run(jobs, ours(ours_sleep), sweep.retries), ours_sleep, shares, ideal, gpus_total)
+            loss = timed_run(ordered, ours(ours_sleep), demand, sweep, lose_a_node, queue_ahead)
+            killer.join()
+            del events["started"]
+            run = figures(*loss, ours_sleep, shares, ideal, gpus_total) | events
+            # the bound for the capacity that was there: GPUS_PER_NODE fewer GPUs from the kill until the replacement joined
+            down = events["replacement_joined_after_s"] - events["killed_at_s"]
+            capacity_ideal = max(ideal + down * GPUS_PER_NODE / gpus_total, max(ours_sleep.values()))
+            return run | {"ideal_for_capacity_present_s": round(capacity_ideal, 2),
+                          "makespan_ratio_vs_capacity_present": round(run["makespan_s"] / capacity_ideal, 4)}
+
+        for name, queue_ahead in (("node_loss", None), ("node_loss_submit_all", SUBMIT_ALL)):
+            runs[name] = node_loss_run(queue_ahead)
+            print_row(name, runs[name])
+
+        runs["catalogue_order"] = figures(*timed_run(jobs, ours(ours_sleep), demand, sweep), ours_sleep, shares, ideal, gpus_total)
         print_row("catalogue_order", runs["catalogue_order"])
 
-        def one_gpu_each(task: Any, job: JobConfig, sweep: SweepConfig, *args: Any) -> Any:
-            return task.options(name=job.job_key, num_gpus=1, num_cpus=sweep.resources.cpus_per_job, max_retries=0).remote(*args)
+        def one_gpu(job: JobConfig) -> dict[str, float]:
+            return {"CPU": sweep.resources.cpus_per_job, "GPU": 1.0}
 
-        runs["naive"] = figures(*timed_run(jobs, ours(naive_sleep, one_gpu_each), sweep.retries), naive_sleep, {k: 1.0 for k in plans}, ideal, gpus_total)
+        def one_gpu_each(task: Any, job: JobConfig, sweep: SweepConfig, *args: Any) -> Any:
+            return task.options(name=job.job_key, max_retries=0, **driver.ray_options(one_gpu(job))).remote(*args)
+
+        runs["naive"] = figures(*timed_run(jobs, ours(naive_sleep, one_gpu_each), one_gpu, sweep), naive_sleep, {k: 1.0 for k in plans}, ideal, gpus_total)
         print_row("naive", runs["naive"])
     finally:
         import ray
@@ -261,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"sweep": str(args.sweep), "jobs": len(jobs), "ideal_s": args.ideal_s, "seconds_per_planned_hour": scale,
                      "naive_sleep": args.naive_sleep, "checkpoint_every_fraction_of_a_job": checkpoint_fraction,
                      "nodes": NODES, "gpus_per_node": GPUS_PER_NODE, "cpus_per_node": CPUS_PER_NODE, "kill_at_fraction": KILL_AT,
-                     "fresh_workers": args.fresh_workers, "warm_up_fraction": WARM_UP_FRACTION},
+                     "fresh_workers": args.fresh_workers, "warm_up_fraction": WARM_UP_FRACTION,
+                     "queue_ahead": sweep.resources.queue_ahead},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "ray": ray.__version__, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "command": " ".join(["python", *sys.argv]) if argv is None else f"main({argv})",

@@ -18,9 +18,9 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, values are checked on assignment."""
+    """Base for every config: unknown keys are errors, numbers are finite, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- base models
@@ -164,7 +164,7 @@ class EvalSettings(StrictModel):
 
     limit: int | None = Field(default=None, gt=0, description="Override every task's eval_limit (e.g. for smoke runs).")
     max_new_tokens: int | None = Field(default=None, gt=0, description="Override every task's max_new_tokens.")
-    prompt_max_chars: int = Field(default=1500, gt=0, description="Prompts are cut to this many characters.")
+    prompt_max_chars: int = Field(default=1500, gt=0, description="Prompts are cut to this many characters (code prompts never: a program's head is kept whole).")
     batch_size: int = Field(default=8, gt=0, description="Prompts generated per batch.")
     code_timeout_s: float = Field(default=10.0, gt=0, description="Time limit per HumanEval program.")
     code_memory_mb: int = Field(default=1024, gt=0, description="Memory limit per HumanEval program.")
@@ -211,17 +211,31 @@ def format_validation_error(error: ValidationError) -> list[str]:
     return lines
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file, turning a missing file or a syntax error into a ConfigError."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one of our YAML files, which all hold a mapping of keys; a missing or unreadable file, bytes
+    that are not UTF-8, a syntax error, an empty file or another top-level value is a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), ["file not found"])
+        raise ConfigError(str(path), ["not a file" if path.exists() else "file not found"])
     try:
-        return yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file ({exc.strerror or exc})"]) from None
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(str(path), [f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}, line {line}); "
+                                      "save the file as UTF-8"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
-        raise ConfigError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(str(path), [f"{where}not valid YAML ({problem})"]) from None
+    if data is None:
+        raise ConfigError(str(path), ["the file is empty (or only comments); expected a mapping of keys"])
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [f"expected a mapping of keys at the top level, got a {type(data).__name__}"])
+    return data
 
 
 def parse_model(model: type[StrictModel], data: Any, source: str) -> Any:
@@ -232,9 +246,40 @@ def parse_model(model: type[StrictModel], data: Any, source: str) -> Any:
         raise ConfigError(source, format_validation_error(exc)) from None
 
 
+def lora_target_problems(targets: Any, base_models: list[BaseModelSpec], field: str = "lora.target_modules") -> list[str]:
+    """A line per listed LoRA target module that is not a linear layer of the base models (`all-linear`
+    fits any); base models with the same layers share a line. `targets` may be raw data: a value of the
+    wrong type is left to validation."""
+    if not isinstance(targets, list):
+        return []
+    if not targets:
+        return [f"{field}: lists no module; name some, or write `all-linear`"]
+    problems = []
+    for index, name in enumerate(targets):
+        if name == "all-linear":
+            problems.append(f"{field}[{index}]: write `target_modules: all-linear` on its own, not inside a list")
+            continue
+        missing: dict[tuple[str, ...], list[str]] = {}
+        for base in base_models:
+            if isinstance(name, str) and name not in base.all_linear_modules:
+                missing.setdefault(tuple(base.all_linear_modules), []).append(base.name)
+        problems += [f"{field}[{index}]: {name!r} is not a linear layer of {', '.join(names)} (has {', '.join(layers)})"
+                     for layers, names in missing.items()]
+    return problems
+
+
+def parse_job_config(data: Any, source: str) -> JobConfig:
+    """Validate a job config mapping, LoRA target modules against its base model included."""
+    config: JobConfig = parse_model(JobConfig, data, source)
+    problems = lora_target_problems(config.lora.target_modules, [config.base_model])
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
 def load_job_config(path: str | Path) -> JobConfig:
     """Load and validate a job config file."""
-    return parse_model(JobConfig, read_yaml(path), str(path))
+    return parse_job_config(read_yaml(path), str(path))
 
 
 def dump_yaml(model: BaseModel, path: str | Path) -> None:

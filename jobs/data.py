@@ -3,35 +3,46 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from jobs.config import DatasetSource, TaskSpec, data_home
 from jobs.demo_data import demo_rows
 
 Row = dict[str, Any]
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# file ending -> `datasets` builder; text formats may be gzipped (HumanEval ships as HumanEval.jsonl.gz)
+LOCAL_FORMATS = {
+    ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+    ".jsonl.gz": "json", ".json.gz": "json", ".csv.gz": "csv",
+}
 
 
-def load_rows(source: DatasetSource, split: str, limit: int | None = None) -> list[Row]:
-    """The first `limit` rows of `split` of `source` (all rows when `limit` is None)."""
+def load_rows(source: DatasetSource, split: str, limit: int | None = None, columns: Sequence[str] = ()) -> list[Row]:
+    """The first `limit` rows of `split` of `source` (all rows when `limit` is None).
+
+    A local file (kind local/kaggle) must hold every one of `columns`.
+    """
     if source.kind == "demo":
         rows = demo_rows(source.id, split)
     elif source.kind == "hf":
         rows = _hub_rows(source, split, limit)
     else:
-        rows = _file_rows(source, split)
+        rows = _file_rows(source, split, columns)
     return rows[:limit] if limit else rows
 
 
 def train_rows(task: TaskSpec, limit: int | None = None) -> list[Row]:
     """The rows a job fine-tunes on."""
-    return load_rows(task.dataset, task.dataset.train_split, limit)
+    return load_rows(task.dataset, task.dataset.train_split, limit, task.columns)
 
 
 def eval_rows(task: TaskSpec, limit: int | None = None) -> list[Row]:
-    """The rows a job evaluates on: the task's own eval set if it has one (e.g. HumanEval), first `limit` rows."""
-    source = task.eval.dataset if task.eval else task.dataset
-    return load_rows(source, source.eval_split, limit or task.eval_limit)
+    """The rows a job evaluates on: the task's own eval set if it has one (e.g. HumanEval), first `limit` rows.
+
+    The eval set is read from the Hub by default; a local copy (e.g. HumanEval.jsonl.gz in the
+    standard format) is used by setting `task.eval.dataset` to `{kind: local, data_files: {test: PATH}}`.
+    """
+    source, columns = (task.eval.dataset, task.eval.columns) if task.eval else (task.dataset, task.columns)
+    return load_rows(source, source.eval_split, limit or task.eval_limit, columns)
 
 
 def _hub_rows(source: DatasetSource, split: str, limit: int | None) -> list[Row]:
@@ -45,18 +56,24 @@ def _hub_rows(source: DatasetSource, split: str, limit: int | None) -> list[Row]
     return rows
 
 
-def _file_rows(source: DatasetSource, split: str) -> list[Row]:
+def _file_rows(source: DatasetSource, split: str, columns: Sequence[str]) -> list[Row]:
+    """Rows of the local file for `split`; a relative path is under `data_home()/data`."""
     import datasets
 
     files = source.data_files or {}
     if split not in files:
-        raise KeyError(f"dataset {source.id!r} has no file for split {split!r}; set dataset.data_files.{split}")
+        raise ValueError(f"dataset {source.id!r} has no file for split {split!r}; set data_files.{split}")
     path = Path(files[split])
     if not path.is_absolute():
         path = data_home() / "data" / path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (download {source.id!r} there, or set dataset.data_files.{split})")
-    builder = LOCAL_FORMATS.get(path.suffix)
+    builder = LOCAL_FORMATS.get("".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix)
     if builder is None:
-        raise ValueError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_FORMATS)}")
-    return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
+        raise ValueError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_FORMATS)} (data_files.{split})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (download {source.id!r} there, or set data_files.{split})")
+    table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    missing = [column for column in columns if column not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; the task needs {', '.join(columns)} "
+                         f"(the file has {', '.join(table.column_names) or 'none'})")
+    return table.to_list()

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from jobs.config import EvalSettings, TaskSpec
 from jobs.data import eval_rows
-from jobs.metrics import score
+from jobs.metrics import parse_answer, score
 from jobs.prompts import completion_for, prompt_for
 from jobs.train import encode_prompt
 
@@ -32,8 +32,13 @@ class EvalResult:
 
 
 @torch.no_grad()
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of `prompts`, batched by similar length (left padding), in the input order."""
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int,
+             keep_indent: bool = False) -> list[str]:
+    """Greedy completions of `prompts`, batched by similar length (left padding), in the input order.
+
+    Completions are stripped; with `keep_indent` only trailing whitespace goes, so code that continues
+    an indented function body (HumanEval) keeps its indentation.
+    """
     model.eval()
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -48,19 +53,22 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
         for row, index in enumerate(chunk):
-            outputs[index] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+            text = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+            outputs[index] = text.rstrip() if keep_indent else text.strip()
     return outputs
 
 
 def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: TaskSpec, settings: EvalSettings) -> EvalResult:
     """Score `model` on `task`'s evaluation rows with the task's metric."""
     rows = eval_rows(task, settings.limit or task.eval_limit)
-    prompts = [prompt_for(task, row, settings.prompt_max_chars, evaluation=True) for row in rows]
-    completions = generate(model, tokenizer, prompts, settings.max_new_tokens or task.max_new_tokens, settings.batch_size)
-    if task.metric == "humaneval":
+    code = task.metric == "humaneval"  # a code prompt is a program's head: never cut, the model must see it whole
+    prompts = [prompt_for(task, row, None if code else settings.prompt_max_chars, evaluation=True) for row in rows]
+    completions = generate(model, tokenizer, prompts, settings.max_new_tokens or task.max_new_tokens, settings.batch_size, keep_indent=code)
+    if code:
         from jobs.sandbox import pass_at_1
 
-        results = pass_at_1(rows, completions, settings.code_timeout_s, settings.code_memory_mb)
+        programs = [parse_answer(task.answer, completion) for completion in completions]  # a fenced block's code, else as is
+        results = pass_at_1(rows, programs, settings.code_timeout_s, settings.code_memory_mb)
         scores = [1.0 if r.passed else 0.0 for r in results]
         golds = [r.status for r in results]
     else:

@@ -37,7 +37,8 @@ _BRACKETS = (("(", ")"), ("[", "]"), ("{", "}"), ("<", ">"))
 # digits with optional thousands commas ("1,000"), optional decimals; or a bare ".5".
 _NUMBER_RE = re.compile(r"(?:(?<![\w.])-)?(?:(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
 _WORD_RE = re.compile(r"[a-z0-9]+")
-_FENCE_RE = re.compile(r"```[ \t]*[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_PYTHON_TAGS = frozenset({"", "python", "python3", "py"})
 
 _TRUE_WORDS = frozenset({"yes", "true", "1", "positive"})
 _FALSE_WORDS = frozenset({"no", "false", "0", "negative"})
@@ -107,9 +108,11 @@ def _find_choice(text: str, labels: list[str] | None) -> str | None:
 
 
 def _extract_code(text: str) -> str:
-    """The body of the first fenced (```) code block in `text`, or `text` unchanged when there is none."""
-    found = _FENCE_RE.search(text)
-    return found.group(1) if found else text
+    """The body of the first fenced Python (```python, ```py or untagged ```) block in `text`, or `text` unchanged."""
+    for found in _FENCE_RE.finditer(text):
+        if found.group(1).lower() in _PYTHON_TAGS:
+            return found.group(2)
+    return text
 
 
 def parse_answer(kind: str, text: str, labels: list[str] | None = None) -> str | bool | float | None:
@@ -123,7 +126,7 @@ def parse_answer(kind: str, text: str, labels: list[str] | None = None) -> str |
       Without `labels`, a single digit or capital letter.
     - `last_number` / `number`: the last / first number as a float ("1,000" -> 1000.0), else None.
     - `text`: the text unchanged.
-    - `code`: the first fenced code block's body, else the text unchanged.
+    - `code`: the body of the first fenced Python (or untagged) code block, else the text unchanged.
     """
     text = "" if text is None else str(text)
     if kind == "exact":

@@ -185,7 +185,8 @@ def save_checkpoint(root: Path, model: PeftModel, optimizer: torch.optim.Optimiz
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:08d}"
     staging = root / f".staging-{state.step:08d}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    for leftover in root.glob(".staging-*"):  # a save killed half-way (by us or an earlier run of the job)
+        shutil.rmtree(leftover, ignore_errors=True)
     model.save_pretrained(staging, save_embedding_layers=False)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, staging / "trainer_state.pt")
     (staging / "state.json").write_text(json.dumps(asdict(state)))

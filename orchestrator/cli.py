@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.catalog import load_catalog, load_catalog_file
-from jobs.config import ConfigError, JobConfig, parse_model, read_yaml
+from jobs.config import ConfigError, parse_job_config, parse_model, read_yaml
 
 console = Console()
 USER_ERROR = 2
@@ -55,13 +55,11 @@ def _validate_any(path: Path) -> str:
     from serving.config import is_serve_config_file, load_serve_config
 
     data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), ["expected a mapping of keys at the top level"])
     if "deployments" in data or is_serve_config_file(data):
         load_serve_config(path)
         return "serve config"
     if "base_model" in data and "task" in data:
-        parse_model(JobConfig, data, str(path))
+        parse_job_config(data, str(path))
         return "job config"
     if any(isinstance(v, list) and v and isinstance(v[0], dict) for k, v in data.items() if k in ("base_models", "tasks")):
         load_catalog_file(path)
@@ -85,7 +83,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep)
     overrides = {k: v for k, v in (("gpu_memory_gb", args.gpu_memory_gb), ("price_per_gpu_hour", args.price_per_gpu_hour)) if v is not None}
     if overrides:
-        sweep.resources = parse_model(ResourceSettings, sweep.resources.model_dump() | overrides, "command line")
+        try:
+            sweep.resources = parse_model(ResourceSettings, sweep.resources.model_dump() | overrides, "command line")
+        except ConfigError as exc:  # name the option, not the sweep field it overrides
+            fields = [problem.partition(":") for problem in exc.problems]
+            raise ConfigError(exc.source, [f"--{f.replace('_', '-')}{sep}{rest}" if f in overrides else f + sep + rest
+                                           for f, sep, rest in fields]) from None
     plan = plan_json(sweep)
     if args.json:
         print(json.dumps(plan, indent=2))

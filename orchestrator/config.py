@@ -19,6 +19,7 @@ from jobs.config import (
     StrictModel,
     TrainingSettings,
     data_home,
+    lora_target_problems,
     parse_model,
     read_yaml,
 )
@@ -35,6 +36,9 @@ class ResourceSettings(StrictModel):
     cpus_per_job: float = Field(default=1.0, gt=0, description="CPUs each job reserves.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each job asks for, e.g. {worker: 0.01}.")
     memory_headroom: float = Field(default=1.15, ge=1.0, description="Multiplier on the memory estimate before packing GPUs.")
+    queue_ahead: float = Field(default=1.0, ge=0, description="Jobs submitted to Ray beyond what the cluster holds, as a fraction "
+                               "of its capacity: Ray fills a freed share from them at once; the rest wait in the driver, where "
+                               "a resubmitted job goes first.")
 
 
 class RetrySettings(StrictModel):
@@ -71,7 +75,8 @@ class SweepConfig(StrictModel):
 
 
 def catalog_problems(data: Any, catalog: Catalog) -> list[str]:
-    """Names in a raw sweep dict that the catalogue does not know (checked even when other fields are wrong)."""
+    """What in a raw sweep dict the catalogue contradicts: unknown or repeated base models and tasks, and
+    LoRA target modules that are not linear layers of a listed base model (checked even when other fields are wrong)."""
     problems = []
     if not isinstance(data, dict):
         return problems
@@ -82,7 +87,11 @@ def catalog_problems(data: Any, catalog: Catalog) -> list[str]:
                 problems.append(f"{key}[{index}]: unknown {key[:-1].replace('_', ' ')} {name!r}; see `loraland catalog --all`")
         if isinstance(names, list) and len(set(map(str, names))) != len(names):
             problems.append(f"{key}: lists a name twice")
-    return problems
+    names = data.get("base_models")
+    listed = dict.fromkeys(n for n in (names if isinstance(names, list) else []) if isinstance(n, str))
+    bases = [catalog.base_models[n] for n in listed if n in catalog.base_models]
+    lora = data.get("lora")
+    return problems + lora_target_problems(lora.get("target_modules") if isinstance(lora, dict) else None, bases)
 
 
 def load_sweep(path: str | Path, catalog: Catalog | None = None) -> SweepConfig:

@@ -206,18 +206,58 @@ def test_a_node_added_mid_sweep_gets_jobs(cluster: LocalCluster, mlflow_server: 
     assert_one_finished_run_per_job(mlflow_server.uri, "mini-grow")
 
 
+def machine_loss_scenario(scratch: str) -> None:
+    """Run by a fresh `python -c` against the cluster in RAY_ADDRESS (see the test below): four 5-second stand-in jobs
+    through the driver's loop with `max_failures: 0`. Prints one JSON line of their states."""
+    from orchestrator.config import RetrySettings, expand_jobs, load_sweep
+    from orchestrator.sweep import JobOutcome, connect_ray, job_demand, job_task, run_jobs, submit_job
+
+    sweep = load_sweep(MINI)
+    template = expand_jobs(sweep)[0]
+    jobs = [template.model_copy(update={"job_key": f"machine-loss/{name}"}) for name in "abcd"]
+    connect_ray()
+    task = job_task(flaky, sweep)
+    outcomes: dict[str, JobOutcome] = {}
+    run_jobs(jobs, lambda job: submit_job(task, job, sweep, f"{scratch}/{job.job_key[-1]}", 0, 5.0), lambda job: job_demand(job, sweep),
+             RetrySettings(max_failures=0), outcomes, len(jobs))
+    print(json.dumps([outcomes[job.job_key].state for job in jobs]))
+
+
+@pytest.mark.slow
+def test_a_whole_machine_lost_counts_as_a_node_loss_not_a_failure(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Raylet, workers and agents SIGKILLed at once, as when a machine dies: with `max_failures: 0` every job still
+    finishes, so Ray reported the loss as the node's (NodeDiedError), not as a crashed worker."""
+    code = f"from tests.test_cluster import machine_loss_scenario; machine_loss_scenario({str(tmp_path)!r})"
+    log = (tmp_path / "driver.log").open("w")
+    # run from the project root: Ray puts the driver's directory on its workers' path, so they import `flaky`
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ | cluster.env(),
+                              cwd=PROJECT_ROOT)
+    try:
+        worker = wait_for(lambda: task_process("machine-loss/"), 120, "a stand-in job to start", driver)
+        time.sleep(1)
+        cluster.kill_node(cluster.node_of(worker.pid))
+        driver.wait(timeout=180)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    output = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 0, output[-3000:]
+    assert "node lost" in output and "retry" not in output, output[-3000:]
+    assert json.loads(output.strip().splitlines()[-1]) == ["finished"] * 4
+
+
 # --------------------------------------------------------------------------- the embedded one-node Ray
 
 
-def flaky(marker: str, failures: int) -> dict[str, Any]:
-    """Raises the first `failures` times it runs (attempts counted in the file `marker`); each attempt appends
-    "<marker name> <attempt>" to the file `starts` beside it."""
+def flaky(marker: str, failures: int, seconds: float = 0.3) -> dict[str, Any]:
+    """Sleeps `seconds`, then raises the first `failures` times it runs (attempts counted in the file `marker`); each
+    attempt appends "<marker name> <attempt>" to the file `starts` beside it."""
     path = Path(marker)
     attempt = int(path.read_text()) + 1 if path.exists() else 1
     path.write_text(str(attempt))
     with open(path.parent / "starts", "a") as starts:
         starts.write(f"{path.name} {attempt}\n")
-    time.sleep(0.3)
+    time.sleep(seconds)
     if attempt <= failures:
         raise RuntimeError(f"attempt {attempt} failed")
     return {"score": float(attempt)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,152 @@ def test_demo_data_has_declared_columns_and_is_deterministic(generator: str) -> 
     rows = demo_rows(generator, "train")
     assert rows == demo_rows(generator, "train") and rows != demo_rows(generator, "test")
     assert all(set(task.columns) <= set(row) for row in rows)
+
+
+# --------------------------------------------------------------------------- config checks the audit asked for
+
+
+def cli_errors(capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
+    """Run `loraland ARGV` in-process; it must exit 2; its stderr lines."""
+    assert cli(list(argv)) == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+PHI_LAYERS = "(has q_proj, k_proj, v_proj, dense, fc1, fc2)"
+
+
+def test_lora_target_modules_are_checked_against_each_base_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = tmp_path / "targets.yaml"
+    sweep.write_text("name: x\nbase_models: [tiny-llama, tiny-mistral, tiny-phi]\ntasks: [demo_colors]\n"
+                     "lora: {target_modules: [q_proj, nope_proj, o_proj]}\n")
+    for command in ("validate", "plan"):
+        lines = cli_errors(capsys, command, str(sweep))
+        # nope_proj: one line for the two llama-like bases (same layers), one for phi; o_proj: phi has no o_proj.
+        assert lines == [
+            f"error: {sweep}: lora.target_modules[1]: 'nope_proj' is not a linear layer of tiny-llama, tiny-mistral "
+            "(has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)",
+            f"error: {sweep}: lora.target_modules[1]: 'nope_proj' is not a linear layer of tiny-phi {PHI_LAYERS}",
+            f"error: {sweep}: lora.target_modules[2]: 'o_proj' is not a linear layer of tiny-phi {PHI_LAYERS}",
+        ]
+    sweep.write_text("name: x\nbase_models: [tiny-llama]\ntasks: [demo_colors, nope_task]\n"
+                     "lora: {r: -1, target_modules: [all-linear]}\n")
+    lines = cli_errors(capsys, "validate", str(sweep))
+    assert len(lines) == 3 and any("lora.r" in line for line in lines) and any("nope_task" in line for line in lines)
+    assert any("lora.target_modules[0]: write `target_modules: all-linear` on its own" in line for line in lines)
+    for targets in ("all-linear", "[q_proj, v_proj, dense, fc2]"):
+        sweep.write_text(f"name: x\nbase_models: [tiny-phi]\ntasks: [demo_colors]\nlora: {{target_modules: {targets}}}\n")
+        assert cli(["validate", str(sweep)]) == 0, capsys.readouterr().err
+
+
+def test_job_config_checks_lora_target_modules_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jobs.config import dump_yaml, load_job_config
+    from jobs.run import cli_main
+    from tests.helpers import tiny_job
+
+    path = tmp_path / "job.yaml"
+    dump_yaml(tiny_job(tmp_path / "out", base="tiny-gemma", lora={"target_modules": ["q_proj", "fc1"]}), path)
+    expected = ("lora.target_modules[1]: 'fc1' is not a linear layer of tiny-gemma "
+                "(has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+    with pytest.raises(ConfigError) as error:
+        load_job_config(path)
+    assert error.value.problems == [expected]
+    assert cli_errors(capsys, "validate", str(path)) == [f"error: {path}: {expected}"]
+    assert cli_main("train", ["--config", str(path)]) == 2  # `python -m jobs.train`: refused before loading anything
+    assert capsys.readouterr().err.strip() == f"{path}: {expected}"
+    dump_yaml(tiny_job(tmp_path / "out", base="tiny-gemma", lora={"target_modules": ["q_proj", "down_proj"]}), path)
+    assert load_job_config(path).lora.target_modules == ["q_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"name: x\nbase_models: [tiny-llama]\n# caf\xe9 au lait\n", "not UTF-8 text (byte 0xe9 at offset 39, line 3)"),
+    (b"", "the file is empty"),
+    (b"# only a comment\n", "the file is empty"),
+    (b"name: x\nbase_models: [tiny-llama\n", "line 3: not valid YAML (expected ',' or ']'"),
+    (b"- name: x\n- name: y\n", "expected a mapping of keys at the top level, got a list"),
+    (b"just words\n", "expected a mapping of keys at the top level, got a str"),
+])
+def test_unreadable_yaml_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes,
+                                                     message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    for command in ("validate", "plan"):
+        lines = cli_errors(capsys, command, str(path))
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {message}"), lines
+    assert cli_errors(capsys, "validate", str(tmp_path)) == [f"error: {tmp_path}: not a file"]
+
+
+def config_models() -> list[type]:
+    """Every StrictModel subclass of the project, from each module that mentions StrictModel (new ones included)."""
+    import importlib
+
+    from jobs.config import StrictModel
+
+    for package in PACKAGES:
+        for path in (PROJECT_ROOT / package).rglob("*.py"):
+            if "StrictModel" in path.read_text():
+                importlib.import_module(".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts))
+    found: list[type] = []
+    pending = list(StrictModel.__subclasses__())
+    while pending:
+        model = pending.pop()
+        found.append(model)
+        pending += model.__subclasses__()
+    return found
+
+
+def nested_models(annotation: object) -> list[type]:
+    """pydantic model classes inside a field's type (list[X], X | None, dict[str, X], ...)."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in nested_models(arg)]
+
+
+def test_every_config_field_is_described_and_unknown_keys_are_rejected() -> None:
+    from pydantic import ValidationError
+
+    from jobs.config import StrictModel
+
+    models = config_models()
+    names = {m.__name__ for m in models}
+    assert {"JobConfig", "SweepConfig", "ResourceSettings", "ServeConfig", "EngineSettings", "LoraSettings"} <= names
+    undescribed, loose, unknown_accepted = [], [], []
+    for model in models:
+        for field_name, info in model.model_fields.items():
+            if not (info.description or "").strip():
+                undescribed.append(f"{model.__name__}.{field_name}")
+            loose += [f"{model.__name__}.{field_name}: {m.__name__}" for m in nested_models(info.annotation)
+                      if not issubclass(m, StrictModel)]
+        with pytest.raises(ValidationError) as error:
+            model.model_validate({"zz_not_a_field": 1})
+        if not any(e["type"] == "extra_forbidden" and e["loc"] == ("zz_not_a_field",) for e in error.value.errors()):
+            unknown_accepted.append(model.__name__)
+    assert undescribed == [] and loose == [] and unknown_accepted == []
+
+
+def test_plan_totals_follow_gpu_memory_and_price(capsys: pytest.CaptureFixture[str]) -> None:
+    path = PROJECT_ROOT / "configs/sweeps/lora_land.yaml"
+    headroom = load_sweep(path).resources.memory_headroom
+    plans = {}
+    for memory, price in ((24.0, 1.21), (80.0, 2.5)):
+        assert cli(["plan", str(path), "--json", "--gpu-memory-gb", str(memory), "--price-per-gpu-hour", str(price)]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        planned, totals = plan["jobs"] + plan["base_evaluations"], plan["totals"]
+        assert totals["gpu_memory_gb"] == memory and totals["price_per_gpu_hour"] == price
+        for job in planned:
+            # gpu_memory_gb is shown rounded to 0.01 GB: jobs per GPU from either end of that interval.
+            fits = {int(memory // ((job["gpu_memory_gb"] + d) * headroom)) for d in (-0.005, 0.005)}
+            assert job["jobs_per_gpu"] in fits and job["jobs_per_gpu"] >= 1, job
+            assert job["gpus"] == math.floor(10_000 / job["jobs_per_gpu"]) / 10_000
+        assert totals["jobs_per_gpu"] == min(j["jobs_per_gpu"] for j in planned)
+        assert totals["gpu_hours"] == pytest.approx(sum(j["gpu_hours"] for j in planned), abs=0.006)
+        assert totals["cost"] == pytest.approx(sum(j["gpu_hours"] for j in planned) * price, abs=0.006)
+        plans[memory] = totals
+    assert plans[80.0]["jobs_per_gpu"] > plans[24.0]["jobs_per_gpu"]
+    assert plans[80.0]["gpu_hours"] == plans[24.0]["gpu_hours"]  # memory and price change packing and cost, not compute
+    for option, value in (("--gpu-memory-gb", "-24"), ("--gpu-memory-gb", "0"), ("--price-per-gpu-hour", "-1")):
+        lines = cli_errors(capsys, "plan", str(path), option, value)
+        assert len(lines) == 1 and lines[0].startswith(f"error: command line: {option}: Input should be greater than"), lines

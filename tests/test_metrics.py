@@ -154,6 +154,12 @@ def test_parse_text_and_code():
     assert parse_answer("code", "    return a + b\n") == "    return a + b\n"
     fenced = "Here you go:\n```python\ndef f():\n    return 1\n```\nDone."
     assert parse_answer("code", fenced) == "def f():\n    return 1\n"
+    # the first Python (or untagged) block, after any block in another language
+    mixed = "Run:\n```bash\npip install x\n```\nThen:\n```Python\n    return 2\n```\n```python\n    return 3\n```"
+    assert parse_answer("code", mixed) == "    return 2\n"
+    assert parse_answer("code", "```\n    return 4\n```") == "    return 4\n"
+    assert parse_answer("code", "```py\n    return 5") == "    return 5"  # cut off before the closing fence
+    assert parse_answer("code", "```bash\nls\n```") == "```bash\nls\n```"  # no Python block: as is
 
 
 def test_parse_unknown_kind():

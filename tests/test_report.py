@@ -12,6 +12,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.tracking_fixtures")  # before the import below: its asserts are rewritten too
 
+from jobs.catalog import load_catalog
 from tests.tracking_fixtures import BASES, SWEEP, TASKS, Sweep
 from tracking import heuristics as heur
 from tracking import report, store
@@ -63,8 +64,13 @@ def test_report_of_the_2x2_sweep(tiny_sweep: Sweep, tmp_path: Path) -> None:
         assert title in markdown
     assert "<table" in (out / "leaderboard.html").read_text()
     features = pd.read_csv(out / "heuristics.csv", index_col="task")
-    assert set(features.index) == set(TASKS) and list(features.columns) == list(heur.HEURISTICS)
+    assert set(features.index) == set(TASKS) and list(features.columns) == [*heur.HEURISTICS, "length_unit"]
     assert features.notna().all().all() and (features["train_examples"] > 0).all()
+    # Lengths in the tokens of the sweep's first base model (sorted), not in words, and the report says so.
+    unit = "tokens (tiny-llama tokenizer)"
+    assert built.length_unit == unit and set(features["length_unit"]) == {unit} and f"lengths in {unit}" in markdown
+    words = heur.task_heuristics(load_catalog().task("demo_sentiment"), heur.WORDS.tokenize)
+    assert features.loc["demo_sentiment", "input_tokens_mean"] > words["input_tokens_mean"]
     predictor = json.loads((out / "predictor.json").read_text())
     assert predictor["tasks"] == 2 and math.isfinite(predictor["loo_mae"])
     # Logged to the sweep's parent run.
@@ -73,6 +79,7 @@ def test_report_of_the_2x2_sweep(tiny_sweep: Sweep, tmp_path: Path) -> None:
     logged = {Path(a.path).name for a in client.list_artifacts(tiny_sweep.parent_run_id, "report")}
     assert {"leaderboard.csv", "leaderboard.md", "leaderboard.html", *CHARTS} <= logged
     assert "report.mean_finetuned_score" in client.get_run(tiny_sweep.parent_run_id).data.metrics
+    assert client.get_run(tiny_sweep.parent_run_id).data.tags["report.length_unit"] == unit
 
 
 # --------------------------------------------------------------------------- the study's models and tasks (no server)
@@ -102,7 +109,10 @@ def test_report_compares_with_the_study_and_names_the_source(tmp_path: Path) -> 
     features = pd.DataFrame({name: rng.normal(size=len(lift)) for name in heur.HEURISTICS}, index=lift.index).rename_axis("task")
     features["input_tokens_p95"] = 100 + 400 * lift
     features["train_examples"] = 1000.0
-    built = report.write_report(runs, tmp_path, features=features)
+    with pytest.raises(ValueError, match="length_unit"):
+        report.write_report(runs, tmp_path, features=features)
+    built = report.write_report(runs, tmp_path, features=features, length_unit="words")
+    assert built.length_unit == "words" and set(pd.read_csv(tmp_path / "heuristics.csv")["length_unit"]) == {"words"}
     assert_real_chart(tmp_path / "vs_study.png")
     for name in CHARTS:
         assert_real_chart(tmp_path / name)
@@ -138,7 +148,7 @@ def test_leaderboard_keeps_pairs_with_a_missing_side() -> None:
 def test_heuristics_of_known_examples() -> None:
     inputs = ["a b c d", "a b", "x y z w v u"]
     outputs = ["a b", "q", "x y z w v u"]
-    values = heur.example_heuristics(inputs, outputs, train_examples=123)
+    values = heur.example_heuristics(inputs, outputs, train_examples=123, tokenize=heur.WORDS.tokenize)
     assert set(values) == set(heur.HEURISTICS)
     assert values["input_tokens_mean"] == pytest.approx(4.0)
     assert values["input_tokens_p95"] == pytest.approx(np.percentile([4, 2, 6], 95))
@@ -150,13 +160,34 @@ def test_heuristics_of_known_examples() -> None:
     assert heur.compressibility("ab" * 500) < 0.1 < heur.compressibility("The quick brown fox jumps over the lazy dog.")
     assert math.isnan(heur.percentile([], 95)) and heur.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
     with pytest.raises(ValueError):
-        heur.example_heuristics(["a"], [], 1)
+        heur.example_heuristics(["a"], [], 1, heur.WORDS.tokenize)
 
 
 def test_task_heuristics_of_a_demo_task() -> None:
-    from jobs.catalog import load_catalog
-
     task = load_catalog().task("demo_colors")
-    values = heur.task_heuristics(task, limit=50)
+    values = heur.task_heuristics(task, heur.length_unit(["tiny-llama"]).tokenize, limit=50)
     assert values["train_examples"] > 50 and 0 < values["io_rouge_l_mean"] < 1
     assert values["output_tokens_mean"] < values["input_tokens_mean"]
+
+
+def test_lengths_in_a_local_tokenizer_else_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jobs.catalog
+
+    catalog = load_catalog()
+    # A real base model whose tokenizer is in no cache: it is skipped, never downloaded.
+    absent = catalog.base_model("llama-2-7b").model_copy(
+        update={"name": "not-cached", "hf_id": "loraland-test/not-cached-anywhere"})
+    fake = jobs.catalog.Catalog({"not-cached": absent, "tiny-mistral": catalog.base_model("tiny-mistral")}, catalog.tasks)
+    monkeypatch.setattr(jobs.catalog, "load_catalog", lambda: fake)
+    assert heur.length_unit(["not-cached"]) == heur.WORDS
+    assert heur.length_unit(["unknown-model"]) == heur.WORDS
+    unit = heur.length_unit(["not-cached", "tiny-mistral"])
+    assert unit.name == "tokens (tiny-mistral tokenizer)"
+    # Tokens differ from words where a word is several tokens (punctuation, digits, rare words) ...
+    text = "Review: 12345 zyxwvut!"
+    assert len(unit.tokenize(text)) > len(heur.WORDS.tokenize(text)) == 3
+    # ... and so do a demo task's lengths; outputs are short either way.
+    task = catalog.task("demo_sentiment")
+    tokens, words = (heur.task_heuristics(task, u.tokenize, limit=40) for u in (unit, heur.WORDS))
+    assert tokens["input_tokens_mean"] > words["input_tokens_mean"] and tokens["total_tokens_p95"] > words["total_tokens_p95"]
+    assert {k: v for k, v in tokens.items() if "tokens" not in k} == {k: v for k, v in words.items() if "tokens" not in k}

@@ -18,7 +18,7 @@ import pytest
 
 from jobs.catalog import load_catalog_file
 from jobs.config import TaskSpec
-from jobs.prompts import completion_for, prompt_for
+from jobs.prompts import completion_for, cut_prompt, prompt_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_FILE = ROOT / "configs" / "catalog" / "tasks.yaml"
@@ -196,3 +196,46 @@ def test_magicoder_eval_fixture_solutions_pass_their_tests():
 def test_every_fixture_belongs_to_a_task():
     names = {path.stem for path in FIXTURES.glob("*.jsonl")}
     assert names == set(TASK_NAMES) | {"magicoder_eval"}
+
+
+# --------------------------------------------------------------------------- cutting long prompts
+
+
+def test_short_prompts_are_not_cut():
+    for name in TASK_NAMES:
+        task = TASKS_BY_NAME[name]
+        for row in _fixture_rows(name):
+            assert prompt_for(task, row, 1500) == prompt_for(task, row)
+    assert cut_prompt("Instruction.\nInput: x\nAnswer:", 29) == "Instruction.\nInput: x\nAnswer:"
+
+
+def test_long_prompts_keep_the_instruction_and_the_cue():
+    task = TASKS_BY_NAME["legal"]
+    row = {"clause_text": "The Supplier shall deliver the goods on time. " * 100, "clause_type": "delivery"}
+    full = prompt_for(task, row)
+    lines = full.split("\n")
+    cut = prompt_for(task, row, 1500)
+    assert len(full) > 1500 and len(cut) == 1500
+    assert cut.startswith(lines[0] + "\n" + lines[1][:100]), "the instruction and the input's start are kept"
+    assert cut.endswith("\n" + lines[-1]) and lines[-1] == "Clause type:", "the cue the completion follows is kept"
+    assert cut == full[: 1500 - len(lines[-1]) - 1] + "\n" + lines[-1], "only the end of the input is dropped"
+    # The same cut wherever the prompt is built: training (as above) and evaluation, for every model
+    # (it works on characters, before any tokenizer).
+    assert prompt_for(task, row, 1500, evaluation=True) == cut
+    target = cut + " " + completion_for(task, row)
+    assert target.endswith("Clause type: delivery"), "the completion follows the cue unchanged"
+
+
+@pytest.mark.parametrize(
+    ("text", "max_chars", "expected"),
+    [
+        ("0123456789\nQ:", 6, "012\nQ:"),  # head cut, cue kept
+        ("0123456789\nQ:", 3, "\nQ:"),  # only the cue fits
+        ("0123456789\nQ:", 2, "01"),  # the cue itself is too long: plain cut
+        ("0123456789", 4, "0123"),  # no cue line: plain cut
+        ("0123456789\nQ:", 13, "0123456789\nQ:"),  # exactly at the limit: untouched
+    ],
+)
+def test_cut_prompt_edges(text, max_chars, expected):
+    assert cut_prompt(text, max_chars) == expected
+    assert len(cut_prompt(text, max_chars)) <= max_chars

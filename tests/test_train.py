@@ -1,8 +1,10 @@
-"""Jobs: real 4-bit QLoRA training on the CPU, resume, out-of-memory back-off, runs without Ray."""
+"""Jobs: real 4-bit QLoRA training on the CPU, resume (also after a kill mid-save), out-of-memory back-off,
+gradient checkpointing and the learning-rate schedule, completion-only labels, runs without Ray."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs.config import dump_yaml
+from jobs.catalog import load_catalog
+from jobs.config import QuantizationSettings, dump_yaml
+from jobs.data import train_rows
+from jobs.models import load_base_model, load_tokenizer
+from jobs.prompts import completion_for, prompt_for
 from jobs.run import run_job
-from jobs.train import CHECKPOINT_DIR, TrainingError, encode_example, latest_checkpoint, make_batches, train
-from jobs.models import load_tokenizer
+from jobs.train import CHECKPOINT_DIR, IGNORE, TrainingError, encode_example, latest_checkpoint, make_batches, train
 from tests.helpers import tiny_job
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fine_tuning_lifts_the_score_with_real_4bit_layers(tmp_path: Path) -> None:
@@ -40,26 +46,74 @@ class Stop(Exception):
     pass
 
 
-def test_resume_continues_the_same_trajectory(tmp_path: Path) -> None:
-    settings = dict(max_steps=12, checkpoint_every=4, micro_batch_size=4, log_every=1)
-    straight, _, _ = train(tiny_job(tmp_path / "straight", **settings))
+RESUME_SETTINGS = dict(max_steps=12, checkpoint_every=4, micro_batch_size=4, log_every=1)
 
+
+@pytest.fixture(scope="module")
+def straight_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The adapter of an uninterrupted run, for the resume tests to match."""
+    result, _, _ = train(tiny_job(tmp_path_factory.mktemp("straight"), **RESUME_SETTINGS))
+    return Path(result.adapter_dir)
+
+
+def assert_same_adapter(a_dir: str | Path, b_dir: str | Path) -> None:
+    a = load_file(str(Path(a_dir) / "adapter_model.safetensors"))
+    b = load_file(str(Path(b_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_continues_the_same_trajectory(tmp_path: Path, straight_adapter: Path) -> None:
     def crash_at_6(step: int, metrics: dict[str, float]) -> None:
         if step == 6:
             raise Stop
 
-    interrupted = tiny_job(tmp_path / "interrupted", **settings)
+    interrupted = tiny_job(tmp_path / "interrupted", **RESUME_SETTINGS)
     with pytest.raises(Stop):
         train(interrupted, on_step=crash_at_6)
     assert latest_checkpoint(tmp_path / "interrupted" / CHECKPOINT_DIR).name == "step-00000004"
     (tmp_path / "interrupted" / CHECKPOINT_DIR / ".staging-00000008-1").mkdir()  # a save killed half-way
     resumed, _, _ = train(interrupted)
     assert resumed.summary["resumed_from_step"] == 4
-    a = load_file(str(Path(straight.adapter_dir) / "adapter_model.safetensors"))
-    b = load_file(str(Path(resumed.adapter_dir) / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert_same_adapter(straight_adapter, resumed.adapter_dir)
+
+
+# Run in a child process: the job dies (os._exit, no clean-up, like a kill) while saving the checkpoint of
+# step 8, after the adapter's files are written to the staging folder and before the trainer state is.
+DIE_WHILE_SAVING = """
+import json, os, sys
+from pathlib import Path
+import torch
+from jobs.train import train
+from tests.helpers import tiny_job
+
+real_save = torch.save
+
+def save(obj, f, *args, **kwargs):
+    if ".staging-00000008-" in str(f):
+        os._exit(17)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save
+train(tiny_job(Path(sys.argv[1]), **json.loads(sys.argv[2])))
+"""
+
+
+def test_job_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_checkpoint(tmp_path: Path, straight_adapter: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", DIE_WHILE_SAVING, str(tmp_path), json.dumps(RESUME_SETTINGS)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 17, out.stderr[-2000:]
+    root = tmp_path / CHECKPOINT_DIR
+    (staging,) = root.glob(".staging-00000008-*")
+    assert (staging / "adapter_model.safetensors").is_file() and not (staging / "state.json").exists()
+    assert [p.name for p in root.glob("step-*")] == ["step-00000004"]
+    assert latest_checkpoint(root) == root / "step-00000004"
+    resumed, _, _ = train(tiny_job(tmp_path, **RESUME_SETTINGS))
+    assert resumed.summary["resumed_from_step"] == 4 and resumed.summary["steps"] == 12
+    assert_same_adapter(straight_adapter, resumed.adapter_dir)
+    assert not list(root.glob(".staging-*")), "the half-written save is cleaned up"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000008", "step-00000012"]
 
 
 def test_out_of_memory_halves_micro_batch_keeps_effective_batch(tmp_path: Path) -> None:
@@ -118,3 +172,72 @@ def test_jobs_run_without_ray_from_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("kind: train\nbase_model: {}\n")
     out = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "task: Field required" in out.stderr
+
+
+def test_gradient_checkpointing_with_cosine_warmup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    mlp_calls: list[int] = []
+    forward = LlamaMLP.forward
+    monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: mlp_calls.append(1) or forward(self, x))
+    settings = dict(max_steps=10, warmup_ratio=0.3, lr_scheduler="cosine", learning_rate=1e-2, micro_batch_size=4, log_every=1)
+    runs = {}
+    for checkpointing in (True, False):
+        mlp_calls.clear()
+        seen: list[tuple[int, float, float]] = []
+        _, model, _ = train(tiny_job(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, **settings),
+                            on_step=lambda step, m: seen.append((step, m["learning_rate"], m["loss"])))
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        runs[checkpointing] = (seen, len(mlp_calls))
+    (seen, calls), (plain, plain_calls) = runs[True], runs[False]
+    assert calls == 2 * plain_calls > 0, "with checkpointing every block is run again in the backward pass"
+    assert [loss for *_, loss in seen] == pytest.approx([loss for *_, loss in plain], rel=1e-5)
+    assert seen[-1][2] < seen[0][2]
+    # 3 warm-up steps (0.3 x 10) rising linearly to the peak, then cosine decay to 0 at step 10.
+    peak, warmup = 1e-2, 3
+    expected = [peak * s / warmup if s <= warmup else peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (10 - warmup)))
+                for s in range(1, 11)]
+    assert [step for step, *_ in seen] == list(range(1, 11))
+    assert [lr for _, lr, _ in seen] == pytest.approx(expected, abs=1e-12)
+    rates = [lr for _, lr, _ in seen]
+    assert rates[:3] == sorted(rates[:3]) and rates[2:] == sorted(rates[2:], reverse=True) and rates[-1] == pytest.approx(0.0)
+
+
+def test_loss_covers_only_completion_tokens_in_a_packed_batch() -> None:
+    spec = load_catalog().base_model("tiny-llama")
+    tokenizer = load_tokenizer(spec)
+    task = load_catalog().task("demo_sentiment")
+    pairs = [(prompt_for(task, row), completion_for(task, row)) for row in train_rows(task, 3)]
+    pairs.append(("Review: " + "very " * 100 + "good\nSentiment:", "positive"))  # too long: the prompt's start is cut
+    max_len = 40
+    examples = [encode_example(tokenizer, prompt, completion, max_len) for prompt, completion in pairs]
+    assert [len(e.input_ids) < max_len for e in examples] == [True, True, True, False]
+    (packed,) = make_batches(examples, 4, max_len, True, tokenizer.pad_token_id)
+    ids, labels, positions = packed["input_ids"][0], packed["labels"][0], packed["position_ids"][0]
+    assert "attention_mask" not in packed and ids.numel() == sum(len(e.input_ids) for e in examples)  # no padding
+    starts = positions.eq(0).nonzero().flatten().tolist()
+    assert len(starts) == len(pairs)
+    completion_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for (prompt, completion), start, end in zip(pairs, starts, starts[1:] + [len(ids)]):
+        segment, segment_labels = ids[start:end], labels[start:end]
+        answer = len(tokenizer(" " + completion, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+        assert segment_labels[:-answer].eq(IGNORE).all(), "every prompt token is ignored"
+        assert segment_labels[-answer:].tolist() == segment[-answer:].tolist()
+        assert tokenizer.decode(segment[-answer:]) == " " + completion + tokenizer.eos_token
+        shown = tokenizer.decode(segment[:-answer], skip_special_tokens=True)
+        if len(segment) < max_len:
+            assert shown == prompt
+        else:  # cut to max_len by dropping the prompt's start: its end (the cue) and the completion stay whole
+            assert len(segment) == max_len and prompt.endswith(shown) and len(shown) < len(prompt)
+        completion_mask[end - answer : end] = True
+    (padded,) = make_batches(examples, 4, max_len, False, tokenizer.pad_token_id)
+    padding = padded["attention_mask"].eq(0)
+    assert padding.any() and padded["labels"][padding].eq(IGNORE).all()
+    assert padded["input_ids"][padding].eq(tokenizer.pad_token_id).all()
+    # The loss training minimises is the mean cross-entropy of exactly the completion tokens.
+    model = load_base_model(spec, QuantizationSettings(), "cpu").eval()
+    with torch.no_grad():
+        out = model(**packed, use_cache=False)
+    targets = completion_mask[1:]
+    manual = torch.nn.functional.cross_entropy(out.logits[0, :-1][targets], ids[1:][targets])
+    assert float(out.loss) == pytest.approx(float(manual), rel=1e-5)

@@ -6,19 +6,29 @@ Per task, from a sample of its training examples (prompt = input, gold completio
 - compressibility: zlib-compressed bytes / raw bytes of prompt + completion, mean and std;
 - number of training examples.
 
-Tokens are whitespace-separated words (`str.split`) by default: the numbers then describe the task,
-not one base model's tokenizer, and need no download. Pass `tokenize=` (e.g. a tokenizer's
-`tokenize`) to count model tokens instead.
+Lengths are counted in the tokens of a base model of the sweep, with the first tokenizer that loads
+without a download (`length_unit`): a tiny model's, built locally, or a real model's cached copy (the
+Hugging Face cache, e.g. on a cluster). Only when none loads are they whitespace-separated words. The
+unit's name (`tokens (tiny-llama tokenizer)` or `words`) goes into the report next to the numbers.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import zlib
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from jobs.config import BaseModelSpec
 from jobs.metrics import rouge_l
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 Tokenize = Callable[[str], Sequence[Any]]
 
@@ -34,8 +44,47 @@ HEURISTICS = (
 
 
 def whitespace_tokens(text: str) -> list[str]:
-    """The default token count: words separated by whitespace."""
+    """The fallback length unit: words separated by whitespace."""
     return text.split()
+
+
+@dataclass(frozen=True)
+class LengthUnit:
+    """How the length heuristics count: `name` is what the report says (`tokens (tiny-llama tokenizer)`, `words`)."""
+
+    name: str
+    tokenize: Tokenize
+
+
+WORDS = LengthUnit("words", whitespace_tokens)
+
+
+def local_tokenizer(spec: BaseModelSpec) -> PreTrainedTokenizerBase | None:
+    """A base model's tokenizer if it loads without a download (a tiny model's, or a cached copy), else None."""
+    from transformers import AutoTokenizer
+
+    from jobs.models import model_source
+
+    try:
+        return AutoTokenizer.from_pretrained(model_source(spec), local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - not cached here, gated, or missing a converter: try the next base model
+        log.info("tokenizer of %s not available offline: %s", spec.name, error)
+        return None
+
+
+def length_unit(base_models: Iterable[str]) -> LengthUnit:
+    """Count tokens with the first of `base_models` (catalogue names; unknown ones skipped) whose
+    tokenizer loads without a download; whitespace words when none does."""
+    from jobs.catalog import load_catalog
+
+    catalog, names = load_catalog(), list(base_models)
+    for name in names:
+        tokenizer = local_tokenizer(catalog.base_models[name]) if name in catalog.base_models else None
+        if tokenizer is not None:
+            return LengthUnit(f"tokens ({name} tokenizer)", partial(tokenizer.encode, add_special_tokens=False))
+    log.warning("no tokenizer of %s loads without a download: task lengths are counted in words",
+                ", ".join(names) or "no base model")
+    return WORDS
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -63,8 +112,9 @@ def compressibility(text: str) -> float:
 
 
 def example_heuristics(inputs: Sequence[str], outputs: Sequence[str], train_examples: int,
-                       tokenize: Tokenize = whitespace_tokens) -> dict[str, float]:
-    """Every heuristic of HEURISTICS from paired inputs (prompts) and outputs (gold completions)."""
+                       tokenize: Tokenize) -> dict[str, float]:
+    """Every heuristic of HEURISTICS from paired inputs (prompts) and outputs (gold completions),
+    lengths counted by `tokenize` (a LengthUnit's)."""
     if len(inputs) != len(outputs):
         raise ValueError(f"{len(inputs)} inputs but {len(outputs)} outputs")
     input_lengths = [float(len(tokenize(text))) for text in inputs]
@@ -103,7 +153,7 @@ def train_size(task: Any) -> int:
     return len(train_rows(task))
 
 
-def task_heuristics(task: Any, limit: int = SAMPLE_ROWS, tokenize: Tokenize = whitespace_tokens) -> dict[str, float]:
-    """Every heuristic for one task, from its first `limit` training examples."""
+def task_heuristics(task: Any, tokenize: Tokenize, limit: int = SAMPLE_ROWS) -> dict[str, float]:
+    """Every heuristic for one task, from its first `limit` training examples, lengths counted by `tokenize`."""
     prompts, completions = task_examples(task, limit)
     return example_heuristics(prompts, completions, train_size(task), tokenize)

@@ -9,7 +9,8 @@ Files (in `out_dir`, and under `report/` of the parent run):
 - finetuned_heatmap.png, lift_by_base_model.png, and, when the sweep shares base models and tasks
   with the study, vs_study.png (ours against the study's published fine-tuned and GPT-4 scores,
   tracking/reference/lora_land_paper_scores.csv, source named on the chart);
-- heuristics.csv (tracking.heuristics per task), correlations.csv + heuristics_correlation.png
+- heuristics.csv (tracking.heuristics per task, with the `length_unit` its lengths are counted in:
+  a base model's tokens, or words when no tokenizer of the sweep loads offline), correlations.csv + heuristics_correlation.png
   (Pearson r of each heuristic with the per-task mean base score, fine-tuned score and lift),
   predictor.json + lift_predictor.png (ridge regression of mean lift on the standardised
   heuristics, with its leave-one-task-out mean absolute error next to that of predicting the mean).
@@ -66,6 +67,7 @@ class Report:
     leaderboard: pd.DataFrame
     parent_run_id: str | None = None
     predictor: dict[str, Any] = field(default_factory=dict)
+    length_unit: str = ""
 
 
 # --------------------------------------------------------------------------- data
@@ -129,14 +131,14 @@ def study_comparison(board: pd.DataFrame, reference: Path = STUDY_SCORES) -> pd.
                    "gpt35_score", "gpt4_score"]].reset_index(drop=True)
 
 
-def heuristics_frame(tasks: list[str], limit: int = heur.SAMPLE_ROWS) -> pd.DataFrame:
-    """tracking.heuristics for each task (index: task); a task whose data cannot be read gets NaNs."""
+def heuristics_frame(tasks: list[str], unit: heur.LengthUnit, limit: int = heur.SAMPLE_ROWS) -> pd.DataFrame:
+    """tracking.heuristics for each task (index: task), lengths in `unit`; a task whose data cannot be read gets NaNs."""
     from jobs.catalog import load_catalog
 
     rows = {}
     for name in tasks:
         try:
-            rows[name] = heur.task_heuristics(load_catalog().task(name), limit)
+            rows[name] = heur.task_heuristics(load_catalog().task(name), unit.tokenize, limit)
         except Exception as error:  # noqa: BLE001 - e.g. a Hub dataset offline: the rest of the report still stands
             log.warning("heuristics of task %s not computed: %s", name, error)
             rows[name] = {key: math.nan for key in heur.HEURISTICS}
@@ -373,12 +375,17 @@ def render_html(title: str, sections: list[Section]) -> str:
 
 
 def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Land leaderboard",
-                 features: pd.DataFrame | None = None, heuristics_limit: int = heur.SAMPLE_ROWS) -> Report:
+                 features: pd.DataFrame | None = None, heuristics_limit: int = heur.SAMPLE_ROWS,
+                 length_unit: str | None = None) -> Report:
     """Write every file of the report for `runs` (see `runs_frame`) into `out_dir`.
 
-    `features` (heuristics per task, index task) is computed with tracking.heuristics when not given."""
+    `features` (heuristics per task, index task) is computed with tracking.heuristics when not given,
+    lengths in a tokenizer of the runs' base models (heuristics.length_unit); given, `length_unit` says
+    what its lengths count."""
     if runs.empty:
         raise ValueError("no finished job runs to report on")
+    if features is not None and not length_unit:
+        raise ValueError("features given without the length_unit they are counted in")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     board = leaderboard(runs)
@@ -407,15 +414,17 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
         sections.append(Section("Against the study", f"Pairs this sweep shares with the study. Source: {STUDY_SOURCE}.",
                                 comparison, plot_vs_study(comparison, out / "vs_study.png").name))
     targets = task_means(board)
-    features = features if features is not None else heuristics_frame(list(targets.index), heuristics_limit)
-    table(features, "heuristics.csv", index=True)
+    if features is None:
+        unit = heur.length_unit(sorted(runs["base_model"].dropna().unique()))
+        features, length_unit = heuristics_frame(list(targets.index), unit, heuristics_limit), unit.name
+    table(features.assign(length_unit=length_unit), "heuristics.csv", index=True)
     corr = table(correlations(features, targets), "correlations.csv", index=True)
     predictor = lift_predictor(features, targets["lift"])
     (out / "predictor.json").write_text(json.dumps(predictor, indent=2, default=float))
     files.append(out / "predictor.json")
     sections += [
         Section("Task complexity heuristics", "Per task, from its first training examples (tracking/heuristics.py: "
-                "whitespace tokens, ROUGE-L of output vs input, zlib compressibility).", features.reset_index()),
+                f"lengths in {length_unit}, ROUGE-L of output vs input, zlib compressibility).", features.reset_index()),
         Section("Correlation with results", "Pearson r with the per-task mean over base models (n/a below 3 tasks "
                 "or for a constant).", corr.reset_index(), plot_correlations(corr, out / "heuristics_correlation.png").name),
         Section("Predicting lift from the heuristics", f"{predictor['model']}: {predictor['tasks']} tasks, leave-one-task-out "
@@ -427,20 +436,24 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
     (out / "leaderboard.md").write_text(render_markdown(title, sections))
     (out / "leaderboard.html").write_text(render_html(title, sections))
     files += [out / "leaderboard.md", out / "leaderboard.html"]
-    return Report(out, files, board, predictor=predictor)
+    return Report(out, files, board, predictor=predictor, length_unit=str(length_unit))
 
 
 def build_report(experiment: str, out_dir: str | Path | None = None, uri: str | None = None, log_to_run: bool = True,
-                 heuristics_limit: int = heur.SAMPLE_ROWS, features: pd.DataFrame | None = None) -> Report:
+                 heuristics_limit: int = heur.SAMPLE_ROWS, features: pd.DataFrame | None = None,
+                 length_unit: str | None = None) -> Report:
     """`loraland report --experiment NAME [--out DIR]`: write the report (default folder
-    `<data_home()>/reports/<experiment>`) and log it under `report/` of the sweep's parent run."""
+    `<data_home()>/reports/<experiment>`) and log it under `report/` of the sweep's parent run, with the
+    heuristics' length unit as its tag `report.length_unit`."""
     experiment_id = store.experiment_id_for(experiment, uri)
     out = Path(out_dir) if out_dir else data_home() / "reports" / experiment
-    report = write_report(runs_frame(experiment_id, uri), out, f"LoRA Land leaderboard: {experiment}", features, heuristics_limit)
+    report = write_report(runs_frame(experiment_id, uri), out, f"LoRA Land leaderboard: {experiment}", features, heuristics_limit,
+                          length_unit)
     parent = store.find_sweep_run(experiment_id, uri=uri)
     if log_to_run and parent is not None:
         report.parent_run_id = parent.info.run_id
         call_with_retry(store.client(uri).log_artifacts, parent.info.run_id, str(out), "report")
+        call_with_retry(store.client(uri).set_tag, parent.info.run_id, "report.length_unit", report.length_unit)
         board = report.leaderboard
         summary = {"report.mean_finetuned_score": board["finetuned_score"].mean(), "report.mean_lift": board["lift"].mean(),
                    "report.lift_predictor_loo_mae": report.predictor.get("loo_mae", math.nan)}

@@ -1,0 +1,102 @@
+"""Local data files (jsonl, csv, parquet, gzipped text) through the loaders the catalogue's tasks use."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from jobs.catalog import load_catalog
+from jobs.config import TaskSpec
+from jobs.data import eval_rows, train_rows
+from jobs.prompts import completion_for, prompt_for
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
+# The Kaggle Jigsaw task: numbers (`target` decides the completion), text, and many unused columns with nulls.
+ROWS: list[dict[str, Any]] = [json.loads(line) for line in (FIXTURES / "jigsaw.jsonl").read_text().splitlines() if line.strip()]
+GOLD = ["no", "yes", "no"]
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write `rows` in the format `path`'s ending names (.jsonl, .csv, .parquet, optionally .gz)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".parquet"):
+        pd.DataFrame(rows).to_parquet(path)
+        return path
+    text = _csv_text(rows) if name.endswith(".csv") else "".join(json.dumps(row) + "\n" for row in rows)
+    path.write_bytes(gzip.compress(text.encode()) if path.suffix == ".gz" else text.encode())
+    return path
+
+
+def with_files(task: TaskSpec, **files: str) -> TaskSpec:
+    """`task` reading its splits from `files` (validated like a config)."""
+    data = task.model_dump()
+    data["dataset"]["data_files"] = files
+    return TaskSpec.model_validate(data)
+
+
+def assert_task_rows(task: TaskSpec, rows: list[dict[str, Any]]) -> None:
+    assert len(rows) == len(ROWS)
+    for got, want in zip(rows, ROWS):
+        assert {c: got[c] for c in task.columns} == {c: want[c] for c in task.columns}
+    assert [completion_for(task, row) for row in rows] == GOLD
+    assert [prompt_for(task, row) for row in rows] == [prompt_for(task, row) for row in ROWS]
+
+
+def test_kaggle_csv_files_load_from_the_catalogue_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORALAND_HOME", str(tmp_path))
+    task = load_catalog().task("jigsaw")
+    assert task.dataset.kind == "kaggle" and task.dataset.data_files == {"train": "kaggle/jigsaw/train.csv", "test": "kaggle/jigsaw/test.csv"}
+    write_rows(tmp_path / "data" / "kaggle" / "jigsaw" / "train.csv", ROWS)
+    write_rows(tmp_path / "data" / "kaggle" / "jigsaw" / "test.csv", ROWS[::-1])
+    assert_task_rows(task, train_rows(task))
+    assert [row["id"] for row in eval_rows(task)] == [row["id"] for row in ROWS[::-1]]
+    assert [row["id"] for row in eval_rows(task, 2)] == [row["id"] for row in ROWS[::-1][:2]]
+    assert len(train_rows(task, 1)) == 1
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.jsonl.gz", "train.csv.gz", "train.parquet"])
+def test_every_local_format_loads(tmp_path: Path, name: str) -> None:
+    path = write_rows(tmp_path / name, ROWS)
+    task = with_files(load_catalog().task("jigsaw"), train=str(path), test=str(path))
+    assert_task_rows(task, train_rows(task))
+
+
+def _error(task: TaskSpec, kind: type[Exception]) -> str:
+    with pytest.raises(kind) as caught:
+        train_rows(task)
+    message = str(caught.value)
+    assert "\n" not in message, "errors are one line"
+    return message
+
+
+def test_bad_local_files_give_one_line_errors_naming_the_fix(tmp_path: Path) -> None:
+    task = load_catalog().task("jigsaw")
+    missing = tmp_path / "nowhere" / "train.csv"
+    message = _error(with_files(task, train=str(missing)), FileNotFoundError)
+    assert str(missing) in message and "data_files.train" in message
+    for name in ("train.txt", "train.parquet.gz"):
+        path = tmp_path / name
+        path.write_text("id,target,comment_text\n1,0.0,hi\n")
+        message = _error(with_files(task, train=str(path)), ValueError)
+        assert str(path) in message and "unsupported file type" in message and ".jsonl.gz" in message
+    no_target = write_rows(tmp_path / "lacking.csv", [{k: v for k, v in row.items() if k != "target"} for row in ROWS])
+    message = _error(with_files(task, train=str(no_target)), ValueError)
+    assert str(no_target) in message and "missing column(s) target" in message and "id, target, comment_text" in message
+    message = _error(with_files(task, test=str(no_target)), ValueError)
+    assert "no file for split 'train'" in message and "data_files.train" in message
