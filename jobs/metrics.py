@@ -3,7 +3,8 @@
 The study (Zhao et al., 2024, "LoRA Land", see shared/reference/README.md) scores a generation by
 parsing it the same way as the gold completion and comparing:
 
-- exact match after strip / lower-case (`answer: exact`);
+- exact match after strip / lower-case (`answer: exact`), parsed a little more loosely than the
+  study states, by choice (see below);
 - yes/no, true/false, 1/0 and positive/negative normalised to booleans (`answer: boolean`);
 - multiple choice scores the label (digit or letter) found in the output (`answer: choice`);
 - gsm8k compares the last number (`answer: last_number`);
@@ -12,6 +13,18 @@ parsing it the same way as the gold completion and comparing:
 
 HumanEval (`metric: humaneval`) runs untrusted code and lives in `jobs.sandbox`.
 Only the standard library is used here.
+
+Deliberate deviation from "exact match after strip / lower-case": `answer: exact` compares only the
+first non-blank line of the text; on it, runs of whitespace collapse to one space, surrounding
+quotes and emphasis marks (" ' ` curly quotes, guillemets, *) and punctuation (`,;:!?` on both
+sides, `.` on the right only, so ".5" and "-3" survive) are stripped, as are matching surrounding
+brackets ((), [], {}, <>), repeatedly; and when the task has `labels`, a line that starts with a
+label as whole words ("positive, because ...") counts as that label (the longest label wins, so
+`not_entailment` is not read as `entailment`). So `'"Positive."'`, `**positive**` and
+`positive\nIt was great` all match a gold of `positive`, where the bare rule would score them 0.
+`boolean` reads the first word of that same normalised line. The rules are the same for every
+model, base or fine-tuned, and for the gold completions, so comparisons between models are fair;
+absolute accuracies can be a little higher than under the bare rule.
 """
 
 from __future__ import annotations
