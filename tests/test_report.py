@@ -20,6 +20,7 @@ from tracking import report, store
 pytest_plugins = ["tests.tracking_fixtures"]
 
 CHARTS = ("finetuned_heatmap.png", "lift_by_base_model.png", "heuristics_correlation.png", "lift_predictor.png")
+SWEEP_CHARTS = tuple(c for c in CHARTS if c != "heuristics_correlation.png")  # 2 tasks: no correlation to draw
 
 
 def assert_real_chart(path: Path) -> None:
@@ -35,6 +36,12 @@ def assert_real_chart(path: Path) -> None:
     assert non_background > 0.02, (path, non_background)
 
 
+def assert_drew(chart: report.Chart, cells: int = 0, bars: int = 0, points: int = 0) -> None:
+    """The chart drew exactly this data (finite heatmap cells, bars, scatter points), read off its figure."""
+    assert (chart.cells, chart.bars, chart.points) == (cells, bars, points), chart
+    assert_real_chart(chart.path)
+
+
 # --------------------------------------------------------------------------- from the real sweep
 
 
@@ -43,11 +50,18 @@ def test_report_of_the_2x2_sweep(tiny_sweep: Sweep, tmp_path: Path) -> None:
     built = report.build_report(SWEEP, tmp_path / "report", uri=tiny_sweep.uri)
     out = built.out_dir
     for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "runs.csv", "heuristics.csv", "correlations.csv",
-                 "predictor.json", *CHARTS):
+                 "predictor.json", *SWEEP_CHARTS):
         assert (out / name).is_file(), name
-    for name in CHARTS:
-        assert_real_chart(out / name)
+    assert set(built.charts) == set(SWEEP_CHARTS)
+    pairs = len(BASES) * len(TASKS)
+    assert_drew(built.charts["finetuned_heatmap.png"], cells=pairs)  # every (task, base model) has a score
+    assert_drew(built.charts["lift_by_base_model.png"], bars=len(BASES), points=pairs)
+    assert_drew(built.charts["lift_predictor.png"], points=len(TASKS))
     assert not (out / "vs_study.png").exists()  # tiny models and demo tasks are not the study's
+    # Correlations over 2 tasks mean nothing: the report says so instead of drawing an empty grid.
+    assert not (out / "heuristics_correlation.png").exists()
+    corr = pd.read_csv(out / "correlations.csv", index_col="heuristic")
+    assert corr[["base_score", "finetuned_score", "lift"]].isna().all().all() and (corr["tasks"] == 2).all()
     board = pd.read_csv(out / "leaderboard.csv")
     assert len(board) == len(BASES) * len(TASKS)  # a row per (base model, task) job pair
     assert set(zip(board["base_model"], board["task"])) == {(b, t) for b in BASES for t in TASKS}
@@ -62,6 +76,8 @@ def test_report_of_the_2x2_sweep(tiny_sweep: Sweep, tmp_path: Path) -> None:
     for title in ("## Leaderboard", "## Best base model per task", "## Means per base model", "## Means per category",
                   "## Correlation with results", "## Predicting lift"):
         assert title in markdown
+    assert "n/a: needs at least 3 tasks (this sweep has 2)" in markdown.split("## Correlation with results")[1].split("##")[0]
+    assert "n/a: needs at least 3 tasks" in (out / "leaderboard.html").read_text()
     assert "<table" in (out / "leaderboard.html").read_text()
     features = pd.read_csv(out / "heuristics.csv", index_col="task")
     assert set(features.index) == set(TASKS) and list(features.columns) == [*heur.HEURISTICS, "length_unit"]
@@ -77,7 +93,7 @@ def test_report_of_the_2x2_sweep(tiny_sweep: Sweep, tmp_path: Path) -> None:
     client = store.client(tiny_sweep.uri)
     assert built.parent_run_id == tiny_sweep.parent_run_id
     logged = {Path(a.path).name for a in client.list_artifacts(tiny_sweep.parent_run_id, "report")}
-    assert {"leaderboard.csv", "leaderboard.md", "leaderboard.html", *CHARTS} <= logged
+    assert {"leaderboard.csv", "leaderboard.md", "leaderboard.html", *SWEEP_CHARTS} <= logged
     assert "report.mean_finetuned_score" in client.get_run(tiny_sweep.parent_run_id).data.metrics
     assert client.get_run(tiny_sweep.parent_run_id).data.tags["report.length_unit"] == unit
 
@@ -116,6 +132,14 @@ def test_report_compares_with_the_study_and_names_the_source(tmp_path: Path) -> 
     assert_real_chart(tmp_path / "vs_study.png")
     for name in CHARTS:
         assert_real_chart(tmp_path / name)
+    # What each chart drew is the data: a cell per scored pair, a bar per base model or compared score, a point per task.
+    assert_drew(built.charts["finetuned_heatmap.png"], cells=int(board["finetuned_score"].notna().sum()))
+    assert_drew(built.charts["lift_by_base_model.png"], bars=2, points=int(board["lift"].notna().sum()))
+    assert_drew(built.charts["vs_study.png"], bars=3 * len(tasks))
+    finite = pd.read_csv(tmp_path / "correlations.csv", index_col="heuristic")[["base_score", "finetuned_score", "lift"]].notna()
+    assert_drew(built.charts["heuristics_correlation.png"], cells=int(finite.to_numpy().sum()))
+    assert 0 < built.charts["heuristics_correlation.png"].cells < 3 * len(heur.HEURISTICS)  # the constant heuristic: n/a
+    assert_drew(built.charts["lift_predictor.png"], points=len(tasks))
     comparison = pd.read_csv(tmp_path / "vs_study.csv")
     assert len(comparison) == len(tasks) * 2 and comparison["gpt4_score"].notna().all()
     markdown = (tmp_path / "leaderboard.md").read_text()
@@ -140,6 +164,24 @@ def test_leaderboard_keeps_pairs_with_a_missing_side() -> None:
     board = report.leaderboard(runs).set_index("base_model")
     assert len(board) == 2 and math.isnan(board.loc["phi-2", "base_score"]) and math.isnan(board.loc["phi-2", "lift"])
     assert board.loc["mistral-7b", "lift"] == pytest.approx(board.loc["mistral-7b", "finetuned_score"] - board.loc["mistral-7b", "base_score"])
+
+
+def test_a_blank_chart_is_told_apart_from_a_chart_with_data(tmp_path: Path) -> None:
+    runs = study_runs(["boolq", "gsm8k"], ["mistral-7b", "phi-2"])
+    board = report.leaderboard(runs)
+    assert report.plot_finetuned_heatmap(board, tmp_path / "full.png").cells == 4
+    empty = report.plot_finetuned_heatmap(board.assign(finetuned_score=math.nan), tmp_path / "empty.png")
+    assert empty.cells == 0 and empty.path.is_file()  # a grid of n/a: nothing drawn, and the count says so
+    assert report.plot_lift_by_base_model(board.assign(lift=math.nan), tmp_path / "lift.png").bars == 0
+    def targets(*values: float) -> pd.DataFrame:
+        return pd.DataFrame({t: list(values) for t in report.TARGETS}, index=list("abc")[:len(values)])
+
+    few = report.correlations(pd.DataFrame({"x": [1.0, 2.0]}, index=["a", "b"]), targets(0.1, 0.2))
+    assert report.correlation_gap(few) == "n/a: needs at least 3 tasks (this sweep has 2)"
+    flat = report.correlations(pd.DataFrame({"x": [1.0] * 3}, index=list("abc")), targets(0.1, 0.2, 0.3))
+    assert report.correlation_gap(flat).startswith("n/a: no heuristic")
+    varied = report.correlations(pd.DataFrame({"x": [1.0, 2.0, 4.0]}, index=list("abc")), targets(0.1, 0.2, 0.3))
+    assert report.correlation_gap(varied) is None
 
 
 # --------------------------------------------------------------------------- heuristics (pure functions)
@@ -191,3 +233,45 @@ def test_lengths_in_a_local_tokenizer_else_words(monkeypatch: pytest.MonkeyPatch
     tokens, words = (heur.task_heuristics(task, u.tokenize, limit=40) for u in (unit, heur.WORDS))
     assert tokens["input_tokens_mean"] > words["input_tokens_mean"] and tokens["total_tokens_p95"] > words["total_tokens_p95"]
     assert {k: v for k, v in tokens.items() if "tokens" not in k} == {k: v for k, v in words.items() if "tokens" not in k}
+
+
+def test_heuristics_sample_is_seeded_and_random_not_the_head() -> None:
+    from jobs.data import train_rows
+    from jobs.prompts import prompt_for
+
+    rows = list(range(1000))
+    sample = heur.sample_rows(rows, 200)
+    assert sample == heur.sample_rows(rows, 200) and len(set(sample)) == 200 and sample == sorted(sample)
+    assert sample != rows[:200] and max(sample) > 800  # drawn from the whole split
+    assert heur.sample_rows(rows[:50], 200) == rows[:50]
+    task = load_catalog().task("demo_colors")
+    prompts, _ = heur.task_examples(task, limit=50)
+    assert prompts == heur.task_examples(task, limit=50)[0]  # the same rows every time
+    assert prompts != [prompt_for(task, row) for row in train_rows(task, 50)]
+
+
+def test_tokenizer_is_downloaded_unless_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real base model's tokenizer: fetched from the Hub (tokenizer files only) when HF_HUB_OFFLINE is not set,
+    looked up in the cache only when it is; nothing is downloaded here (from_pretrained is recorded)."""
+    import transformers
+
+    calls: list[tuple[str, bool]] = []
+
+    class Tokenizer:
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[str]:
+            return list(text)
+
+    def from_pretrained(source: str, local_files_only: bool = False, **kwargs: object) -> Tokenizer:
+        calls.append((source, local_files_only))
+        if local_files_only:
+            raise OSError("not in the cache")
+        return Tokenizer()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    hf_id = load_catalog().base_model("mistral-7b").hf_id
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    unit = heur.length_unit(["mistral-7b"])
+    assert unit.name == "tokens (mistral-7b tokenizer)" and calls == [(hf_id, False)] and len(unit.tokenize("abc")) == 3
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert heur.length_unit(["mistral-7b"]) == heur.WORDS  # offline and not cached: words, labelled so
+    assert calls[-1] == (hf_id, True)

@@ -17,7 +17,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.tracking_fixtures")  # before the import below: its asserts are rewritten too
 
-from tests.tracking_fixtures import BASES, SWEEP, TASKS, Server, Sweep, TcpProxy, log_one_job
+from tests.tracking_fixtures import BASES, SWEEP, TASKS, Server, Sweep, TcpProxy, fake_adapter, free_port, log_one_job
 from tracking import retry, store
 
 pytest_plugins = ["tests.tracking_fixtures"]
@@ -61,6 +61,30 @@ def test_retry_backs_off_on_transient_errors_only(monkeypatch: pytest.MonkeyPatc
     # Two workers logging the same dataset race in the server's get-or-create (seen in CI): retried.
     race = RuntimeError("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
     assert retry.is_transient(race)
+    # Many workers registering one model at once ran out of the server's own version-number retries: retried.
+    assert retry.is_transient(RuntimeError("INTERNAL_ERROR: Model Version creation error (name=loraland-x). Giving up after 3 attempts."))
+
+
+def test_retry_budget_alone_covers_a_server_restart_of_a_minute() -> None:
+    """The worker budget documented in tracking/retry.py: even with MLflow's HTTP retries off, and every
+    sleep at its shortest jitter, tracking keeps trying for over 60 s (a restart takes 7-12 s)."""
+    assert retry.ATTEMPTS == 10 and retry.backoff_delays() == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 20.0, 20.0, 20.0]
+    assert 60 < retry.budget_s() == pytest.approx(91.5 * 0.75)
+
+
+def test_unreachable_server_is_one_line_naming_the_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ValueError) as raised:
+        store.check_reachable(uri, timeout_s=1.0)
+    assert time.monotonic() - started < 6  # bounded: no minutes of retries
+    message = str(raised.value)
+    assert "\n" not in message and uri in message and "--tracking-uri" in message and "MLFLOW_TRACKING_URI" in message
+    monkeypatch.setenv("LORALAND_TRACKING_WAIT_S", "0.5")  # the default wait comes from the environment
+    with pytest.raises(ValueError, match="waited 0s|waited 1s"):
+        store.check_reachable(uri)
+    sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert store.check_reachable(sqlite) == sqlite  # no server to wait for
 
 
 def test_tracking_uri_explicit_then_env_then_embedded_sqlite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -208,6 +232,7 @@ def test_base_evaluation_runs(tiny_sweep: Sweep) -> None:
             assert run.data.metrics["score"] == pytest.approx(job.result.score) == pytest.approx(run.data.metrics["base_score"])
             assert "lift" not in run.data.metrics and "adapter" not in {a.path for a in store.client(tiny_sweep.uri).list_artifacts(run.info.run_id)}
             assert job.model_version is None
+            assert run.data.metrics["peak_memory_mb"] > 0  # measured by the tracker: base evaluations have it too
 
 
 @pytest.mark.slow
@@ -230,11 +255,59 @@ def test_adapter_loads_back_with_the_same_greedy_tokens(tiny_sweep: Sweep, tmp_p
     assert again == [p["prediction"] for p in job.result.predictions]  # what the in-memory model generated at evaluation
     local = load_adapter(load_base_model(spec, job.config.quantization, "cpu"), job.result.adapter_dir)
     assert generate(local, tokenizer, prompts, max_new, 4) == generate(logged, tokenizer, prompts, max_new, 4)
+    # The generated token ids themselves (not only their decoded text) are the same.
+    before, after = (greedy_token_ids(model, tokenizer, prompts, max_new) for model in (local, logged))
+    assert before == after and all(before)
     # The same through a run id reference, with the default download folder reused when given again.
     assert isinstance(load_adapter_model(job.run_id, device="cpu", uri=tiny_sweep.uri, dst=tmp_path / "a"), PeftModel)
 
 
+def greedy_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:  # noqa: ANN001
+    """The token ids `model` generates greedily after each prompt (one prompt at a time: no padding)."""
+    import torch
+
+    from jobs.train import encode_prompt
+
+    model.eval()
+    generated = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            generated.append(out[0, ids.shape[1]:].tolist())
+    return generated
+
+
 # --------------------------------------------------------------------------- registry
+
+
+def finish_train_job(uri: str, experiment_id: str, job_key: str, task: str, score: float, folder: Path):  # noqa: ANN201
+    """A train job with a (fake) adapter, logged, registered and its champion updated by JobTracker.finish."""
+    from jobs.run import JobResult
+    from tracking.tracker import JobTracker
+
+    tracker = JobTracker(experiment_id, job_key, "tiny-llama", task, uri=uri, system_metrics=False)
+    with tracker:
+        tracker.finish(JobResult(job_key, "train", "tiny-llama", task, "accuracy", score, 1, fake_adapter(folder), {"score": score}),
+                       base_score=0.0)
+    return tracker
+
+
+@pytest.mark.slow
+def test_champion_moves_by_itself_as_better_jobs_finish(mlflow_server: Server, tmp_path: Path) -> None:
+    from tracking import registry
+
+    uri, task = mlflow_server.uri, "champion_moves"  # a registered model of its own
+    experiment_id = store.ensure_experiment("champion-moves", uri)
+    worse = finish_train_job(uri, experiment_id, "champion-moves/a", task, 0.4, tmp_path / "a")
+    assert registry.champion(task, uri).version == worse.model_version
+    better = finish_train_job(uri, experiment_id, "champion-moves/b", task, 0.8, tmp_path / "b")
+    assert better.model_version != worse.model_version
+    assert registry.champion(task, uri).version == better.model_version  # moved, nobody called update_champion
+    middle = finish_train_job(uri, experiment_id, "champion-moves/c", task, 0.6, tmp_path / "c")
+    assert registry.champion(task, uri).version == better.model_version  # a worse newcomer does not take it
+    assert [v.version for v in registry.versions(task, uri)] == [worse.model_version, better.model_version, middle.model_version]
 
 
 @pytest.mark.slow
@@ -327,19 +400,22 @@ def test_32_processes_logging_at_once_lose_nothing(mlflow_server: Server) -> Non
     # forkserver: 32 separate processes forked from one that imported MLflow once (importing it 32
     # times takes ~100 CPU-seconds on this 2-core machine); each opens its own connections.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tracking.tracker", "tests.tracking_fixtures"])
+    context.set_forkserver_preload(["tracking.tracker", "tracking.registry", "jobs.train", "tests.tracking_fixtures"])
     results = context.Queue()
     start_at = time.time() + 3.0
-    workers = [context.Process(target=log_one_job, args=(uri, experiment_id, parent, i, start_at, results)) for i in range(32)]
+    # Every other worker also logs its adapter and registers it, all as versions of one task's model.
+    registering = {i: "concurrency_adapters" if i % 2 == 0 else None for i in range(32)}  # no other test registers this task
+    workers = [context.Process(target=log_one_job, args=(uri, experiment_id, parent, i, start_at, results, registering[i]))
+               for i in range(32)]
     for worker in workers:
         worker.start()
     reported = [results.get(timeout=240) for _ in workers]
     for worker in workers:
         worker.join(60)
     assert [w.exitcode for w in workers] == [0] * 32
-    assert len({pid for _, _, pid in reported}) == 32  # 32 distinct processes
+    assert len({pid for _, _, pid, _ in reported}) == 32  # 32 distinct processes
     runs = store.job_runs(experiment_id, uri)
-    assert len(runs) == 32 and {r.info.run_id for r in runs} == {run_id for _, run_id, _ in reported}
+    assert len(runs) == 32 and {r.info.run_id for r in runs} == {run_id for _, run_id, _, _ in reported}
     assert {r.data.tags[store.TAG_JOB_KEY] for r in runs} == {f"concurrency/w{i:02d}" for i in range(32)}
     for run in runs:
         index = int(run.data.tags[store.TAG_JOB_KEY][-2:])
@@ -351,6 +427,17 @@ def test_32_processes_logging_at_once_lose_nothing(mlflow_server: Server) -> Non
     elsewhere = [r for e in client.search_experiments() if e.experiment_id != experiment_id
                  for r in client.search_runs([e.experiment_id], "tags.`loraland.job_key` LIKE 'concurrency/%'")]
     assert elsewhere == []  # none in the wrong experiment
+    # Registering at once: one version per registering run, none lost or doubled, and the champion is the best.
+    from tracking import registry
+
+    versions = registry.versions("concurrency_adapters", uri)
+    by_run = {index: (run_id, version) for index, run_id, _, version in reported if registering[index]}
+    assert sorted(v.run_id for v in versions) == sorted(run_id for run_id, _ in by_run.values())
+    assert sorted(int(v.version) for v in versions) == list(range(1, 17))
+    assert {v.run_id: v.version for v in versions} == dict(by_run.values())  # what each worker was told
+    assert all(version is None for index, _, _, version in reported if not registering[index])
+    assert all({a.path for a in client.list_artifacts(run_id, "adapter")} for run_id, _ in by_run.values())
+    assert registry.champion("concurrency_adapters", uri).version == by_run[30][1]  # the highest score: index 30 of 32
     store.finish_sweep_run(parent, uri=uri)
 
 
@@ -391,3 +478,145 @@ def test_writes_survive_the_server_being_unreachable(mlflow_server: Server, monk
     assert run.data.metrics["lift"] == pytest.approx(0.5) and run.data.metrics["peak_memory_mb"] == 123.0
     assert run.data.params["lr"] == "0.01" and "predictions.json" in {a.path for a in client.list_artifacts(run_id)}
     assert not math.isnan(run.data.metrics["score"])
+
+
+@pytest.mark.slow
+def test_a_job_survives_a_real_server_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real `mlflow server` is stopped mid-job and started again on the same port, SQLite file and
+    artifact folder while the job logs steps, finishes, uploads its adapter and registers it: nothing is
+    dropped. MLflow's HTTP retries are off, so tracking's own budget (`retry.budget_s`) covers the restart alone."""
+    from jobs.run import JobResult
+    from tracking import registry
+    from tracking.tracker import JobTracker
+    from tracking.ui import server_command, start_server, stop_server
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    command = server_command(f"sqlite:///{tmp_path / 'mlflow.db'}", "127.0.0.1", port, artifacts_destination=tmp_path / "artifacts")
+    servers = [start_server(command, uri, log_file=tmp_path / "server.log")]  # this test's own: the session's stays up
+    back_at: list[float] = []
+
+    def restart() -> None:
+        time.sleep(2.0)
+        servers.append(start_server(command, uri, log_file=tmp_path / "server.log"))  # returns once /health answers
+        back_at.append(time.monotonic())
+
+    restarter = threading.Thread(target=restart)
+    task, key = "restart_demo", "restart/tiny-llama/restart_demo/train"
+    try:
+        experiment_id = store.ensure_experiment("restart", uri)
+        tracker = JobTracker(experiment_id, key, "tiny-llama", task, uri=uri, system_metrics=False, flush_interval_s=0.3)
+        run_id = tracker.start()
+        for step in range(1, 6):
+            tracker.on_step(step, {"loss": 1.0 / step, "learning_rate": 0.01})
+        time.sleep(1.0)  # sent by the background flusher
+        stop_server(servers.pop())
+        down_at = time.monotonic()
+        for step in range(6, 11):  # training goes on while the server is down: on_step never blocks
+            started = time.monotonic()
+            tracker.on_step(step, {"loss": 1.0 / step, "learning_rate": 0.01})
+            assert time.monotonic() - started < 0.1
+        restarter.start()
+        adapter = fake_adapter(tmp_path / "adapter", size=1 << 20)
+        result = JobResult(key, "train", "tiny-llama", task, "accuracy", 0.75, 4, adapter, {"lr": 0.01, "lora.r": 8},
+                           summary={"peak_memory_mb": 123.0, "train_wall_time_s": 9.0},
+                           predictions=[{"index": 0, "prompt": "p", "prediction": "a", "gold": "a", "score": 1.0}])
+        finish_at = time.monotonic()
+        tracker.finish(result, base_score=0.25)  # starts while the server is down
+        restarter.join(120)
+        assert back_at and finish_at < back_at[0] and back_at[0] - down_at > 5  # finish really ran into a restart of seconds
+        assert back_at[0] - down_at < retry.budget_s()
+        # Read back what the restarted server stored.
+        client = store.client(uri)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        for curve in ("loss", "learning_rate"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, curve)) == list(range(1, 11)), curve
+        assert {k: run.data.params[k] for k in ("job_key", "lr", "lora.r")} == {"job_key": key, "lr": "0.01", "lora.r": "8"}
+        metrics = run.data.metrics
+        assert metrics["score"] == metrics["accuracy"] == 0.75 and metrics["base_score"] == 0.25 and metrics["lift"] == 0.5
+        assert metrics["peak_memory_mb"] == 123.0 and metrics["train_wall_time_s"] == 9.0 and metrics["eval_examples"] == 4
+        assert metrics["job_wall_time_s"] > 0
+        assert "predictions.json" in {a.path for a in client.list_artifacts(run_id)}
+        logged = {Path(a.path).name: a.file_size for a in client.list_artifacts(run_id, "adapter")}
+        assert logged == {name.name: name.stat().st_size for name in Path(adapter).iterdir()}
+        downloaded = Path(client.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(tmp_path / "back")))
+        assert downloaded.read_bytes() == (Path(adapter) / "adapter_model.safetensors").read_bytes()
+        (version,) = registry.versions(task, uri)
+        assert version.run_id == run_id and version.version == tracker.model_version and version.source == f"runs:/{run_id}/adapter"
+        assert registry.champion(task, uri).version == version.version
+    finally:
+        if restarter.is_alive():
+            restarter.join(120)
+        for server in servers:
+            stop_server(server)
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_job_is_its_own(mlflow_server: Server) -> None:
+    """A reused worker process: a job's peak memory is not the earlier peak of the process (a big
+    buffer, freed before the job), and a base evaluation logs its peak memory too."""
+    import numpy as np
+
+    from jobs.run import JobResult
+    from jobs.train import peak_memory_mb
+    from tracking.tracker import JobTracker
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("resetting the peak needs Linux /proc")
+    buffer = np.ones(768 * 2**20 // 8)  # 768 MiB, every page touched
+    earlier = peak_memory_mb("cpu")
+    del buffer
+    uri = mlflow_server.uri
+    experiment_id = store.ensure_experiment("peak-memory", uri)
+    with JobTracker(experiment_id, "peak-memory/tiny-llama/demo_sentiment/evaluate_base", "tiny-llama", "demo_sentiment",
+                    "evaluate_base", uri=uri, system_metrics=False) as tracker:
+        tracker.finish(JobResult(tracker.job_key, "evaluate_base", "tiny-llama", "demo_sentiment", "accuracy", 0.5, 1, None, {}))
+    reported = store.client(uri).get_run(tracker.run_id).data.metrics["peak_memory_mb"]
+    assert 0 < reported < earlier - 500, (reported, earlier)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """`loraland ARGV`: exit status and the lines it wrote to stderr."""
+    from orchestrator.cli import main
+
+    capsys.readouterr()  # drop what earlier steps of the test wrote (MLflow's own log lines)
+    code = main(argv)
+    return code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.slow
+def test_cli_report_and_promote_name_the_mistake_in_one_line(mlflow_server: Server, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    uri = mlflow_server.uri
+    code, err = cli(["report", "--experiment", "nope", "--tracking-uri", uri], capsys)
+    assert code == 2 and len(err) == 1 and "no MLflow experiment named 'nope'" in err[0], err
+    code, err = cli(["promote", "no_such_task", "1", "--tracking-uri", uri], capsys)
+    assert code == 2 and len(err) == 1 and "unknown task 'no_such_task'" in err[0], err
+    code, err = cli(["promote", "demo_arithmetic", "99", "--tracking-uri", uri], capsys)
+    assert code == 2 and len(err) == 1 and "no version 99" in err[0], err
+    monkeypatch.setenv("LORALAND_TRACKING_WAIT_S", "1")  # the CLI's wait for a server, short for the test
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for argv in (["report", "--experiment", "nope", "--tracking-uri", down], ["promote", "demo_arithmetic", "1", "--tracking-uri", down]):
+        started = time.monotonic()
+        code, err = cli(argv, capsys)
+        assert code == 2 and len(err) == 1 and f"no MLflow tracking server answers at {down}" in err[0], (argv, err)
+        assert time.monotonic() - started < 10, argv
+
+
+@pytest.mark.slow
+def test_cli_promote_moves_the_champion(mlflow_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tracking import registry
+
+    uri, task = mlflow_server.uri, "demo_arithmetic"  # a catalogue task no other test registers
+    experiment_id = store.ensure_experiment("cli-promote", uri)
+    best = finish_train_job(uri, experiment_id, "cli-promote/a", task, 0.7, tmp_path / "a")
+    other = finish_train_job(uri, experiment_id, "cli-promote/b", task, 0.2, tmp_path / "b")
+    assert registry.champion(task, uri).version == best.model_version
+    code, err = cli(["promote", task, str(other.model_version), "--tracking-uri", uri], capsys)
+    assert code == 0 and err == []
+    assert registry.champion(task, uri).version == other.model_version

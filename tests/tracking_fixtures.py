@@ -119,29 +119,45 @@ def tiny_sweep(mlflow_server: Server, tmp_path_factory: pytest.TempPathFactory) 
     return sweep
 
 
+def fake_adapter(folder: Path, base_hf_id: str = "loraland/tiny-llama", size: int = 64 * 1024) -> str:
+    """A folder shaped like a PEFT adapter (config naming its base, a safetensors file of `size` bytes) for
+    tests that log and register adapters without training one; never loaded as a model."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base_hf_id, "r": 8}))
+    (folder / "adapter_model.safetensors").write_bytes(bytes(range(256)) * (size // 256))
+    return str(folder)
+
+
 # --------------------------------------------------------------------------- concurrency worker
 
 
-def log_one_job(uri: str, experiment_id: str, parent_run_id: str, index: int, start_at: float, results: Any) -> None:
-    """One of the 32 concurrent workers: wait for the common start time, then log a small job."""
+def log_one_job(uri: str, experiment_id: str, parent_run_id: str, index: int, start_at: float, results: Any,
+                register_task: str | None = None) -> None:
+    """One of the 32 concurrent workers: wait for the common start time, then log a small job; with
+    `register_task`, a job of that task whose (fake) adapter is logged and registered."""
     import os
+    import tempfile
 
     from jobs.run import JobResult
     from tracking.tracker import JobTracker
 
+    task = register_task or "demo_sentiment"
+    adapter_dir = fake_adapter(Path(tempfile.mkdtemp()) / "adapter") if register_task else None
     time.sleep(max(0.0, start_at - time.time()))
-    tracker = JobTracker(experiment_id, f"concurrency/w{index:02d}", "tiny-llama", "demo_sentiment", "train",
-                         parent_run_id=parent_run_id, uri=uri, system_metrics=False, register=False, flush_interval_s=0.2)
+    tracker = JobTracker(experiment_id, f"concurrency/w{index:02d}", "tiny-llama", task, "train", parent_run_id=parent_run_id,
+                         uri=uri, system_metrics=False, register=register_task is not None, flush_interval_s=0.2)
     with tracker:
         for step in (1, 2, 3):
             tracker.on_step(step, {"loss": 1.0 / step, "learning_rate": 0.01, "tokens_per_second": 100.0 + index})
-        result = JobResult(job_key=tracker.job_key, kind="train", base_model="tiny-llama", task="demo_sentiment",
-                           metric="accuracy", score=index / 32, examples=2, adapter_dir=None,
+        result = JobResult(job_key=tracker.job_key, kind="train", base_model="tiny-llama", task=task,
+                           metric="accuracy", score=index / 32, examples=2, adapter_dir=adapter_dir,
                            params={"worker": index, "training.learning_rate": 0.01},
                            summary={"peak_memory_mb": 10.0 + index, "train_wall_time_s": 1.0},
                            predictions=[{"index": i, "prompt": f"p{i}", "prediction": "x", "gold": "x", "score": 1.0} for i in range(2)])
         tracker.finish(result, base_score=0.0)
-    results.put((index, tracker.run_id, os.getpid()))
+    results.put((index, tracker.run_id, os.getpid(), tracker.model_version))
 
 
 # --------------------------------------------------------------------------- an outage on demand

@@ -1,21 +1,25 @@
 """Task-complexity heuristics the LoRA Land study correlated with its results (Zhao et al. 2024, section 6).
 
-Per task, from a sample of its training examples (prompt = input, gold completion = output):
+Per task, from a seeded random sample of its training examples (`sample_rows`: the same SAMPLE_ROWS
+rows every time, drawn from the whole split, not its head; prompt = input, gold completion = output):
 - input, output and total length in tokens: p95, mean, standard deviation;
 - input-output similarity: ROUGE-L F (jobs.metrics.rouge_l) of the output against the input, mean and std;
 - compressibility: zlib-compressed bytes / raw bytes of prompt + completion, mean and std;
 - number of training examples.
 
 Lengths are counted in the tokens of a base model of the sweep, with the first tokenizer that loads
-without a download (`length_unit`): a tiny model's, built locally, or a real model's cached copy (the
-Hugging Face cache, e.g. on a cluster). Only when none loads are they whitespace-separated words. The
-unit's name (`tokens (tiny-llama tokenizer)` or `words`) goes into the report next to the numbers.
+(`length_unit`): a tiny model's, built locally, or a real model's from the Hugging Face cache or, unless
+HF_HUB_OFFLINE is set, downloaded from the Hub (the tokenizer's files only, never the weights; a gated
+model without a token is skipped). Only when none loads are they whitespace-separated words. The unit's
+name (`tokens (tiny-llama tokenizer)` or `words`) goes into the report next to the numbers.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 import statistics
 import zlib
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 Tokenize = Callable[[str], Sequence[Any]]
 
 SAMPLE_ROWS = 200
+SAMPLE_SEED = 0
 HEURISTICS = (
     "input_tokens_p95", "input_tokens_mean", "input_tokens_std",
     "output_tokens_p95", "output_tokens_mean", "output_tokens_std",
@@ -59,22 +64,28 @@ class LengthUnit:
 WORDS = LengthUnit("words", whitespace_tokens)
 
 
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set (to 1/true/yes/on): no download is tried."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def local_tokenizer(spec: BaseModelSpec) -> PreTrainedTokenizerBase | None:
-    """A base model's tokenizer if it loads without a download (a tiny model's, or a cached copy), else None."""
+    """A base model's tokenizer (a tiny model's, a cached copy, or, unless `hub_offline()`, its tokenizer
+    files downloaded from the Hub), else None."""
     from transformers import AutoTokenizer
 
     from jobs.models import model_source
 
     try:
-        return AutoTokenizer.from_pretrained(model_source(spec), local_files_only=True)
-    except Exception as error:  # noqa: BLE001 - not cached here, gated, or missing a converter: try the next base model
-        log.info("tokenizer of %s not available offline: %s", spec.name, error)
+        return AutoTokenizer.from_pretrained(model_source(spec), local_files_only=hub_offline())
+    except Exception as error:  # noqa: BLE001 - not cached here, offline, gated, or missing a converter: try the next base model
+        log.info("tokenizer of %s not available: %s", spec.name, error)
         return None
 
 
 def length_unit(base_models: Iterable[str]) -> LengthUnit:
     """Count tokens with the first of `base_models` (catalogue names; unknown ones skipped) whose
-    tokenizer loads without a download; whitespace words when none does."""
+    tokenizer loads (`local_tokenizer`); whitespace words, labelled `words`, when none does."""
     from jobs.catalog import load_catalog
 
     catalog, names = load_catalog(), list(base_models)
@@ -82,8 +93,8 @@ def length_unit(base_models: Iterable[str]) -> LengthUnit:
         tokenizer = local_tokenizer(catalog.base_models[name]) if name in catalog.base_models else None
         if tokenizer is not None:
             return LengthUnit(f"tokens ({name} tokenizer)", partial(tokenizer.encode, add_special_tokens=False))
-    log.warning("no tokenizer of %s loads without a download: task lengths are counted in words",
-                ", ".join(names) or "no base model")
+    log.warning("no tokenizer of %s loads%s: task lengths are counted in words",
+                ", ".join(names) or "no base model", " (HF_HUB_OFFLINE is set)" if hub_offline() else "")
     return WORDS
 
 
@@ -127,12 +138,21 @@ def example_heuristics(inputs: Sequence[str], outputs: Sequence[str], train_exam
     return values
 
 
+def sample_rows(rows: Sequence[Any], limit: int, seed: int = SAMPLE_SEED) -> list[Any]:
+    """`limit` of `rows` drawn at random without replacement (seeded: the same rows every time), in their
+    original order; all of them when there are no more than `limit`."""
+    if len(rows) <= limit:
+        return list(rows)
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
+
+
 def task_examples(task: Any, limit: int = SAMPLE_ROWS) -> tuple[list[str], list[str]]:
-    """The first `limit` training examples of a task (jobs.config.TaskSpec) as (prompts, completions)."""
+    """A seeded random sample (`sample_rows`) of `limit` training examples of a task (jobs.config.TaskSpec)
+    as (prompts, completions)."""
     from jobs.data import train_rows
     from jobs.prompts import completion_for, prompt_for
 
-    rows = train_rows(task, limit)
+    rows = sample_rows(train_rows(task), limit)
     return [prompt_for(task, row) for row in rows], [completion_for(task, row) for row in rows]
 
 
@@ -154,6 +174,6 @@ def train_size(task: Any) -> int:
 
 
 def task_heuristics(task: Any, tokenize: Tokenize, limit: int = SAMPLE_ROWS) -> dict[str, float]:
-    """Every heuristic for one task, from its first `limit` training examples, lengths counted by `tokenize`."""
+    """Every heuristic for one task, from a seeded sample of `limit` training examples, lengths counted by `tokenize`."""
     prompts, completions = task_examples(task, limit)
     return example_heuristics(prompts, completions, train_size(task), tokenize)

@@ -123,7 +123,10 @@ def update_champion(task: str, uri: str | None = None) -> str | None:
 
 
 def promote(task: str, version: str | int, uri: str | None = None) -> None:
-    """Make `version` the task's champion by hand (`loraland promote TASK VERSION`) and pin it."""
+    """Make `version` the task's champion by hand (`loraland promote TASK VERSION`) and pin it.
+
+    One-line errors: ValueError when the tracking server does not answer, KeyError for a version the task lacks."""
+    store.check_reachable(uri)
     client = store.client(uri)
     known = versions(task, uri)
     if str(version) not in {str(v.version) for v in known}:

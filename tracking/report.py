@@ -10,10 +10,13 @@ Files (in `out_dir`, and under `report/` of the parent run):
   with the study, vs_study.png (ours against the study's published fine-tuned and GPT-4 scores,
   tracking/reference/lora_land_paper_scores.csv, source named on the chart);
 - heuristics.csv (tracking.heuristics per task, with the `length_unit` its lengths are counted in:
-  a base model's tokens, or words when no tokenizer of the sweep loads offline), correlations.csv + heuristics_correlation.png
-  (Pearson r of each heuristic with the per-task mean base score, fine-tuned score and lift),
+  a base model's tokens, or words when no tokenizer of the sweep loads), correlations.csv + heuristics_correlation.png
+  (Pearson r of each heuristic with the per-task mean base score, fine-tuned score and lift; below
+  MIN_CORRELATION_TASKS tasks, or with nothing varying, no chart: the report says "n/a" and why),
   predictor.json + lift_predictor.png (ridge regression of mean lift on the standardised
   heuristics, with its leave-one-task-out mean absolute error next to that of predicting the mean).
+Each chart comes back as a `Chart` naming what it drew (read off the figure before saving), so a
+test can tell a chart with data from an empty grid.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ BOARD_COLUMNS = ["task", "category", "metric", "base_model", "base_score", "fine
                  "finetuned_run_id", "base_run_id"]
 TARGETS = ("base_score", "finetuned_score", "lift")
 RIDGE_ALPHA = 1.0
+MIN_CORRELATION_TASKS = 3  # a Pearson r over fewer tasks means nothing
 
 
 @dataclass
@@ -58,6 +62,17 @@ class Section:
     image: str | None = None
 
 
+@dataclass(frozen=True)
+class Chart:
+    """A PNG of the report and the data drawn on it: finite heatmap cells, bars of finite height,
+    scatter points with finite coordinates."""
+
+    path: Path
+    cells: int = 0
+    bars: int = 0
+    points: int = 0
+
+
 @dataclass
 class Report:
     """What `build_report` wrote."""
@@ -68,6 +83,7 @@ class Report:
     parent_run_id: str | None = None
     predictor: dict[str, Any] = field(default_factory=dict)
     length_unit: str = ""
+    charts: dict[str, Chart] = field(default_factory=dict)  # file name -> what it drew
 
 
 # --------------------------------------------------------------------------- data
@@ -153,7 +169,8 @@ def correlations(features: pd.DataFrame, targets: pd.DataFrame) -> pd.DataFrame:
         for target in targets.columns:
             pair = joined[[feature, target]].dropna()
             constant = pair[feature].nunique() < 2 or pair[target].nunique() < 2
-            table.loc[feature, target] = math.nan if len(pair) < 3 or constant else pair[feature].corr(pair[target])
+            too_few = len(pair) < MIN_CORRELATION_TASKS
+            table.loc[feature, target] = math.nan if too_few or constant else pair[feature].corr(pair[target])
     table["tasks"] = len(joined)
     return table.rename_axis("heuristic")
 
@@ -244,14 +261,31 @@ def _annotated_heatmap(ax: Any, matrix: pd.DataFrame, cmap: str, vmin: float, vm
     return image
 
 
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
+def drawn(fig: Any, path: Path) -> Chart:
+    """What the figure's axes show, counted from its artists (see `Chart`)."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.patches import Rectangle
+
+    cells = bars = points = 0
+    for ax in fig.axes:
+        cells += sum(int(np.isfinite(np.ma.filled(image.get_array().astype(float), np.nan)).sum()) for image in ax.images)
+        bars += sum(1 for patch in ax.patches if isinstance(patch, Rectangle) and math.isfinite(patch.get_height()))
+        for collection in ax.collections:
+            if isinstance(collection, PathCollection) and len(collection.get_offsets()):
+                offsets = np.ma.filled(np.ma.asarray(collection.get_offsets(), dtype=float), np.nan)
+                points += int(np.isfinite(offsets).all(axis=1).sum())
+    return Chart(path, cells, bars, points)
+
+
+def _save(fig: Any, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Chart:
+    chart = drawn(fig, path)
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=100)
     _pyplot().close(fig)
-    return path
+    return chart
 
 
-def plot_finetuned_heatmap(board: pd.DataFrame, path: Path) -> Path:
+def plot_finetuned_heatmap(board: pd.DataFrame, path: Path) -> Chart:
     """Fine-tuned score per task (rows) and base model (columns)."""
     plt = _pyplot()
     matrix = board.pivot_table(index="task", columns="base_model", values="finetuned_score", dropna=False)
@@ -261,13 +295,13 @@ def plot_finetuned_heatmap(board: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_lift_by_base_model(board: pd.DataFrame, path: Path) -> Path:
+def plot_lift_by_base_model(board: pd.DataFrame, path: Path) -> Chart:
     """Mean lift over base per base model (bars) with each task's lift (dots)."""
     plt = _pyplot()
     models = sorted(board["base_model"].dropna().unique())
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(models) + 3), 4.5))
     means = [board.loc[board["base_model"] == m, "lift"].mean() for m in models]
-    ax.bar(range(len(models)), np.nan_to_num(means), color="#4c72b0", alpha=0.8, label="mean over tasks")
+    ax.bar(range(len(models)), means, color="#4c72b0", alpha=0.8, label="mean over tasks")  # NaN: no bar
     for i, model in enumerate(models):
         lifts = board.loc[board["base_model"] == model, "lift"].dropna()
         ax.scatter(np.full(len(lifts), i) + np.linspace(-0.2, 0.2, len(lifts)), lifts, color="#dd8452", zorder=3,
@@ -280,7 +314,7 @@ def plot_lift_by_base_model(board: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_vs_study(comparison: pd.DataFrame, path: Path) -> Path:
+def plot_vs_study(comparison: pd.DataFrame, path: Path) -> Chart:
     """Per task: our fine-tuned score, the study's (same base models, averaged) and GPT-4's."""
     plt = _pyplot()
     per_task = comparison.groupby("task")[["finetuned_score", "study_finetuned_score", "gpt4_score"]].mean()
@@ -288,20 +322,27 @@ def plot_vs_study(comparison: pd.DataFrame, path: Path) -> Path:
     width = 0.27
     labels = {"finetuned_score": "ours (fine-tuned)", "study_finetuned_score": "study (fine-tuned)", "gpt4_score": "GPT-4 (study)"}
     for offset, (column, label) in zip((-width, 0.0, width), labels.items()):
-        ax.bar(np.arange(len(per_task)) + offset, per_task[column].fillna(0), width, label=label)
+        ax.bar(np.arange(len(per_task)) + offset, per_task[column], width, label=label)  # NaN: no bar
     ax.set_xticks(range(len(per_task)), per_task.index, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score (task metric)")
     ax.set_title("Ours against the LoRA Land study, same base models and tasks")
     ax.legend()
     fig.text(0.01, 0.005, f"Source: {STUDY_SOURCE}", fontsize=6, ha="left", va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, rect=(0, 0.05, 1, 1))
 
 
-def plot_correlations(table: pd.DataFrame, path: Path) -> Path:
+def correlation_gap(table: pd.DataFrame) -> str | None:
+    """Why `correlations` gave no number to plot ("n/a: needs at least 3 tasks (this sweep has 2)"), or None."""
+    tasks = int(table["tasks"].iloc[0]) if len(table) else 0
+    if tasks < MIN_CORRELATION_TASKS:
+        return f"n/a: needs at least {MIN_CORRELATION_TASKS} tasks (this sweep has {tasks})"
+    if not table[list(TARGETS)].notna().to_numpy().any():
+        return f"n/a: no heuristic and no result varies across the {tasks} tasks"
+    return None
+
+
+def plot_correlations(table: pd.DataFrame, path: Path) -> Chart:
     """Pearson r of each heuristic with mean base score, fine-tuned score and lift per task."""
     plt = _pyplot()
     matrix = table[list(TARGETS)]
@@ -312,7 +353,7 @@ def plot_correlations(table: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_predictor(predictor: dict[str, Any], lift: pd.Series, path: Path) -> Path:
+def plot_predictor(predictor: dict[str, Any], lift: pd.Series, path: Path) -> Chart:
     """Leave-one-task-out predicted lift against the actual mean lift of each task."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -390,6 +431,11 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
     out.mkdir(parents=True, exist_ok=True)
     board = leaderboard(runs)
     files = []
+    charts: dict[str, Chart] = {}
+
+    def chart(made: Chart) -> str:
+        charts[made.path.name] = made
+        return made.path.name
 
     def table(frame: pd.DataFrame, name: str, index: bool = False) -> pd.DataFrame:
         frame.to_csv(out / name, index=index)
@@ -405,14 +451,14 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
         Section("Best base model per task", table=best_per_task(board)),
         Section("Means per base model", table=means_by(board, "base_model")),
         Section("Means per category", table=means_by(board, "category")),
-        Section("Fine-tuned scores", image=plot_finetuned_heatmap(board, out / "finetuned_heatmap.png").name),
-        Section("Lift per base model", image=plot_lift_by_base_model(board, out / "lift_by_base_model.png").name),
+        Section("Fine-tuned scores", image=chart(plot_finetuned_heatmap(board, out / "finetuned_heatmap.png"))),
+        Section("Lift per base model", image=chart(plot_lift_by_base_model(board, out / "lift_by_base_model.png"))),
     ]
     comparison = study_comparison(board)
     if len(comparison):
         table(comparison, "vs_study.csv")
         sections.append(Section("Against the study", f"Pairs this sweep shares with the study. Source: {STUDY_SOURCE}.",
-                                comparison, plot_vs_study(comparison, out / "vs_study.png").name))
+                                comparison, chart(plot_vs_study(comparison, out / "vs_study.png"))))
     targets = task_means(board)
     if features is None:
         unit = heur.length_unit(sorted(runs["base_model"].dropna().unique()))
@@ -422,21 +468,24 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
     predictor = lift_predictor(features, targets["lift"])
     (out / "predictor.json").write_text(json.dumps(predictor, indent=2, default=float))
     files.append(out / "predictor.json")
+    gap = correlation_gap(corr)
     sections += [
-        Section("Task complexity heuristics", "Per task, from its first training examples (tracking/heuristics.py: "
-                f"lengths in {length_unit}, ROUGE-L of output vs input, zlib compressibility).", features.reset_index()),
-        Section("Correlation with results", "Pearson r with the per-task mean over base models (n/a below 3 tasks "
-                "or for a constant).", corr.reset_index(), plot_correlations(corr, out / "heuristics_correlation.png").name),
+        Section("Task complexity heuristics", f"Per task, from a seeded random sample of up to {heuristics_limit} training "
+                f"examples (tracking/heuristics.py: lengths in {length_unit}, ROUGE-L of output vs input, zlib compressibility).",
+                features.reset_index()),
+        Section("Correlation with results", f"Pearson r with the per-task mean over base models: {gap}." if gap else
+                f"Pearson r with the per-task mean over base models (n/a below {MIN_CORRELATION_TASKS} tasks or for a constant).",
+                None if gap else corr.reset_index(), None if gap else chart(plot_correlations(corr, out / "heuristics_correlation.png"))),
         Section("Predicting lift from the heuristics", f"{predictor['model']}: {predictor['tasks']} tasks, leave-one-task-out "
                 f"MAE {_fmt(predictor['loo_mae'])} against {_fmt(predictor['baseline_loo_mae'])} for predicting the mean.",
-                image=plot_predictor(predictor, targets["lift"], out / "lift_predictor.png").name
+                image=chart(plot_predictor(predictor, targets["lift"], out / "lift_predictor.png"))
                 if predictor["loo_predictions"] else None),
     ]
     files += [out / s.image for s in sections if s.image]
     (out / "leaderboard.md").write_text(render_markdown(title, sections))
     (out / "leaderboard.html").write_text(render_html(title, sections))
     files += [out / "leaderboard.md", out / "leaderboard.html"]
-    return Report(out, files, board, predictor=predictor, length_unit=str(length_unit))
+    return Report(out, files, board, predictor=predictor, length_unit=str(length_unit), charts=charts)
 
 
 def build_report(experiment: str, out_dir: str | Path | None = None, uri: str | None = None, log_to_run: bool = True,
@@ -444,7 +493,9 @@ def build_report(experiment: str, out_dir: str | Path | None = None, uri: str | 
                  length_unit: str | None = None) -> Report:
     """`loraland report --experiment NAME [--out DIR]`: write the report (default folder
     `<data_home()>/reports/<experiment>`) and log it under `report/` of the sweep's parent run, with the
-    heuristics' length unit as its tag `report.length_unit`."""
+    heuristics' length unit as its tag `report.length_unit`. A tracking server that does not answer is a
+    one-line ValueError (`store.check_reachable`), an unknown experiment a KeyError."""
+    store.check_reachable(uri)
     experiment_id = store.experiment_id_for(experiment, uri)
     out = Path(out_dir) if out_dir else data_home() / "reports" / experiment
     report = write_report(runs_frame(experiment_id, uri), out, f"LoRA Land leaderboard: {experiment}", features, heuristics_limit,

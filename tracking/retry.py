@@ -2,11 +2,20 @@
 unreachable (restart, network blip, SQLite lock) drops nothing.
 
 Two layers protect a call to an http(s) server: MLflow's own HTTP session retries connection
-errors and 408/429/5xx answers (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, default 7, back-off factor 2,
-so a few minutes in all); `retrying` then retries whatever still comes out as a transient error
-(connection refused after those retries, a locked SQLite file with the embedded store, timeouts, a
-unique-constraint race inside the server's get-or-create of a dataset).
+errors and 408/429/5xx answers (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, default 7, back-off factor 2:
+sleeps of 0, 4, 8, 16, 32, 64 and 120 s, about 4 min per call); `retrying` then retries whatever
+still comes out as a transient error (connection refused after those retries, a locked SQLite file
+with the embedded store, timeouts, a unique-constraint race inside the server's get-or-create of a
+dataset or a model version).
 Errors that would fail again (bad parameter, missing resource, already exists) are raised at once.
+
+The budget: this layer alone rides out an outage of `budget_s()` seconds (10 attempts, 0.5 s
+doubling up to 20 s: 91.5 s planned, at least 68 s with the jitter at its lowest), so a server
+restart of up to a minute (`mlflow server` needs 7-12 s to answer again) drops nothing even where
+MLflow's HTTP retries are turned off or lowered; with them on, each attempt waits out minutes by
+itself. Against a server that stays down a worker's call therefore gives up only after
+attempts x ~4 min: the driver and the CLI check `tracking.store.check_reachable` first, so a wrong
+or dead tracking URI fails in seconds there instead.
 
 Only wrap calls that are safe to repeat; `tracking` makes its non-idempotent steps (create a run,
 create a model version) look-up-then-create so that a retry after a lost reply creates nothing twice.
@@ -25,9 +34,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ATTEMPTS = int(os.environ.get("LORALAND_TRACKING_RETRIES", "6"))
+ATTEMPTS = int(os.environ.get("LORALAND_TRACKING_RETRIES", "10"))
 BASE_DELAY_S = float(os.environ.get("LORALAND_TRACKING_BACKOFF_S", "0.5"))
 MAX_DELAY_S = 20.0
+JITTER = 0.25  # each sleep is its planned delay times 1 +- JITTER
 
 # Substrings of error messages that mean "try again later", whatever the exception type.
 TRANSIENT_MARKERS = (
@@ -36,6 +46,8 @@ TRANSIENT_MARKERS = (
     "failed to establish a new connection", "broken pipe", "too many requests",
     # The server's get-or-create (datasets, tags) raced another writer; the next attempt finds the row.
     "unique constraint failed", "duplicate key value violates unique constraint",
+    # Concurrent registrations of one model took the same version number more times than the server retries.
+    "model version creation error",
 )
 TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"})
 
@@ -55,9 +67,14 @@ def backoff_delays(attempts: int = ATTEMPTS, base_s: float = BASE_DELAY_S, max_s
     return [min(base_s * 2**i, max_s) for i in range(max(attempts - 1, 0))]
 
 
+def budget_s(attempts: int = ATTEMPTS, base_s: float = BASE_DELAY_S, max_s: float = MAX_DELAY_S) -> float:
+    """The shortest outage that makes `call_with_retry` give up: every sleep with the jitter at its lowest."""
+    return sum(backoff_delays(attempts, base_s, max_s)) * (1 - JITTER)
+
+
 def call_with_retry(fn: Callable[..., T], *args: Any, attempts: int = ATTEMPTS, base_s: float = BASE_DELAY_S,
                     max_s: float = MAX_DELAY_S, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)`, retried on transient errors with exponential back-off (+-25% jitter)."""
+    """`fn(*args, **kwargs)`, retried on transient errors with exponential back-off (+-JITTER)."""
     delays = backoff_delays(attempts, base_s, max_s)
     for attempt in range(len(delays) + 1):
         try:
@@ -65,7 +82,7 @@ def call_with_retry(fn: Callable[..., T], *args: Any, attempts: int = ATTEMPTS, 
         except Exception as error:  # noqa: BLE001 - classified below, re-raised unless transient
             if attempt == len(delays) or not is_transient(error):
                 raise
-            delay = delays[attempt] * random.uniform(0.75, 1.25)
+            delay = delays[attempt] * random.uniform(1 - JITTER, 1 + JITTER)
             log.warning("tracking call %s failed (%s); retry %d/%d in %.1fs", getattr(fn, "__name__", fn),
                         str(error).splitlines()[0][:200], attempt + 1, len(delays), delay)
             time.sleep(delay)

@@ -14,13 +14,14 @@ retried job reuses its run instead of duplicating it (`find_job_run`). Every cal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
@@ -50,6 +51,7 @@ TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: nests child runs under the pa
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
+REACHABLE_WAIT_S = 20.0  # default of `check_reachable`; `$LORALAND_TRACKING_WAIT_S` overrides it
 
 
 # --------------------------------------------------------------------------- where
@@ -66,6 +68,25 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def is_server_uri(uri: str) -> bool:
     """True for an http(s) tracking server (which stores artifacts itself)."""
     return urlparse(uri).scheme in ("http", "https")
+
+
+def check_reachable(uri: str | None = None, timeout_s: float | None = None) -> str:
+    """The resolved tracking URI, once an http(s) server there answers `/health` (polled for `timeout_s`,
+    default `$LORALAND_TRACKING_WAIT_S` or 20 s; a SQLite store needs no server). A one-line ValueError
+    naming the URI otherwise: call it before anything else that talks to the server (a dead or wrong URI
+    would keep every tracking call retrying for minutes)."""
+    from tracking.ui import wait_healthy
+
+    resolved = resolve_tracking_uri(uri)
+    if not is_server_uri(resolved):
+        return resolved
+    wait = timeout_s if timeout_s is not None else float(os.environ.get("LORALAND_TRACKING_WAIT_S", REACHABLE_WAIT_S))
+    try:
+        wait_healthy(resolved.rstrip("/"), wait)
+    except TimeoutError:
+        raise ValueError(f"no MLflow tracking server answers at {resolved} (waited {wait:.0f}s): start it, or pass "
+                         "--tracking-uri / set MLFLOW_TRACKING_URI to a running one") from None
+    return resolved
 
 
 def artifact_root(uri: str) -> str | None:
@@ -238,6 +259,70 @@ def start_sweep_run(experiment_id: str, sweep_name: str, params: Mapping[str, An
             raise
         log.warning("sweep %s: params differ from the first submission; kept the first (%s)", sweep_name, error)
     return run.info.run_id
+
+
+TAG_DRIVER = "loraland.driver"  # on the parent run: the driver running the sweep now (JSON: host, pid, token, seen)
+LEASE_STALE_S = 60.0  # a driver not seen for this long is gone
+LEASE_HEARTBEAT_S = 10.0
+LEASE_SETTLE_S = 2.0  # two drivers claiming at once: each reads back after both wrote; the last writer keeps it
+
+
+def _driver_record(run_id: str, uri: str | None) -> dict[str, Any] | None:
+    value = call_with_retry(client(uri).get_run, run_id).data.tags.get(TAG_DRIVER)
+    return json.loads(value) if value else None
+
+
+def _other_live_driver(record: dict[str, Any] | None, token: str) -> str | None:
+    """Who holds the sweep, if that is another driver that is still alive, else None."""
+    import psutil
+    import socket
+
+    if not record or record.get("token") == token:
+        return None
+    age = time.time() - float(record.get("seen", 0))
+    dead_here = record.get("host") == socket.gethostname() and not psutil.pid_exists(int(record.get("pid", -1)))
+    if age > LEASE_STALE_S or dead_here:
+        return None
+    return f"pid {record.get('pid')} on {record.get('host')}, seen {age:.0f}s ago"
+
+
+@contextlib.contextmanager
+def sweep_lease(run_id: str, sweep_name: str, uri: str | None = None) -> Iterator[None]:
+    """Hold the sweep for this driver while the block runs: one driver at a time per sweep, so a second
+    `ray job submit` of a sweep still running cannot close its live runs or train its jobs twice. A driver
+    that died frees the sweep at once on the same host (its pid is gone), else after LEASE_STALE_S without a
+    heartbeat. Held elsewhere: a one-line ValueError saying whose it is and what to do."""
+    import socket
+    import threading
+    import uuid
+
+    token = uuid.uuid4().hex
+    mine = lambda: json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": token, "seen": time.time()})  # noqa: E731
+    for attempt in range(2):  # claim, then read back once both of two racing drivers have written
+        holder = _other_live_driver(_driver_record(run_id, uri), token)
+        if holder:
+            raise ValueError(f"sweep {sweep_name} is being run by another driver ({holder}); wait for it to end, or stop it "
+                             f"(`ray job stop`); a driver that died frees the sweep after {LEASE_STALE_S:.0f}s")
+        if attempt == 0:
+            call_with_retry(client(uri).set_tag, run_id, TAG_DRIVER, mine())
+            time.sleep(LEASE_SETTLE_S)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(LEASE_HEARTBEAT_S):
+            with contextlib.suppress(Exception):  # a missed beat is survivable: LEASE_STALE_S spans several
+                call_with_retry(client(uri).set_tag, run_id, TAG_DRIVER, mine(), attempts=2)
+
+    beating = threading.Thread(target=heartbeat, name="sweep-lease", daemon=True)
+    beating.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beating.join()
+        with contextlib.suppress(Exception):
+            if (_driver_record(run_id, uri) or {}).get("token") == token:
+                call_with_retry(client(uri).delete_tag, run_id, TAG_DRIVER)
 
 
 def finish_sweep_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:

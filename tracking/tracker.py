@@ -13,6 +13,9 @@
 - A retried job reuses its run (found by the `loraland.job_key` tag) instead of making a second one.
 - System metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) are sampled every
   `system_metrics_interval_s` by MLflow's monitor, logged as `system/...`.
+- Peak memory: `start` resets the process's peak (`jobs.train.reset_peak_memory`: a reused Ray worker
+  must not inherit an earlier job's), `finish` logs `peak_memory_mb` for every job kind (a train job's
+  own figure, measured at the end of training, takes precedence).
 """
 
 from __future__ import annotations
@@ -44,14 +47,14 @@ class JobTracker:
     def __init__(self, experiment_id: str, job_key: str, base_model: str, task: str, kind: str = "train", *,
                  parent_run_id: str | None = None, sweep: str | None = None, uri: str | None = None,
                  system_metrics: bool = True, system_metrics_interval_s: float = 10.0, flush_interval_s: float = 5.0,
-                 register: bool = True):
+                 register: bool = True, device: str = "cpu"):
         if not job_key:
             raise ValueError("a tracked job needs a job_key (its run is found again by it)")
         self.experiment_id, self.job_key, self.base_model, self.task, self.kind = experiment_id, job_key, base_model, task, kind
         self.parent_run_id, self.sweep = parent_run_id, sweep or job_key.split("/", 1)[0]
         self.uri = store.resolve_tracking_uri(uri)
         self.system_metrics, self.system_metrics_interval_s = system_metrics, system_metrics_interval_s
-        self.flush_interval_s, self.register = flush_interval_s, register
+        self.flush_interval_s, self.register, self.device = flush_interval_s, register, device
         self.run_id: str | None = None
         self.model_version: str | None = None
         self._buffer: list[Metric] = []
@@ -66,14 +69,17 @@ class JobTracker:
     @classmethod
     def for_job(cls, config: JobConfig, experiment_id: str, parent_run_id: str | None = None, uri: str | None = None,
                 **options: Any) -> "JobTracker":
-        """A tracker for the job `config` describes."""
+        """A tracker for the job `config` describes (peak memory measured on the device it runs on)."""
         return cls(experiment_id, config.job_key, config.base_model.name, config.task.name, config.kind,
-                   parent_run_id=parent_run_id, uri=uri, **options)
+                   parent_run_id=parent_run_id, uri=uri, **({"device": _job_device(config.device)} | options))
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> str:
-        """Find or create the job's run, set it RUNNING, start system metrics and the step flusher."""
+        """Find or create the job's run, set it RUNNING, start system metrics and the step flusher; reset the peak memory."""
+        from jobs.train import reset_peak_memory
+
+        reset_peak_memory(self.device)
         tags = {store.TAG_ROLE: "job", store.TAG_JOB_KEY: self.job_key, store.TAG_KIND: self.kind, store.TAG_SWEEP: self.sweep,
                 store.TAG_BASE_MODEL: self.base_model, store.TAG_TASK: self.task}
         task = _task_spec(self.task)
@@ -225,8 +231,10 @@ class JobTracker:
                 self.on_step(step, {k: v for k, v in entry.items() if k != "step"})
 
     def _final_metrics(self, result: JobResult, base_score: float | None) -> dict[str, float]:
+        from jobs.train import peak_memory_mb
+
         values: dict[str, float] = {"score": result.score, result.metric: result.score, "eval_examples": float(result.examples),
-                                    "job_wall_time_s": time.monotonic() - self._started}
+                                    "job_wall_time_s": time.monotonic() - self._started, "peak_memory_mb": peak_memory_mb(self.device)}
         if result.kind == "evaluate_base":
             values["base_score"] = result.score
         elif base_score is not None:
@@ -259,6 +267,17 @@ class JobTracker:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _job_device(preference: str) -> str:
+    """The device a job asking for `preference` runs on (`jobs.models.resolve_device`; cpu when cuda is asked for
+    but absent: the job itself then fails with the reason)."""
+    from jobs.models import resolve_device
+
+    try:
+        return resolve_device(preference)
+    except RuntimeError:
+        return "cpu"
 
 
 def _task_spec(name: str) -> Any:

@@ -45,9 +45,9 @@ def ui_command(uri: str | None = None, host: str = "127.0.0.1", port: int = DEFA
 
 
 def wait_healthy(url: str, timeout_s: float = START_TIMEOUT_S, process: subprocess.Popen | None = None) -> None:
-    """Poll `<url>/health` until it answers 200; TimeoutError after `timeout_s`, RuntimeError if `process` exits."""
+    """Poll `<url>/health` (at least once) until it answers 200; TimeoutError after `timeout_s`, RuntimeError if `process` exits."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"MLflow exited with code {process.returncode} before answering {url}/health")
         try:
@@ -56,8 +56,9 @@ def wait_healthy(url: str, timeout_s: float = START_TIMEOUT_S, process: subproce
                     return
         except OSError:
             pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f}s")
         time.sleep(0.5)
-    raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f}s")
 
 
 def start_server(command: list[str], url: str, log_file: str | Path | None = None, wait: bool = True) -> subprocess.Popen:
