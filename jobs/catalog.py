@@ -43,14 +43,35 @@ def load_catalog_file(path: Path) -> tuple[list[BaseModelSpec], list[TaskSpec]]:
         raise ConfigError(str(path), ["a catalogue file holds only `base_models:` and `tasks:` lists"])
     models, tasks = [], []
     for key, spec_type, out in (("base_models", BaseModelSpec, models), ("tasks", TaskSpec, tasks)):
-        for index, entry in enumerate(data.get(key) or []):
+        entries = data.get(key) or []
+        if not isinstance(entries, list):
+            problems.append(f"{key}: expected a list of entries")
+            continue
+        seen: set[str] = set()
+        for index, entry in enumerate(entries):
             try:
-                out.append(parse_model(spec_type, entry, str(path)))
+                spec = parse_model(spec_type, entry, str(path))
             except ConfigError as exc:
                 problems += [f"{key}[{index}].{p}" for p in exc.problems]
+                continue
+            if spec.name in seen:
+                problems.append(f"{key}[{index}].name: {spec.name!r} is listed twice")
+            seen.add(spec.name)
+            problems += [f"{key}[{index}].{p}" for p in template_problems_of(spec)] if isinstance(spec, TaskSpec) else []
+            out.append(spec)
     if problems:
         raise ConfigError(str(path), problems)
     return models, tasks
+
+
+def template_problems_of(task: TaskSpec) -> list[str]:
+    """A line per broken template of a task: each must parse and read only the columns it declares."""
+    from jobs.prompts import template_problems
+
+    checks = [("prompt", task.prompt, task.columns), ("completion", task.completion, task.columns)]
+    if task.eval:
+        checks.append(("eval.prompt", task.eval.prompt, task.eval.columns))
+    return [f"{name}: {problem}" for name, source, columns in checks for problem in template_problems(source, columns)]
 
 
 @lru_cache(maxsize=8)
@@ -64,6 +85,9 @@ def load_catalog(directory: Path = CATALOG_DIR) -> Catalog:
         if not path.exists():
             continue
         models, new_tasks = load_catalog_file(path)
+        clashes = sorted(({m.name for m in models} & set(base_models)) | ({t.name for t in new_tasks} & set(tasks)))
+        if clashes:
+            raise ConfigError(str(path), [f"{name!r} is already defined by another catalogue file" for name in clashes])
         for spec in models:
             base_models[spec.name] = spec
             if filename in STUDY_FILES:

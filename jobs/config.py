@@ -11,16 +11,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, numbers are finite, values are checked on assignment."""
+    """Base for every config: unknown keys are errors, types are strict (`true` is not a rank, "100" is not a step
+    count; an integer is a float), numbers are finite, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
+
+
+def names_or(keyword: str) -> Any:
+    """A `mode="before"` validator for a `list[str] | Literal[keyword]` field: a lone string other than `keyword` gets one
+    clear error instead of one per member of the union."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and value != keyword:
+            raise ValueError(f"expected a list of names or {keyword!r}; write [{value}] for one name")
+        return value
+
+    return check
 
 
 # --------------------------------------------------------------------------- base models
@@ -123,6 +136,8 @@ class LoraSettings(StrictModel):
         description="Module names to adapt, or `all-linear` for every projection of the block.",
     )
 
+    _targets = field_validator("target_modules", mode="before")(names_or("all-linear"))
+
 
 class QuantizationSettings(StrictModel):
     """bitsandbytes loading of the base model."""
@@ -154,7 +169,8 @@ class TrainingSettings(StrictModel):
     checkpoint_every: int = Field(default=1000, gt=0, description="Save a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(default=2, gt=0, description="Checkpoints kept on the storage path.")
     log_every: int = Field(default=10, gt=0, description="Report step metrics every N steps.")
-    min_micro_batch_size: int = Field(default=1, gt=0, description="OOM back-off floor for the micro-batch.")
+    min_micro_batch_size: int = Field(default=1, gt=0, description="Out-of-memory back-off floor for the micro-batch; packed, "
+                                      "passes then shrink further, down to one example each.")
     max_train_examples: int | None = Field(default=None, gt=0, description="Use at most this many training rows.")
     seed: int = Field(default=42, description="Seed for initialisation, data order and dropout.")
 
@@ -175,14 +191,28 @@ class JobConfig(StrictModel):
 
     kind: Literal["train", "evaluate_base"] = Field(default="train", description="Fine-tune, or score the base zero-shot.")
     job_key: str = Field(default="", description="Stable key (sweep, base, task, config hash); empty when run alone.")
-    base_model: BaseModelSpec = Field(description="The base model.")
-    task: TaskSpec = Field(description="The task.")
+    base_model: BaseModelSpec = Field(description="The base model: a catalogue name, or its whole entry.")
+    task: TaskSpec = Field(description="The task: a catalogue name, or its whole entry.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings, description="Quantization.")
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="Optimisation.")
     evaluation: EvalSettings = Field(default_factory=EvalSettings, description="Evaluation.")
     output_dir: str = Field(description="Storage path for checkpoints, the adapter and results.")
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="auto = cuda if available.")
+
+    @field_validator("base_model", "task", mode="before")
+    @classmethod
+    def _from_catalogue(cls, value: Any, info: Any) -> Any:
+        """A name is looked up in the catalogue (`loraland catalog --all`)."""
+        if not isinstance(value, str):
+            return value
+        from jobs.catalog import load_catalog
+
+        catalog = load_catalog()
+        try:
+            return catalog.base_model(value) if info.field_name == "base_model" else catalog.task(value)
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0]).split(";")[0] + "; see `loraland catalog --all`") from None
 
 
 # --------------------------------------------------------------------------- loading and errors
@@ -201,8 +231,8 @@ def format_validation_error(error: ValidationError) -> list[str]:
     """One line per pydantic error: `field.path: message (got value)`."""
     lines = []
     for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"]) or "<root>"
-        message = item["msg"]
+        loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"]).lstrip(".") or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (remove it or check its spelling)"
         got = item.get("input")
@@ -280,6 +310,13 @@ def parse_job_config(data: Any, source: str) -> JobConfig:
 def load_job_config(path: str | Path) -> JobConfig:
     """Load and validate a job config file."""
     return parse_job_config(read_yaml(path), str(path))
+
+
+def outcome_settings(config: Any, kind: str) -> dict[str, Any]:
+    """The settings of a job (or a sweep's, for its jobs of `kind`) that change its outcome, by section: quantization and
+    evaluation, plus LoRA and training for a fine-tune. The job key's hash and an output folder's record both use it."""
+    sections = ["quantization", "evaluation"] + (["lora", "training"] if kind == "train" else [])
+    return {section: getattr(config, section).model_dump(mode="json") for section in sections}
 
 
 def dump_yaml(model: BaseModel, path: str | Path) -> None:

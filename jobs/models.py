@@ -84,9 +84,15 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpo
     return get_peft_model(model, lora_config(settings))
 
 
-def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, adapter_name: str = "default") -> PeftModel:
-    """Load a saved adapter (safetensors only) onto a base model for inference."""
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """`adapter_dir` as a Path, or a FileNotFoundError when it holds no adapter weights in safetensors."""
     path = Path(adapter_dir)
     if not (path / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{path} holds no adapter_model.safetensors")
+    return path
+
+
+def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, adapter_name: str = "default") -> PeftModel:
+    """Load a saved adapter (safetensors only) onto a base model for inference."""
+    path = check_adapter_dir(adapter_dir)
     return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=False)

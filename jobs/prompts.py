@@ -9,6 +9,7 @@ from functools import lru_cache
 from typing import Any, Mapping
 
 import jinja2
+import jinja2.meta
 
 from jobs.config import TaskSpec
 
@@ -26,6 +27,16 @@ def render(source: str, row: Mapping[str, Any]) -> str:
         return _template(source).render(**row)
     except jinja2.UndefinedError as exc:
         raise KeyError(f"template needs a column the row lacks: {exc.message}") from None
+
+
+def template_problems(source: str, columns: list[str]) -> list[str]:
+    """What is wrong with a template for rows of `columns`: a Jinja syntax error, or a variable that is not a column."""
+    try:
+        used = jinja2.meta.find_undeclared_variables(_ENV.parse(source))
+    except jinja2.TemplateSyntaxError as exc:
+        return [f"not a valid Jinja template (line {exc.lineno}: {exc.message})"]
+    unknown = sorted(used - set(columns))
+    return [f"uses {', '.join(map(repr, unknown))}, not among its columns ({', '.join(columns)})"] if unknown else []
 
 
 def prompt_for(task: TaskSpec, row: Mapping[str, Any], max_chars: int | None = None, evaluation: bool = False) -> str:

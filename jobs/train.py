@@ -6,8 +6,10 @@
   per example, so attention never crosses examples); the loss is the token mean over the whole step,
   exactly as for one padded batch of the same examples.
 - Every `checkpoint_every` steps the adapter, optimizer, scheduler, RNG and data position are saved
-  atomically; a job started again on the same `output_dir` continues the same trajectory.
-- A CUDA out-of-memory halves the micro-batch and doubles accumulation (same effective batch).
+  atomically; a job started again on the same `output_dir` continues the same trajectory. An object-store
+  `output_dir` (s3://...) is mirrored from a local scratch folder (`jobs/storage.py`).
+- A CUDA out-of-memory halves the micro-batch and doubles accumulation (same effective batch); packed,
+  it halves the tokens of one forward pass (same examples per step) until each pass holds one example.
 
 Run alone: `python -m jobs.train --config job.yaml` (trains, evaluates, writes result.json).
 """
@@ -34,6 +36,7 @@ from jobs.config import JobConfig, TrainingSettings
 from jobs.data import train_rows
 from jobs.models import attach_lora, load_base_model, load_tokenizer, resolve_device
 from jobs.prompts import completion_for, prompt_for
+from jobs.storage import JobStorage
 
 IGNORE = -100
 ADAPTER_DIR = "adapter"
@@ -66,6 +69,7 @@ class TrainState:
     cursor: int = 0  # examples consumed so far: the data position
     micro_batch_size: int = 1
     gradient_accumulation_steps: int = 1
+    pass_tokens: int = 0  # packed: tokens of one forward pass after out-of-memory back-offs (0: micro_batch_size x max_seq_length)
     trained_tokens: int = 0
     oom_backoffs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -113,15 +117,17 @@ class DataOrder:
         return self._epochs[epoch][offset]
 
 
-def make_batches(examples: list[Example], micro_batch_size: int, max_seq_length: int, packing: bool, pad_id: int) -> list[dict[str, torch.Tensor]]:
+def make_batches(examples: list[Example], micro_batch_size: int, max_seq_length: int, packing: bool, pad_id: int,
+                 pass_tokens: int = 0) -> list[dict[str, torch.Tensor]]:
     """Forward-pass inputs for one optimizer step's examples.
 
-    Packed: rows of at most `micro_batch_size * max_seq_length` tokens, no padding, position ids
-    restarting per example. Unpacked: `micro_batch_size` examples per pass, padded to the longest.
+    Packed: rows of at most `pass_tokens` (default `micro_batch_size * max_seq_length`) tokens, no padding,
+    position ids restarting per example; an example longer than that is a row of its own. Unpacked:
+    `micro_batch_size` examples per pass, padded to the longest.
     """
     if not packing:
         return [_padded(examples[i : i + micro_batch_size], pad_id) for i in range(0, len(examples), micro_batch_size)]
-    budget = micro_batch_size * max_seq_length
+    budget = pass_tokens or micro_batch_size * max_seq_length
     rows: list[list[Example]] = [[]]
     for example in examples:
         if rows[-1] and sum(len(e.input_ids) for e in rows[-1]) + len(example.input_ids) > budget:
@@ -190,12 +196,27 @@ def save_checkpoint(root: Path, model: PeftModel, optimizer: torch.optim.Optimiz
     model.save_pretrained(staging, save_embedding_layers=False)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, staging / "trainer_state.pt")
     (staging / "state.json").write_text(json.dumps(asdict(state)))
+    sync_to_disk(staging)  # a machine crash (or NFS) must not leave a renamed checkpoint with cut-off files
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
+    sync_to_disk(root, files=False)
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def sync_to_disk(folder: Path, files: bool = True) -> None:
+    """fsync the files in `folder` (if `files`) and the folder itself, so what is renamed next is on disk."""
+    for path in sorted(folder.iterdir()) if files else []:
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -231,11 +252,28 @@ def make_optimizer(model: PeftModel, settings: TrainingSettings, device: str) ->
     return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start a new peak for `peak_memory_mb` (a reused worker must not report an earlier job's peak):
+    the CUDA allocator's peak on a GPU; on a Linux CPU, VmHWM (writing 5 to /proc/self/clear_refs)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the lifetime peak (ru_maxrss) is all there is
+        pass
+
+
 def peak_memory_mb(device: str) -> float:
-    """Peak GPU memory allocated on a GPU, peak resident memory of the process on a CPU."""
+    """Peak GPU memory allocated on a GPU; on a CPU the peak resident memory since `reset_peak_memory`
+    (Linux VmHWM), else the process's lifetime peak (ru_maxrss)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _forward_backward(model: PeftModel, batches: list[dict[str, torch.Tensor]], device: str) -> tuple[float, int]:
@@ -272,7 +310,9 @@ def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrain
     scheduler = get_scheduler(settings.lr_scheduler if settings.lr_scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=math.ceil(settings.warmup_ratio * settings.max_steps),
                               num_training_steps=settings.max_steps)
-    root = Path(config.output_dir) / CHECKPOINT_DIR
+    storage = JobStorage(config.output_dir)
+    storage.pull_checkpoint(CHECKPOINT_DIR)
+    root = storage.local / CHECKPOINT_DIR
     checkpoint = latest_checkpoint(root)
     state = TrainState(micro_batch_size=settings.micro_batch_size, gradient_accumulation_steps=settings.gradient_accumulation_steps)
     if checkpoint:
@@ -294,7 +334,8 @@ def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrain
         state.trained_tokens += tokens
         window_tokens += tokens
         if state.step % settings.checkpoint_every == 0 or state.step == settings.max_steps:
-            save_checkpoint(root, model, optimizer, scheduler, state, settings.keep_checkpoints)
+            saved = save_checkpoint(root, model, optimizer, scheduler, state, settings.keep_checkpoints)
+            storage.push_checkpoint(CHECKPOINT_DIR, saved.name)
         if state.step % settings.log_every == 0 or state.step == settings.max_steps:
             now = time.perf_counter()
             metrics = {"loss": loss, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
@@ -304,7 +345,8 @@ def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrain
             if on_step:
                 on_step(state.step, metrics)
     wall = time.perf_counter() - started
-    adapter_dir = save_adapter(model, config)
+    adapter_dir = save_adapter(model, config, storage.local)
+    storage.push(ADAPTER_DIR)
     summary = {
         "train_loss": state.history[-1]["loss"] if state.history else float("nan"),
         "steps": float(state.step),
@@ -314,6 +356,7 @@ def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrain
         "peak_memory_mb": peak_memory_mb(device),
         "final_micro_batch_size": float(state.micro_batch_size),
         "final_gradient_accumulation_steps": float(state.gradient_accumulation_steps),
+        "final_pass_tokens": float(state.pass_tokens or state.micro_batch_size * settings.max_seq_length) if settings.packing else float("nan"),
         "oom_backoffs": float(state.oom_backoffs),
         "resumed_from_step": float(resumed_from),
     }
@@ -322,9 +365,9 @@ def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrain
 
 def _train_step(model: PeftModel, step_examples: list[Example], state: TrainState, settings: TrainingSettings,
                 device: str, pad_id: int, fault: Fault | None) -> tuple[float, int]:
-    """One optimizer step's gradients; on out-of-memory halve the micro-batch, double accumulation, retry."""
+    """One optimizer step's gradients; on out-of-memory make the forward passes smaller (`back_off`) and retry."""
     while True:
-        batches = make_batches(step_examples, state.micro_batch_size, settings.max_seq_length, settings.packing, pad_id)
+        batches = make_batches(step_examples, state.micro_batch_size, settings.max_seq_length, settings.packing, pad_id, state.pass_tokens)
         try:
             if fault:
                 fault(state.step)
@@ -333,19 +376,34 @@ def _train_step(model: PeftModel, step_examples: list[Example], state: TrainStat
             model.zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-            if state.micro_batch_size // 2 < settings.min_micro_batch_size:
-                raise TrainingError(
-                    f"out of memory at step {state.step} with micro_batch_size {state.micro_batch_size} "
-                    f"(floor {settings.min_micro_batch_size}); lower training.max_seq_length or use a GPU with more memory"
-                ) from None
-            state.micro_batch_size //= 2
-            state.gradient_accumulation_steps *= 2
-            state.oom_backoffs += 1
+            back_off(state, settings, max(_examples_in(batch) for batch in batches))
 
 
-def save_adapter(model: PeftModel, config: JobConfig) -> Path:
-    """Save the final adapter (safetensors + adapter_config.json naming the base by its Hub id) atomically."""
-    target = Path(config.output_dir) / ADAPTER_DIR
+def _examples_in(batch: dict[str, torch.Tensor]) -> int:
+    """Examples in one forward pass: rows of a padded batch, position-id restarts of a packed row."""
+    return int((batch["position_ids"] == 0).sum()) if "position_ids" in batch else len(batch["input_ids"])
+
+
+def back_off(state: TrainState, settings: TrainingSettings, most_per_pass: int) -> None:
+    """After an out-of-memory, the same examples per step in smaller forward passes: half the micro-batch and twice the
+    accumulation (down to `min_micro_batch_size`); packed, with a micro-batch of 1, half the tokens of a pass, down to
+    one example per pass. Past the floor, a TrainingError saying what to change."""
+    if state.micro_batch_size // 2 >= settings.min_micro_batch_size:
+        state.micro_batch_size //= 2
+        state.gradient_accumulation_steps *= 2
+        state.pass_tokens = state.micro_batch_size * settings.max_seq_length if settings.packing else 0
+    elif settings.packing and most_per_pass > 1:
+        state.pass_tokens = max((state.pass_tokens or state.micro_batch_size * settings.max_seq_length) // 2, 1)
+    else:
+        floor = "one example per forward pass" if settings.packing else f"floor {settings.min_micro_batch_size}"
+        raise TrainingError(f"out of memory at step {state.step} with micro_batch_size {state.micro_batch_size} ({floor}); "
+                            "lower training.max_seq_length or use a GPU with more memory")
+    state.oom_backoffs += 1
+
+
+def save_adapter(model: PeftModel, config: JobConfig, folder: Path) -> Path:
+    """Save the final adapter into `folder` (safetensors + adapter_config.json naming the base by its Hub id) atomically."""
+    target = folder / ADAPTER_DIR
     staging = target.with_name(f".{ADAPTER_DIR}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)

@@ -61,7 +61,7 @@ def _validate_any(path: Path) -> str:
     if "base_model" in data and "task" in data:
         parse_job_config(data, str(path))
         return "job config"
-    if any(isinstance(v, list) and v and isinstance(v[0], dict) for k, v in data.items() if k in ("base_models", "tasks")):
+    if "name" not in data and any(isinstance(v, list) and v and isinstance(v[0], dict) for k, v in data.items() if k in ("base_models", "tasks")):
         load_catalog_file(path)
         return "catalogue"
     load_sweep(path)
@@ -148,6 +148,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     """Point a task's `champion` alias at a given adapter version."""
     from tracking.registry import promote
 
+    if args.task not in load_catalog().tasks:
+        raise KeyError(f"unknown task {args.task!r}; see `loraland catalog --all` for the task names")
     promote(args.task, args.version, args.tracking_uri)
     console.print(f"{args.task}: champion is now version {args.version}")
     return 0
@@ -232,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, FileNotFoundError, ValueError) as exc:
         message: Any = exc.args[0] if exc.args else exc
         print(f"error: {message}", file=sys.stderr)
+        return USER_ERROR
+    except OverflowError as exc:  # a number so large that arithmetic on it overflows (bounds catch the usual ones)
+        print(f"error: a number in the input is too large ({exc}); use a realistic value", file=sys.stderr)
         return USER_ERROR
 
 

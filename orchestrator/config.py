@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from jobs import storage
 from jobs.catalog import Catalog, load_catalog
 from jobs.config import (
     ConfigError,
@@ -20,6 +21,7 @@ from jobs.config import (
     TrainingSettings,
     data_home,
     lora_target_problems,
+    outcome_settings,
     parse_model,
     read_yaml,
 )
@@ -29,13 +31,13 @@ class ResourceSettings(StrictModel):
     """What each job asks Ray for, and the hardware `plan` prices."""
 
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where jobs run; cpu for the tiny demo.")
-    gpu_memory_gb: float = Field(default=24.0, gt=0, description="Memory of one GPU of the cluster (the study used 24 GB A10G).")
-    gpu_tflops: float = Field(default=125.0, gt=0, description="Peak bf16 TFLOP/s of one GPU, for the time estimate.")
+    gpu_memory_gb: float = Field(default=24.0, gt=0, le=4096, description="Memory of one GPU of the cluster (the study used 24 GB A10G).")
+    gpu_tflops: float = Field(default=125.0, gt=0, le=1e6, description="Peak bf16 TFLOP/s of one GPU, for the time estimate.")
     mfu: float = Field(default=0.2, gt=0, le=1, description="Fraction of peak a QLoRA job reaches, for the time estimate.")
     price_per_gpu_hour: float = Field(default=1.21, ge=0, description="Price of one GPU-hour in dollars (A10G on demand).")
     cpus_per_job: float = Field(default=1.0, gt=0, description="CPUs each job reserves.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each job asks for, e.g. {worker: 0.01}.")
-    memory_headroom: float = Field(default=1.15, ge=1.0, description="Multiplier on the memory estimate before packing GPUs.")
+    memory_headroom: float = Field(default=1.15, ge=1.0, le=10.0, description="Multiplier on the memory estimate before packing GPUs.")
     queue_ahead: float = Field(default=1.0, ge=0, description="Jobs submitted to Ray beyond what the cluster holds, as a fraction "
                                "of its capacity: Ray fills a freed share from them at once; the rest wait in the driver, where "
                                "a resubmitted job goes first.")
@@ -71,7 +73,8 @@ class SweepConfig(StrictModel):
     resources: ResourceSettings = Field(default_factory=ResourceSettings, description="Per-job resources and pricing.")
     retries: RetrySettings = Field(default_factory=RetrySettings, description="Failure handling.")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow settings.")
-    storage_path: str = Field(default="", description="Checkpoints and results; a shared path (NFS) on a cluster. Default: data folder.")
+    storage_path: str = Field(default="", description="Checkpoints, adapters and results: a folder every node sees (NFS, EFS, FSx) or "
+                              "an object store URI (s3://bucket/prefix, gs://...). Default: the data folder.")
 
 
 def catalog_problems(data: Any, catalog: Catalog) -> list[str]:
@@ -108,16 +111,14 @@ def load_sweep(path: str | Path, catalog: Catalog | None = None) -> SweepConfig:
     return sweep
 
 
-def storage_root(sweep: SweepConfig) -> Path:
-    """Where the sweep's jobs keep checkpoints and results."""
-    return Path(sweep.storage_path) if sweep.storage_path else data_home() / "sweeps" / sweep.name
+def storage_root(sweep: SweepConfig) -> str:
+    """Where the sweep's jobs keep checkpoints and results: a folder or an object store URI."""
+    return sweep.storage_path or str(data_home() / "sweeps" / sweep.name)
 
 
 def config_hash(sweep: SweepConfig, kind: str) -> str:
     """Hash of every setting that changes a job's outcome (not resources, tracking or storage)."""
-    relevant = {"kind": kind, "quantization": sweep.quantization.model_dump(mode="json"), "evaluation": sweep.evaluation.model_dump(mode="json")}
-    if kind == "train":
-        relevant |= {"lora": sweep.lora.model_dump(mode="json"), "training": sweep.training.model_dump(mode="json")}
+    relevant = {"kind": kind} | outcome_settings(sweep, kind)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -139,6 +140,6 @@ def expand_jobs(sweep: SweepConfig, catalog: Catalog | None = None) -> list[JobC
                     kind=kind, job_key=key, base_model=catalog.base_model(base_name), task=catalog.task(task_name),
                     lora=sweep.lora, quantization=sweep.quantization, training=sweep.training,
                     evaluation=sweep.evaluation, device=sweep.resources.device,
-                    output_dir=str(storage_root(sweep) / key.split("/", 1)[1]),
+                    output_dir=storage.join(storage_root(sweep), key.split("/", 1)[1]),
                 ))
     return jobs

@@ -2,15 +2,14 @@
 
 It runs what `ray job submit -- loraland sweep configs/sweeps/demo.yaml` runs on a cluster (here on a
 local one-node Ray on loopback), writes the leaderboard report, then serves the sweep's adapters
-(`configs/serve/demo.yaml`, what `loraland serve` runs) and sends one request to each, and prints
-where to look. In a terminal it keeps serving until Ctrl-C; without one (CI, a pipe) it stops there.
+(`configs/serve/demo.yaml`, what `loraland serve` runs) and sends one request to each, prints where to
+look, and exits (0 when every job finished and every adapter answered). `loraland serve
+configs/serve/demo.yaml` keeps the endpoint up afterwards.
 """
 
 from __future__ import annotations
 
 import socket
-import sys
-import time
 
 import httpx
 from rich.console import Console
@@ -41,9 +40,8 @@ def main() -> int:
     console.print(f"Report (leaderboard, plots, heuristics): {report.out_dir}")
     served = serve_and_ask()
     console.print(f"MLflow runs and registered adapters: {uri}; browse them with `.venv/bin/loraland ui` -> http://127.0.0.1:5000")
+    console.print(f"Keep the endpoint up: `.venv/bin/loraland serve {DEMO_SERVE.relative_to(PROJECT_ROOT)}`")
     failed = any(o.state == "failed" for o in outcomes) or not served
-    if sys.stdin.isatty():
-        wait_for_ctrl_c()
     return 1 if failed else 0
 
 
@@ -80,18 +78,6 @@ def serve_and_ask() -> bool:
     console.print(f"OpenAI-compatible endpoint: {endpoint} (GET {endpoint}/models lists {len(models)} adapters, "
                   "their base models and each task's champion)")
     return answered == len(models) > 0
-
-
-def wait_for_ctrl_c() -> None:
-    """Keep the endpoint up until Ctrl-C."""
-    from ray import serve
-
-    console.print("Serving until Ctrl-C (try: curl the endpoint, or point the `openai` client at it).")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
 
 
 def port_is_free(port: int) -> bool:

@@ -23,7 +23,9 @@ crashed or ran out of memory) counts, and past `max_failures` retries the job en
 error and the sweep goes on. A resubmitted job reuses its MLflow run and resumes from its checkpoint.
 
 Run again after a crash, or submitted twice, the driver skips jobs whose run is FINISHED, closes
-runs left RUNNING by killed workers, and resubmits the rest, which resume from their checkpoints.
+runs left RUNNING by killed workers, and resubmits the rest, which resume from their checkpoints. One
+driver runs a sweep at a time (`tracking.store.sweep_lease` on the parent run): a second submission while
+the first is alive stops in one line, before it touches a run.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.config import JobConfig
-from orchestrator.config import RetrySettings, SweepConfig, expand_jobs
+from jobs.storage import check_writable
+from orchestrator.config import RetrySettings, SweepConfig, expand_jobs, storage_root
 from orchestrator.plan import plan_job
 
 console = Console(highlight=False)
@@ -135,15 +138,23 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOu
     """Run every unfinished job of the sweep on Ray, base evaluations first; returns each job's outcome."""
     from tracking import store
 
-    if "://" in sweep.storage_path:
-        raise ValueError(f"storage path {sweep.storage_path!r}: jobs write checkpoints to a filesystem path shared by every node "
-                         "(NFS, EFS, FSx); mount the bucket there instead of passing a URI")
+    check_writable(storage_root(sweep))  # a wrong bucket, credential or mount fails here, before MLflow or Ray
 
-    uri = store.resolve_tracking_uri(tracking_uri or sweep.tracking.uri)
+    uri = store.check_reachable(tracking_uri or sweep.tracking.uri)  # a wrong or dead server: one line, before Ray
     experiment_id = store.ensure_experiment(sweep.tracking.experiment or sweep.name, uri)
     parent_run_id = store.start_sweep_run(experiment_id, sweep.name, sweep.model_dump(mode="json"), uri=uri)
-    catalogue_order = expand_jobs(sweep)
-    jobs = submission_order(catalogue_order, sweep)
+    with store.sweep_lease(parent_run_id, sweep.name, uri):  # one driver per sweep: a second one stops here, in one line
+        outcomes = run_unfinished(sweep, experiment_id, parent_run_id, uri)
+    return [outcomes[job.job_key] for job in expand_jobs(sweep)]
+
+
+def run_unfinished(sweep: SweepConfig, experiment_id: str, parent_run_id: str, uri: str) -> dict[str, JobOutcome]:
+    """Skip the sweep's finished jobs, close runs left RUNNING by lost workers, run the rest; settle the champions and end
+    the parent run. Each job's outcome by job key."""
+    from tracking import store
+    from tracking.registry import update_champion
+
+    jobs = submission_order(expand_jobs(sweep), sweep)
     outcomes: dict[str, JobOutcome] = {}
     todo = []
     for job in jobs:
@@ -160,12 +171,10 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOu
         remote = job_task(run_tracked_job, sweep)
         run_jobs(todo, lambda job: submit_job(remote, job, sweep, job, experiment_id, parent_run_id, uri), lambda job: job_demand(job, sweep),
                  sweep.retries, outcomes, len(jobs), sweep.resources.queue_ahead)
-    from tracking.registry import update_champion
-
     for task in sweep.tasks:  # settles a race between two workers finishing one task at the same instant
         update_champion(task, uri)
     store.finish_sweep_run(parent_run_id, "FAILED" if any(o.state == "failed" for o in outcomes.values()) else "FINISHED", uri)
-    return [outcomes[job.job_key] for job in catalogue_order]
+    return outcomes
 
 
 def run_jobs(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], demand: Callable[[JobConfig], dict[str, float]],

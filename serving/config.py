@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from jobs.config import ConfigError, StrictModel, parse_model, read_yaml
+from jobs.config import ConfigError, StrictModel, names_or, parse_model, read_yaml
 
 APP_BUILDER = "serving.app:build_app"  # the import_path of our application in a Ray Serve config file
 
@@ -46,6 +46,8 @@ class BaseDeployment(StrictModel):
     autoscaling: AutoscalingSettings | None = Field(default=None, description="Autoscale replicas instead of a fixed count.")
     max_adapters_per_replica: int = Field(default=16, ge=1, description="Adapters a replica keeps loaded (LRU beyond).")
     tasks: list[str] | Literal["all"] = Field(default="all", description="Tasks whose registered adapters are served.")
+
+    _tasks = field_validator("tasks", mode="before")(names_or("all"))
     num_gpus: float = Field(default=0.0, ge=0, description="GPU share per replica (0 on a CPU).")
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves per replica.")
     max_queued_requests: int = Field(default=64, ge=1, description="Requests Serve holds for this deployment when every "
@@ -93,14 +95,14 @@ def catalog_problems(data: Any) -> list[str]:
     for index, deployment in enumerate(deployments if isinstance(deployments, list) else []):
         name = deployment.get("base_model") if isinstance(deployment, dict) else None
         if isinstance(name, str) and name not in catalog.base_models:
-            problems.append(f"deployments.{index}.base_model: unknown base model {name!r}; see `loraland catalog --all`")
+            problems.append(f"deployments[{index}].base_model: unknown base model {name!r}; see `loraland catalog --all`")
         if isinstance(name, str) and name in seen:
-            problems.append(f"deployments.{index}.base_model: {name!r} has two deployments")
+            problems.append(f"deployments[{index}].base_model: {name!r} has two deployments")
         seen.add(str(name))
         tasks = deployment.get("tasks") if isinstance(deployment, dict) else None
         for task in tasks if isinstance(tasks, list) else []:
             if isinstance(task, str) and task not in catalog.tasks:
-                problems.append(f"deployments.{index}.tasks: unknown task {task!r}; see `loraland catalog --all`")
+                problems.append(f"deployments[{index}].tasks: unknown task {task!r}; see `loraland catalog --all`")
     return problems
 
 
@@ -121,9 +123,23 @@ def is_serve_config_file(data: Any) -> bool:
     return isinstance(data, dict) and "applications" in data
 
 
+def ray_file_unknown_keys(data: dict[str, Any]) -> list[str]:
+    """A line per key of a Ray Serve config file that Ray's own schema does not have (Ray would ignore it silently)."""
+    from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+
+    http, apps = data.get("http_options"), data.get("applications")
+    sections = [("", data, ServeDeploySchema), ("http_options.", http, HTTPOptionsSchema)]
+    sections += [(f"applications[{index}].", app, ServeApplicationSchema) for index, app in enumerate(apps if isinstance(apps, list) else [])]
+    return [f"{prefix}{key}: unknown key (remove it or check its spelling)" for prefix, section, schema in sections
+            if isinstance(section, dict) for key in section if key not in schema.model_fields]
+
+
 def from_serve_config_file(data: dict[str, Any], source: str) -> ServeConfig:
     """Our ServeConfig from a Ray Serve config file: the `args` of its one application whose import_path
     is ours, with the name and route prefix of that entry and the host and port of `http_options`."""
+    unknown = ray_file_unknown_keys(data)
+    if unknown:
+        raise ConfigError(source, unknown)
     apps = data.get("applications")
     ours = [app for app in apps if isinstance(app, dict) and app.get("import_path") == APP_BUILDER] if isinstance(apps, list) else []
     if len(ours) != 1:

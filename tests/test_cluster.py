@@ -19,7 +19,7 @@ import yaml
 from infra.local_cluster import LocalCluster, free_port_block, ray_bin
 from jobs.config import PROJECT_ROOT
 
-pytest_plugins = ["tests.tracking_fixtures"]
+pytest_plugins = ["tests.tracking_fixtures", "tests.object_store"]
 MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
 EXCLUDES = [".venv", ".loraland", ".git", ".pytest_cache", "benchmarks/results"]
 
@@ -427,8 +427,13 @@ def test_the_mlflow_server_keeps_runs_in_postgres_and_artifacts_in_the_object_st
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
 
 
-def test_an_object_store_uri_as_storage_path_is_refused_with_one_line(tmp_path: Path) -> None:
-    done = subprocess.run([*sweep_args(MINI, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path), "--storage-path", "s3://bucket/sweeps"],
-                          capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
-    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "mount the bucket" in done.stderr
+@pytest.mark.parametrize("storage, message", [
+    ("nosuchscheme://bucket/sweeps", "use a folder path or a URI such as s3://"),
+    ("s3://no-such-bucket/sweeps", "cannot write there"),
+])
+def test_a_storage_path_that_cannot_be_written_is_refused_with_one_line(s3_store: Any, tmp_path: Path, storage: str,
+                                                                         message: str) -> None:
+    done = subprocess.run([*sweep_args(MINI, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path), "--storage-path", storage],
+                          capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT, env=os.environ | s3_store.env)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and message in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow (or Ray) is touched

@@ -298,3 +298,50 @@ def test_plan_totals_follow_gpu_memory_and_price(capsys: pytest.CaptureFixture[s
     for option, value in (("--gpu-memory-gb", "-24"), ("--gpu-memory-gb", "0"), ("--price-per-gpu-hour", "-1")):
         lines = cli_errors(capsys, "plan", str(path), option, value)
         assert len(lines) == 1 and lines[0].startswith(f"error: command line: {option}: Input should be greater than"), lines
+
+
+def test_wrong_types_and_huge_numbers_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Strict types (no `true` as a rank, no "100" as a step count), a lone name where a list belongs, an absurd
+    headroom: each one line naming its field, list positions written [i], for validate and plan alike."""
+    sweep = tmp_path / "types.yaml"
+    sweep.write_text("name: x\nbase_models: [tiny-llama]\ntasks: [demo_colors, 7]\nevaluate_base: 'yes'\n"
+                     "lora: {r: true, target_modules: q_proj}\ntraining: {max_steps: '100'}\n"
+                     "resources: {memory_headroom: 1.0e+308}\n")
+    for command in ("validate", "plan"):
+        lines = cli_errors(capsys, command, str(sweep))
+        fields = sorted(line.split(": ")[2] for line in lines)
+        assert fields == ["evaluate_base", "lora.r", "lora.target_modules", "resources.memory_headroom", "tasks[1]",
+                          "training.max_steps"], lines
+        assert any("expected a list of names or 'all-linear'; write [q_proj] for one name" in line for line in lines)
+
+
+def test_a_catalogue_file_with_a_broken_template_or_a_name_twice_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    demo = yaml.safe_load((PROJECT_ROOT / "configs/catalog/demo_tasks.yaml").read_text())
+    first, second = demo["tasks"][0], dict(demo["tasks"][1])
+    broken = dict(first, name="broken", prompt="Review: {{ review", completion="{{ stars }}")
+    second["name"] = first["name"]
+    path = tmp_path / "tasks.yaml"
+    path.write_text(yaml.safe_dump({"tasks": [first, broken, second]}))
+    lines = cli_errors(capsys, "validate", str(path))
+    assert len(lines) == 3, lines
+    assert "tasks[1].prompt: not a valid Jinja template (line 1:" in lines[0]
+    assert "tasks[1].completion: uses 'stars', not among its columns (review, label)" in lines[1]
+    assert f"tasks[2].name: {first['name']!r} is listed twice" in lines[2]
+
+
+def test_a_ray_serve_file_with_keys_ray_would_ignore_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    data = yaml.safe_load((PROJECT_ROOT / "configs/serve/demo.yaml").read_text())
+    data["bogus_top"] = 1
+    data["http_options"]["bogus_http"] = 1
+    data["applications"][0]["bogus_app"] = 1
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli_errors(capsys, "validate", str(path)) == [
+        f"error: {path}: bogus_top: unknown key (remove it or check its spelling)",
+        f"error: {path}: http_options.bogus_http: unknown key (remove it or check its spelling)",
+        f"error: {path}: applications[0].bogus_app: unknown key (remove it or check its spelling)",
+    ]

@@ -14,11 +14,11 @@ import pytest
 from jobs.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
-pytest_plugins = ["tests.tracking_fixtures"]
+pytest_plugins = ["tests.tracking_fixtures", "tests.object_store"]
 MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
 
 
-def sweep_command(uri: str, storage: Path) -> list[str]:
+def sweep_command(uri: str, storage: Path | str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", "sweep", str(MINI), "--tracking-uri", uri, "--storage-path", str(storage)]
 
 
@@ -54,10 +54,12 @@ def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path
     assert sorted(r.info.run_id for r in job_runs(uri)) == sorted(r.info.run_id for r in runs)
 
 
-def test_killed_driver_then_rerun_completes_without_duplicates(tmp_path: Path) -> None:
+def test_killed_driver_then_rerun_completes_without_duplicates(s3_store, tmp_path: Path) -> None:  # noqa: ANN001
+    """With the storage path on an object store (S3 on loopback): what the jobs keep there survives the driver."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    driver = subprocess.Popen(sweep_command(uri, tmp_path / "storage"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=sweep_env(tmp_path), start_new_session=True)
+    storage = s3_store.uri(tmp_path.name)
+    driver = subprocess.Popen(sweep_command(uri, storage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=sweep_env(tmp_path) | s3_store.env, start_new_session=True)
     deadline = time.monotonic() + 300
     seen = ""
     while time.monotonic() < deadline:  # kill it once the first job has finished and others are under way
@@ -66,11 +68,20 @@ def test_killed_driver_then_rerun_completes_without_duplicates(tmp_path: Path) -
         if line.strip().startswith("finished") or not line:
             break
     assert "finished" in seen, seen[-3000:]
+    # a second driver while the first is alive (a second `ray job submit`) stops at once: no run closed, none made
+    second = subprocess.run(sweep_command(uri, storage), capture_output=True, text=True, timeout=300, env=sweep_env(tmp_path) | s3_store.env)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1 and "sweep mini is being run by another driver" in lines[0], second.stderr[-3000:]
+    live = job_runs(uri)  # the first driver's runs: none closed by the second, none made twice
+    assert {r.info.status for r in live} <= {"RUNNING", "FINISHED"} and len({r.data.tags["loraland.job_key"] for r in live}) == len(live)
+    assert driver.poll() is None
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)  # the driver's local Ray goes with it
-    again = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path))
+    again = subprocess.run(sweep_command(uri, storage), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path) | s3_store.env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     runs = job_runs(uri)
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["loraland.job_key"] for r in runs}) == 4
+    keys = s3_store.keys(tmp_path.name + "/")
+    assert len([k for k in keys if k.endswith("/result.json")]) == 4 and len([k for k in keys if k.endswith("/adapter/adapter_model.safetensors")]) == 2

@@ -17,13 +17,14 @@ from safetensors.torch import load_file
 from jobs.catalog import load_catalog
 from jobs.config import QuantizationSettings, dump_yaml
 from jobs.data import train_rows
-from jobs.models import load_base_model, load_tokenizer
+from jobs.models import attach_lora, load_base_model, load_tokenizer
 from jobs.prompts import completion_for, prompt_for
 from jobs.run import run_job
 from jobs.train import CHECKPOINT_DIR, IGNORE, TrainingError, encode_example, latest_checkpoint, make_batches, train
 from tests.helpers import tiny_job
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ["tests.object_store"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,6 +41,19 @@ def test_fine_tuning_lifts_the_score_with_real_4bit_layers(tmp_path: Path) -> No
     tuned = run_job(config)  # picks up the finished training from its checkpoint, then evaluates
     assert tuned.score - base.score >= 0.3, (base.score, tuned.score)
     assert len(tuned.predictions) == 100 and {"prompt", "prediction", "gold", "score"} <= set(tuned.predictions[0])
+
+
+@pytest.mark.parametrize("task", ["demo_colors", "demo_similarity", "demo_arithmetic"])
+def test_the_demo_sweep_lifts_every_other_demo_task_too(tmp_path: Path, task: str) -> None:
+    """The shipped demo's settings (configs/sweeps/demo.yaml) on tiny-llama: ROUGE-L, stsb-style similarity and
+    last-number accuracy each rise by at least 0.3 over the base's zero-shot score."""
+    from orchestrator.config import expand_jobs, load_sweep
+
+    sweep = load_sweep(ROOT / "configs" / "sweeps" / "demo.yaml")
+    jobs = {job.kind: job.model_copy(update={"output_dir": str(tmp_path / job.kind)}) for job in expand_jobs(sweep)
+            if job.base_model.name == "tiny-llama" and job.task.name == task}
+    base, tuned = run_job(jobs["evaluate_base"]), run_job(jobs["train"])
+    assert tuned.score - base.score >= 0.3, (base.score, tuned.score)
 
 
 class Stop(Exception):
@@ -116,6 +130,40 @@ def test_job_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_check
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000008", "step-00000012"]
 
 
+def test_a_job_on_an_object_store_resumes_elsewhere_from_its_last_uploaded_checkpoint(s3_store, straight_adapter: Path) -> None:  # noqa: ANN001
+    """output_dir on S3 (moto's server on loopback): the job stops after step 6, its node's scratch folder is lost, and
+    the job started again resumes from step 4 in the bucket, ignoring a newer checkpoint whose upload was cut off."""
+    import shutil
+
+    from jobs.run import RESULT_FILE
+    from jobs.storage import JobStorage
+
+    config = tiny_job(s3_store.uri("resume", "job"), eval_limit=8, **RESUME_SETTINGS)
+    storage = JobStorage(config.output_dir)
+
+    def crash_at_6(step: int, metrics: dict[str, float]) -> None:
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_job(config, on_step=crash_at_6)
+    assert storage.remote_checkpoints(CHECKPOINT_DIR) == ["step-00000004"]
+    shutil.rmtree(storage.local)  # another node: nothing local
+    s3_store.put("resume/job/checkpoints/step-00000008/adapter_model.safetensors", b"cut off")  # an upload cut off mid-way
+    result = run_job(config)
+    assert result.summary["resumed_from_step"] == 4 and result.summary["steps"] == 12
+    assert_same_adapter(straight_adapter, result.adapter_dir)
+    keys = s3_store.keys("resume/job/")
+    assert {"resume/job/" + RESULT_FILE, "resume/job/adapter/adapter_model.safetensors", "resume/job/adapter/adapter_config.json"} <= set(keys)
+    assert storage.remote_checkpoints(CHECKPOINT_DIR) == ["step-00000008", "step-00000012"]  # keep_checkpoints 2, step 4 gone
+    assert not (storage.local / CHECKPOINT_DIR).exists()  # scratch checkpoints dropped once the result is in the store
+
+    shutil.rmtree(storage.local)  # a finished job, asked again on a third node: its result and adapter come from the store
+    again = run_job(config)
+    assert again.score == result.score and json.dumps(again.summary) == json.dumps(result.summary)  # NaN-safe
+    assert_same_adapter(straight_adapter, again.adapter_dir)
+
+
 def test_out_of_memory_halves_micro_batch_keeps_effective_batch(tmp_path: Path) -> None:
     raised: list[int] = []
 
@@ -130,6 +178,34 @@ def test_out_of_memory_halves_micro_batch_keeps_effective_batch(tmp_path: Path) 
     assert result.summary["oom_backoffs"] == 1
     assert result.summary["final_micro_batch_size"] == 4
     assert result.summary["final_gradient_accumulation_steps"] == 4  # 8 x 2 == 4 x 4
+
+
+def test_out_of_memory_when_packed_splits_the_step_into_smaller_passes_with_the_same_result(tmp_path: Path) -> None:
+    """The study's micro-batch 1: packed, one step's 8 examples share one row; after an injected out-of-memory at step 2
+    the same examples go in passes of half the tokens, and the adapter ends as if nothing had happened."""
+    settings = dict(max_steps=4, micro_batch_size=1, gradient_accumulation_steps=8, max_seq_length=256, checkpoint_every=1000)
+    no_dropout = {"dropout": 0.0}  # dropout masks follow the passes' shapes; without it the trajectory is the same
+    straight, _, _ = train(tiny_job(tmp_path / "straight", lora=no_dropout, **settings))
+    passes: list[tuple[int, int]] = []  # (step, tokens of the forward pass)
+    raised: list[int] = []
+
+    def oom_once_at_step_2(step: int) -> None:
+        passes.append((step, -1))  # an attempt starts
+        if step == 2 and not raised:
+            raised.append(step)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    config = tiny_job(tmp_path / "oom", lora=no_dropout, **settings)
+    torch.manual_seed(config.training.seed)  # as train() does before it attaches LoRA: the same initial adapter
+    model = attach_lora(load_base_model(config.base_model, config.quantization, "cpu"), config.lora, False)
+    model.register_forward_pre_hook(lambda _m, _a, kwargs: passes.append((passes[-1][0], kwargs["input_ids"].numel())), with_kwargs=True)
+    result, _, _ = train(config, model=model, fault=oom_once_at_step_2)
+    sizes = {step: [tokens for s, tokens in passes if s == step and tokens > 0] for step in range(4)}
+    assert raised == [2] and result.summary["oom_backoffs"] == 1 and result.summary["final_pass_tokens"] == 128
+    assert len(sizes[1]) == 1 and sizes[1][0] > 128  # before: the step in one packed row
+    assert len(sizes[3]) >= 2 and max(sizes[3]) <= 128  # after: several passes of at most half the tokens
+    assert result.summary["final_micro_batch_size"] == 1 and result.summary["steps"] == 4
+    assert_same_adapter(straight.adapter_dir, result.adapter_dir)
 
 
 def test_out_of_memory_at_the_floor_fails_clearly(tmp_path: Path) -> None:
@@ -172,6 +248,42 @@ def test_jobs_run_without_ray_from_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("kind: train\nbase_model: {}\n")
     out = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "task: Field required" in out.stderr
+
+
+def run_cli(mode: str, config: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"jobs.{mode}", "--config", str(config), *extra], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_an_output_folder_belongs_to_one_job_and_the_command_line_names_what_to_fix(tmp_path: Path) -> None:
+    """Catalogue names stand for whole entries; the base's evaluation has a folder of its own beside the fine-tune's; the
+    same folder with other settings, an adapter folder without an adapter and an unknown base each get one line."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"base_model: tiny-llama\ntask: demo_sentiment\noutput_dir: {tmp_path / 'out'}\ndevice: cpu\n"
+                   "lora: {target_modules: all-linear}\nevaluation: {limit: 4}\n"
+                   "training: {max_steps: 2, micro_batch_size: 4, gradient_accumulation_steps: 1, gradient_checkpointing: false}\n")
+    base = run_cli("evaluate", job)
+    assert base.returncode == 0, base.stderr[-2000:]
+    trained = run_cli("train", job)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    summary = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["adapter_dir"] == str(tmp_path / "out" / "adapter")  # trained, not the base's result
+    assert json.loads((tmp_path / "out" / "evaluate_base" / "job.json").read_text())["kind"] == "evaluate_base"
+
+    job.write_text(job.read_text().replace("max_steps: 2", "max_steps: 3"))
+    cases = [(run_cli("train", job), f"output_dir {tmp_path / 'out'}: holds a job with other settings (training.max_steps 2 -> 3)"),
+             (run_cli("evaluate", job, "--adapter", str(tmp_path)), "holds no adapter_model.safetensors"),
+             (run_cli("train", write(tmp_path / "unknown.yaml", job.read_text().replace("tiny-llama", "tiny-nope"))),
+              "base_model: unknown base model 'tiny-nope'")]
+    for out, message in cases:
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["summary"]["steps"] == 2  # nothing done was lost
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def test_gradient_checkpointing_with_cosine_warmup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
