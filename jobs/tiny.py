@@ -6,11 +6,15 @@ reproducible, and concurrent builders (several Ray workers) race safely through 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -41,10 +45,22 @@ def tiny_model_dir(spec: BaseModelSpec) -> Path:
     """The cached folder of a tiny model (weights, config and tokenizer), built on first use."""
     if not spec.tiny:
         raise ValueError(f"{spec.name} is not a tiny model")
-    target = data_home() / "models" / spec.name
+    target = data_home() / "models" / f"{spec.name}-{build_digest(spec)}"
     if not (target / "config.json").exists():
         _build(spec, target)
     return target
+
+
+@lru_cache(maxsize=16)
+def _digest(spec_json: str) -> str:
+    recipe = json.dumps([spec_json, BUILD_SEED, SPECIAL_TOKENS, _corpus(), transformers.__version__])
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def build_digest(spec: BaseModelSpec) -> str:
+    """A hash of everything a tiny model's build depends on (its catalogue entry, the seed, the tokenizer's corpus, the
+    transformers version), so a changed recipe builds into a new folder instead of reusing a stale one."""
+    return _digest(spec.model_dump_json())
 
 
 def _corpus() -> list[str]:

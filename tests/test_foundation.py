@@ -345,3 +345,17 @@ def test_a_ray_serve_file_with_keys_ray_would_ignore_is_refused(tmp_path: Path, 
         f"error: {path}: http_options.bogus_http: unknown key (remove it or check its spelling)",
         f"error: {path}: applications[0].bogus_app: unknown key (remove it or check its spelling)",
     ]
+
+
+def test_tiny_model_builds_are_reproducible_and_keyed_by_their_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.tiny import build_digest, tiny_model_dir
+
+    spec = load_catalog().base_model("tiny-phi")
+    built = []
+    for home in ("a", "b"):
+        monkeypatch.setenv("LORALAND_HOME", str(tmp_path / home))
+        built.append(tiny_model_dir(spec))
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (built[0] / name).read_bytes() == (built[1] / name).read_bytes(), name
+    wider = spec.model_copy(update={"architecture": spec.architecture.model_copy(update={"hidden_size": 96})})
+    assert build_digest(wider) != build_digest(spec) and built[0].name == f"tiny-phi-{build_digest(spec)}"
