@@ -112,6 +112,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from orchestrator.config import load_sweep
     from orchestrator.sweep import run_sweep, summary_table
 
+    if hasattr(sys.stdout, "reconfigure"):  # progress reaches `ray job logs -f` (or a log file) line by line, not in blocks,
+        sys.stdout.reconfigure(line_buffering=True)  # and survives an exit that skips flushing (Ray's, after a lost node)
     sweep = load_sweep(args.sweep)  # the whole sweep is validated before Ray is touched
     if args.storage_path:
         sweep.storage_path = args.storage_path

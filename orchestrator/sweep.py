@@ -143,17 +143,6 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOu
     uri = store.check_reachable(tracking_uri or sweep.tracking.uri)  # a wrong or dead server: one line, before Ray
     experiment_id = store.ensure_experiment(sweep.tracking.experiment or sweep.name, uri)
     parent_run_id = store.start_sweep_run(experiment_id, sweep.name, sweep.model_dump(mode="json"), uri=uri)
-    with store.sweep_lease(parent_run_id, sweep.name, uri):  # one driver per sweep: a second one stops here, in one line
-        outcomes = run_unfinished(sweep, experiment_id, parent_run_id, uri)
-    return [outcomes[job.job_key] for job in expand_jobs(sweep)]
-
-
-def run_unfinished(sweep: SweepConfig, experiment_id: str, parent_run_id: str, uri: str) -> dict[str, JobOutcome]:
-    """Skip the sweep's finished jobs, close runs left RUNNING by lost workers, run the rest; settle the champions and end
-    the parent run. Each job's outcome by job key."""
-    from tracking import store
-    from tracking.registry import update_champion
-
     jobs = submission_order(expand_jobs(sweep), sweep)
     outcomes: dict[str, JobOutcome] = {}
     todo = []
@@ -163,6 +152,20 @@ def run_unfinished(sweep: SweepConfig, experiment_id: str, parent_run_id: str, u
             outcomes[job.job_key] = JobOutcome(job, "skipped", run.data.metrics.get("score"), run.data.metrics.get("base_score"))
         else:
             todo.append(job)
+    # One driver per sweep: a second one stops here in one line, before it closes a run or submits a job (with nothing
+    # left to run there is nothing to guard).
+    with store.sweep_lease(parent_run_id, sweep.name, uri) if todo else contextlib.nullcontext():
+        run_unfinished(sweep, jobs, todo, outcomes, experiment_id, parent_run_id, uri)
+    return [outcomes[job.job_key] for job in expand_jobs(sweep)]
+
+
+def run_unfinished(sweep: SweepConfig, jobs: list[JobConfig], todo: list[JobConfig], outcomes: dict[str, JobOutcome],
+                   experiment_id: str, parent_run_id: str, uri: str) -> None:
+    """Close the runs of `todo` left RUNNING by lost workers, run `todo` (outcomes into `outcomes`), settle the champions
+    and end the parent run."""
+    from tracking import store
+    from tracking.registry import update_champion
+
     closed = store.close_stale_runs(experiment_id, [job.job_key for job in todo], uri=uri)
     console.print(f"sweep {sweep.name}: {len(jobs)} jobs, {len(outcomes)} already finished, {len(todo)} to run"
                   + (f"; closed {len(closed)} runs left RUNNING by lost workers" if closed else ""))
@@ -174,7 +177,6 @@ def run_unfinished(sweep: SweepConfig, experiment_id: str, parent_run_id: str, u
     for task in sweep.tasks:  # settles a race between two workers finishing one task at the same instant
         update_champion(task, uri)
     store.finish_sweep_run(parent_run_id, "FAILED" if any(o.state == "failed" for o in outcomes.values()) else "FINISHED", uri)
-    return outcomes
 
 
 def run_jobs(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], demand: Callable[[JobConfig], dict[str, float]],

@@ -135,7 +135,7 @@ def test_submitted_sweep_runs_each_job_once_and_a_resubmission_runs_none(cluster
                                                                           tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    sweep = sweep_file(tmp_path, "mini-submit")
+    sweep = sweep_file(tmp_path, "mini-submit", training={"max_steps": 100})  # training, not start-up, dominates the first run
     first, first_s = submit(cluster, sweep, mlflow_server.uri, tmp_path)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
     assert "0 already finished, 4 to run" in first.stdout and "progress: 4 done, 0 failed" in first.stdout

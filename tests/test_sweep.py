@@ -18,8 +18,8 @@ pytest_plugins = ["tests.tracking_fixtures", "tests.object_store"]
 MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
 
 
-def sweep_command(uri: str, storage: Path | str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "sweep", str(MINI), "--tracking-uri", uri, "--storage-path", str(storage)]
+def sweep_command(uri: str, storage: Path | str, sweep: Path = MINI) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep), "--tracking-uri", uri, "--storage-path", str(storage)]
 
 
 def job_runs(uri: str) -> list:
@@ -55,10 +55,17 @@ def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path
 
 
 def test_killed_driver_then_rerun_completes_without_duplicates(s3_store, tmp_path: Path) -> None:  # noqa: ANN001
-    """With the storage path on an object store (S3 on loopback): what the jobs keep there survives the driver."""
+    """With the storage path on an object store (S3 on loopback): what the jobs keep there survives the driver. The
+    fine-tunes run 200 steps, so they are still training while a second driver is turned away and the first is killed."""
+    import yaml
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = s3_store.uri(tmp_path.name)
-    driver = subprocess.Popen(sweep_command(uri, storage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    data = yaml.safe_load(MINI.read_text())
+    data["training"] |= {"max_steps": 200, "checkpoint_every": 20}
+    sweep = tmp_path / "mini.yaml"
+    sweep.write_text(yaml.safe_dump(data))
+    driver = subprocess.Popen(sweep_command(uri, storage, sweep), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=sweep_env(tmp_path) | s3_store.env, start_new_session=True)
     deadline = time.monotonic() + 300
     seen = ""
@@ -69,7 +76,7 @@ def test_killed_driver_then_rerun_completes_without_duplicates(s3_store, tmp_pat
             break
     assert "finished" in seen, seen[-3000:]
     # a second driver while the first is alive (a second `ray job submit`) stops at once: no run closed, none made
-    second = subprocess.run(sweep_command(uri, storage), capture_output=True, text=True, timeout=300, env=sweep_env(tmp_path) | s3_store.env)
+    second = subprocess.run(sweep_command(uri, storage, sweep), capture_output=True, text=True, timeout=300, env=sweep_env(tmp_path) | s3_store.env)
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(lines) == 1 and "sweep mini is being run by another driver" in lines[0], second.stderr[-3000:]
     live = job_runs(uri)  # the first driver's runs: none closed by the second, none made twice
@@ -78,7 +85,7 @@ def test_killed_driver_then_rerun_completes_without_duplicates(s3_store, tmp_pat
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)  # the driver's local Ray goes with it
-    again = subprocess.run(sweep_command(uri, storage), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path) | s3_store.env)
+    again = subprocess.run(sweep_command(uri, storage, sweep), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path) | s3_store.env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     runs = job_runs(uri)
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
