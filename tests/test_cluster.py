@@ -177,6 +177,7 @@ def test_a_lost_node_costs_at_most_a_checkpoint_interval_and_no_retry(cluster: L
         worker = task_process("mini-nodeloss/tiny-llama/demo_arithmetic/train")
         assert worker is not None, "the demo_arithmetic fine-tune is not running"
         cluster.kill_raylet(cluster.node_of(worker.pid))
+        worker.kill()  # with its node: a worker left to itself can train on for seconds before it notices its raylet is gone
         psutil.wait_procs([worker], timeout=60)
         at_loss = checkpoint_steps(storage, "demo_arithmetic")[-1]  # the newest checkpoint once the job's process is gone
         output = finish(driver, tmp_path)
