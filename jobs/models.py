@@ -14,10 +14,14 @@ from jobs.tiny import tiny_model_dir
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+class DeviceUnavailable(RuntimeError):
+    """The config asks for a device this machine does not have."""
+
+
 def resolve_device(preference: str = "auto") -> str:
-    """`cuda` when asked for or available, else `cpu`; asking for cuda without one is an error."""
+    """`cuda` when asked for or available, else `cpu`; asking for cuda without one is a DeviceUnavailable."""
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but no CUDA GPU is visible; use device: cpu or auto")
+        raise DeviceUnavailable("device: cuda was asked for but no CUDA GPU is visible; use device: cpu or auto")
     if preference == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return preference

@@ -125,6 +125,7 @@ def cli_main(mode: str, argv: list[str] | None) -> int:
     if mode == "evaluate":
         parser.add_argument("--adapter", help="adapter folder to evaluate instead of the base model")
     args = parser.parse_args(argv)
+    from jobs.models import DeviceUnavailable
     from jobs.train import TrainingError
 
     try:
@@ -135,7 +136,7 @@ def cli_main(mode: str, argv: list[str] | None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    except (TrainingError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:  # data, adapter, device, memory
+    except (TrainingError, DeviceUnavailable, FileNotFoundError, KeyError, ValueError) as exc:  # memory, device, adapter, data
         message = exc.args[0] if exc.args else exc
         print(f"error: {str(message).strip().splitlines()[0] if str(message).strip() else type(exc).__name__}", file=sys.stderr)
         return 2

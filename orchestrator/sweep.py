@@ -143,7 +143,8 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOu
     uri = store.check_reachable(tracking_uri or sweep.tracking.uri)  # a wrong or dead server: one line, before Ray
     experiment_id = store.ensure_experiment(sweep.tracking.experiment or sweep.name, uri)
     parent_run_id = store.start_sweep_run(experiment_id, sweep.name, sweep.model_dump(mode="json"), uri=uri)
-    jobs = submission_order(expand_jobs(sweep), sweep)
+    catalogue_order = expand_jobs(sweep)
+    jobs = submission_order(catalogue_order, sweep)
     outcomes: dict[str, JobOutcome] = {}
     todo = []
     for job in jobs:
@@ -156,7 +157,7 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOu
     # left to run there is nothing to guard).
     with store.sweep_lease(parent_run_id, sweep.name, uri) if todo else contextlib.nullcontext():
         run_unfinished(sweep, jobs, todo, outcomes, experiment_id, parent_run_id, uri)
-    return [outcomes[job.job_key] for job in expand_jobs(sweep)]
+    return [outcomes[job.job_key] for job in catalogue_order]
 
 
 def run_unfinished(sweep: SweepConfig, jobs: list[JobConfig], todo: list[JobConfig], outcomes: dict[str, JobOutcome],

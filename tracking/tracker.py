@@ -272,11 +272,11 @@ def _finite(value: Any) -> bool:
 def _job_device(preference: str) -> str:
     """The device a job asking for `preference` runs on (`jobs.models.resolve_device`; cpu when cuda is asked for
     but absent: the job itself then fails with the reason)."""
-    from jobs.models import resolve_device
+    from jobs.models import DeviceUnavailable, resolve_device
 
     try:
         return resolve_device(preference)
-    except RuntimeError:
+    except DeviceUnavailable:
         return "cpu"
 
 
