@@ -353,7 +353,6 @@ def run_baseline(config, model, tokenizer, meter: Meter, device: str) -> None:
 def run_side(args: argparse.Namespace) -> dict[str, Any]:
     """One side in this process: build, train, measure; returns the side's figures."""
     import torch
-
     import transformers  # noqa: F401  both sides import the same modules before the memory baseline is taken
     from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: F401
 

@@ -155,7 +155,7 @@ class LocalCluster:
         self.workers.append(name)
         return name
 
-    def start(self, workers: int = 2, num_cpus: float = 1, num_gpus: int = 0, timeout_s: float = 120) -> "LocalCluster":
+    def start(self, workers: int = 2, num_cpus: float = 1, num_gpus: int = 0, timeout_s: float = 120) -> LocalCluster:
         """Head plus `workers` worker nodes, all alive when this returns; stops what it started if that fails."""
         try:
             self.start_head()
@@ -167,7 +167,7 @@ class LocalCluster:
             raise
         return self
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:

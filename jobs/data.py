@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from jobs.config import DatasetSource, TaskSpec, data_home
 from jobs.demo_data import demo_rows

@@ -7,7 +7,7 @@ visibly lifts its score over the base model's.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 Row = dict[str, object]
 

@@ -5,8 +5,9 @@ Templates are completion-style and zero-shot, the same for base and fine-tuned m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 import jinja2
 import jinja2.meta

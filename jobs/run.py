@@ -46,7 +46,7 @@ class JobResult:
         staging.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "JobResult":
+    def load(cls, path: Path) -> JobResult:
         return cls(**json.loads(path.read_text()))
 
 

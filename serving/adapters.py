@@ -27,10 +27,10 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from jobs.config import BaseModelSpec
 from serving.api import APIError, model_card, model_not_found
@@ -141,7 +141,7 @@ class ModelResolver:
             if time.monotonic() - self.read_at > max_age_s:
                 try:
                     self.published = await asyncio.wait_for(asyncio.to_thread(self.read), self.timeout_s)
-                except Exception as error:  # noqa: BLE001 - a registry outage keeps serving the last view
+                except Exception as error:
                     if self.published is None:
                         raise APIError(503, f"the model registry cannot be read: {type(error).__name__}: {error}",
                                        type="server_error", code="registry_unavailable", retry_after_s=5) from None
@@ -215,7 +215,7 @@ class AdapterStore:
     def _download(self, task: str, version: str, folder: Path) -> None:
         try:
             registry.download_adapter(registry.model_uri(task, version), folder, self.tracking_uri)
-        except Exception as error:  # noqa: BLE001 - any registry or storage failure fails this adapter only
+        except Exception as error:
             raise AdapterLoadError(f"download failed ({type(error).__name__}: {str(error)[:300]})") from None
 
     @contextmanager

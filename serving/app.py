@@ -23,10 +23,11 @@ import hmac
 import importlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,8 +40,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jobs.catalog import load_catalog
 from jobs.config import data_home
 from serving.adapters import AdapterStore, ModelResolver, Route
-from serving.api import (DONE, APIError, ChatCompletionRequest, Completion, CompletionRequest, GenerateRequest,
-                         generate_request, parse_request, sse)
+from serving.api import (
+    DONE,
+    APIError,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    GenerateRequest,
+    generate_request,
+    parse_request,
+    sse,
+)
 from serving.chat import render_chat
 from serving.config import BaseDeployment, ServeConfig, parse_serve_config
 from serving.engine import AdapterLoadError, ContextTooLong, Delta, Engine, EngineError, EngineOverloaded, InvalidRequest
@@ -322,7 +332,7 @@ class OpenAIIngress:
                     yield APIError(504, f"no token for {self.timeout_s:g} s (ingress.request_timeout_s)",
                                    type="server_error", code="timeout")
                     return
-                except Exception as error:  # noqa: BLE001 - Serve's or the replica's failure fails this request only
+                except Exception as error:
                     ended = True
                     yield serve_error(error)
                     return

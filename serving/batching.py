@@ -28,8 +28,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict, defaultdict, deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -37,8 +37,16 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from jobs.config import BaseModelSpec, QuantizationSettings
 from jobs.models import load_base_model, load_tokenizer, resolve_device
 from serving.config import EngineSettings
-from serving.engine import (AdapterFetcher, AdapterLoadError, ContextTooLong, Delta, EngineError, EngineOverloaded,
-                            InvalidRequest, SamplingParams)
+from serving.engine import (
+    AdapterFetcher,
+    AdapterLoadError,
+    ContextTooLong,
+    Delta,
+    EngineError,
+    EngineOverloaded,
+    InvalidRequest,
+    SamplingParams,
+)
 from serving.lora import AdapterFormatError, AdapterWeights, LoraSlots, read_adapter
 
 log = logging.getLogger(__name__)
@@ -127,7 +135,7 @@ class AdapterTiers:
             raise AdapterLoadError(f"adapter {adapter!r} is not servable: {error}") from error
         except EngineError:
             raise
-        except Exception as error:  # noqa: BLE001 - fetch failures of any kind fail only this adapter
+        except Exception as error:
             raise AdapterLoadError(f"adapter {adapter!r} could not be fetched: {type(error).__name__}: {error}") from error
         if self.pin:
             weights.modules = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.modules.items()}
@@ -331,7 +339,7 @@ class BatchingEngine:
                     self.wake.wait(timeout=0.05)
                     self.wake.clear()
                 self._flush()
-        except BaseException as error:  # noqa: BLE001 - recorded for check_health
+        except BaseException as error:
             self.error = error
             log.exception("decode loop died")
             for seq in self.rows + [s for q in self.waiting.values() for s in q]:
@@ -357,7 +365,7 @@ class BatchingEngine:
         try:
             with torch.inference_mode():
                 step(*args)
-        except Exception as error:  # noqa: BLE001 - one bad batch must not kill the replica
+        except Exception as error:
             log.exception("engine step failed")
             failed = {id(seq) for seq in victims}
             for seq in list(victims):

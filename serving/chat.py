@@ -7,8 +7,8 @@ starts with a BOS of its own. Turn separators that are special tokens in the rea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 ROLES = ("system", "user", "assistant")
 

@@ -9,9 +9,10 @@ adapter files come from (`AdapterFetcher`). `serving.batching.BatchingEngine` is
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Protocol
+from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 

@@ -167,7 +167,7 @@ def read_adapter(path: Path, layers: dict[str, tuple[int, int]], max_rank: int, 
     try:
         config = json.loads(config_path.read_text())
         tensors = load_file(str(weights_path), device="cpu")
-    except Exception as error:  # noqa: BLE001 - any parse failure means a corrupt adapter
+    except Exception as error:
         raise AdapterFormatError(f"{path.name}: unreadable adapter ({type(error).__name__}: {error})") from error
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(f"{path.name}: peft_type {config.get('peft_type')} is not LORA")

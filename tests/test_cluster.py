@@ -9,8 +9,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -273,8 +274,8 @@ def embedded_ray_scenario(scratch: str) -> None:
     """Run by a fresh `python -c` (see the test below): ray imported first, as any library may do, then the driver's
     embedded Ray; six jobs through the driver's loop, two at a time (queue_ahead 0): `a` fails once, `b` always, `c`-`f`
     never. Prints one JSON line."""
-    import ray
     import psutil
+    import ray
 
     from infra.local_cluster import is_loopback
     from orchestrator.config import RetrySettings, expand_jobs, load_sweep

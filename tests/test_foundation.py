@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from jobs.catalog import load_catalog
-from jobs.config import ConfigError, PROJECT_ROOT
+from jobs.config import PROJECT_ROOT, ConfigError
 from jobs.demo_data import GENERATORS, demo_rows
 from jobs.memory import estimate_memory_gb
 from orchestrator.cli import main as cli

@@ -14,10 +14,11 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -25,14 +26,14 @@ import pytest
 pytest.register_assert_rewrite("tests.tracking_fixtures")  # before the import below: its asserts are rewritten too
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
-from jobs.config import ConfigError, PROJECT_ROOT
+from jobs.config import PROJECT_ROOT, ConfigError
 from orchestrator.cli import main as cli
 from serving.adapters import AdapterStore, adapter_id, check_adapter_files, model_ids, resolve
 from serving.api import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from serving.chat import Message, render_chat
 from serving.config import BaseDeployment, EngineSettings, IngressSettings, ServeConfig, load_serve_config
 from serving.engine import AdapterLoadError
-from tests.tracking_fixtures import BASES, TASKS, Server, Sweep, free_port
+from tests.tracking_fixtures import BASES, TASKS, Sweep, free_port
 from tracking.registry import TaskAdapters
 
 pytest_plugins = ["tests.tracking_fixtures"]
@@ -536,7 +537,7 @@ def test_per_adapter_metrics_are_exported_for_prometheus(endpoint: Endpoint) -> 
     adapter = adapter_id("demo_sentiment", endpoint.sweep.job("train", "tiny-mistral", "demo_sentiment").model_version)
     for _ in range(2):
         client.completions.create(model=model, prompt=endpoint.prompts["demo_sentiment"][0], max_tokens=4, temperature=0)
-    wanted = [f'ray_loraland_requests_total{{', f'adapter="{adapter}"', 'ray_loraland_time_to_first_token_seconds_bucket',
+    wanted = ['ray_loraland_requests_total{', f'adapter="{adapter}"', 'ray_loraland_time_to_first_token_seconds_bucket',
               'ray_loraland_request_latency_seconds_count', 'ray_loraland_completion_tokens_total',
               'ray_loraland_adapter_load_seconds_count', 'ray_loraland_adapter_cache_total', 'result="hit"',
               'ray_loraland_adapter_fetches_total', 'source="download"']

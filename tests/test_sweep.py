@@ -33,7 +33,7 @@ def sweep_env(home: Path) -> dict[str, str]:
     return os.environ | {"LORALAND_HOME": str(home), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path: Path) -> None:  # noqa: ANN001
+def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path: Path) -> None:
     uri = f"{mlflow_server.uri}"
     first = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path))
     assert first.returncode == 0, first.stderr[-3000:]
@@ -54,7 +54,7 @@ def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path
     assert sorted(r.info.run_id for r in job_runs(uri)) == sorted(r.info.run_id for r in runs)
 
 
-def test_killed_driver_then_rerun_completes_without_duplicates(s3_store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_killed_driver_then_rerun_completes_without_duplicates(s3_store, tmp_path: Path) -> None:
     """With the storage path on an object store (S3 on loopback): what the jobs keep there survives the driver. The
     fine-tunes run 200 steps, so they are still training while a second driver is turned away and the first is killed."""
     import yaml

@@ -189,7 +189,7 @@ def test_magicoder_eval_prompt_renders_humaneval_rows():
 def test_magicoder_eval_fixture_solutions_pass_their_tests():
     for row in _fixture_rows("magicoder_eval"):
         namespace: dict = {}
-        exec(row["prompt"] + row["canonical_solution"] + row["test"], namespace)  # noqa: S102 - our own fixture
+        exec(row["prompt"] + row["canonical_solution"] + row["test"], namespace)
         namespace["check"](namespace[row["entry_point"]])
 
 

@@ -238,10 +238,10 @@ def test_base_evaluation_runs(tiny_sweep: Sweep) -> None:
 @pytest.mark.slow
 def test_adapter_loads_back_with_the_same_greedy_tokens(tiny_sweep: Sweep, tmp_path: Path) -> None:
     """The adapter loaded from the registry gives exactly the tokens the trained model gave before it was logged."""
-    from jobs.evaluate import generate
-    from jobs.models import load_adapter, load_base_model, load_tokenizer
     from peft import PeftModel
 
+    from jobs.evaluate import generate
+    from jobs.models import load_adapter, load_base_model, load_tokenizer
     from tracking.registry import load_adapter_model, model_uri
 
     job = tiny_sweep.job("train", "tiny-mistral", "demo_sentiment")
@@ -262,7 +262,7 @@ def test_adapter_loads_back_with_the_same_greedy_tokens(tiny_sweep: Sweep, tmp_p
     assert isinstance(load_adapter_model(job.run_id, device="cpu", uri=tiny_sweep.uri, dst=tmp_path / "a"), PeftModel)
 
 
-def greedy_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:  # noqa: ANN001
+def greedy_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
     """The token ids `model` generates greedily after each prompt (one prompt at a time: no padding)."""
     import torch
 
@@ -282,7 +282,7 @@ def greedy_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int) 
 # --------------------------------------------------------------------------- registry
 
 
-def finish_train_job(uri: str, experiment_id: str, job_key: str, task: str, score: float, folder: Path):  # noqa: ANN201
+def finish_train_job(uri: str, experiment_id: str, job_key: str, task: str, score: float, folder: Path):
     """A train job with a (fake) adapter, logged, registered and its champion updated by JobTracker.finish."""
     from jobs.run import JobResult
     from tracking.tracker import JobTracker

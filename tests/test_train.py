@@ -130,7 +130,7 @@ def test_job_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_check
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000008", "step-00000012"]
 
 
-def test_a_job_on_an_object_store_resumes_elsewhere_from_its_last_uploaded_checkpoint(s3_store, straight_adapter: Path) -> None:  # noqa: ANN001
+def test_a_job_on_an_object_store_resumes_elsewhere_from_its_last_uploaded_checkpoint(s3_store, straight_adapter: Path) -> None:
     """output_dir on S3 (moto's server on loopback): the job stops after step 6, its node's scratch folder is lost, and
     the job started again resumes from step 4 in the bucket, ignoring a newer checkpoint whose upload was cut off."""
     import shutil

@@ -28,7 +28,8 @@ import logging
 import os
 import random
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def call_with_retry(fn: Callable[..., T], *args: Any, attempts: int = ATTEMPTS, 
     for attempt in range(len(delays) + 1):
         try:
             return fn(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - classified below, re-raised unless transient
+        except Exception as error:
             if attempt == len(delays) or not is_transient(error):
                 raise
             delay = delays[attempt] * random.uniform(1 - JITTER, 1 + JITTER)

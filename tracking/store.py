@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
@@ -274,8 +275,9 @@ def _driver_record(run_id: str, uri: str | None) -> dict[str, Any] | None:
 
 def _other_live_driver(record: dict[str, Any] | None, token: str) -> str | None:
     """Who holds the sweep, if that is another driver that is still alive, else None."""
-    import psutil
     import socket
+
+    import psutil
 
     if not record or record.get("token") == token:
         return None

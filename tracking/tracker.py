@@ -68,7 +68,7 @@ class JobTracker:
 
     @classmethod
     def for_job(cls, config: JobConfig, experiment_id: str, parent_run_id: str | None = None, uri: str | None = None,
-                **options: Any) -> "JobTracker":
+                **options: Any) -> JobTracker:
         """A tracker for the job `config` describes (peak memory measured on the device it runs on)."""
         return cls(experiment_id, config.job_key, config.base_model.name, config.task.name, config.kind,
                    parent_run_id=parent_run_id, uri=uri, **({"device": _job_device(config.device)} | options))
@@ -99,7 +99,7 @@ class JobTracker:
         self._flusher.start()
         return self.run_id
 
-    def __enter__(self) -> "JobTracker":
+    def __enter__(self) -> JobTracker:
         self.start()
         return self
 
@@ -137,7 +137,7 @@ class JobTracker:
         while not self._stop.wait(self.flush_interval_s):
             try:
                 self.flush()
-            except Exception as error:  # noqa: BLE001 - kept buffered, sent by a later flush or by finish()
+            except Exception as error:
                 log.warning("step metrics of %s not sent yet: %s", self.job_key, str(error).splitlines()[0][:200])
 
     # ------------------------------------------------------------------ the end
@@ -204,7 +204,7 @@ class JobTracker:
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_interval_s,
                                                  resume_logging=resume, tracking_uri=self.uri)
             self._monitor.start()
-        except Exception as error:  # noqa: BLE001 - system metrics are a nicety, never a reason to fail a job
+        except Exception as error:
             log.warning("system metrics off for %s: %s", self.job_key, error)
             self._monitor = None
 
@@ -220,7 +220,7 @@ class JobTracker:
                 monitor.collect_metrics()
                 monitor.publish_metrics(monitor.aggregate_metrics())
                 call_with_retry(monitor.mlflow_logger.flush)
-            except Exception as error:  # noqa: BLE001 - never a reason to fail a job
+            except Exception as error:
                 log.warning("last system metrics sample of %s not logged: %s", self.job_key, error)
 
     def _log_history(self, history: list[dict[str, float]]) -> None:
@@ -254,7 +254,7 @@ class JobTracker:
         if result.kind == "train" and task is not None:
             try:
                 frames.append(("training", _training_frame(task), "completion"))
-            except Exception as error:  # noqa: BLE001 - the data may live only on the worker that trained
+            except Exception as error:
                 log.warning("training dataset of %s not logged: %s", result.job_key, error)
         inputs = []
         for context, frame, target in frames:
