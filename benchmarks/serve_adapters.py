@@ -53,6 +53,7 @@ from transformers import DynamicCache  # noqa: E402
 
 from jobs.catalog import load_catalog  # noqa: E402
 from jobs.config import BaseModelSpec  # noqa: E402
+from jobs.errors import UserError, print_user_error  # noqa: E402
 from serving.batching import BatchingEngine, build_engine  # noqa: E402
 from serving.config import EngineSettings  # noqa: E402
 from serving.engine import Delta, SamplingParams  # noqa: E402
@@ -297,17 +298,9 @@ def main(argv: list[str] | None = None) -> int:
 async def _cold_loads(engine: BatchingEngine, names: list[str]) -> dict[str, float]:
     """Disk -> host (fetch + read + checks) through `prefetch`, and host -> accelerator slot, per fresh adapter."""
     disk, slot_copy = [], []
-    for name in names:
+    for name in names:  # the engine is idle here, as `measure_slot_copy` requires
         disk.append(await engine.prefetch(name))
-        weights = engine.tiers.host[name]
-        started = time.perf_counter()
-        engine.tiers.lora.load(1, weights)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        slot_copy.append(time.perf_counter() - started)
-    engine.tiers.lora.load(1, engine.tiers.host[names[0]])  # leave slot 1 holding a real adapter's weights
-    engine.tiers.slot_of.clear()
-    engine.tiers.owner = [None] * len(engine.tiers.owner)
+        slot_copy.append(engine.tiers.measure_slot_copy(name))
     return {"disk_to_host_ms_p50": 1000 * statistics.median(disk), "host_to_slot_ms_p50": 1000 * statistics.median(slot_copy)}
 
 
@@ -328,4 +321,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except UserError as error:  # e.g. an unknown --base: one line, exit 2
+        raise SystemExit(print_user_error(error)) from None

@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import random
-import resource
 import shlex
 import statistics
 import subprocess
@@ -133,32 +132,6 @@ def job_config(args: argparse.Namespace, output_dir: str):
 # --------------------------------------------------------------------------- measuring one side
 
 
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident set since it started (ru_maxrss, KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS mark (VmHWM) so a loading transient is not counted; False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_since_reset_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return peak_rss_mb()
-
-
 @dataclass
 class Meter:
     """Counts what the model is fed (forward hooks) and stamps the end of every optimizer step."""
@@ -192,17 +165,17 @@ class Meter:
             torch.cuda.synchronize()
         real = int(sum(int(r) for r in self._real))
         self.steps.append({"step": step, "time": time.perf_counter(), "tokens": real, "padding": self._total - real,
-                           "passes": self._passes, "loss": float(sum(float(l) for l in self._losses)),
+                           "passes": self._passes, "loss": float(sum(float(loss) for loss in self._losses)),
                            **self._peaks()})
         self._real, self._total, self._passes, self._losses = [], 0, 0, []
 
     def _peaks(self) -> dict[str, float]:
         """Peaks so far (monotonic): resident set (VmHWM since its reset), and GPU allocated on a GPU."""
-        peaks = {"peak_rss_mb": peak_rss_since_reset_mb()}
-        if self.device == "cuda":
-            import torch
+        from jobs.peak_memory import peak_memory_mb, peak_rss_mb
 
-            peaks["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        peaks = {"peak_rss_mb": peak_rss_mb()}
+        if self.device == "cuda":
+            peaks["peak_gpu_mb"] = peak_memory_mb("cuda")
         return peaks
 
     def summary(self, warmup: int) -> dict[str, float]:
@@ -265,7 +238,7 @@ def random_4bit_model(spec, quant, device: str):
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=dtype,
                                       compress_statistics=quant.double_quant, quant_type=quant.quant_type, device="meta")
             layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=quant.double_quant,
-                                             quant_type=quant.quant_type, module=layer).to(device)  # quantizes
+                                             quant_type=quant.quant_type, module=layer).to(device)  # type: ignore[misc]  # quantizes; bitsandbytes' Params4bit.to overloads confuse mypy
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, layer)
@@ -292,7 +265,8 @@ def run_baseline(config, model, tokenizer, meter: Meter, device: str) -> None:
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from jobs.train import IGNORE, DataOrder, tokenize_task
+    from jobs.encoding import IGNORE
+    from jobs.train import DataOrder, tokenize_task
 
     settings = config.training
     examples = tokenize_task(config, tokenizer)
@@ -316,7 +290,7 @@ def run_baseline(config, model, tokenizer, meter: Meter, device: str) -> None:
             meter.end_step(state.global_step)
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    extra = {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in names else {}
+    extra: dict[str, Any] = {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in names else {}
     extra.update({"use_cpu": True, "dataloader_pin_memory": False} if device == "cpu" else {})
     arguments = TrainingArguments(
         output_dir=config.output_dir,
@@ -343,7 +317,7 @@ def run_baseline(config, model, tokenizer, meter: Meter, device: str) -> None:
 
     class SequentialTrainer(Trainer):
         def _get_train_sampler(self, *args, **kwargs):  # older transformers: no train_sampling_strategy
-            return SequentialSampler(self.train_dataset)
+            return SequentialSampler(dataset)
 
     trainer_class = Trainer if extra.get("train_sampling_strategy") else SequentialTrainer
     trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, data_collator=pad_to_longest, callbacks=[StepEnd()])
@@ -358,6 +332,7 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
 
     import jobs.train  # noqa: F401
     from jobs.models import load_tokenizer, resolve_device
+    from jobs.peak_memory import current_rss_mb, lifetime_peak_rss_mb, reset_peak_memory, reset_peak_rss
 
     device = resolve_device("auto")
     if args.threads > 0:
@@ -372,15 +347,15 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
         hwm_reset = reset_peak_rss()
         if device == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            reset_peak_memory(device)
             allocated_before = torch.cuda.memory_allocated()
         if args.side == "ours":
             run_ours(config, model, tokenizer, meter)
         else:
             run_baseline(config, model, tokenizer, meter, device)
-        figures = meter.summary(args.warmup_steps)
+        figures: dict[str, Any] = dict(meter.summary(args.warmup_steps))
         figures["examples"] = figures["steps"] * args.micro_batch_size * args.gradient_accumulation_steps
-        figures["peak_rss_mb"] = peak_rss_mb()  # whole process, loading included
+        figures["peak_rss_mb"] = lifetime_peak_rss_mb()  # whole process, loading included
         figures["rss_before_training_mb"] = rss_before
         # Peak through the last optimizer step: ours saves a checkpoint and the adapter after it, the baseline does not.
         peak_training = figures["peak_rss_through_last_step_mb"] if hwm_reset else figures["peak_rss_mb"]
@@ -447,7 +422,7 @@ def machine_info() -> dict[str, Any]:
     import torch
     import transformers
 
-    info = {
+    info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -482,7 +457,10 @@ def print_table(sides: dict[str, dict[str, Any]], speedup: float, gpu: bool) -> 
              f"{s['seconds']:.2f}", f"{s['tokens_per_second']:.0f}", f"{s['peak_mb']:.0f}", f"{s['final_loss']:.3f}"]
             for name, s in sides.items()]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     print(line(headers))
     print(line(["-" * w for w in widths]))
     for row in rows:

@@ -43,7 +43,9 @@ from pathlib import Path
 
 import psutil
 
-HOST = "127.0.0.1"
+from jobs.ports import LOOPBACK, free_port
+
+HOST = LOOPBACK  # every node of the cluster binds loopback only
 CLUSTER_MARK = "LORALAND_LOCAL_CLUSTER"  # environment variable on every process of a cluster: its folder
 NODE_MARK = "LORALAND_LOCAL_NODE"  # ... and the node's name (head, worker-1, ...)
 # A killed raylet is declared dead after period x threshold (~3 s) instead of Ray's ~15 s.
@@ -54,13 +56,6 @@ FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_chec
 def ray_bin() -> str:
     """The `ray` executable next to this interpreter."""
     return str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
 
 
 def free_port_block(size: int = 3, low: int = 20000, high: int = 32000) -> int:

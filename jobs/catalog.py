@@ -1,16 +1,25 @@
-"""The catalogue: the study's 10 base models and 31 tasks, plus tiny offline counterparts and demo tasks."""
+"""The catalogue: the study's 10 base models and 31 tasks, plus tiny offline counterparts and demo tasks.
+
+Reading the catalogue files and resolving names happens here; the entries' schemas are `jobs/schemas.py`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
-from jobs.config import CONFIG_DIR, BaseModelSpec, ConfigError, TaskSpec, parse_model, read_yaml
+from jobs.errors import ConfigError, NotFound
+from jobs.parsing import parse_model, read_yaml
+from jobs.paths import CONFIG_DIR
+from jobs.prompts import template_problems
+from jobs.schemas import BaseModelSpec, TaskSpec
 
 CATALOG_DIR = CONFIG_DIR / "catalog"
 STUDY_FILES = ("base_models.yaml", "tasks.yaml")
 OFFLINE_FILES = ("tiny_models.yaml", "demo_tasks.yaml")
+Spec = TypeVar("Spec", BaseModelSpec, TaskSpec)
 
 
 @dataclass(frozen=True)
@@ -23,51 +32,56 @@ class Catalog:
     study_tasks: frozenset[str] = frozenset()
 
     def base_model(self, name: str) -> BaseModelSpec:
-        """The named base model, or a KeyError listing the known names."""
+        """The named base model, or a NotFound (a KeyError) listing the known names."""
         if name not in self.base_models:
-            raise KeyError(f"unknown base model {name!r}; known: {', '.join(sorted(self.base_models))}")
+            raise NotFound(f"unknown base model {name!r}; known: {', '.join(sorted(self.base_models))}")
         return self.base_models[name]
 
     def task(self, name: str) -> TaskSpec:
-        """The named task, or a KeyError listing the known names."""
+        """The named task, or a NotFound (a KeyError) listing the known names."""
         if name not in self.tasks:
-            raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(self.tasks))}")
+            raise NotFound(f"unknown task {name!r}; known: {', '.join(sorted(self.tasks))}")
         return self.tasks[name]
 
 
 def load_catalog_file(path: Path) -> tuple[list[BaseModelSpec], list[TaskSpec]]:
-    """Read one catalogue YAML (`base_models:` and/or `tasks:` lists), validating every entry."""
-    data = read_yaml(path) or {}
-    problems: list[str] = []
-    if not isinstance(data, dict) or not set(data) <= {"base_models", "tasks"}:
+    """Read one catalogue YAML (`base_models:` and/or `tasks:` lists), validating every entry; every problem
+    is collected into one ConfigError."""
+    data = read_yaml(path)
+    if not set(data) <= {"base_models", "tasks"}:
         raise ConfigError(str(path), ["a catalogue file holds only `base_models:` and `tasks:` lists"])
-    models, tasks = [], []
-    for key, spec_type, out in (("base_models", BaseModelSpec, models), ("tasks", TaskSpec, tasks)):
-        entries = data.get(key) or []
-        if not isinstance(entries, list):
-            problems.append(f"{key}: expected a list of entries")
-            continue
-        seen: set[str] = set()
-        for index, entry in enumerate(entries):
-            try:
-                spec = parse_model(spec_type, entry, str(path))
-            except ConfigError as exc:
-                problems += [f"{key}[{index}].{p}" for p in exc.problems]
-                continue
-            if spec.name in seen:
-                problems.append(f"{key}[{index}].name: {spec.name!r} is listed twice")
-            seen.add(spec.name)
-            problems += [f"{key}[{index}].{p}" for p in template_problems_of(spec)] if isinstance(spec, TaskSpec) else []
-            out.append(spec)
-    if problems:
-        raise ConfigError(str(path), problems)
+    models, model_problems = _parse_entries(data, "base_models", BaseModelSpec, str(path))
+    tasks, task_problems = _parse_entries(data, "tasks", TaskSpec, str(path))
+    if model_problems or task_problems:
+        raise ConfigError(str(path), model_problems + task_problems)
     return models, tasks
+
+
+def _parse_entries(data: dict[str, Any], key: str, spec_type: type[Spec], source: str) -> tuple[list[Spec], list[str]]:
+    """The valid entries of the `key:` list and a line per problem (invalid entry, name listed twice, broken template)."""
+    entries = data.get(key) or []
+    if not isinstance(entries, list):
+        return [], [f"{key}: expected a list of entries"]
+    specs: list[Spec] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        try:
+            spec = parse_model(spec_type, entry, source)
+        except ConfigError as exc:
+            problems += [f"{key}[{index}].{p}" for p in exc.problems]
+            continue
+        if spec.name in seen:
+            problems.append(f"{key}[{index}].name: {spec.name!r} is listed twice")
+        seen.add(spec.name)
+        if isinstance(spec, TaskSpec):
+            problems += [f"{key}[{index}].{p}" for p in template_problems_of(spec)]
+        specs.append(spec)
+    return specs, problems
 
 
 def template_problems_of(task: TaskSpec) -> list[str]:
     """A line per broken template of a task: each must parse and read only the columns it declares."""
-    from jobs.prompts import template_problems
-
     checks = [("prompt", task.prompt, task.columns), ("completion", task.completion, task.columns)]
     if task.eval:
         checks.append(("eval.prompt", task.eval.prompt, task.eval.columns))
@@ -88,12 +102,12 @@ def load_catalog(directory: Path = CATALOG_DIR) -> Catalog:
         clashes = sorted(({m.name for m in models} & set(base_models)) | ({t.name for t in new_tasks} & set(tasks)))
         if clashes:
             raise ConfigError(str(path), [f"{name!r} is already defined by another catalogue file" for name in clashes])
-        for spec in models:
-            base_models[spec.name] = spec
+        for model in models:
+            base_models[model.name] = model
             if filename in STUDY_FILES:
-                study["models"].add(spec.name)
-        for spec in new_tasks:
-            tasks[spec.name] = spec
+                study["models"].add(model.name)
+        for task in new_tasks:
+            tasks[task.name] = task
             if filename in STUDY_FILES:
-                study["tasks"].add(spec.name)
+                study["tasks"].add(task.name)
     return Catalog(base_models, tasks, frozenset(study["models"]), frozenset(study["tasks"]))

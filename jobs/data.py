@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jobs.config import DatasetSource, TaskSpec, data_home
 from jobs.demo_data import demo_rows
+from jobs.errors import ConfigError, NotFound
+from jobs.paths import data_home
+from jobs.schemas import DatasetSource, TaskSpec
 
 Row = dict[str, Any]
 # file ending -> `datasets` builder; text formats may be gzipped (HumanEval ships as HumanEval.jsonl.gz)
@@ -63,18 +65,18 @@ def _file_rows(source: DatasetSource, split: str, columns: Sequence[str]) -> lis
 
     files = source.data_files or {}
     if split not in files:
-        raise ValueError(f"dataset {source.id!r} has no file for split {split!r}; set data_files.{split}")
+        raise ConfigError(f"dataset {source.id!r}", [f"no file for split {split!r}; set data_files.{split}"])
     path = Path(files[split])
     if not path.is_absolute():
         path = data_home() / "data" / path
     builder = LOCAL_FORMATS.get("".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix)
     if builder is None:
-        raise ValueError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_FORMATS)} (data_files.{split})")
+        raise ConfigError(str(path), [f"unsupported file type; use one of {', '.join(LOCAL_FORMATS)} (data_files.{split})"])
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (download {source.id!r} there, or set data_files.{split})")
+        raise NotFound(f"{path} not found (download {source.id!r} there, or set data_files.{split})")
     table = datasets.load_dataset(builder, data_files=str(path), split="train")
     missing = [column for column in columns if column not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; the task needs {', '.join(columns)} "
-                         f"(the file has {', '.join(table.column_names) or 'none'})")
+        raise ConfigError(str(path), [f"missing column(s) {', '.join(missing)}; the task needs {', '.join(columns)} "
+                                      f"(the file has {', '.join(table.column_names) or 'none'})"])
     return table.to_list()

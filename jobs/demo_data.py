@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from jobs.errors import NotFound
+
 Row = dict[str, object]
 
 POSITIVE = ["great", "wonderful", "lovely", "fun", "superb", "charming", "brilliant", "delightful"]
@@ -59,6 +61,6 @@ GENERATORS: dict[str, Callable[[random.Random], Row]] = {
 def demo_rows(generator: str, split: str, seed: int = 0) -> list[Row]:
     """The rows of one split of a demo task; train and test come from different seeds."""
     if generator not in GENERATORS:
-        raise KeyError(f"unknown demo generator {generator!r}; known: {', '.join(GENERATORS)}")
+        raise NotFound(f"unknown demo generator {generator!r}; known: {', '.join(GENERATORS)}")
     rng = random.Random(f"{generator}/{split}/{seed}")
     return [GENERATORS[generator](rng) for _ in range(SPLIT_SIZES.get(split, 200))]

@@ -7,6 +7,9 @@ Raise the most specific class; each message names the field, value or resource a
 
 from __future__ import annotations
 
+import sys
+from typing import TextIO
+
 USER_ERROR_EXIT = 2
 
 
@@ -51,11 +54,8 @@ class DeviceUnavailable(UserError, RuntimeError):
     """The requested device (e.g. `device: cuda`) is not available on this machine."""
 
 
-def print_user_error(error: UserError, stream: object | None = None) -> int:
+def print_user_error(error: UserError, stream: TextIO | None = None) -> int:
     """Print `error: <line>` per problem on stderr (or `stream`) and return the exit status for user errors."""
-    import sys
-
-    out = stream if stream is not None else sys.stderr
     for line in error.lines():
-        print(f"error: {line}", file=out)  # type: ignore[call-overload]
+        print(f"error: {line}", file=stream or sys.stderr)
     return USER_ERROR_EXIT

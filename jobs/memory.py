@@ -8,7 +8,7 @@ their gradient, and the CUDA context and allocator slack.
 
 from __future__ import annotations
 
-from jobs.config import BaseModelSpec, LoraSettings, QuantizationSettings, TrainingSettings
+from jobs.schemas import BaseModelSpec, LoraSettings, QuantizationSettings, TrainingSettings
 
 GB = 1024**3
 CUDA_OVERHEAD_BYTES = 1.0 * GB

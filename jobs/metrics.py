@@ -237,10 +237,10 @@ def score(metric: str, answer: str, prediction: str, gold: str, labels: list[str
     if metric == "stsb_similarity":
         kind = answer if answer in ("number", "last_number") else "number"
         gold_value = parse_answer(kind, gold)
-        if gold_value is None:
+        if not isinstance(gold_value, float):  # number kinds parse to a float or None
             raise ValueError(f"stsb_similarity: the gold completion {gold!r} holds no number")
         pred_value = parse_answer(kind, prediction)
-        if pred_value is None or math.isnan(pred_value):
+        if not isinstance(pred_value, float) or math.isnan(pred_value):
             return 0.0
         pred_value = min(5.0, max(0.0, pred_value))
         return max(0.0, 1.0 - abs(pred_value - gold_value) / 5.0)

@@ -8,14 +8,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from jobs.config import BaseModelSpec, LoraSettings, QuantizationSettings
+from jobs.errors import DeviceUnavailable, NotFound
+from jobs.schemas import BaseModelSpec, LoraSettings, QuantizationSettings
 from jobs.tiny import tiny_model_dir
 
+CausalLM = PreTrainedModel | PeftModel  # a base model, or one with a LoRA adapter attached or loaded
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class DeviceUnavailable(RuntimeError):
-    """The config asks for a device this machine does not have."""
 
 
 def resolve_device(preference: str = "auto") -> str:
@@ -89,10 +87,10 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpo
 
 
 def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """`adapter_dir` as a Path, or a FileNotFoundError when it holds no adapter weights in safetensors."""
+    """`adapter_dir` as a Path, or a NotFound when it holds no adapter weights in safetensors."""
     path = Path(adapter_dir)
     if not (path / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} holds no adapter_model.safetensors")
+        raise NotFound(f"{path} holds no adapter_model.safetensors")
     return path
 
 

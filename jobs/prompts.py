@@ -12,7 +12,8 @@ from typing import Any
 import jinja2
 import jinja2.meta
 
-from jobs.config import TaskSpec
+from jobs.errors import NotFound
+from jobs.schemas import TaskSpec
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
@@ -23,11 +24,11 @@ def _template(source: str) -> jinja2.Template:
 
 
 def render(source: str, row: Mapping[str, Any]) -> str:
-    """Render one template against one row; a missing column raises a KeyError naming it."""
+    """Render one template against one row; a missing column raises a NotFound (a KeyError) naming it."""
     try:
         return _template(source).render(**row)
     except jinja2.UndefinedError as exc:
-        raise KeyError(f"template needs a column the row lacks: {exc.message}") from None
+        raise NotFound(f"template needs a column the row lacks: {exc.message}") from None
 
 
 def template_problems(source: str, columns: list[str]) -> list[str]:

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from jobs.errors import ConfigError, Unreachable
+
 COMPLETE_MARKER = "state.json"  # written last into a checkpoint, locally and remotely
 
 
@@ -32,17 +34,18 @@ def join(location: str, *parts: str) -> str:
 
 
 def open_location(uri: str) -> tuple[Any, str]:
-    """pyarrow's filesystem and path for `uri`; a URI it cannot open is a one-line ValueError."""
+    """pyarrow's filesystem and path for `uri`; a URI it cannot open is a one-line ConfigError (a ValueError)."""
     from pyarrow import fs
 
     try:
         return fs.FileSystem.from_uri(uri)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError or ArrowNotImplementedError here
-        raise ValueError(f"storage {uri!r}: {first_line(exc)}; use a folder path or a URI such as s3://bucket/prefix") from None
+        raise ConfigError(f"storage {uri!r}", [f"{first_line(exc)}; use a folder path or a URI such as s3://bucket/prefix"]) from None
 
 
 def check_writable(location: str) -> None:
-    """Write and delete a probe file at `location`, so a wrong bucket, credential or mount fails before any job runs."""
+    """Write and delete a probe file at `location`, so a wrong bucket, credential or mount fails before any job runs:
+    a URI pyarrow cannot open is a ConfigError, a location that refuses the write an Unreachable."""
     probe = ".loraland-write-probe"
     try:
         if not is_uri(location):
@@ -54,10 +57,10 @@ def check_writable(location: str) -> None:
         with filesystem.open_output_stream(f"{root}/{probe}") as out:
             out.write(b"ok")
         filesystem.delete_file(f"{root}/{probe}")
-    except ValueError:
+    except ConfigError:
         raise
     except Exception as exc:
-        raise ValueError(f"storage path {location!r}: cannot write there ({first_line(exc)}); check the path, bucket and "
+        raise Unreachable(f"storage path {location!r}: cannot write there ({first_line(exc)}); check the path, bucket and "
                          "credentials") from None
 
 

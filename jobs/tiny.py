@@ -27,8 +27,9 @@ from transformers import (
 )
 
 from jobs.catalog import CATALOG_DIR, load_catalog_file
-from jobs.config import BaseModelSpec, data_home
 from jobs.demo_data import GENERATORS, demo_rows
+from jobs.paths import data_home
+from jobs.schemas import BaseModelSpec
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {

@@ -11,7 +11,7 @@
 - A CUDA out-of-memory halves the micro-batch and doubles accumulation (same effective batch); packed,
   it halves the tokens of one forward pass (same examples per step) until each pass holds one example.
 
-Run alone: `python -m jobs.train --config job.yaml` (trains, evaluates, writes result.json).
+Run alone: `python -m jobs.train --config job.yaml` (trains, evaluates, writes result.json; see jobs/cli.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -35,11 +34,13 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from jobs.config import JobConfig, TrainingSettings
 from jobs.data import train_rows
+from jobs.encoding import IGNORE, Example, encode_example
+from jobs.errors import UserError
 from jobs.models import attach_lora, load_base_model, load_tokenizer, resolve_device
+from jobs.peak_memory import peak_memory_mb
 from jobs.prompts import completion_for, prompt_for
 from jobs.storage import JobStorage
 
-IGNORE = -100
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -50,16 +51,9 @@ class StepCallback(Protocol):
     def __call__(self, step: int, metrics: dict[str, float]) -> None: ...
 
 
-class TrainingError(RuntimeError):
-    """A job cannot go on (e.g. out of memory at the micro-batch floor); the message says what to change."""
-
-
-@dataclass
-class Example:
-    """One tokenized example: labels are IGNORE on prompt tokens."""
-
-    input_ids: list[int]
-    labels: list[int]
+class TrainingError(UserError, RuntimeError):
+    """A job cannot go on (out of memory at the micro-batch floor, an empty training split); the message says what
+    the user changes."""
 
 
 @dataclass
@@ -86,20 +80,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Prompt tokens exactly as evaluation sees them: BOS (if the model has one) + prompt."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
-
-
-def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_len: int) -> Example:
-    """Prompt + " " + completion + EOS, cut to `max_len` by dropping the prompt's start."""
-    answer = tokenizer(" " + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    answer = answer[: max_len - 1]
-    prompt_ids = encode_prompt(tokenizer, prompt)[-(max_len - len(answer)) :]
-    return Example(prompt_ids + answer, [IGNORE] * len(prompt_ids) + answer)
 
 
 class DataOrder:
@@ -194,7 +174,7 @@ def save_checkpoint(root: Path, model: PeftModel, optimizer: torch.optim.Optimiz
     staging = root / f".staging-{state.step:08d}-{os.getpid()}"
     for leftover in root.glob(".staging-*"):  # a save killed half-way (by us or an earlier run of the job)
         shutil.rmtree(leftover, ignore_errors=True)
-    model.save_pretrained(staging, save_embedding_layers=False)
+    model.save_pretrained(str(staging), save_embedding_layers=False)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, staging / "trainer_state.pt")
     (staging / "state.json").write_text(json.dumps(asdict(state)))
     sync_to_disk(staging)  # a machine crash (or NFS) must not leave a renamed checkpoint with cut-off files
@@ -251,30 +231,6 @@ def make_optimizer(model: PeftModel, settings: TrainingSettings, device: str) ->
 
     optimizer_class = bnb.optim.PagedAdamW32bit if name == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
     return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-
-
-def reset_peak_memory(device: str) -> None:
-    """Start a new peak for `peak_memory_mb` (a reused worker must not report an earlier job's peak):
-    the CUDA allocator's peak on a GPU; on a Linux CPU, VmHWM (writing 5 to /proc/self/clear_refs)."""
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux, or not allowed: the lifetime peak (ru_maxrss) is all there is
-        pass
-
-
-def peak_memory_mb(device: str) -> float:
-    """Peak GPU memory allocated on a GPU; on a CPU the peak resident memory since `reset_peak_memory`
-    (Linux VmHWM), else the process's lifetime peak (ru_maxrss)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        status = Path("/proc/self/status").read_text()
-        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024  # kB
-    except (OSError, StopIteration, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _forward_backward(model: PeftModel, batches: list[dict[str, torch.Tensor]], device: str) -> tuple[float, int]:
@@ -407,7 +363,7 @@ def save_adapter(model: PeftModel, config: JobConfig, folder: Path) -> Path:
     target = folder / ADAPTER_DIR
     staging = target.with_name(f".{ADAPTER_DIR}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
+    model.save_pretrained(str(staging), safe_serialization=True, save_embedding_layers=False)
     adapter_config = json.loads((staging / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = config.base_model.hf_id  # portable: never a local cache path
     (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
@@ -417,12 +373,7 @@ def save_adapter(model: PeftModel, config: JobConfig, folder: Path) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m jobs.train --config FILE`: train, evaluate and write result.json, without Ray."""
-    from jobs.run import cli_main
+if __name__ == "__main__":  # `python -m jobs.train`: the job command line (jobs/cli.py) trains, evaluates, writes result.json
+    from jobs.cli import main
 
-    return cli_main("train", argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main("train"))

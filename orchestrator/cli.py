@@ -11,16 +11,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from jobs.catalog import load_catalog, load_catalog_file
-from jobs.config import ConfigError, parse_job_config, parse_model, read_yaml
+from jobs.config import parse_job_config
+from jobs.errors import USER_ERROR_EXIT, ConfigError, NotFound, UserError, print_user_error
+from jobs.parsing import parse_model, read_yaml
 
 console = Console()
-USER_ERROR = 2
+USER_ERROR = USER_ERROR_EXIT
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
@@ -118,7 +119,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep)  # the whole sweep is validated before Ray is touched
     if args.storage_path:
         sweep.storage_path = args.storage_path
-    outcomes = run_sweep(sweep, args.tracking_uri)
+    outcomes = run_sweep(sweep, args.tracking_uri, config_file=args.sweep)
     console.print(summary_table(outcomes))
     failed = [o for o in outcomes if o.state == "failed"]
     console.print(f"{len(outcomes) - len(failed)} of {len(outcomes)} jobs finished; open the runs with `loraland ui`.")
@@ -127,15 +128,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the MLflow UI on the tracking store (the embedded SQLite default unless --tracking-uri)."""
+    from orchestrator.signals import exit_on_signals
+    from tracking.server import stop_server
     from tracking.ui import start_ui
 
-    process = start_ui(args.tracking_uri, port=args.port)
-    console.print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        return 0
+    with exit_on_signals():  # SIGTERM and SIGHUP, like Ctrl-C, stop the server and all its processes
+        process = start_ui(args.tracking_uri, port=args.port)
+        console.print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            stop_server(process)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -152,7 +157,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from tracking.registry import promote
 
     if args.task not in load_catalog().tasks:
-        raise KeyError(f"unknown task {args.task!r}; see `loraland catalog --all` for the task names")
+        raise NotFound(f"unknown task {args.task!r}; see `loraland catalog --all` for the task names")
     promote(args.task, args.version, args.tracking_uri)
     console.print(f"{args.task}: champion is now version {args.version}")
     return 0
@@ -167,17 +172,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.port = args.port
     from ray import serve
 
+    from orchestrator.signals import exit_on_signals
     from orchestrator.sweep import connect_ray
     from serving.app import deploy
+    from serving.webapp import page_url
 
-    connect_ray()
-    endpoint = deploy(config)
-    console.print(f"OpenAI-compatible endpoint: {endpoint} (models: {endpoint}/models); Ctrl-C stops it")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    with exit_on_signals():  # SIGTERM and SIGHUP, like Ctrl-C, shut Serve and the local Ray down (Ray's atexit handler)
+        connect_ray()
+        endpoint = deploy(config)
+        console.print(f"OpenAI-compatible endpoint: {endpoint} (models: {endpoint}/models); Ctrl-C stops it")
+        console.print(f"LoRA Land page (pick a task, compare fine-tuned and base answers): {page_url(endpoint)}")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
     return 0
 
 
@@ -230,14 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {exc.source}: {problem}", file=sys.stderr)
-        return USER_ERROR
-    except (KeyError, FileNotFoundError, ValueError) as exc:
-        message: Any = exc.args[0] if exc.args else exc
-        print(f"error: {message}", file=sys.stderr)
-        return USER_ERROR
+    except UserError as exc:  # only a user's mistake is one line; anything else is a bug and keeps its traceback
+        return print_user_error(exc)
     except OverflowError as exc:  # a number so large that arithmetic on it overflows (bounds catch the usual ones)
         print(f"error: a number in the input is too large ({exc}); use a realistic value", file=sys.stderr)
         return USER_ERROR

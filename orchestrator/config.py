@@ -11,20 +11,11 @@ from pydantic import Field
 
 from jobs import storage
 from jobs.catalog import Catalog, load_catalog
-from jobs.config import (
-    ConfigError,
-    EvalSettings,
-    JobConfig,
-    LoraSettings,
-    QuantizationSettings,
-    StrictModel,
-    TrainingSettings,
-    data_home,
-    lora_target_problems,
-    outcome_settings,
-    parse_model,
-    read_yaml,
-)
+from jobs.config import JobConfig, JobKind, lora_target_problems, outcome_settings
+from jobs.errors import ConfigError
+from jobs.parsing import parse_model, read_yaml
+from jobs.paths import data_home
+from jobs.schemas import EvalSettings, LoraSettings, QuantizationSettings, StrictModel, TrainingSettings
 
 
 class ResourceSettings(StrictModel):
@@ -80,7 +71,7 @@ class SweepConfig(StrictModel):
 def catalog_problems(data: Any, catalog: Catalog) -> list[str]:
     """What in a raw sweep dict the catalogue contradicts: unknown or repeated base models and tasks, and
     LoRA target modules that are not linear layers of a listed base model (checked even when other fields are wrong)."""
-    problems = []
+    problems: list[str] = []
     if not isinstance(data, dict):
         return problems
     for key, known in (("base_models", catalog.base_models), ("tasks", catalog.tasks)):
@@ -130,7 +121,7 @@ def job_key(sweep: SweepConfig, base_model: str, task: str, kind: str) -> str:
 def expand_jobs(sweep: SweepConfig, catalog: Catalog | None = None) -> list[JobConfig]:
     """Every job of the sweep: a fine-tune per (base, task), plus a base evaluation per pair if asked."""
     catalog = catalog or load_catalog()
-    kinds = ["train", "evaluate_base"] if sweep.evaluate_base else ["train"]
+    kinds: list[JobKind] = ["train", "evaluate_base"] if sweep.evaluate_base else ["train"]
     jobs = []
     for base_name in sweep.base_models:
         for task_name in sweep.tasks:

@@ -9,15 +9,15 @@ configs/serve/demo.yaml` keeps the endpoint up afterwards.
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 from rich.console import Console
 from rich.table import Table
 
 from jobs.config import PROJECT_ROOT
+from jobs.ports import free_port, port_is_free
 from orchestrator.config import load_sweep
 from orchestrator.plan import plan_json
+from orchestrator.signals import exit_on_signals
 from orchestrator.sweep import run_sweep, summary_table
 
 DEMO_SWEEP = PROJECT_ROOT / "configs" / "sweeps" / "demo.yaml"
@@ -26,14 +26,21 @@ console = Console()
 
 
 def main() -> int:
-    """Plan, run, report the demo sweep; print where to look."""
+    """Plan, run, report the demo sweep; print where to look. Ended by SIGTERM or SIGHUP (not only Ctrl-C), it stops the
+    local Ray cluster and the endpoint it started."""
+    with exit_on_signals():
+        return run_demo()
+
+
+def run_demo() -> int:
+    """`main` without the signal handling."""
     from tracking import store
     from tracking.report import build_report
 
     sweep = load_sweep(DEMO_SWEEP)
     totals = plan_json(sweep)["totals"]
     console.print(f"Demo sweep: {totals['jobs']} fine-tunes + {totals['base_evaluations']} base evaluations on the CPU")
-    outcomes = run_sweep(sweep)
+    outcomes = run_sweep(sweep, config_file=DEMO_SWEEP.relative_to(PROJECT_ROOT))
     console.print(summary_table(outcomes))
     report = build_report(sweep.name)
     uri = store.resolve_tracking_uri(None)
@@ -41,8 +48,17 @@ def main() -> int:
     served = serve_and_ask()
     console.print(f"MLflow runs and registered adapters: {uri}; browse them with `.venv/bin/loraland ui` -> http://127.0.0.1:5000")
     console.print(f"Keep the endpoint up: `.venv/bin/loraland serve {DEMO_SERVE.relative_to(PROJECT_ROOT)}`")
+    console.print(f"LoRA Land page (pick a task, compare fine-tuned and base answers) while it runs: {demo_page_url()}")
     failed = any(o.state == "failed" for o in outcomes) or not served
     return 1 if failed else 0
+
+
+def demo_page_url() -> str:
+    """Where `loraland serve configs/serve/demo.yaml` shows the LoRA Land page."""
+    from serving.config import load_serve_config
+    from serving.webapp import config_page_url
+
+    return config_page_url(load_serve_config(DEMO_SERVE))
 
 
 def serve_and_ask() -> bool:
@@ -78,17 +94,6 @@ def serve_and_ask() -> bool:
     console.print(f"OpenAI-compatible endpoint: {endpoint} (GET {endpoint}/models lists {len(models)} adapters, "
                   "their base models and each task's champion)")
     return answered == len(models) > 0
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) != 0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -50,6 +50,12 @@ def job_gpu_hours(job: JobConfig, resources: ResourceSettings) -> float:
     return seconds / 3600
 
 
+def wall_hours(gpu_hours: float, gpus: float) -> float:
+    """Hours a job takes on its GPU share: a fraction of a GPU runs its compute that much slower; whole GPUs (or the
+    CPU, `gpus` 0) at the full rate."""
+    return gpu_hours / min(gpus, 1.0) if gpus else gpu_hours
+
+
 def plan_job(job: JobConfig, resources: ResourceSettings) -> PlannedJob:
     """One job's memory, GPU share (0 on the CPU) and time: what `plan` shows and what the driver asks Ray for."""
     memory = estimate_memory_gb(job.base_model, job.lora, job.quantization, job.training)
@@ -58,7 +64,7 @@ def plan_job(job: JobConfig, resources: ResourceSettings) -> PlannedJob:
         gpus = 0.0
     gpu_hours = job_gpu_hours(job, resources)
     return PlannedJob(job.base_model.name, job.task.name, job.kind, job.job_key, round(memory, 2), gpus, per_gpu,
-                      round(gpu_hours, 3), round(gpu_hours / min(gpus, 1.0) if gpus else gpu_hours, 3))
+                      round(gpu_hours, 3), round(wall_hours(gpu_hours, gpus), 3))
 
 
 def plan_sweep(sweep: SweepConfig) -> list[PlannedJob]:

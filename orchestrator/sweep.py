@@ -31,11 +31,13 @@ the first is alive stops in one line, before it touches a run.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -44,7 +46,7 @@ from rich.table import Table
 from jobs.config import JobConfig
 from jobs.storage import check_writable
 from orchestrator.config import RetrySettings, SweepConfig, expand_jobs, storage_root
-from orchestrator.plan import plan_job
+from orchestrator.plan import job_gpu_hours, plan_job, wall_hours
 
 console = Console(highlight=False)
 PROGRESS_EVERY_S = 10.0
@@ -68,10 +70,11 @@ def run_tracked_job(job: JobConfig, experiment_id: str, parent_run_id: str, uri:
     from jobs.run import run_job
     from tracking.tracker import JobTracker
 
+    started = time.monotonic()
     with JobTracker.for_job(job, experiment_id, parent_run_id, uri) as tracker:
         result = run_job(job, on_step=tracker.on_step)
         tracker.finish(result)
-    return {"score": result.score, "job_key": job.job_key, "node": this_node()}
+    return {"score": result.score, "job_key": job.job_key, "node": this_node(), "wall_s": time.monotonic() - started}
 
 
 def this_node() -> str:
@@ -135,13 +138,16 @@ def submission_order(jobs: list[JobConfig], sweep: SweepConfig) -> list[JobConfi
     return sorted(jobs, key=lambda job: (job.kind != "evaluate_base", -plan_job(job, sweep.resources).hours))
 
 
-def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOutcome]:
-    """Run every unfinished job of the sweep on Ray, base evaluations first; returns each job's outcome."""
-    from tracking import store
+def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None, config_file: str | Path | None = None) -> list[JobOutcome]:
+    """Run every unfinished job of the sweep on Ray, base evaluations first; returns each job's outcome. The experiment
+    and the parent run are described (MLflow's note) with the sweep, its `config_file`, its job counts, and at the end
+    a summary of the results."""
+    from tracking import preflight, store
 
     check_writable(storage_root(sweep))  # a wrong bucket, credential or mount fails here, before MLflow or Ray
 
     uri = store.check_reachable(tracking_uri or sweep.tracking.uri)  # a wrong or dead server: one line, before Ray
+    preflight.check_server(uri)  # a server whose database or bucket would fail the workers: one line, before Ray
     experiment_id = store.ensure_experiment(sweep.tracking.experiment or sweep.name, uri)
     parent_run_id = store.start_sweep_run(experiment_id, sweep.name, sweep.model_dump(mode="json"), uri=uri)
     catalogue_order = expand_jobs(sweep)
@@ -157,17 +163,19 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None) -> list[JobOu
     # One driver per sweep: a second one stops here in one line, before it closes a run or submits a job (with nothing
     # left to run there is nothing to guard).
     with store.sweep_lease(parent_run_id, sweep.name, uri) if todo else contextlib.nullcontext():
-        run_unfinished(sweep, jobs, todo, outcomes, experiment_id, parent_run_id, uri)
+        run_unfinished(sweep, jobs, todo, outcomes, experiment_id, parent_run_id, uri, config_file)
     return [outcomes[job.job_key] for job in catalogue_order]
 
 
 def run_unfinished(sweep: SweepConfig, jobs: list[JobConfig], todo: list[JobConfig], outcomes: dict[str, JobOutcome],
-                   experiment_id: str, parent_run_id: str, uri: str) -> None:
-    """Close the runs of `todo` left RUNNING by lost workers, run `todo` (outcomes into `outcomes`), settle the champions
-    and end the parent run."""
+                   experiment_id: str, parent_run_id: str, uri: str, config_file: str | Path | None = None) -> None:
+    """Describe the sweep on its experiment and parent run, close the runs of `todo` left RUNNING by lost workers, run
+    `todo` (outcomes into `outcomes`), settle the champions, add the results to the description and end the parent run."""
     from tracking import store
     from tracking.registry import update_champion
 
+    about = sweep_description(sweep, config_file, jobs, len(todo))
+    store.describe(experiment_id, parent_run_id, about, uri)
     closed = store.close_stale_runs(experiment_id, [job.job_key for job in todo], uri=uri)
     console.print(f"sweep {sweep.name}: {len(jobs)} jobs, {len(outcomes)} already finished, {len(todo)} to run"
                   + (f"; closed {len(closed)} runs left RUNNING by lost workers" if closed else ""))
@@ -175,35 +183,45 @@ def run_unfinished(sweep: SweepConfig, jobs: list[JobConfig], todo: list[JobConf
         connect_ray()
         remote = job_task(run_tracked_job, sweep)
         run_jobs(todo, lambda job: submit_job(remote, job, sweep, job, experiment_id, parent_run_id, uri), lambda job: job_demand(job, sweep),
-                 sweep.retries, outcomes, len(jobs), sweep.resources.queue_ahead)
+                 sweep.retries, outcomes, len(jobs), sweep.resources.queue_ahead, planned_s=lambda job: planned_seconds(job, sweep))
     for task in sweep.tasks:  # settles a race between two workers finishing one task at the same instant
         update_champion(task, uri)
+    store.describe(experiment_id, parent_run_id, f"{about}\n\n{results_description([outcomes[job.job_key] for job in jobs])}", uri)
     store.finish_sweep_run(parent_run_id, "FAILED" if any(o.state == "failed" for o in outcomes.values()) else "FINISHED", uri)
 
 
 def run_jobs(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], demand: Callable[[JobConfig], dict[str, float]],
              retries: RetrySettings, outcomes: dict[str, JobOutcome], total: int, queue_ahead: float = 1.0,
-             on_result: Callable[[JobConfig, dict[str, Any]], None] | None = None) -> None:
+             on_result: Callable[[JobConfig, dict[str, Any]], None] | None = None,
+             planned_s: Callable[[JobConfig], float] | None = None) -> None:
     """Run `jobs` in their order: keep submitted (`submit` returns the attempt's ObjectRef) what the cluster holds plus
     `queue_ahead` of it by each job's `demand`, collect results as they come, put failures back at the front of the queue
     by the retry rules of the module doc, keep the autoscaler's request at the unfinished jobs, print progress (done /
-    failed / submitted / queued, ETA) every PROGRESS_EVERY_S. `on_result(job, result)` sees each finished job's dict."""
+    failed / submitted / queued, ETA by `estimate_eta_s` from each job's `planned_s`, 1 s each when not given) every
+    PROGRESS_EVERY_S. `on_result(job, result)` sees each finished job's dict."""
     import ray
     from ray.exceptions import NodeDiedError
 
-    queue, pending = deque(jobs), {}
+    planned = {job.job_key: planned_s(job) if planned_s else 1.0 for job in jobs}
+    plan: Callable[[JobConfig], float] = lambda job: planned[job.job_key]  # noqa: E731
+    queue = deque(jobs)
+    pending: dict[Any, JobConfig] = {}
+    submitted_at: dict[Any, float] = {}
+    timings: list[tuple[str, float, float]] = []  # (kind, planned s, actual s) of each job finished here
     failures: Counter[str] = Counter()
     node_losses: Counter[str] = Counter()
-    started, last_print, finished_here = time.monotonic(), 0.0, 0
+    last_print = 0.0
     try:
         while queue or pending:
             submit_window(queue, pending, submit, demand, queue_ahead)
             now = time.monotonic()
+            submitted_at.update({ref: now for ref in pending if ref not in submitted_at})
             if now - last_print >= PROGRESS_EVERY_S:
                 request_capacity([demand(job) for job in (*pending.values(), *queue)])
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
             for ref in ready:
                 job = pending.pop(ref)
+                ran_s = time.monotonic() - submitted_at.pop(ref)
                 label = f"{job.kind:13s} {job.base_model.name} x {job.task.name}"
                 try:
                     result = ray.get(ref)
@@ -224,7 +242,7 @@ def run_jobs(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], demand: 
                     outcomes[job.job_key] = JobOutcome(job, "failed", error=message)
                 else:
                     outcomes[job.job_key] = JobOutcome(job, "finished", result.get("score"), node=result.get("node", ""))
-                    finished_here += 1
+                    timings.append((job.kind, plan(job), float(result.get("wall_s", ran_s))))
                     if on_result:
                         on_result(job, result)
                 outcome = outcomes[job.job_key]
@@ -232,15 +250,86 @@ def run_jobs(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], demand: 
             now = time.monotonic()
             if now - last_print >= PROGRESS_EVERY_S or not (pending or queue):
                 last_print = now
-                done = sum(o.state in ("finished", "skipped") for o in outcomes.values())
-                failed = sum(o.state == "failed" for o in outcomes.values())
-                left = len(pending) + len(queue)
-                eta = (now - started) / finished_here * left if finished_here else float("nan")
-                console.print(f"progress: {done} done, {failed} failed, {len(pending)} running or starting, {len(queue)} queued of {total}"
-                              + (f", ETA {eta:.0f} s" if finished_here and left else ""), soft_wrap=True)
+                submitted = [(pending[ref], now - submitted_at[ref]) for ref in sorted(pending, key=submitted_at.__getitem__)]
+                eta = eta_now(submitted, list(queue), plan, time_ratios(timings), running_now([job for job, _ in submitted], demand, ray.cluster_resources()))
+                console.print(progress_line(outcomes, len(pending), len(queue), total, eta), soft_wrap=True)
     finally:
         with contextlib.suppress(Exception):  # Ray itself may be what failed; never hide the error that ended the loop
             request_capacity([])
+
+
+def progress_line(outcomes: Mapping[str, JobOutcome], submitted: int, queued: int, total: int, eta_s: float | None) -> str:
+    """The driver's progress line: done (finished or skipped), failed, submitted, queued, and the ETA when there is one."""
+    done = sum(o.state in ("finished", "skipped") for o in outcomes.values())
+    failed = sum(o.state == "failed" for o in outcomes.values())
+    eta = f", ETA {eta_s:.0f} s" if eta_s is not None and (submitted or queued) else ""
+    return f"progress: {done} done, {failed} failed, {submitted} running or starting, {queued} queued of {total}{eta}"
+
+
+# --------------------------------------------------------------------------- the ETA (pure functions)
+
+ALL_KINDS = "*"  # the key of `time_ratios`' ratio pooled over every kind
+
+
+@dataclass(frozen=True)
+class JobTiming:
+    """An unfinished job as the ETA sees it: its kind, plan's time for it, and how long it has run (0 when queued)."""
+
+    kind: str
+    planned_s: float
+    elapsed_s: float = 0.0
+
+
+def eta_now(submitted: list[tuple[JobConfig, float]], queued: list[JobConfig], plan: Callable[[JobConfig], float],
+            ratios: Mapping[str, float], slots: int) -> float | None:
+    """`estimate_eta_s` of the driver's state: `submitted` jobs (oldest first, with seconds since submission) of which the
+    first `slots` run while the rest wait in Ray like the `queued` ones."""
+    running = [JobTiming(job.kind, plan(job), elapsed) for job, elapsed in submitted[:slots]]
+    waiting = [JobTiming(job.kind, plan(job)) for job in (*(job for job, _ in submitted[slots:]), *queued)]
+    return estimate_eta_s(running, waiting, ratios, slots)
+
+
+def planned_seconds(job: JobConfig, sweep: SweepConfig) -> float:
+    """Plan's time for one job in seconds (`plan_job`'s hours, not rounded: a tiny job's would round to 0)."""
+    return wall_hours(job_gpu_hours(job, sweep.resources), plan_job(job, sweep.resources).gpus) * 3600
+
+
+def time_ratios(finished: Iterable[tuple[str, float, float]]) -> dict[str, float]:
+    """Observed actual / planned time per job kind over finished jobs given as (kind, planned s, actual s), and under
+    ALL_KINDS the same pooled over every kind; kinds with no planned time are left out ({} when nothing finished)."""
+    planned: dict[str, float] = {}
+    actual: dict[str, float] = {}
+    for kind, plan_s, actual_s in finished:
+        for key in (kind, ALL_KINDS):
+            planned[key] = planned.get(key, 0.0) + plan_s
+            actual[key] = actual.get(key, 0.0) + actual_s
+    return {key: actual[key] / planned[key] for key in planned if planned[key] > 0}
+
+
+def estimate_eta_s(running: Sequence[JobTiming], queued: Sequence[JobTiming], ratios: Mapping[str, float],
+                   slots: int) -> float | None:
+    """Seconds until the last of `running` and `queued` ends. Each job takes plan's time times the observed ratio of its
+    kind (`time_ratios`; the pooled one for a kind none of which finished yet), less what it already ran; `slots` jobs
+    run at once: `running` first, then `queued` in order, each on the slot that frees first. None before any job
+    finished (no ratio to correct plan by)."""
+    if ALL_KINDS not in ratios:
+        return None
+    free_at = [0.0] * max(slots, 1, len(running))
+    for job in (*running, *queued):
+        left = max(job.planned_s * ratios.get(job.kind, ratios[ALL_KINDS]) - job.elapsed_s, 0.0)
+        heapq.heapreplace(free_at, free_at[0] + left)
+    return max(free_at)
+
+
+def running_now(submitted: list[JobConfig], demand: Callable[[JobConfig], dict[str, float]], capacity: Mapping[str, float]) -> int:
+    """How many of the `submitted` jobs (oldest first) the cluster runs at once: the longest prefix whose demands fit in
+    `capacity` (at least one while any is submitted)."""
+    used: Counter[str] = Counter()
+    for count, job in enumerate(submitted):
+        used.update(demand(job))
+        if any(amount > capacity.get(name, 0.0) + 1e-9 for name, amount in used.items() if amount > 0):
+            return max(count, 1)
+    return len(submitted)
 
 
 def submit_window(queue: deque[JobConfig], pending: dict[Any, JobConfig], submit: Callable[[JobConfig], Any],
@@ -271,18 +360,61 @@ def request_capacity(bundles: list[dict[str, float]]) -> None:
     request_resources(bundles=[{name: amount for name, amount in bundle.items() if amount > 0} for bundle in bundles])
 
 
-def summary_table(outcomes: list[JobOutcome]) -> Table:
-    """Each fine-tune's state, score, base score and lift."""
+def lifts(outcomes: list[JobOutcome]) -> list[tuple[JobOutcome, float | None, float | None]]:
+    """Each fine-tune's outcome with its base score (the base evaluation's of the same base model and task, else the one
+    its run logged) and its lift (None when either score is missing)."""
     base = {(o.job.base_model.name, o.job.task.name): o.score for o in outcomes if o.job.kind == "evaluate_base"}
-    table = Table(title="Sweep summary")
-    for column in ("base model", "task", "state", "metric", "base", "fine-tuned", "lift"):
-        table.add_column(column)
+    rows = []
     for o in outcomes:
         if o.job.kind != "train":
             continue
-        before = base.get((o.job.base_model.name, o.job.task.name))
+        before = base.get((o.job.base_model.name, o.job.task.name), o.base_score)
+        rows.append((o, before, None if o.score is None or before is None else o.score - before))
+    return rows
+
+
+def summary_table(outcomes: list[JobOutcome]) -> Table:
+    """Each fine-tune's state, score, base score and lift."""
+    table = Table(title="Sweep summary")
+    for column in ("base model", "task", "state", "metric", "base", "fine-tuned", "lift"):
+        table.add_column(column)
+    for o, before, lift in lifts(outcomes):
         fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-        lift = "" if o.score is None or before is None else f"{o.score - before:+.3f}"
         table.add_row(o.job.base_model.name, o.job.task.name, o.state if not o.error else f"failed: {o.error}",
-                      o.job.task.metric, fmt(before), fmt(o.score), lift)
+                      o.job.task.metric, fmt(before), fmt(o.score), "" if lift is None else f"{lift:+.3f}")
     return table
+
+
+# --------------------------------------------------------------------------- the description in MLflow
+
+
+def sweep_description(sweep: SweepConfig, config_file: str | Path | None, jobs: list[JobConfig], to_run: int) -> str:
+    """What the sweep is (Markdown, no links): its name, config file, its own `description`, base models x tasks and the
+    job counts at the start."""
+    fine_tunes = sum(job.kind == "train" for job in jobs)
+    source = f" from `{config_file}`" if config_file else ""
+    purpose = f"\n\n{sweep.description.strip()}" if sweep.description.strip() else ""
+    return (f"**LoRA Land sweep `{sweep.name}`**{source}: {len(sweep.base_models)} base models x {len(sweep.tasks)} tasks, "
+            f"{len(jobs)} jobs ({fine_tunes} fine-tunes, {len(jobs) - fine_tunes} base evaluations); at the start "
+            f"{len(jobs) - to_run} already finished, {to_run} to run.{purpose}")
+
+
+def results_description(outcomes: list[JobOutcome]) -> str:
+    """The results (Markdown, no links): jobs finished (here or before) and failed, the best lift of each task with its
+    base model, and the mean fine-tuned score and lift."""
+    finished = sum(o.state == "finished" for o in outcomes)
+    skipped = sum(o.state == "skipped" for o in outcomes)
+    failed = sum(o.state == "failed" for o in outcomes)
+    lines = [f"**Results**: {finished + skipped} of {len(outcomes)} jobs done ({skipped} in an earlier run), {failed} failed."]
+    best: dict[str, tuple[float, str]] = {}
+    for o, _, lift in lifts(outcomes):
+        if lift is not None and (o.job.task.name not in best or lift > best[o.job.task.name][0]):
+            best[o.job.task.name] = (lift, o.job.base_model.name)
+    if best:
+        lines.append("Best lift per task: " + ", ".join(f"{task} {lift:+.3f} ({base})" for task, (lift, base) in sorted(best.items())) + ".")
+    scored = [(o.score, lift) for o, _, lift in lifts(outcomes) if o.score is not None]
+    if scored:
+        known = [lift for _, lift in scored if lift is not None]
+        lines.append(f"Mean fine-tuned score {sum(score for score, _ in scored) / len(scored):.3f}"
+                     + (f", mean lift {sum(known) / len(known):+.3f}." if known else "."))
+    return "\n".join(lines)

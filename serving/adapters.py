@@ -20,9 +20,11 @@ and remembers a failure for a while so a broken adapter is not downloaded again 
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -33,10 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.config import BaseModelSpec
+from jobs.errors import Unreachable
+from serving import faults
 from serving.api import APIError, model_card, model_not_found
 from serving.engine import AdapterLoadError
 from tracking import registry, store
 from tracking.registry import TaskAdapters
+from tracking.retry import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 HARMLESS_SUFFIXES = (".json", ".md", ".txt")  # besides the weights, what an adapter folder may hold
 MIN_REFRESH_S = 1.0  # an unknown model id re-reads the registry at most this often
+REGISTRY_PROBE_S = 2.0  # how long the tracking server may take to answer /health before it counts as down
 
 Published = dict[str, TaskAdapters]
 ServedTasks = dict[str, frozenset[str] | None]  # base model -> tasks it serves (None: all)
@@ -76,7 +82,11 @@ class Route:
 
 
 def _serves(served: ServedTasks, base: str, task: str) -> bool:
-    return base in served and (served[base] is None or task in served[base])  # type: ignore[operator]
+    """Whether `base` is served and serves `task`."""
+    if base not in served:
+        return False
+    tasks = served[base]
+    return tasks is None or task in tasks
 
 
 def _base_of(version: registry.ModelVersion) -> str:
@@ -119,6 +129,7 @@ class ModelResolver:
         self.timeout_s = timeout_s
         self.published: Published | None = None
         self.read_at = -float("inf")
+        self.read_error: str | None = None  # why the last registry read failed; None when it worked
         self.lock = asyncio.Lock()
 
     async def resolve(self, model: str) -> Route:
@@ -128,9 +139,15 @@ class ModelResolver:
         route = resolve(model, await self._current(self.ttl_s), self.served)
         if route is None:
             route = resolve(model, await self._current(MIN_REFRESH_S), self.served)  # published a moment ago?
+        if route is None and self.read_error is not None:  # perhaps published while the registry is down: not a 404
+            raise registry_unavailable(f"{model!r} is not in the last view of it ({self.read_error})")
         if route is None:
             raise model_not_found(model, [model_id for model_id, _ in model_ids(self.published or {}, self.served)])
         return route
+
+    async def published_view(self) -> Published:
+        """What the registry publishes, as this resolver last read it (re-read when older than `ttl_s`)."""
+        return await self._current(self.ttl_s)
 
     async def cards(self) -> list[dict[str, object]]:
         """GET /v1/models entries."""
@@ -141,13 +158,39 @@ class ModelResolver:
             if time.monotonic() - self.read_at > max_age_s:
                 try:
                     self.published = await asyncio.wait_for(asyncio.to_thread(self.read), self.timeout_s)
+                    self.read_error = None
                 except Exception as error:
+                    self.read_error = f"{type(error).__name__}: {error}"
                     if self.published is None:
-                        raise APIError(503, f"the model registry cannot be read: {type(error).__name__}: {error}",
-                                       type="server_error", code="registry_unavailable", retry_after_s=5) from None
+                        raise registry_unavailable(self.read_error) from None
                     log.warning("registry read failed, serving the last view: %s", error)
                 self.read_at = time.monotonic()
             return self.published or {}
+
+
+def registry_unavailable(cause: str) -> APIError:
+    """503 (Retry-After) for a model id that needs the registry while it cannot be read."""
+    return APIError(503, f"the model registry cannot be read: {cause}", type="server_error", code="registry_unavailable",
+                    retry_after_s=5)
+
+
+def read_registry(uri: str, probe_s: float = REGISTRY_PROBE_S) -> Published:
+    """`registry.published_adapters`, after checking within `probe_s` that the tracking server answers (a dead
+    server would keep MLflow's own retries going for minutes); RegistryUnreachable naming the URI otherwise."""
+    check_tracking(uri, probe_s)
+    return registry.published_adapters(uri)
+
+
+def check_tracking(uri: str, probe_s: float = REGISTRY_PROBE_S) -> None:
+    """RegistryUnreachable unless the tracking server at `uri` answers within `probe_s` (a SQLite store always does)."""
+    try:
+        store.check_reachable(uri, timeout_s=probe_s)
+    except Unreachable:
+        raise RegistryUnreachable(f"the tracking server at {uri} does not answer") from None
+
+
+class RegistryUnreachable(ConnectionError):
+    """The tracking server (the model registry) does not answer."""
 
 
 # --------------------------------------------------------------------------- files
@@ -172,6 +215,25 @@ def check_adapter_files(folder: Path, base: BaseModelSpec) -> None:
     named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if named != base.hf_id:
         raise AdapterLoadError(f"{ADAPTER_CONFIG} names base model {named!r}, this deployment serves {base.hf_id!r}")
+
+
+class AdapterUnavailable(AdapterLoadError):
+    """The adapter cannot be fetched now, for a reason that passes by itself (the registry is down, the cache's
+    disk is full): its requests get a 503 with Retry-After and the failure is not remembered."""
+
+    def __init__(self, message: str, code: str = "adapter_unavailable") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def download_error(error: Exception, cache_dir: Path) -> AdapterLoadError:
+    """What a failed download means for the adapter's requests: AdapterUnavailable when it may pass, else AdapterLoadError."""
+    if isinstance(error, RegistryUnreachable) or is_transient(error):
+        return AdapterUnavailable(f"the model registry cannot be reached ({type(error).__name__}: {str(error)[:300]})",
+                                  "registry_unavailable")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return AdapterUnavailable(f"no space left on the adapter cache's disk ({cache_dir}); nothing was kept", "cache_full")
+    return AdapterLoadError(f"download failed ({type(error).__name__}: {str(error)[:300]})")
 
 
 class AdapterStore:
@@ -199,9 +261,11 @@ class AdapterStore:
             with self._exclusive(adapter):
                 started, source = time.perf_counter(), "disk"
                 if not (folder / ADAPTER_WEIGHTS).is_file():
-                    self._download(task, version, folder)
+                    self._download(adapter, folder)
                     source = "download"
                 check_adapter_files(folder, self.base)
+        except AdapterUnavailable as error:  # passes by itself (registry down, disk full): not remembered
+            raise AdapterUnavailable(f"adapter {adapter!r} cannot be served now: {error}", error.code) from None
         except AdapterLoadError as error:
             message = f"adapter {adapter!r} cannot be served: {error}"
             self.failures[adapter] = (time.monotonic(), message)
@@ -212,11 +276,26 @@ class AdapterStore:
             self.on_fetch(adapter, source, time.perf_counter() - started)
         return folder
 
-    def _download(self, task: str, version: str, folder: Path) -> None:
+    def _download(self, adapter: str, folder: Path) -> None:
+        """Download into a staging folder beside the cache, check it, then move it into place: the cache only ever
+        holds complete, checked adapters (a failed or interrupted download leaves nothing that is loaded later)."""
+        task, version = parse_adapter_id(adapter)
+        staging = self.cache_dir / ".staging" / f"{registry.model_name(task)}-{version}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
         try:
-            registry.download_adapter(registry.model_uri(task, version), folder, self.tracking_uri)
+            check_tracking(self.tracking_uri)
+            staged = registry.download_adapter(registry.model_uri(task, version), staging / "adapter", self.tracking_uri)
+            faults.before_caching(self.base.name, adapter, staged)
+            check_adapter_files(staged, self.base)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staged.rename(folder)
+        except AdapterLoadError:
+            raise
         except Exception as error:
-            raise AdapterLoadError(f"download failed ({type(error).__name__}: {str(error)[:300]})") from None
+            raise download_error(error, self.cache_dir) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     @contextmanager
     def _exclusive(self, adapter: str) -> Iterator[None]:

@@ -257,6 +257,9 @@ class GenerateRequest:
 
 def generate_request(request: CompletionRequest | ChatCompletionRequest) -> GenerateRequest:
     """The replica's view of a validated API request."""
+    prompt: str | None
+    messages: tuple[Message, ...]
+    max_tokens: int | None
     if isinstance(request, CompletionRequest):
         prompt, messages, max_tokens = request.prompt_text(), (), request.max_tokens
     else:

@@ -19,11 +19,10 @@ No `from __future__ import annotations` here: FastAPI reads the route methods' a
 """
 
 import asyncio
-import hmac
 import importlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,13 +32,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.deployment import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs.catalog import load_catalog
 from jobs.config import data_home
-from serving.adapters import AdapterStore, ModelResolver, Route
+from serving import faults
+from serving.adapters import AdapterStore, AdapterUnavailable, ModelResolver, Route, read_registry
 from serving.api import (
     DONE,
     APIError,
@@ -51,19 +52,24 @@ from serving.api import (
     parse_request,
     sse,
 )
+from serving.auth import Caller, KeyRing, resolve_in_scope, visible_cards
 from serving.chat import render_chat
 from serving.config import BaseDeployment, ServeConfig, parse_serve_config
 from serving.engine import AdapterLoadError, ContextTooLong, Delta, Engine, EngineError, EngineOverloaded, InvalidRequest
 from serving.metrics import IngressMetrics, ReplicaMetrics
-from tracking import registry, store
+from serving.replication import HotAdapterRouter, adapter_of
+from serving.webapp import WebPage, web_routes
+from tracking import store
 
 log = logging.getLogger(__name__)
 
 HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 1.0
+RESIDENCY_PERIOD_S = 1.0  # how often a replica re-exports its adapter residency (on its requests)
 
 api = FastAPI(title="LoRA Land", description="OpenAI-compatible multi-LoRA endpoint.")
+api.include_router(web_routes)  # the page at `/` and its data (serving/webapp.py)
 
 
 @api.exception_handler(APIError)
@@ -97,6 +103,8 @@ def engine_error(error: EngineError) -> APIError:
     if isinstance(error, EngineOverloaded):
         return APIError(429, f"the model is overloaded: {error}; retry later", type="overloaded_error",
                         code="overloaded", retry_after_s=error.retry_after_s)
+    if isinstance(error, AdapterUnavailable):
+        return APIError(503, str(error), type="server_error", code=error.code, retry_after_s=RETRY_AFTER_S)
     if isinstance(error, AdapterLoadError):
         return APIError(500, str(error), type="server_error", code="adapter_load_failed")
     return APIError(500, f"generation failed: {error}", type="server_error", code="generation_failed")
@@ -131,34 +139,59 @@ class BaseModelServer:
         self.engine: Engine = build_engine(spec, deployment.precision, deployment.device, self.store, deployment.engine,
                                            max_context_tokens)
         self.resident: dict[str, ResidentAdapter] = {}
+        self.residency_reported = -RESIDENCY_PERIOD_S
 
-        async def load(adapter: str) -> ResidentAdapter:  # a plain function: Serve keeps its LRU on it
-            self.metrics.loaded(adapter, await self.engine.prefetch(adapter))
-            self.resident[adapter] = ResidentAdapter(adapter, self.resident)
-            return self.resident[adapter]
+        async def load(routing: str) -> ResidentAdapter:  # a plain function: Serve keeps its LRU on it (of routing ids)
+            self.metrics.loaded(adapter_of(routing), await self.engine.prefetch(adapter_of(routing)))
+            self.resident[routing] = ResidentAdapter(routing, self.resident)
+            return self.resident[routing]
 
         self.load_adapter = serve.multiplexed(max_num_models_per_replica=deployment.max_adapters_per_replica)(load)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta | APIError]:
-        """Stream the answer with the request's adapter (Serve's multiplexed model id; "" for the base)."""
-        adapter = serve.get_multiplexed_model_id() or None
+    async def generate(self, request: GenerateRequest, adapter: str | None = None) -> AsyncIterator[Delta | APIError]:
+        """Stream the answer with the request's adapter: Serve's multiplexed model id (a routing id, see
+        serving/replication.py), else `adapter` (a hot adapter sent to any replica); neither: the base model."""
+        routing = serve.get_multiplexed_model_id() or adapter or ""
+        adapter = adapter_of(routing) or None
         try:
             if adapter is not None:
-                self.metrics.cache_lookup(adapter, hit=adapter in self.resident)
-                await self.load_adapter(adapter)
+                self.metrics.cache_lookup(adapter, hit=routing in self.resident)
+                await self.load_adapter(routing)
+            self.report_residency()
             prompt_ids = self.encode(request)
             max_tokens = request.max_tokens or max(1, self.engine.max_context_tokens - len(prompt_ids))
+            sent = 0
             async for delta in self.engine.generate(prompt_ids, adapter, request.sampling(max_tokens)):
+                await faults.before_delta(self.store.base.name, adapter, sent)  # no-op unless a test switched faults on (serving/faults.py)
                 yield delta
+                sent += 1
         except EngineError as error:
             yield engine_error(error)
 
     def encode(self, request: GenerateRequest) -> list[int]:
         """Prompt token ids exactly as evaluation encodes prompts (BOS + text); a chat in the base's format."""
-        from jobs.train import encode_prompt
+        from jobs.encoding import encode_prompt
 
         text = request.prompt if request.prompt is not None else render_chat(list(request.messages), self.chat_format)
         return encode_prompt(self.engine.tokenizer, text)
+
+    def prompt_tokens(self, prompt: str) -> tuple[int, int]:
+        """(tokens of `prompt` as a completion request encodes it, the engine's context): the page's check before sending."""
+        from jobs.encoding import encode_prompt
+
+        return len(encode_prompt(self.engine.tokenizer, prompt)), self.engine.max_context_tokens
+
+    def resources(self) -> dict[str, float]:
+        """What this replica holds now (batch rows, slots, KV cache bytes, threads): the soak test's leak check."""
+        return faults.held_resources(self.engine)
+
+    def report_residency(self) -> None:
+        """Export which adapters this replica holds, in which tier (at most every RESIDENCY_PERIOD_S)."""
+        now = time.monotonic()
+        residency = getattr(self.engine, "residency", None)  # optional in the Engine protocol
+        if residency is not None and now - self.residency_reported >= RESIDENCY_PERIOD_S:
+            self.residency_reported = now
+            self.metrics.residency(residency())
 
     def check_health(self) -> None:
         """Serve's health check: fails when the engine's decode loop has died (Serve then replaces the replica)."""
@@ -216,29 +249,35 @@ async def prepend(first: Delta | APIError, rest: AsyncIterator[Delta | APIError]
         yield event
 
 
+def replica_count(deployment: BaseDeployment) -> int:
+    """Replicas the hot-adapter policy spreads over: the fixed count, or the autoscaling ceiling."""
+    return deployment.autoscaling.max_replicas if deployment.autoscaling is not None else deployment.num_replicas
+
+
 @serve.deployment
 @serve.ingress(api)  # decorating serializes the class: what its methods use is defined above
-class OpenAIIngress:
-    """`/v1/models`, `/v1/completions`, `/v1/chat/completions` over the base models' deployments."""
+class OpenAIIngress(WebPage):
+    """`/v1/models`, `/v1/completions`, `/v1/chat/completions` over the base models' deployments; the page at `/`."""
 
     def __init__(self, config: ServeConfig, servers: dict[str, DeploymentHandle], tracking_uri: str) -> None:
         self.servers = servers
+        self.tracking_uri = tracking_uri
         self.api_key = config.api_key
+        self.keys = KeyRing.from_settings(config.api_key, config.api_keys_file)  # serving/auth.py
         self.timeout_s = config.ingress.request_timeout_s
         served = {d.base_model: None if d.tasks == "all" else frozenset(d.tasks) for d in config.deployments}
-        self.resolver = ModelResolver(served, partial(registry.published_adapters, tracking_uri),
+        self.resolver = ModelResolver(served, partial(read_registry, tracking_uri),
                                       config.ingress.model_ttl_s, config.ingress.request_timeout_s)
         self.metrics = IngressMetrics()
+        self.hot = {d.base_model: HotAdapterRouter(d.hot_adapters, replica_count(d)) for d in config.deployments}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
-        self.authorize(request)
-        return {"object": "list", "data": await self.resolver.cards()}
+        return {"object": "list", "data": visible_cards(await self.resolver.cards(), self.caller(request))}
 
     @api.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> dict[str, Any]:
-        self.authorize(request)
-        route = await self.resolver.resolve(model)
+        route = await resolve_in_scope(self.resolver, self.caller(request), model)
         return {"id": model, "object": "model", "created": 0, "owned_by": route.base_model}
 
     @api.post("/v1/completions")
@@ -250,22 +289,26 @@ class OpenAIIngress:
         return await self.answer(request, ChatCompletionRequest)
 
     def authorize(self, request: Request) -> None:
-        """401 unless the configured bearer token is given (no check when none is configured)."""
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
-                           code="invalid_api_key")
+        """401 unless the request carries a configured key (no check when none is configured)."""
+        self.caller(request)
+
+    def caller(self, request: Request) -> Caller:
+        """The key's holder and model scope (serving/auth.py); 401 for a missing or unknown key."""
+        return self.keys.authenticate(request.headers.get("authorization"))
 
     async def answer(self, request: Request, schema: type[CompletionRequest | ChatCompletionRequest]) -> Response:
         """Validate, route, and answer once the first event is in: JSON, an SSE stream, or the error."""
         started = time.perf_counter()
-        self.authorize(request)
+        caller = self.caller(request)
         parsed = parse_request(schema, await read_json(request))
-        route = await self.resolver.resolve(parsed.model)
-        handle = self.servers[route.base_model].options(multiplexed_model_id=route.adapter or "", stream=True)
-        events = self.events(handle.generate.remote(generate_request(parsed)))
+        route = await resolve_in_scope(self.resolver, caller, parsed.model)
+        routing = self.hot[route.base_model].route(route.adapter)  # hot adapters spread over replicas
+        if route.adapter:
+            self.metrics.spread(route.base_model, route.adapter, self.hot[route.base_model].copies[route.adapter])
+        handle = self.servers[route.base_model].options(multiplexed_model_id=routing, stream=True)
+        response = handle.generate.remote(generate_request(parsed), route.adapter)
+        assert isinstance(response, DeploymentResponseGenerator)  # a stream=True handle's call
+        events = self.events(response)
         completion = Completion(chat=schema is ChatCompletionRequest, model=parsed.model, adapter=route.adapter or "")
         first = await anext(events, None) or APIError(500, "the model returned no answer", type="server_error")
         if isinstance(first, APIError):
@@ -294,7 +337,7 @@ class OpenAIIngress:
         self.metrics.finished(route.model, route.adapter, status, time.perf_counter() - started, answer.prompt_tokens,
                               answer.completion_tokens)
 
-    async def stream(self, first: Delta, events: AsyncIterator[Delta | APIError], completion: Completion, route: Route,
+    async def stream(self, first: Delta, events: AsyncGenerator[Delta | APIError, None], completion: Completion, route: Route,
                      include_usage: bool, started: float) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         answer, status = Answer(), 200
@@ -318,7 +361,7 @@ class OpenAIIngress:
             await events.aclose()
             self.record(route, status, started, answer)
 
-    async def events(self, response: DeploymentResponseGenerator) -> AsyncIterator[Delta | APIError]:
+    async def events(self, response: DeploymentResponseGenerator) -> AsyncGenerator[Delta | APIError, None]:
         """The replica's events, each waited for at most `request_timeout_s`; Serve's failures as APIErrors."""
         ended = False  # the call finished or failed by itself: nothing to cancel (cancel() would re-raise its error)
         try:
@@ -365,13 +408,19 @@ def server_options(deployment: BaseDeployment) -> dict[str, Any]:
     return options
 
 
+def as_deployment(decorated: object) -> Deployment:
+    """What a `@serve.deployment` class is at run time (type checkers keep a decorated class's own type)."""
+    assert isinstance(decorated, Deployment)
+    return decorated
+
+
 def app_for(config: ServeConfig) -> serve.Application:
     """The application: the ingress bound to one deployment per base model."""
     uri = store.resolve_tracking_uri(config.tracking_uri)
     cache_dir = str(Path(config.adapter_cache_dir or data_home() / "adapter-cache").resolve())
-    servers = {d.base_model: BaseModelServer.options(**server_options(d)).bind(d, uri, cache_dir, config.max_context_tokens)
+    servers = {d.base_model: as_deployment(BaseModelServer).options(**server_options(d)).bind(d, uri, cache_dir, config.max_context_tokens)
                for d in config.deployments}
-    ingress = OpenAIIngress.options(num_replicas=config.ingress.num_replicas, ray_actor_options={"num_cpus": config.ingress.num_cpus},
+    ingress = as_deployment(OpenAIIngress).options(num_replicas=config.ingress.num_replicas, ray_actor_options={"num_cpus": config.ingress.num_cpus},
                                     max_ongoing_requests=config.ingress.max_ongoing_requests)
     return ingress.bind(config, servers, uri)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from jobs.config import ConfigError, StrictModel, names_or, parse_model, read_yaml
+from jobs.config import StrictModel, names_or, parse_model, read_yaml
+from jobs.errors import ConfigError
 
 APP_BUILDER = "serving.app:build_app"  # the import_path of our application in a Ray Serve config file
 
@@ -37,6 +38,31 @@ class EngineSettings(StrictModel):
                                      "max_context_tokens) -> serving.engine.Engine; replace it with a faster engine.")
 
 
+class ReplicaBounds(StrictModel):
+    """How many replicas of its base may hold one adapter (or every adapter of one task)."""
+
+    min_replicas: int = Field(default=1, ge=1, description="Replicas that always hold it (capped at the replica count); "
+                              "e.g. a champion on every replica.")
+    max_replicas: int | None = Field(default=None, ge=1, description="Most replicas it may spread over; default: all.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaBounds:
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class HotAdapterSettings(StrictModel):
+    """Hot adapters across replicas (serving/replication.py): an adapter's share of its base's requests decides how many
+    replicas serve it; requests for it are spread over them, the long tail stays on one replica each."""
+
+    replica_share: float = Field(default=0.5, gt=0, le=1, description="Fraction of one replica's even share of the "
+                                 "deployment's requests that one copy of an adapter may take before it gets another replica.")
+    half_life_s: float = Field(default=10.0, gt=0, description="Half-life of the request rates the shares come from (s).")
+    adapters: dict[str, ReplicaBounds] = Field(default_factory=dict, description="Bounds per task name (all its "
+                                               "adapters) or adapter id (loraland-<task>/<version>); others: 1..all.")
+
+
 class BaseDeployment(StrictModel):
     """One base model's deployment: replicas hold the base once and multiplex its adapters."""
 
@@ -54,6 +80,7 @@ class BaseDeployment(StrictModel):
                                      "replica is full (engine batch + engine queue), before answering 503 with Retry-After.")
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where replicas run.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Batching engine settings.")
+    hot_adapters: HotAdapterSettings = Field(default_factory=HotAdapterSettings, description="How many replicas serve each adapter, by its request rate.")
 
 
 class IngressSettings(StrictModel):
@@ -76,7 +103,9 @@ class ServeConfig(StrictModel):
     port: int = Field(default=8000, gt=0, lt=65536, description="HTTP port.")
     route_prefix: str = Field(default="/", description="Route prefix of the application.")
     tracking_uri: str | None = Field(default=None, description="MLflow URI adapters come from; default: $MLFLOW_TRACKING_URI.")
-    api_key: str | None = Field(default=None, description="Bearer token required on every request, if set.")
+    api_key: str | None = Field(default=None, description="Bearer token required on every request, if set (one key for every model).")
+    api_keys_file: str | None = Field(default=None, description="File of API keys scoped to models (serving/auth.py); "
+                                      "default: $LORALAND_API_KEYS_FILE. Keys never go in this config.")
     max_context_tokens: int | None = Field(default=None, gt=0, description="Prompt + max_tokens limit; default: the model's.")
     adapter_cache_dir: str = Field(default="", description="Local disk cache for adapters; default: the data folder.")
     ingress: IngressSettings = Field(default_factory=IngressSettings, description="The API deployment.")
@@ -84,8 +113,9 @@ class ServeConfig(StrictModel):
 
 
 def catalog_problems(data: Any) -> list[str]:
-    """Base models and tasks of a raw ServeConfig mapping that the catalogue does not know, and base
-    models listed twice (checked even when other fields are wrong, so every problem is told at once)."""
+    """Base models and tasks of a raw ServeConfig mapping that the catalogue does not know, base models
+    listed twice, and engine target modules none of which is a linear layer of their base model
+    (checked even when other fields are wrong, so every problem is told at once)."""
     from jobs.catalog import load_catalog
 
     catalog = load_catalog()
@@ -99,11 +129,24 @@ def catalog_problems(data: Any) -> list[str]:
         if isinstance(name, str) and name in seen:
             problems.append(f"deployments[{index}].base_model: {name!r} has two deployments")
         seen.add(str(name))
+        if isinstance(name, str) and name in catalog.base_models:
+            problems += target_module_problems(f"deployments[{index}]", deployment, catalog.base_models[name].all_linear_modules)
         tasks = deployment.get("tasks") if isinstance(deployment, dict) else None
         for task in tasks if isinstance(tasks, list) else []:
             if isinstance(task, str) and task not in catalog.tasks:
                 problems.append(f"deployments[{index}].tasks: unknown task {task!r}; see `loraland catalog --all`")
     return problems
+
+
+def target_module_problems(where: str, deployment: dict[str, Any], linear_modules: list[str]) -> list[str]:
+    """A line if the deployment's `engine.target_modules` names none of its base model's linear layers (the engine
+    could wrap no layer)."""
+    engine = deployment.get("engine")
+    targets = engine.get("target_modules") if isinstance(engine, dict) else None
+    if not isinstance(targets, list) or not targets or set(map(str, targets)) & set(linear_modules):
+        return []
+    return [f"{where}.engine.target_modules: none of {targets} is a linear layer of the base model; "
+            f"choose among {', '.join(linear_modules)}"]
 
 
 def parse_serve_config(data: Any, source: str) -> ServeConfig:
@@ -128,7 +171,7 @@ def ray_file_unknown_keys(data: dict[str, Any]) -> list[str]:
     from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
     http, apps = data.get("http_options"), data.get("applications")
-    sections = [("", data, ServeDeploySchema), ("http_options.", http, HTTPOptionsSchema)]
+    sections: list[tuple[str, Any, type[BaseModel]]] = [("", data, ServeDeploySchema), ("http_options.", http, HTTPOptionsSchema)]
     sections += [(f"applications[{index}].", app, ServeApplicationSchema) for index, app in enumerate(apps if isinstance(apps, list) else [])]
     return [f"{prefix}{key}: unknown key (remove it or check its spelling)" for prefix, section, schema in sections
             if isinstance(section, dict) for key in section if key not in schema.model_fields]

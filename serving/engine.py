@@ -87,7 +87,8 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """Per adapter id ("" for the base): requests, prompt/completion tokens, loads, load_s, cache hits."""
+        """Per adapter id ("" for the base): requests, prompt/completion tokens, loads, load_s, cache hits; a copy
+        taken at one instant (any thread may call it)."""
         ...
 
     def check_health(self) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from jobs.catalog import load_catalog
-from jobs.config import EvalSettings, JobConfig, LoraSettings, TrainingSettings
+from jobs.config import EvalSettings, JobConfig, JobKind, LoraSettings, TrainingSettings
 
 FAST_TRAINING: dict[str, Any] = dict(
     micro_batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.05,
@@ -14,7 +16,7 @@ FAST_TRAINING: dict[str, Any] = dict(
 )
 
 
-def tiny_job(output_dir: Path, base: str = "tiny-llama", task: str = "demo_sentiment", kind: str = "train",
+def tiny_job(output_dir: Path, base: str = "tiny-llama", task: str = "demo_sentiment", kind: JobKind = "train",
              eval_limit: int = 64, lora: dict[str, Any] | None = None, **training: Any) -> JobConfig:
     """A job on a tiny model and a demo task that trains in seconds on the CPU."""
     catalog = load_catalog()
@@ -24,3 +26,13 @@ def tiny_job(output_dir: Path, base: str = "tiny-llama", task: str = "demo_senti
         training=TrainingSettings(**(FAST_TRAINING | training)),
         evaluation=EvalSettings(limit=eval_limit, batch_size=32),
     )
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.1) -> Any:
+    """Poll `condition` until it returns something truthy, and return that; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(poll_s)
+    return value

@@ -1,5 +1,5 @@
 """The driver on a real multi-node Ray cluster on loopback (`infra/local_cluster.py`): `ray job submit`, a lost node, a
-node joining mid-sweep, the retry rules; and (fast) the order, the local cluster's command line and the infra YAML."""
+node joining mid-sweep, the retry rules; and (unit) the order, the local cluster's command line and the infra YAML."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ import yaml
 
 from infra.local_cluster import LocalCluster, free_port_block, ray_bin
 from jobs.config import PROJECT_ROOT
+from tests.helpers import wait_until
 
-pytest_plugins = ["tests.tracking_fixtures", "tests.object_store"]
 MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
 EXCLUDES = [".venv", ".loraland", ".git", ".pytest_cache", "benchmarks/results"]
 
@@ -60,14 +60,12 @@ def sweep_args(sweep: Path, uri: str, storage: Path) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep), "--tracking-uri", uri, "--storage-path", str(storage)]
 
 
-def submit(cluster: LocalCluster, sweep: Path, uri: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
-    """`ray job submit --working-dir .` of the sweep, the job running this venv's Python; returns the result and seconds."""
+def submit(cluster: LocalCluster, sweep: Path, uri: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir .` of the sweep, the job running this venv's Python."""
     runtime_env = {"excludes": EXCLUDES, "env_vars": job_env(tmp_path / "home")}
     command = [ray_bin(), "job", "submit", f"--address={cluster.dashboard_url}", f"--working-dir={PROJECT_ROOT}",
                f"--runtime-env-json={json.dumps(runtime_env)}", "--", *sweep_args(sweep, uri, tmp_path / "storage")]
-    started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=os.environ | cluster.env(), cwd=PROJECT_ROOT)
-    return done, time.monotonic() - started
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=os.environ | cluster.env(), cwd=PROJECT_ROOT)
 
 
 def start_driver(cluster: LocalCluster, sweep: Path, uri: str, tmp_path: Path) -> subprocess.Popen:
@@ -98,18 +96,24 @@ def task_process(job_key_prefix: str) -> psutil.Process | None:
     return None
 
 
-def wait_for(condition: Any, timeout_s: float, what: str, driver: subprocess.Popen | None = None) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if (value := condition()) is not None:
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, driver: subprocess.Popen | None = None) -> Any:
+    """Poll `condition` until it returns something truthy (returned); fail at once if `driver` ends before that."""
+    def ready() -> Any:
+        if value := condition():
             return value
         assert driver is None or driver.poll() is None, f"the driver ended before {what}"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+        return None
+
+    return wait_until(ready, timeout_s, what, poll_s=0.2)
 
 
 def checkpoint_steps(storage: Path, task: str) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in storage.glob(f"tiny-llama/{task}/train-*/checkpoints/step-*") if (p / "state.json").is_file())
+
+
+def storage_files(storage: Path) -> dict[str, int]:
+    """Every file under the sweep's storage path and its modification time (ns): checkpoints, adapters, results."""
+    return {str(path.relative_to(storage)): path.stat().st_mtime_ns for path in storage.rglob("*") if path.is_file()}
 
 
 def nodes_used(output: str) -> set[str]:
@@ -131,13 +135,13 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
 # --------------------------------------------------------------------------- on a real cluster
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_submitted_sweep_runs_each_job_once_and_a_resubmission_runs_none(cluster: LocalCluster, mlflow_server: Any,
                                                                           tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    sweep = sweep_file(tmp_path, "mini-submit", training={"max_steps": 100})  # training, not start-up, dominates the first run
-    first, first_s = submit(cluster, sweep, mlflow_server.uri, tmp_path)
+    sweep = sweep_file(tmp_path, "mini-submit")
+    first = submit(cluster, sweep, mlflow_server.uri, tmp_path)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
     assert "0 already finished, 4 to run" in first.stdout and "progress: 4 done, 0 failed" in first.stdout
     runs = assert_one_finished_run_per_job(mlflow_server.uri, "mini-submit")
@@ -150,14 +154,17 @@ def test_submitted_sweep_runs_each_job_once_and_a_resubmission_runs_none(cluster
     assert nodes_used(first.stdout) and nodes_used(first.stdout) <= workers  # jobs ran on worker nodes, none on the head
     assert cluster.non_loopback_sockets() == []
 
-    second, second_s = submit(cluster, sweep, mlflow_server.uri, tmp_path)
+    stored = storage_files(tmp_path / "storage")
+    assert stored, "the first run stored nothing"
+    second = submit(cluster, sweep, mlflow_server.uri, tmp_path)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
     assert "4 already finished, 0 to run" in second.stdout
-    assert sorted(r.info.run_id for r in job_runs(mlflow_server.uri, "mini-submit")) == sorted(r.info.run_id for r in runs)
-    assert second_s < 0.5 * first_s, (first_s, second_s)
+    assert sorted(r.info.run_id for r in job_runs(mlflow_server.uri, "mini-submit")) == sorted(r.info.run_id for r in runs)  # no new run
+    assert nodes_used(second.stdout) == set()  # no job ran anywhere...
+    assert storage_files(tmp_path / "storage") == stored  # ...so no step was trained, no checkpoint or adapter written
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_lost_node_costs_at_most_a_checkpoint_interval_and_no_retry(cluster: LocalCluster, mlflow_server: Any,
                                                                       tmp_path: Path) -> None:
     """max_failures 0: the interrupted job still finishes, so losing its node did not use the retry budget."""
@@ -196,7 +203,7 @@ def test_a_lost_node_costs_at_most_a_checkpoint_interval_and_no_retry(cluster: L
     assert untouched["resumed_from_step"] == 0
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.parametrize("cluster", [1], indirect=True)
 def test_a_node_added_mid_sweep_gets_jobs(cluster: LocalCluster, mlflow_server: Any, tmp_path: Path) -> None:
     sweep = sweep_file(tmp_path, "mini-grow")
@@ -230,7 +237,7 @@ def machine_loss_scenario(scratch: str) -> None:
     print(json.dumps([outcomes[job.job_key].state for job in jobs]))
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_whole_machine_lost_counts_as_a_node_loss_not_a_failure(cluster: LocalCluster, tmp_path: Path) -> None:
     """Raylet, workers and agents SIGKILLed at once, as when a machine dies: with `max_failures: 0` every job still
     finishes, so Ray reported the loss as the node's (NodeDiedError), not as a crashed worker."""
@@ -240,8 +247,9 @@ def test_a_whole_machine_lost_counts_as_a_node_loss_not_a_failure(cluster: Local
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ | cluster.env(),
                               cwd=PROJECT_ROOT)
     try:
-        worker = wait_for(lambda: task_process("machine-loss/"), 120, "a stand-in job to start", driver)
-        time.sleep(1)
+        # `flaky` appends to `starts` as it begins: from then on the job runs on its node for 5 s
+        wait_for((tmp_path / "starts").is_file, 120, "a stand-in job to start", driver)
+        worker = wait_for(lambda: task_process("machine-loss/"), 30, "the stand-in's worker process", driver)
         cluster.kill_node(cluster.node_of(worker.pid))
         driver.wait(timeout=180)
     finally:
@@ -299,7 +307,7 @@ def embedded_ray_scenario(scratch: str) -> None:
     ray.shutdown()
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_the_embedded_ray_stays_on_loopback_and_retries_a_failing_job_first_up_to_max_failures(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     env["PYTHONPATH"] = str(PROJECT_ROOT)  # Ray's workers import `flaky` from this module
@@ -319,9 +327,10 @@ def test_the_embedded_ray_stays_on_loopback_and_retries_a_failing_job_first_up_t
     assert starts[:2] in (["a 1", "b 1"], ["b 1", "a 1"]) and starts.index("a 2") < starts.index("c 1"), starts
 
 
-# --------------------------------------------------------------------------- fast
+# --------------------------------------------------------------------------- unit
 
 
+@pytest.mark.unit
 def test_submission_order_puts_base_evaluations_first_then_longest_fine_tunes() -> None:
     from orchestrator.config import expand_jobs, load_sweep
     from orchestrator.plan import plan_job
@@ -335,6 +344,7 @@ def test_submission_order_puts_base_evaluations_first_then_longest_fine_tunes() 
     assert hours == sorted(hours, reverse=True) and hours[0] > 10 * hours[-1]
 
 
+@pytest.mark.unit
 def test_local_cluster_rejects_bad_input_with_one_line() -> None:
     script = PROJECT_ROOT / "infra" / "local_cluster.py"
     bad = subprocess.run([sys.executable, str(script), "start", "--port", "80"], capture_output=True, text=True, timeout=60)
@@ -344,7 +354,7 @@ def test_local_cluster_rejects_bad_input_with_one_line() -> None:
     assert idle.returncode == 0 and "stopped 0 processes" in idle.stdout
 
 
-# --------------------------------------------------------------------------- infra/ (fast)
+# --------------------------------------------------------------------------- infra/ (unit)
 
 INFRA = PROJECT_ROOT / "infra"
 IMAGE_PROJECT = "/home/ray/loraland"  # where infra/Dockerfile puts the project
@@ -370,10 +380,12 @@ def click_options(command: Any) -> set[str]:
     return {option for param in command.params for option in param.opts}
 
 
+@pytest.mark.unit
 def test_infra_holds_a_rayjob_a_cluster_launcher_and_an_mlflow_server() -> None:
     assert {"kuberay/rayjob.yaml", "aws/cluster.yaml", "mlflow/docker-compose.yaml"} <= set(infra_yaml())
 
 
+@pytest.mark.unit
 def test_the_rayjob_runs_the_sweep_on_autoscaled_gpu_workers_with_shared_storage() -> None:
     import shlex
 
@@ -402,6 +414,7 @@ def test_the_rayjob_runs_the_sweep_on_autoscaled_gpu_workers_with_shared_storage
                    for c in pod["template"]["spec"]["containers"])
 
 
+@pytest.mark.unit
 def test_the_cluster_launcher_scales_g5_workers_that_install_the_project() -> None:
     import shlex
 
@@ -416,6 +429,7 @@ def test_the_cluster_launcher_scales_g5_workers_that_install_the_project() -> No
     assert len(starts) == 2 and all(set(flags(command)) <= click_options(start) for command in starts)
 
 
+@pytest.mark.unit
 def test_the_mlflow_server_keeps_runs_in_postgres_and_artifacts_in_the_object_store() -> None:
     from mlflow.cli import server
 
@@ -429,6 +443,7 @@ def test_the_mlflow_server_keeps_runs_in_postgres_and_artifacts_in_the_object_st
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
 
 
+@pytest.mark.integration  # one service: an S3 server
 @pytest.mark.parametrize("storage, message", [
     ("nosuchscheme://bucket/sweeps", "use a folder path or a URI such as s3://"),
     ("s3://no-such-bucket/sweeps", "cannot write there"),

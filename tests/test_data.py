@@ -15,7 +15,10 @@ import pytest
 from jobs.catalog import load_catalog
 from jobs.config import TaskSpec
 from jobs.data import eval_rows, train_rows
+from jobs.errors import ConfigError, NotFound
 from jobs.prompts import completion_for, prompt_for
+
+pytestmark = pytest.mark.unit
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
 # The Kaggle Jigsaw task: numbers (`target` decides the completion), text, and many unused columns with nulls.
@@ -88,15 +91,15 @@ def _error(task: TaskSpec, kind: type[Exception]) -> str:
 def test_bad_local_files_give_one_line_errors_naming_the_fix(tmp_path: Path) -> None:
     task = load_catalog().task("jigsaw")
     missing = tmp_path / "nowhere" / "train.csv"
-    message = _error(with_files(task, train=str(missing)), FileNotFoundError)
+    message = _error(with_files(task, train=str(missing)), NotFound)
     assert str(missing) in message and "data_files.train" in message
     for name in ("train.txt", "train.parquet.gz"):
         path = tmp_path / name
         path.write_text("id,target,comment_text\n1,0.0,hi\n")
-        message = _error(with_files(task, train=str(path)), ValueError)
+        message = _error(with_files(task, train=str(path)), ConfigError)
         assert str(path) in message and "unsupported file type" in message and ".jsonl.gz" in message
     no_target = write_rows(tmp_path / "lacking.csv", [{k: v for k, v in row.items() if k != "target"} for row in ROWS])
-    message = _error(with_files(task, train=str(no_target)), ValueError)
+    message = _error(with_files(task, train=str(no_target)), ConfigError)
     assert str(no_target) in message and "missing column(s) target" in message and "id, target, comment_text" in message
-    message = _error(with_files(task, test=str(no_target)), ValueError)
+    message = _error(with_files(task, test=str(no_target)), ConfigError)
     assert "no file for split 'train'" in message and "data_files.train" in message

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,10 @@ import torch
 
 from jobs.catalog import load_catalog
 from jobs.config import QuantizationSettings
-from jobs.models import load_adapter, load_base_model
+from jobs.models import load_adapter, load_base_model, load_tokenizer
 from serving.batching import BatchingEngine, build_engine
 from serving.config import EngineSettings
+from serving.detok import CompletionText, Detokenizer
 from serving.engine import AdapterLoadError, ContextTooLong, Delta, EngineError, EngineOverloaded, InvalidRequest, SamplingParams
 from serving.synthetic import random_adapter
 
@@ -26,6 +28,8 @@ BASE = "tiny-llama"
 RANKS = [2, 4, 8, 16, 8, 4, 16, 2, 12, 6]  # 10 adapters of mixed ranks
 PROMPTS = ["The movie was great and", "Colour of the sky:", "12 + 7 =", "Review: awful film. Sentiment:", "Hello"]
 GREEDY = SamplingParams(max_tokens=12)
+
+pytestmark = pytest.mark.unit  # each test takes well under 2 s on a CPU (the module's engine is shared)
 
 
 def adapter_targets(index: int) -> list[str]:
@@ -166,6 +170,49 @@ def test_bad_requests_get_clear_errors(engine: BatchingEngine) -> None:
 
 async def _collect_ids(engine: BatchingEngine, prompt_ids: list[int], adapter: str | None) -> list[Delta]:
     return [delta async for delta in engine.generate(prompt_ids, adapter, GREEDY)]
+
+
+# --------------------------------------------------------------------------- detokenization (DecodeStream) and stop strings
+
+
+TRICKY = "Café: 日本語 🙂 ok. Answer: positive"  # multi-byte characters split over several byte-level tokens
+
+
+def tricky_ids() -> tuple[Any, list[int]]:
+    tokenizer = load_tokenizer(load_catalog().base_model(BASE))
+    return tokenizer, tokenizer(TRICKY, add_special_tokens=False)["input_ids"]
+
+
+def test_decode_stream_gives_the_window_decoders_text_on_tricky_input() -> None:
+    tokenizer, prompt = tricky_ids()
+    fast, window = Detokenizer(tokenizer), Detokenizer(tokenizer, use_decode_stream=False)
+    assert fast.stream is not None and window.stream is None  # the tiny tokenizers get tokenizers' DecodeStream
+    pieces = [fast.step(token) for token in prompt]
+    assert pieces == [window.step(token) for token in prompt]  # the same piece at the same token
+    assert "".join(pieces) == TRICKY and not any("\ufffd" in piece for piece in pieces)  # never half a character
+    assert pieces.count("") >= 5  # the multi-byte characters really were split across tokens
+    rng = random.Random(0)
+    for _ in range(100):  # any ids, special tokens included
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 30))]
+        fast, window = Detokenizer(tokenizer), Detokenizer(tokenizer, use_decode_stream=False)
+        assert [fast.step(token) for token in ids] == [window.step(token) for token in ids], ids
+        assert fast.held() == window.held()
+    held = Detokenizer(tokenizer)
+    assert [held.step(token) for token in prompt[:3]] == ["C", "af", ""] and held.held() == "\ufffd"  # EOS mid-character
+
+
+@pytest.mark.parametrize("stop", ["r: pos", "本語", "🙂 o"])
+def test_a_stop_string_split_across_tokens_never_reaches_the_stream(stop: str) -> None:
+    tokenizer, prompt = tricky_ids()
+    detok, output, streamed = Detokenizer(tokenizer), CompletionText((stop,)), []
+    for token in prompt:  # as the engine does per token
+        output.extend(detok.step(token))
+        if output.cut_at_stop():
+            streamed.append(output.take_rest())
+            break
+        streamed.append(output.take_ready())
+    assert "".join(streamed) == TRICKY[: TRICKY.find(stop)]
+    assert not any(stop[:2] in piece for piece in streamed)  # not even the stop string's start was sent ahead
 
 
 # --------------------------------------------------------------------------- adapters: tiers, bad ones, loads off the loop

@@ -17,7 +17,7 @@ from jobs.evaluate import evaluate_model
 from jobs.models import load_base_model, load_tokenizer
 from jobs.sandbox import load_problems
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "humaneval_mini.jsonl"
 PROBLEMS = load_problems(FIXTURE)
@@ -65,6 +65,7 @@ def force_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         new = []
         for ids, mask in zip(input_ids, attention_mask):
             prompt = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+            assert isinstance(prompt, str)
             new.append(tokenizer(answers[prompt], add_special_tokens=False)["input_ids"] + [eos_token_id])
         width = max(len(ids) for ids in new)
         return torch.cat([input_ids, torch.tensor([ids + [pad_token_id] * (width - len(ids)) for ids in new])], dim=1)

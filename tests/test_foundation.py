@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import csv
 import json
 import math
@@ -14,39 +13,16 @@ import pytest
 import torch
 
 from jobs.catalog import load_catalog
-from jobs.config import PROJECT_ROOT, ConfigError
+from jobs.config import PROJECT_ROOT, ConfigError, StrictModel
 from jobs.demo_data import GENERATORS, demo_rows
 from jobs.memory import estimate_memory_gb
 from orchestrator.cli import main as cli
 from orchestrator.config import expand_jobs, load_sweep
 
+pytestmark = pytest.mark.unit
+
 REFERENCE = PROJECT_ROOT / "tracking" / "reference"
 PACKAGES = ("jobs", "orchestrator", "serving", "tracking")
-
-
-def imported_packages(package: str) -> dict[str, set[str]]:
-    """Top-level modules each file of `package` imports."""
-    found = {}
-    for path in (PROJECT_ROOT / package).rglob("*.py"):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        found[str(path.relative_to(PROJECT_ROOT))] = names
-    return found
-
-
-@pytest.mark.parametrize("package, forbidden", [
-    ("jobs", {"orchestrator", "serving", "tracking", "mlflow"}),
-    ("serving", {"orchestrator", "mlflow"}),
-    ("orchestrator", {"mlflow"}),
-])
-def test_import_direction(package: str, forbidden: set[str]) -> None:
-    """jobs/ never imports orchestrator/ or serving/; serving/ never orchestrator/; only tracking/ imports mlflow."""
-    offenders = {f: sorted(names & forbidden) for f, names in imported_packages(package).items() if names & forbidden}
-    assert offenders == {}
 
 
 def test_catalog_json_is_the_study() -> None:
@@ -187,8 +163,8 @@ def test_lora_target_modules_are_checked_against_each_base_model(tmp_path: Path,
 
 
 def test_job_config_checks_lora_target_modules_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jobs.cli import main as job_cli
     from jobs.config import dump_yaml, load_job_config
-    from jobs.run import cli_main
     from tests.helpers import tiny_job
 
     path = tmp_path / "job.yaml"
@@ -199,8 +175,8 @@ def test_job_config_checks_lora_target_modules_too(tmp_path: Path, capsys: pytes
         load_job_config(path)
     assert error.value.problems == [expected]
     assert cli_errors(capsys, "validate", str(path)) == [f"error: {path}: {expected}"]
-    assert cli_main("train", ["--config", str(path)]) == 2  # `python -m jobs.train`: refused before loading anything
-    assert capsys.readouterr().err.strip() == f"{path}: {expected}"
+    assert job_cli("train", ["--config", str(path)]) == 2  # `python -m jobs.train`: refused before loading anything
+    assert capsys.readouterr().err.strip() == f"error: {path}: {expected}"
     dump_yaml(tiny_job(tmp_path / "out", base="tiny-gemma", lora={"target_modules": ["q_proj", "down_proj"]}), path)
     assert load_job_config(path).lora.target_modules == ["q_proj", "down_proj"]
 
@@ -223,17 +199,15 @@ def test_unreadable_yaml_is_one_line_naming_the_file(tmp_path: Path, capsys: pyt
     assert cli_errors(capsys, "validate", str(tmp_path)) == [f"error: {tmp_path}: not a file"]
 
 
-def config_models() -> list[type]:
+def config_models() -> list[type[StrictModel]]:
     """Every StrictModel subclass of the project, from each module that mentions StrictModel (new ones included)."""
     import importlib
-
-    from jobs.config import StrictModel
 
     for package in PACKAGES:
         for path in (PROJECT_ROOT / package).rglob("*.py"):
             if "StrictModel" in path.read_text():
                 importlib.import_module(".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts))
-    found: list[type] = []
+    found: list[type[StrictModel]] = []
     pending = list(StrictModel.__subclasses__())
     while pending:
         model = pending.pop()
@@ -255,8 +229,6 @@ def nested_models(annotation: object) -> list[type]:
 
 def test_every_config_field_is_described_and_unknown_keys_are_rejected() -> None:
     from pydantic import ValidationError
-
-    from jobs.config import StrictModel
 
     models = config_models()
     names = {m.__name__ for m in models}

@@ -20,6 +20,8 @@ from jobs.data import eval_rows, load_rows, train_rows
 from jobs.models import attach_lora, compute_dtype, load_base_model
 from jobs.train import make_optimizer
 
+pytestmark = pytest.mark.unit
+
 CATALOG = load_catalog()
 
 
@@ -75,6 +77,7 @@ def test_4bit_layers_are_nf4_with_double_quantization_and_fp32_compute_on_a_cpu(
     arch = CATALOG.base_model("tiny-llama").architecture
     assert len(layers) == 7 * arch.num_layers  # q, k, v, o, gate, up, down in every block
     for layer in layers:
+        assert isinstance(layer.weight, bnb.nn.Params4bit)
         state = layer.weight.quant_state
         assert state.quant_type == "nf4"
         assert state.nested and state.state2 is not None  # the absmax constants are quantized too

@@ -8,6 +8,8 @@ import pytest
 
 from jobs.metrics import normalize, parse_answer, rouge_l, score
 
+pytestmark = pytest.mark.unit
+
 SST2 = ["negative", "positive"]
 COLA = ["unacceptable", "acceptable"]
 COVID = ["Extremely Negative", "Negative", "Neutral", "Positive", "Extremely Positive"]

@@ -10,14 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.register_assert_rewrite("tests.tracking_fixtures")  # before the import below: its asserts are rewritten too
-
 from jobs.catalog import load_catalog
 from tests.tracking_fixtures import BASES, SWEEP, TASKS, Sweep
 from tracking import heuristics as heur
 from tracking import report, store
-
-pytest_plugins = ["tests.tracking_fixtures"]
 
 CHARTS = ("finetuned_heatmap.png", "lift_by_base_model.png", "heuristics_correlation.png", "lift_predictor.png")
 SWEEP_CHARTS = tuple(c for c in CHARTS if c != "heuristics_correlation.png")  # 2 tasks: no correlation to draw
@@ -45,7 +41,7 @@ def assert_drew(chart: report.Chart, cells: int = 0, bars: int = 0, points: int 
 # --------------------------------------------------------------------------- from the real sweep
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_report_of_the_2x2_sweep(tiny_sweep: Sweep, tmp_path: Path) -> None:
     built = report.build_report(SWEEP, tmp_path / "report", uri=tiny_sweep.uri)
     out = built.out_dir
@@ -115,6 +111,7 @@ def study_runs(tasks: list[str], bases: list[str], noise: float = 0.02) -> pd.Da
     return pd.DataFrame(rows, columns=report.RUN_COLUMNS)
 
 
+@pytest.mark.unit
 def test_report_compares_with_the_study_and_names_the_source(tmp_path: Path) -> None:
     tasks = ["glue_sst2", "boolq", "gsm8k", "winogrande", "dbpedia", "customer_support"]
     runs = study_runs(tasks, ["mistral-7b", "phi-2"])
@@ -158,6 +155,7 @@ def test_report_compares_with_the_study_and_names_the_source(tmp_path: Path) -> 
         assert best.loc[task, "finetuned_score"] == rows["finetuned_score"].max()
 
 
+@pytest.mark.unit
 def test_leaderboard_keeps_pairs_with_a_missing_side() -> None:
     runs = study_runs(["boolq"], ["mistral-7b", "phi-2"])
     runs = runs[~((runs["kind"] == "evaluate_base") & (runs["base_model"] == "phi-2"))]
@@ -166,6 +164,7 @@ def test_leaderboard_keeps_pairs_with_a_missing_side() -> None:
     assert board.loc["mistral-7b", "lift"] == pytest.approx(board.loc["mistral-7b", "finetuned_score"] - board.loc["mistral-7b", "base_score"])
 
 
+@pytest.mark.unit
 def test_a_blank_chart_is_told_apart_from_a_chart_with_data(tmp_path: Path) -> None:
     runs = study_runs(["boolq", "gsm8k"], ["mistral-7b", "phi-2"])
     board = report.leaderboard(runs)
@@ -187,6 +186,7 @@ def test_a_blank_chart_is_told_apart_from_a_chart_with_data(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- heuristics (pure functions)
 
 
+@pytest.mark.unit
 def test_heuristics_of_known_examples() -> None:
     inputs = ["a b c d", "a b", "x y z w v u"]
     outputs = ["a b", "q", "x y z w v u"]
@@ -205,6 +205,7 @@ def test_heuristics_of_known_examples() -> None:
         heur.example_heuristics(["a"], [], 1, heur.WORDS.tokenize)
 
 
+@pytest.mark.unit
 def test_task_heuristics_of_a_demo_task() -> None:
     task = load_catalog().task("demo_colors")
     values = heur.task_heuristics(task, heur.length_unit(["tiny-llama"]).tokenize, limit=50)
@@ -212,6 +213,7 @@ def test_task_heuristics_of_a_demo_task() -> None:
     assert values["output_tokens_mean"] < values["input_tokens_mean"]
 
 
+@pytest.mark.unit
 def test_lengths_in_a_local_tokenizer_else_words(monkeypatch: pytest.MonkeyPatch) -> None:
     import jobs.catalog
 
@@ -235,6 +237,7 @@ def test_lengths_in_a_local_tokenizer_else_words(monkeypatch: pytest.MonkeyPatch
     assert {k: v for k, v in tokens.items() if "tokens" not in k} == {k: v for k, v in words.items() if "tokens" not in k}
 
 
+@pytest.mark.unit
 def test_heuristics_sample_is_seeded_and_random_not_the_head() -> None:
     from jobs.data import train_rows
     from jobs.prompts import prompt_for
@@ -250,6 +253,7 @@ def test_heuristics_sample_is_seeded_and_random_not_the_head() -> None:
     assert prompts != [prompt_for(task, row) for row in train_rows(task, 50)]
 
 
+@pytest.mark.unit
 def test_tokenizer_is_downloaded_unless_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """A real base model's tokenizer: fetched from the Hub (tokenizer files only) when HF_HUB_OFFLINE is not set,
     looked up in the cache only when it is; nothing is downloaded here (from_pretrained is recorded)."""

@@ -1,7 +1,7 @@
 """Serving: the OpenAI-compatible Ray Serve app over adapters published by a tiny sweep.
 
-Fast tests cover the pieces alone (model-id resolution over real registry entities, chat formats,
-request validation, adapter file checks, serve configs, the health check). The slow tests start a
+Unit tests cover the pieces alone (model-id resolution over real registry entities, chat formats,
+request validation, adapter file checks, serve configs, the health check). The cluster-tier tests start a
 real Serve app on loopback (Ray on 127.0.0.1, HTTP on a free port) in front of the session's real
 `mlflow server`, and talk to it with the official `openai` client and raw HTTP: every adapter's
 greedy answer must equal what the same adapter gives offline (PEFT + `jobs.evaluate.generate`).
@@ -10,7 +10,6 @@ greedy answer must equal what the same adapter gives offline (PEFT + `jobs.evalu
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -22,28 +21,27 @@ from typing import Any
 
 import httpx
 import pytest
-
-pytest.register_assert_rewrite("tests.tracking_fixtures")  # before the import below: its asserts are rewritten too
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from jobs.config import PROJECT_ROOT, ConfigError
+from jobs.ports import free_port
 from orchestrator.cli import main as cli
 from serving.adapters import AdapterStore, adapter_id, check_adapter_files, model_ids, resolve
 from serving.api import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from serving.chat import Message, render_chat
 from serving.config import BaseDeployment, EngineSettings, IngressSettings, ServeConfig, load_serve_config
 from serving.engine import AdapterLoadError
-from tests.tracking_fixtures import BASES, TASKS, Sweep, free_port
+from tests.tracking_fixtures import BASES, TASKS, Sweep
 from tracking.registry import TaskAdapters
-
-pytest_plugins = ["tests.tracking_fixtures"]
 
 API_KEY = "sk-test-loraland"
 PROMPTS_PER_ADAPTER = 3
 MAX_TOKENS = 12  # every greedy request here and offline asks for this many tokens
 
 
-# --------------------------------------------------------------------------- fast: pieces alone
+# --------------------------------------------------------------------------- unit: pieces alone
 
 
 def version(task: str, number: int, base: str, score: float) -> ModelVersion:
@@ -51,6 +49,7 @@ def version(task: str, number: int, base: str, score: float) -> ModelVersion:
     return ModelVersion(f"loraland-{task}", str(number), 0, tags=tags)
 
 
+@pytest.mark.unit
 def test_model_ids_resolve_to_base_pair_and_champion() -> None:
     published = {
         "sentiment": TaskAdapters("sentiment", [version("sentiment", 1, "llama", 0.9), version("sentiment", 2, "mistral", 0.7),
@@ -71,6 +70,7 @@ def test_model_ids_resolve_to_base_pair_and_champion() -> None:
     assert ids == ["llama", "mistral", "llama:math", "llama:sentiment", "mistral:sentiment", "sentiment"]
 
 
+@pytest.mark.unit
 def test_resolver_reuses_its_view_and_survives_a_registry_outage() -> None:
     """One registry read per TTL; when a read fails the last view is served; with no view yet, a 503."""
     import asyncio
@@ -109,6 +109,7 @@ def test_resolver_reuses_its_view_and_survives_a_registry_outage() -> None:
     ("phi", "Instruct: Be brief.\n\nHi\nOutput: Hello\nInstruct: Bye\nOutput:"),
     ("plain", "Be brief.\nHi\nHello\nBye"),
 ])
+@pytest.mark.unit
 def test_chat_formats(chat_format: str, expected: str) -> None:
     messages = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Bye")]
     assert render_chat(messages, chat_format) == expected
@@ -130,6 +131,7 @@ def test_chat_formats(chat_format: str, expected: str) -> None:
     (ChatCompletionRequest, {"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
 ])
+@pytest.mark.unit
 def test_bad_parameters_are_400_naming_the_parameter(schema: type, body: dict[str, Any], param: str) -> None:
     with pytest.raises(APIError) as caught:
         parse_request(schema, body)
@@ -138,6 +140,7 @@ def test_bad_parameters_are_400_naming_the_parameter(schema: type, body: dict[st
     assert set(error.body()["error"]) == {"message", "type", "param", "code"} and param in error.message
 
 
+@pytest.mark.unit
 def test_valid_requests_parse_with_openai_defaults() -> None:
     completion = parse_request(CompletionRequest, {"model": "m", "prompt": ["p"], "stop": "x"})
     assert (completion.max_tokens, completion.temperature, completion.stop_strings(), completion.prompt_text()) == (16, 1.0, ("x",), "p")
@@ -162,6 +165,7 @@ def adapter_folder(root: Path, base_hf_id: str, extra: dict[str, bytes] | None =
     ({"adapter_config.json": b"{not json"}, "not valid JSON"),
     ({"adapter_config.json": json.dumps({"base_model_name_or_path": "tiny/tiny-mistral"}).encode()}, "names base model 'tiny/tiny-mistral'"),
 ])
+@pytest.mark.unit
 def test_adapter_files_only_json_and_safetensors_of_this_base(tmp_path: Path, extra: dict[str, bytes], message: str) -> None:
     from jobs.catalog import load_catalog
 
@@ -171,6 +175,7 @@ def test_adapter_files_only_json_and_safetensors_of_this_base(tmp_path: Path, ex
         check_adapter_files(adapter_folder(tmp_path / "bad", base.hf_id, extra), base)
 
 
+@pytest.mark.unit
 def test_serve_config_file_is_ray_serve_format_and_ours() -> None:
     """configs/serve/demo.yaml is what `serve run` reads (Ray's schema, our builder) and what `loraland serve` reads."""
     import yaml
@@ -192,6 +197,7 @@ def test_serve_config_file_is_ray_serve_format_and_ours() -> None:
     assert "num_replicas" not in scaled and scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 16}
 
 
+@pytest.mark.unit
 def test_bad_serve_config_is_one_line_per_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "serve.yaml"
     bad.write_text("applications:\n  - import_path: serving.app:build_app\n    args:\n      port: 9\n"
@@ -204,10 +210,14 @@ def test_bad_serve_config_is_one_line_per_problem(tmp_path: Path, capsys: pytest
     assert cli(["serve", str(bad)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and "precision" in lines[0] and "unknown base model 'nope'" in lines[1]
+    bad.write_text("deployments: [{base_model: tiny-llama, engine: {target_modules: [fc1]}}]\n")  # a phi layer name
+    assert cli(["serve", str(bad)]) == 2
+    assert "deployments[0].engine.target_modules: none of ['fc1'] is a linear layer" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         load_serve_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.unit
 def test_health_check_fails_when_the_decode_loop_dies(tmp_path: Path) -> None:
     """Serve's health check on a base model's replica is the engine's: alive, then dead after shutdown."""
     from serving.app import BaseModelServer
@@ -220,7 +230,7 @@ def test_health_check_fails_when_the_decode_loop_dies(tmp_path: Path) -> None:
         server.check_health()
 
 
-# --------------------------------------------------------------------------- slow: a real app on loopback
+# --------------------------------------------------------------------------- cluster: a real app on loopback
 
 
 @dataclass
@@ -318,15 +328,16 @@ def endpoint(tiny_sweep: Sweep, tmp_path_factory: pytest.TempPathFactory) -> Ite
                            engine=EngineSettings(max_batch_size=1, max_queued_requests=1)),
         ])
     metrics_port = free_port()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port)
-    try:
-        url = deploy(config)
-        yield Endpoint(url, metrics_port, tiny_sweep, offline, prompts, moving)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:  # for this module's Ray only: the processes ray.init starts inherit it
+        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _metrics_export_port=metrics_port)
+        try:
+            url = deploy(config)
+            yield Endpoint(url, metrics_port, tiny_sweep, offline, prompts, moving)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
@@ -342,7 +353,7 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
 ADAPTER_IDS = [f"{base}:{task}" for base in BASES for task in TASKS]
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_openai_client_lists_completes_chats_and_streams(endpoint: Endpoint) -> None:
     client = endpoint.client()
     listed = {model.id for model in client.models.list()}
@@ -374,7 +385,7 @@ def test_openai_client_lists_completes_chats_and_streams(endpoint: Endpoint) -> 
     assert base.system_fingerprint == "base" and base.usage.completion_tokens >= 1
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_task_champion_and_stop_strings(endpoint: Endpoint) -> None:
     from tracking import registry
 
@@ -392,7 +403,7 @@ def test_task_champion_and_stop_strings(endpoint: Endpoint) -> None:
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(full.text[2:4])]
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_concurrent_requests_for_different_adapters_all_answer_correctly(endpoint: Endpoint) -> None:
     client = endpoint.client()
     asks = [(model, prompt) for model in ADAPTER_IDS for prompt in endpoint.prompts[model.split(":")[1]]] * 2
@@ -405,7 +416,7 @@ def test_concurrent_requests_for_different_adapters_all_answer_correctly(endpoin
     assert answers == [endpoint.offline[item] for item in asks]
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_every_error_has_its_status_and_openai_shape(endpoint: Endpoint) -> None:
     import openai
 
@@ -435,7 +446,7 @@ def test_every_error_has_its_status_and_openai_shape(endpoint: Endpoint) -> None
     assert_openai_error(httpx.get(endpoint.url + "/nowhere", headers={"Authorization": f"Bearer {API_KEY}"}), 404)
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_overload_is_503_or_429_with_retry_after(endpoint: Endpoint) -> None:
     """tiny-gemma holds 1 running + 1 queued in its engine and 1 in Serve's queue: a burst of 12 overflows."""
     body = {"model": "tiny-gemma", "prompt": endpoint.prompts[TASKS[0]][0], "max_tokens": 48, "temperature": 0}
@@ -451,7 +462,7 @@ def test_overload_is_503_or_429_with_retry_after(endpoint: Endpoint) -> None:
     assert endpoint.post("/completions", body).status_code == 200  # and it serves again once the burst is over
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_corrupt_adapters_fail_only_their_own_requests(endpoint: Endpoint) -> None:
     good_model, prompt = "tiny-llama:demo_sentiment", endpoint.prompts["demo_sentiment"][0]
     bodies = [{"model": m, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
@@ -473,7 +484,7 @@ def test_corrupt_adapters_fail_only_their_own_requests(endpoint: Endpoint) -> No
     assert again.choices[0].text.strip() == endpoint.offline[(good_model, prompt)]  # the replica goes on
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_moved_champion_is_served_without_restart(endpoint: Endpoint) -> None:
     from tracking import registry
 
@@ -498,7 +509,7 @@ def first_model_version(endpoint: Endpoint, task: str) -> str:
     return str(endpoint.sweep.job("train", "tiny-llama", task).model_version)
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_one_download_per_adapter_however_many_ask(endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from jobs.catalog import load_catalog
     from tracking import registry
@@ -530,27 +541,41 @@ def test_one_download_per_adapter_however_many_ask(endpoint: Endpoint, tmp_path:
         store(adapter_id("demo_colors", endpoint.sweep.job("train", "tiny-llama", "demo_colors").model_version))
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_per_adapter_metrics_are_exported_for_prometheus(endpoint: Endpoint) -> None:
     client = endpoint.client()
     model = "tiny-mistral:demo_sentiment"
     adapter = adapter_id("demo_sentiment", endpoint.sweep.job("train", "tiny-mistral", "demo_sentiment").model_version)
     for _ in range(2):
         client.completions.create(model=model, prompt=endpoint.prompts["demo_sentiment"][0], max_tokens=4, temperature=0)
-    wanted = ['ray_loraland_requests_total{', f'adapter="{adapter}"', 'ray_loraland_time_to_first_token_seconds_bucket',
-              'ray_loraland_request_latency_seconds_count', 'ray_loraland_completion_tokens_total',
-              'ray_loraland_adapter_load_seconds_count', 'ray_loraland_adapter_cache_total', 'result="hit"',
-              'ray_loraland_adapter_fetches_total', 'source="download"']
-    def served(text: str) -> float:  # this model's successful requests as exported
-        lines = [line for line in text.splitlines() if line.startswith("ray_loraland_requests_total{")
-                 and f'model="{model}"' in line and 'status="200"' in line]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
-
-    text, deadline = "", time.monotonic() + 90
+    wanted = [("ray_loraland_requests_total", {"model": model, "adapter": adapter, "status": "200"}),
+              ("ray_loraland_time_to_first_token_seconds_bucket", {}), ("ray_loraland_request_latency_seconds_count", {}),
+              ("ray_loraland_completion_tokens_total", {}), ("ray_loraland_adapter_load_seconds_count", {}),
+              ("ray_loraland_adapter_cache_total", {"result": "hit"}), ("ray_loraland_adapter_fetches_total", {"source": "download"})]
+    found: list[Sample] = []
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:  # Ray's agent exports what replicas reported within a few seconds, not all at once
-        text = httpx.get(f"http://127.0.0.1:{endpoint.metrics_port}/metrics", timeout=10).text
-        if all(item in text for item in wanted) and served(text) >= 2:
+        found = exported_samples(httpx.get(f"http://127.0.0.1:{endpoint.metrics_port}/metrics", timeout=10).text)
+        if not missing_samples(found, wanted) and sample_sum(found, *wanted[0]) >= 2:
             break
         time.sleep(1.0)
-    assert [item for item in wanted if item not in text] == []
-    assert served(text) >= 2
+    assert missing_samples(found, wanted) == []
+    assert sample_sum(found, *wanted[0]) >= 2  # this model's two successful requests
+
+
+def exported_samples(text: str) -> list[Sample]:
+    """Every sample of a Prometheus text exposition, parsed by prometheus_client."""
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def matches(sample: Sample, name: str, labels: dict[str, str]) -> bool:
+    return sample.name == name and labels.items() <= sample.labels.items()
+
+
+def missing_samples(found: list[Sample], wanted: list[tuple[str, dict[str, str]]]) -> list[tuple[str, dict[str, str]]]:
+    """The (name, labels) pairs of `wanted` that no sample of `found` has (a sample may carry more labels)."""
+    return [(name, labels) for name, labels in wanted if not any(matches(sample, name, labels) for sample in found)]
+
+
+def sample_sum(found: list[Sample], name: str, labels: dict[str, str]) -> float:
+    return sum(sample.value for sample in found if matches(sample, name, labels))

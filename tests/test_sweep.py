@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from jobs.config import PROJECT_ROOT
 
-pytestmark = pytest.mark.slow
-pytest_plugins = ["tests.tracking_fixtures", "tests.object_store"]
+pytestmark = pytest.mark.cluster
 MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
 
 
@@ -33,6 +32,20 @@ def sweep_env(home: Path) -> dict[str, str]:
     return os.environ | {"LORALAND_HOME": str(home), "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+def kill_process_tree(pid: int, timeout_s: float = 60) -> None:
+    """SIGKILL a process and all its descendants (the driver's local Ray: GCS, raylet, workers), found from its PID
+    before any is killed, and wait until they are gone: a crash of that driver, touching no other process."""
+    root = psutil.Process(pid)
+    tree = [root, *root.children(recursive=True)]
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    assert alive == [], alive
+
+
 def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path: Path) -> None:
     uri = f"{mlflow_server.uri}"
     first = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path))
@@ -48,6 +61,15 @@ def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path
         if run.data.tags["loraland.kind"] == "train":
             assert "lift" in run.data.metrics
             assert "adapter" in {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    # The experiment and the parent run say what they are (MLflow's note): the sweep, its file, counts, results.
+    from tracking import store
+
+    experiment_id = store.experiment_id_for("mini", uri)
+    note = MlflowClient(uri).get_experiment(experiment_id).tags[store.NOTE_TAG]
+    assert "`mini`" in note and str(MINI) in note and "4 jobs (2 fine-tunes, 2 base evaluations)" in note, note
+    assert "0 already finished, 4 to run" in note and "4 of 4 jobs done (0 in an earlier run), 0 failed" in note, note
+    assert "Best lift per task: demo_arithmetic" in note and "Mean fine-tuned score" in note and "http" not in note, note
+    assert store.find_sweep_run(experiment_id, "mini", uri).data.tags[store.NOTE_TAG] == note
     second = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "4 already finished, 0 to run" in second.stdout
@@ -82,9 +104,8 @@ def test_killed_driver_then_rerun_completes_without_duplicates(s3_store, tmp_pat
     live = job_runs(uri)  # the first driver's runs: none closed by the second, none made twice
     assert {r.info.status for r in live} <= {"RUNNING", "FINISHED"} and len({r.data.tags["loraland.job_key"] for r in live}) == len(live)
     assert driver.poll() is None
-    os.killpg(driver.pid, signal.SIGKILL)
+    kill_process_tree(driver.pid)  # the driver's local Ray goes with it
     driver.wait()
-    subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)  # the driver's local Ray goes with it
     again = subprocess.run(sweep_command(uri, storage, sweep), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path) | s3_store.env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     runs = job_runs(uri)

@@ -20,6 +20,8 @@ from jobs.catalog import load_catalog_file
 from jobs.config import TaskSpec
 from jobs.prompts import completion_for, cut_prompt, prompt_for
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_FILE = ROOT / "configs" / "catalog" / "tasks.yaml"
 REFERENCE_CSV = ROOT / "tracking" / "reference" / "lora_land_tasks.csv"

@@ -8,19 +8,27 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("tests.tracking_fixtures")  # before the import below: its asserts are rewritten too
-
-from tests.tracking_fixtures import BASES, SWEEP, TASKS, Server, Sweep, TcpProxy, fake_adapter, free_port, log_one_job
+from jobs.errors import Unreachable
+from jobs.ports import free_port
+from tests.helpers import wait_until
+from tests.tracking_fixtures import (
+    BASES,
+    SWEEP,
+    TASKS,
+    Server,
+    Sweep,
+    TcpProxy,
+    check_concurrent_job_loggers,
+    check_job_survives_restart,
+    fake_adapter,
+)
 from tracking import retry, store
-
-pytest_plugins = ["tests.tracking_fixtures"]
 
 STEP_CURVES = ("loss", "learning_rate", "tokens_per_second")
 
@@ -28,6 +36,7 @@ STEP_CURVES = ("loss", "learning_rate", "tokens_per_second")
 # --------------------------------------------------------------------------- fast: no server
 
 
+@pytest.mark.unit
 def test_retry_backs_off_on_transient_errors_only(monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
     monkeypatch.setattr(retry.time, "sleep", sleeps.append)
@@ -65,6 +74,7 @@ def test_retry_backs_off_on_transient_errors_only(monkeypatch: pytest.MonkeyPatc
     assert retry.is_transient(RuntimeError("INTERNAL_ERROR: Model Version creation error (name=loraland-x). Giving up after 3 attempts."))
 
 
+@pytest.mark.unit
 def test_retry_budget_alone_covers_a_server_restart_of_a_minute() -> None:
     """The worker budget documented in tracking/retry.py: even with MLflow's HTTP retries off, and every
     sleep at its shortest jitter, tracking keeps trying for over 60 s (a restart takes 7-12 s)."""
@@ -72,27 +82,31 @@ def test_retry_budget_alone_covers_a_server_restart_of_a_minute() -> None:
     assert 60 < retry.budget_s() == pytest.approx(91.5 * 0.75)
 
 
+@pytest.mark.unit
 def test_unreachable_server_is_one_line_naming_the_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises(Unreachable) as raised:
         store.check_reachable(uri, timeout_s=1.0)
     assert time.monotonic() - started < 6  # bounded: no minutes of retries
     message = str(raised.value)
     assert "\n" not in message and uri in message and "--tracking-uri" in message and "MLFLOW_TRACKING_URI" in message
     monkeypatch.setenv("LORALAND_TRACKING_WAIT_S", "0.5")  # the default wait comes from the environment
-    with pytest.raises(ValueError, match="waited 0s|waited 1s"):
+    with pytest.raises(Unreachable, match="waited 0s|waited 1s"):
         store.check_reachable(uri)
     sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert store.check_reachable(sqlite) == sqlite  # no server to wait for
 
 
+@pytest.mark.unit
 def test_tracking_uri_explicit_then_env_then_embedded_sqlite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LORALAND_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     default = store.resolve_tracking_uri(None)
     assert default == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
-    assert (tmp_path / "home").is_dir()  # SQLite cannot create the folder itself
+    assert not (tmp_path / "home").exists()  # resolving writes nothing...
+    store.client(default)
+    assert (tmp_path / "home").is_dir()  # ...a client, which may write, makes the folder (SQLite cannot)
     assert store.artifact_root(default) == (tmp_path / "home" / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert store.resolve_tracking_uri(None) == "http://127.0.0.1:1"
@@ -100,6 +114,7 @@ def test_tracking_uri_explicit_then_env_then_embedded_sqlite(monkeypatch: pytest
     assert store.resolve_tracking_uri("https://mlflow.example:443") == "https://mlflow.example:443"
 
 
+@pytest.mark.unit
 def test_ui_command_serves_the_embedded_store_on_loopback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from tracking.ui import ui_command
 
@@ -113,6 +128,7 @@ def test_ui_command_serves_the_embedded_store_on_loopback(monkeypatch: pytest.Mo
         ui_command("http://127.0.0.1:5000")
 
 
+@pytest.mark.unit
 def test_param_values_round_trip() -> None:
     values = {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"], "dropout": 0.05}, "quant": True, "name": "nf4", "none": None}
     flat = store.flatten(values)
@@ -120,14 +136,14 @@ def test_param_values_round_trip() -> None:
     assert {k: store.decode_param(store.encode_param(v)) for k, v in flat.items()} == flat
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_embedded_default_sqlite_and_loraland_ui(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No server: runs go to <data_home>/mlflow.db, artifacts to <data_home>/mlartifacts (not ./mlruns of
     the working folder); `start_ui` serves that store on 127.0.0.1."""
     from jobs.run import JobResult
-    from tests.tracking_fixtures import free_port
+    from tracking.server import stop_server
     from tracking.tracker import JobTracker
-    from tracking.ui import start_ui, stop_server
+    from tracking.ui import start_ui
 
     monkeypatch.setenv("LORALAND_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -157,7 +173,7 @@ def run_of(sweep: Sweep, kind: str, base: str, task: str):
     return store.client(sweep.uri).get_run(sweep.job(kind, base, task).run_id)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sweep_layout_one_experiment_parent_and_child_per_job(tiny_sweep: Sweep) -> None:
     client = store.client(tiny_sweep.uri)
     assert client.get_experiment(tiny_sweep.experiment_id).name == SWEEP
@@ -177,7 +193,7 @@ def test_sweep_layout_one_experiment_parent_and_child_per_job(tiny_sweep: Sweep)
     store.finish_sweep_run(tiny_sweep.parent_run_id, uri=tiny_sweep.uri)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("task", TASKS)
 def test_train_run_has_every_item(tiny_sweep: Sweep, base: str, task: str) -> None:
@@ -223,7 +239,7 @@ def test_train_run_has_every_item(tiny_sweep: Sweep, base: str, task: str) -> No
     assert files["adapter_model.safetensors"] == (Path(job.result.adapter_dir) / "adapter_model.safetensors").stat().st_size
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_base_evaluation_runs(tiny_sweep: Sweep) -> None:
     for base in BASES:
         for task in TASKS:
@@ -235,7 +251,7 @@ def test_base_evaluation_runs(tiny_sweep: Sweep) -> None:
             assert run.data.metrics["peak_memory_mb"] > 0  # measured by the tracker: base evaluations have it too
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_adapter_loads_back_with_the_same_greedy_tokens(tiny_sweep: Sweep, tmp_path: Path) -> None:
     """The adapter loaded from the registry gives exactly the tokens the trained model gave before it was logged."""
     from peft import PeftModel
@@ -266,7 +282,7 @@ def greedy_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int) 
     """The token ids `model` generates greedily after each prompt (one prompt at a time: no padding)."""
     import torch
 
-    from jobs.train import encode_prompt
+    from jobs.encoding import encode_prompt
 
     model.eval()
     generated = []
@@ -294,7 +310,7 @@ def finish_train_job(uri: str, experiment_id: str, job_key: str, task: str, scor
     return tracker
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_champion_moves_by_itself_as_better_jobs_finish(mlflow_server: Server, tmp_path: Path) -> None:
     from tracking import registry
 
@@ -310,7 +326,7 @@ def test_champion_moves_by_itself_as_better_jobs_finish(mlflow_server: Server, t
     assert [v.version for v in registry.versions(task, uri)] == [worse.model_version, better.model_version, middle.model_version]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_champion_of_each_task_is_its_best_version(tiny_sweep: Sweep) -> None:
     from tracking import registry
 
@@ -334,7 +350,7 @@ def test_champion_of_each_task_is_its_best_version(tiny_sweep: Sweep) -> None:
         assert registry.register_adapter(job.run_id, task, BASES[0], job.result.score, uri=tiny_sweep.uri) == job.model_version
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_promote_pins_the_champion_until_a_better_version_arrives(tiny_sweep: Sweep) -> None:
     from tracking import registry
 
@@ -359,7 +375,7 @@ def test_promote_pins_the_champion_until_a_better_version_arrives(tiny_sweep: Sw
 # --------------------------------------------------------------------------- failures and concurrency
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_killed_worker_run_is_closed_and_a_retry_reuses_its_run(mlflow_server: Server) -> None:
     from jobs.run import JobResult
     from tracking.tracker import JobTracker
@@ -392,56 +408,12 @@ def test_killed_worker_run_is_closed_and_a_retry_reuses_its_run(mlflow_server: S
     assert failed.info.status == "FAILED" and "out of memory" in failed.data.tags[store.TAG_ERROR]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_32_processes_logging_at_once_lose_nothing(mlflow_server: Server) -> None:
-    uri = mlflow_server.uri
-    experiment_id = store.ensure_experiment("concurrency", uri)  # created by the driver, passed to workers
-    parent = store.start_sweep_run(experiment_id, "concurrency", {"workers": 32}, uri)
-    # forkserver: 32 separate processes forked from one that imported MLflow once (importing it 32
-    # times takes ~100 CPU-seconds on this 2-core machine); each opens its own connections.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tracking.tracker", "tracking.registry", "jobs.train", "tests.tracking_fixtures"])
-    results = context.Queue()
-    start_at = time.time() + 3.0
-    # Every other worker also logs its adapter and registers it, all as versions of one task's model.
-    registering = {i: "concurrency_adapters" if i % 2 == 0 else None for i in range(32)}  # no other test registers this task
-    workers = [context.Process(target=log_one_job, args=(uri, experiment_id, parent, i, start_at, results, registering[i]))
-               for i in range(32)]
-    for worker in workers:
-        worker.start()
-    reported = [results.get(timeout=240) for _ in workers]
-    for worker in workers:
-        worker.join(60)
-    assert [w.exitcode for w in workers] == [0] * 32
-    assert len({pid for _, _, pid, _ in reported}) == 32  # 32 distinct processes
-    runs = store.job_runs(experiment_id, uri)
-    assert len(runs) == 32 and {r.info.run_id for r in runs} == {run_id for _, run_id, _, _ in reported}
-    assert {r.data.tags[store.TAG_JOB_KEY] for r in runs} == {f"concurrency/w{i:02d}" for i in range(32)}
-    for run in runs:
-        index = int(run.data.tags[store.TAG_JOB_KEY][-2:])
-        assert run.info.status == "FINISHED" and run.data.tags[store.TAG_PARENT] == parent
-        assert run.data.params["worker"] == str(index) and run.data.metrics["score"] == pytest.approx(index / 32)
-        assert run.data.metrics["tokens_per_second"] == 100.0 + index and run.data.metrics["peak_memory_mb"] == 10.0 + index
-    client = store.client(uri)
-    assert list(client.search_runs(["0"])) == []  # nothing in Default
-    elsewhere = [r for e in client.search_experiments() if e.experiment_id != experiment_id
-                 for r in client.search_runs([e.experiment_id], "tags.`loraland.job_key` LIKE 'concurrency/%'")]
-    assert elsewhere == []  # none in the wrong experiment
-    # Registering at once: one version per registering run, none lost or doubled, and the champion is the best.
-    from tracking import registry
-
-    versions = registry.versions("concurrency_adapters", uri)
-    by_run = {index: (run_id, version) for index, run_id, _, version in reported if registering[index]}
-    assert sorted(v.run_id for v in versions) == sorted(run_id for run_id, _ in by_run.values())
-    assert sorted(int(v.version) for v in versions) == list(range(1, 17))
-    assert {v.run_id: v.version for v in versions} == dict(by_run.values())  # what each worker was told
-    assert all(version is None for index, _, _, version in reported if not registering[index])
-    assert all({a.path for a in client.list_artifacts(run_id, "adapter")} for run_id, _ in by_run.values())
-    assert registry.champion("concurrency_adapters", uri).version == by_run[30][1]  # the highest score: index 30 of 32
-    store.finish_sweep_run(parent, uri=uri)
+    check_concurrent_job_loggers(mlflow_server.uri, workers=32)  # also run on PostgreSQL: tests/test_tracking_postgres.py
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_writes_survive_the_server_being_unreachable(mlflow_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server vanishes for 3 s mid-job (connections refused and cut) while steps are logged and the job finishes."""
     from jobs.run import JobResult
@@ -459,12 +431,11 @@ def test_writes_survive_the_server_being_unreachable(mlflow_server: Server, monk
         run_id = tracker.start()
         for step in range(1, 6):
             tracker.on_step(step, {"loss": 1.0 / step})
-        time.sleep(1.0)  # sent by the background flusher
+        wait_until(lambda: len(store.client(mlflow_server.uri).get_metric_history(run_id, "loss")) == 5, 60,
+                   "the background flusher to send steps 1-5")
         proxy.stop()
-        for step in range(6, 11):  # training goes on while the server is away: on_step never blocks
-            started = time.monotonic()
+        for step in range(6, 11):  # training goes on while the server is away: on_step only buffers
             tracker.on_step(step, {"loss": 1.0 / step})
-            assert time.monotonic() - started < 0.1
         threading.Timer(3.0, proxy.start).start()
         result = JobResult(tracker.job_key, "train", "tiny-llama", "demo_sentiment", "accuracy", 0.75, 4, None, {"lr": 0.01},
                            summary={"peak_memory_mb": 123.0}, predictions=[{"index": 0, "prompt": "p", "prediction": "a", "gold": "a", "score": 1.0}])
@@ -480,87 +451,33 @@ def test_writes_survive_the_server_being_unreachable(mlflow_server: Server, monk
     assert not math.isnan(run.data.metrics["score"])
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_job_survives_a_real_server_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real `mlflow server` is stopped mid-job and started again on the same port, SQLite file and
-    artifact folder while the job logs steps, finishes, uploads its adapter and registers it: nothing is
-    dropped. MLflow's HTTP retries are off, so tracking's own budget (`retry.budget_s`) covers the restart alone."""
-    from jobs.run import JobResult
-    from tracking import registry
-    from tracking.tracker import JobTracker
-    from tracking.ui import server_command, start_server, stop_server
+    """The real `mlflow server` is stopped mid-job and started again on the same port, SQLite file and artifact folder
+    (`check_job_survives_restart`; the same on PostgreSQL: tests/test_tracking_postgres.py)."""
+    from tracking.server import server_command, start_server, stop_server
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     command = server_command(f"sqlite:///{tmp_path / 'mlflow.db'}", "127.0.0.1", port, artifacts_destination=tmp_path / "artifacts")
     servers = [start_server(command, uri, log_file=tmp_path / "server.log")]  # this test's own: the session's stays up
-    back_at: list[float] = []
-
-    def restart() -> None:
-        time.sleep(2.0)
-        servers.append(start_server(command, uri, log_file=tmp_path / "server.log"))  # returns once /health answers
-        back_at.append(time.monotonic())
-
-    restarter = threading.Thread(target=restart)
-    task, key = "restart_demo", "restart/tiny-llama/restart_demo/train"
     try:
-        experiment_id = store.ensure_experiment("restart", uri)
-        tracker = JobTracker(experiment_id, key, "tiny-llama", task, uri=uri, system_metrics=False, flush_interval_s=0.3)
-        run_id = tracker.start()
-        for step in range(1, 6):
-            tracker.on_step(step, {"loss": 1.0 / step, "learning_rate": 0.01})
-        time.sleep(1.0)  # sent by the background flusher
-        stop_server(servers.pop())
-        down_at = time.monotonic()
-        for step in range(6, 11):  # training goes on while the server is down: on_step never blocks
-            started = time.monotonic()
-            tracker.on_step(step, {"loss": 1.0 / step, "learning_rate": 0.01})
-            assert time.monotonic() - started < 0.1
-        restarter.start()
-        adapter = fake_adapter(tmp_path / "adapter", size=1 << 20)
-        result = JobResult(key, "train", "tiny-llama", task, "accuracy", 0.75, 4, adapter, {"lr": 0.01, "lora.r": 8},
-                           summary={"peak_memory_mb": 123.0, "train_wall_time_s": 9.0},
-                           predictions=[{"index": 0, "prompt": "p", "prediction": "a", "gold": "a", "score": 1.0}])
-        finish_at = time.monotonic()
-        tracker.finish(result, base_score=0.25)  # starts while the server is down
-        restarter.join(120)
-        assert back_at and finish_at < back_at[0] and back_at[0] - down_at > 5  # finish really ran into a restart of seconds
-        assert back_at[0] - down_at < retry.budget_s()
-        # Read back what the restarted server stored.
-        client = store.client(uri)
-        run = client.get_run(run_id)
-        assert run.info.status == "FINISHED"
-        for curve in ("loss", "learning_rate"):
-            assert sorted(m.step for m in client.get_metric_history(run_id, curve)) == list(range(1, 11)), curve
-        assert {k: run.data.params[k] for k in ("job_key", "lr", "lora.r")} == {"job_key": key, "lr": "0.01", "lora.r": "8"}
-        metrics = run.data.metrics
-        assert metrics["score"] == metrics["accuracy"] == 0.75 and metrics["base_score"] == 0.25 and metrics["lift"] == 0.5
-        assert metrics["peak_memory_mb"] == 123.0 and metrics["train_wall_time_s"] == 9.0 and metrics["eval_examples"] == 4
-        assert metrics["job_wall_time_s"] > 0
-        assert "predictions.json" in {a.path for a in client.list_artifacts(run_id)}
-        logged = {Path(a.path).name: a.file_size for a in client.list_artifacts(run_id, "adapter")}
-        assert logged == {name.name: name.stat().st_size for name in Path(adapter).iterdir()}
-        downloaded = Path(client.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(tmp_path / "back")))
-        assert downloaded.read_bytes() == (Path(adapter) / "adapter_model.safetensors").read_bytes()
-        (version,) = registry.versions(task, uri)
-        assert version.run_id == run_id and version.version == tracker.model_version and version.source == f"runs:/{run_id}/adapter"
-        assert registry.champion(task, uri).version == version.version
+        check_job_survives_restart(uri, lambda: stop_server(servers.pop()),
+                                   lambda: servers.append(start_server(command, uri, log_file=tmp_path / "server.log")), tmp_path)
     finally:
-        if restarter.is_alive():
-            restarter.join(120)
         for server in servers:
             stop_server(server)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_peak_memory_of_a_job_is_its_own(mlflow_server: Server) -> None:
     """A reused worker process: a job's peak memory is not the earlier peak of the process (a big
     buffer, freed before the job), and a base evaluation logs its peak memory too."""
     import numpy as np
 
+    from jobs.peak_memory import peak_memory_mb
     from jobs.run import JobResult
-    from jobs.train import peak_memory_mb
     from tracking.tracker import JobTracker
 
     if not Path("/proc/self/clear_refs").exists():
@@ -589,7 +506,7 @@ def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[
     return code, capsys.readouterr().err.splitlines()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_report_and_promote_name_the_mistake_in_one_line(mlflow_server: Server, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     uri = mlflow_server.uri
@@ -608,7 +525,7 @@ def test_cli_report_and_promote_name_the_mistake_in_one_line(mlflow_server: Serv
         assert time.monotonic() - started < 10, argv
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_promote_moves_the_champion(mlflow_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tracking import registry
 

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import bitsandbytes as bnb
 import pytest
@@ -17,14 +18,14 @@ from safetensors.torch import load_file
 from jobs.catalog import load_catalog
 from jobs.config import QuantizationSettings, dump_yaml
 from jobs.data import train_rows
+from jobs.encoding import IGNORE, encode_example
 from jobs.models import attach_lora, load_base_model, load_tokenizer
 from jobs.prompts import completion_for, prompt_for
 from jobs.run import run_job
-from jobs.train import CHECKPOINT_DIR, IGNORE, TrainingError, encode_example, latest_checkpoint, make_batches, train
+from jobs.train import CHECKPOINT_DIR, StepCallback, TrainingError, latest_checkpoint, make_batches, train
 from tests.helpers import tiny_job
 
-pytestmark = pytest.mark.slow
-pytest_plugins = ["tests.object_store"]
+pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,7 +61,7 @@ class Stop(Exception):
     pass
 
 
-RESUME_SETTINGS = dict(max_steps=12, checkpoint_every=4, micro_batch_size=4, log_every=1)
+RESUME_SETTINGS: dict[str, Any] = dict(max_steps=12, checkpoint_every=4, micro_batch_size=4, log_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_resume_continues_the_same_trajectory(tmp_path: Path, straight_adapter: 
     interrupted = tiny_job(tmp_path / "interrupted", **RESUME_SETTINGS)
     with pytest.raises(Stop):
         train(interrupted, on_step=crash_at_6)
-    assert latest_checkpoint(tmp_path / "interrupted" / CHECKPOINT_DIR).name == "step-00000004"
+    checkpoint = latest_checkpoint(tmp_path / "interrupted" / CHECKPOINT_DIR)
+    assert checkpoint is not None and checkpoint.name == "step-00000004"
     (tmp_path / "interrupted" / CHECKPOINT_DIR / ".staging-00000008-1").mkdir()  # a save killed half-way
     resumed, _, _ = train(interrupted)
     assert resumed.summary["resumed_from_step"] == 4
@@ -151,7 +153,7 @@ def test_a_job_on_an_object_store_resumes_elsewhere_from_its_last_uploaded_check
     shutil.rmtree(storage.local)  # another node: nothing local
     s3_store.put("resume/job/checkpoints/step-00000008/adapter_model.safetensors", b"cut off")  # an upload cut off mid-way
     result = run_job(config)
-    assert result.summary["resumed_from_step"] == 4 and result.summary["steps"] == 12
+    assert result.summary["resumed_from_step"] == 4 and result.summary["steps"] == 12 and result.adapter_dir
     assert_same_adapter(straight_adapter, result.adapter_dir)
     keys = s3_store.keys("resume/job/")
     assert {"resume/job/" + RESULT_FILE, "resume/job/adapter/adapter_model.safetensors", "resume/job/adapter/adapter_config.json"} <= set(keys)
@@ -161,6 +163,7 @@ def test_a_job_on_an_object_store_resumes_elsewhere_from_its_last_uploaded_check
     shutil.rmtree(storage.local)  # a finished job, asked again on a third node: its result and adapter come from the store
     again = run_job(config)
     assert again.score == result.score and json.dumps(again.summary) == json.dumps(result.summary)  # NaN-safe
+    assert again.adapter_dir
     assert_same_adapter(straight_adapter, again.adapter_dir)
 
 
@@ -183,7 +186,7 @@ def test_out_of_memory_halves_micro_batch_keeps_effective_batch(tmp_path: Path) 
 def test_out_of_memory_when_packed_splits_the_step_into_smaller_passes_with_the_same_result(tmp_path: Path) -> None:
     """The study's micro-batch 1: packed, one step's 8 examples share one row; after an injected out-of-memory at step 2
     the same examples go in passes of half the tokens, and the adapter ends as if nothing had happened."""
-    settings = dict(max_steps=4, micro_batch_size=1, gradient_accumulation_steps=8, max_seq_length=256, checkpoint_every=1000)
+    settings: dict[str, Any] = dict(max_steps=4, micro_batch_size=1, gradient_accumulation_steps=8, max_seq_length=256, checkpoint_every=1000)
     no_dropout = {"dropout": 0.0}  # dropout masks follow the passes' shapes; without it the trajectory is the same
     straight, _, _ = train(tiny_job(tmp_path / "straight", lora=no_dropout, **settings))
     passes: list[tuple[int, int]] = []  # (step, tokens of the forward pass)
@@ -291,14 +294,25 @@ def test_gradient_checkpointing_with_cosine_warmup(tmp_path: Path, monkeypatch: 
 
     mlp_calls: list[int] = []
     forward = LlamaMLP.forward
-    monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: mlp_calls.append(1) or forward(self, x))
-    settings = dict(max_steps=10, warmup_ratio=0.3, lr_scheduler="cosine", learning_rate=1e-2, micro_batch_size=4, log_every=1)
+
+    def counted_forward(self: LlamaMLP, x: torch.Tensor) -> torch.Tensor:
+        mlp_calls.append(1)
+        return forward(self, x)
+
+    def recorder(seen: list[tuple[int, float, float]]) -> StepCallback:
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            seen.append((step, metrics["learning_rate"], metrics["loss"]))
+
+        return on_step
+
+    monkeypatch.setattr(LlamaMLP, "forward", counted_forward)
+    settings: dict[str, Any] = dict(max_steps=10, warmup_ratio=0.3, lr_scheduler="cosine", learning_rate=1e-2, micro_batch_size=4, log_every=1)
     runs = {}
     for checkpointing in (True, False):
         mlp_calls.clear()
         seen: list[tuple[int, float, float]] = []
         _, model, _ = train(tiny_job(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, **settings),
-                            on_step=lambda step, m: seen.append((step, m["learning_rate"], m["loss"])))
+                            on_step=recorder(seen))
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         runs[checkpointing] = (seen, len(mlp_calls))
     (seen, calls), (plain, plain_calls) = runs[True], runs[False]
@@ -337,6 +351,7 @@ def test_loss_covers_only_completion_tokens_in_a_packed_batch() -> None:
         assert segment_labels[-answer:].tolist() == segment[-answer:].tolist()
         assert tokenizer.decode(segment[-answer:]) == " " + completion + tokenizer.eos_token
         shown = tokenizer.decode(segment[:-answer], skip_special_tokens=True)
+        assert isinstance(shown, str)
         if len(segment) < max_len:
             assert shown == prompt
         else:  # cut to max_len by dropping the prompt's start: its end (the cue) and the completion stay whole

@@ -1,12 +1,11 @@
-"""Fixtures for the tracking and report tests, loaded as a plugin (`pytest_plugins = ["tests.tracking_fixtures"]`)
-so that the session-scoped MLflow server and the tiny 2 x 2 sweep are made once per session however
-many test files use them.
+"""Helpers of the tracking, report and serving tests; their fixtures (`mlflow_server`, `tiny_sweep`) are in
+tests/conftest.py and return the classes below.
 
-- `mlflow_server`: a real `mlflow server` process on a free 127.0.0.1 port, SQLite file + artifact
-  folder in a temporary directory; stopped (its whole process group) at the end of the session.
-- `tiny_sweep`: a real 2 x 2 sweep (tiny-llama, tiny-mistral x demo_sentiment, demo_colors): for each
-  pair an evaluate_base job then a train job, each run by `jobs.run.run_job` and logged with
+- `Server`: a real `mlflow server` process (SQLite file + artifact folder in a temporary directory).
+- `Sweep`: a real 2 x 2 sweep (tiny-llama, tiny-mistral x demo_sentiment, demo_colors) tracked on it: for each pair an
+  evaluate_base job then a train job (`tiny_config`), each run by `jobs.run.run_job` and logged with
   `tracking.tracker.JobTracker` exactly as a worker does.
+- `log_one_job`, `fake_adapter`, `TcpProxy`: a concurrency worker, an adapter-shaped folder, an outage on demand.
 
 Only light imports at module level: worker processes of the concurrency test import this module.
 """
@@ -15,24 +14,16 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from jobs.ports import free_port
 
 SWEEP = "tiny-2x2"
 BASES = ("tiny-llama", "tiny-mistral")
 TASKS = ("demo_sentiment", "demo_colors")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -40,22 +31,6 @@ class Server:
     uri: str
     port: int
     root: Path
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One `mlflow server` for the whole session (it takes 8-12 s to start)."""
-    from tracking.ui import server_command, start_server, stop_server
-
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    command = server_command(f"sqlite:///{root / 'mlflow.db'}", "127.0.0.1", port, workers=2,
-                             artifacts_destination=root / "artifacts")
-    process = start_server(command, f"http://127.0.0.1:{port}", log_file=root / "server.log")
-    try:
-        yield Server(f"http://127.0.0.1:{port}", port, root)
-    finally:
-        stop_server(process)
 
 
 @dataclass
@@ -93,33 +68,6 @@ def tiny_config(output_dir: Path, base: str, task: str, kind: str) -> Any:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_sweep(mlflow_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
-    """The 2 x 2 sweep, tracked: base evaluation first, then fine-tuning (so the lift is known)."""
-    from jobs.run import run_job
-    from tracking import store
-    from tracking.tracker import JobTracker
-
-    uri = mlflow_server.uri
-    experiment_id = store.ensure_experiment(SWEEP, uri)
-    parent = store.start_sweep_run(experiment_id, SWEEP, {"base_models": list(BASES), "tasks": list(TASKS),
-                                                          "training": {"max_steps": 10, "learning_rate": 0.01}}, uri)
-    sweep = Sweep(uri, SWEEP, experiment_id, parent)
-    out = tmp_path_factory.mktemp("jobs")
-    for base in BASES:
-        for task in TASKS:
-            for kind in ("evaluate_base", "train"):
-                config = tiny_config(out, base, task, kind)
-                tracker = JobTracker.for_job(config, experiment_id, parent, uri=uri, system_metrics_interval_s=1.0,
-                                             flush_interval_s=1.0)
-                with tracker:
-                    result = run_job(config, on_step=tracker.on_step)
-                    tracker.finish(result)
-                sweep.jobs[(kind, base, task)] = TrackedJob(config, result, tracker.run_id, tracker.model_version)
-    store.finish_sweep_run(parent, uri=uri)
-    return sweep
-
-
 def fake_adapter(folder: Path, base_hf_id: str = "loraland/tiny-llama", size: int = 64 * 1024) -> str:
     """A folder shaped like a PEFT adapter (config naming its base, a safetensors file of `size` bytes) for
     tests that log and register adapters without training one; never loaded as a model."""
@@ -134,10 +82,11 @@ def fake_adapter(folder: Path, base_hf_id: str = "loraland/tiny-llama", size: in
 # --------------------------------------------------------------------------- concurrency worker
 
 
-def log_one_job(uri: str, experiment_id: str, parent_run_id: str, index: int, start_at: float, results: Any,
+def log_one_job(uri: str, experiment_id: str, parent_run_id: str, index: int, start: Any, results: Any,
                 register_task: str | None = None) -> None:
-    """One of the 32 concurrent workers: wait for the common start time, then log a small job; with
-    `register_task`, a job of that task whose (fake) adapter is logged and registered."""
+    """One of the 32 concurrent workers: wait at the barrier `start` (a multiprocessing Barrier of all the workers)
+    until every worker is ready, then log a small job; with `register_task`, a job of that task whose (fake) adapter
+    is logged and registered."""
     import os
     import tempfile
 
@@ -146,7 +95,7 @@ def log_one_job(uri: str, experiment_id: str, parent_run_id: str, index: int, st
 
     task = register_task or "demo_sentiment"
     adapter_dir = fake_adapter(Path(tempfile.mkdtemp()) / "adapter") if register_task else None
-    time.sleep(max(0.0, start_at - time.time()))
+    start.wait(timeout=240)
     tracker = JobTracker(experiment_id, f"concurrency/w{index:02d}", "tiny-llama", task, "train", parent_run_id=parent_run_id,
                          uri=uri, system_metrics=False, register=register_task is not None, flush_interval_s=0.2)
     with tracker:
@@ -159,6 +108,133 @@ def log_one_job(uri: str, experiment_id: str, parent_run_id: str, index: int, st
                            predictions=[{"index": i, "prompt": f"p{i}", "prediction": "x", "gold": "x", "score": 1.0} for i in range(2)])
         tracker.finish(result, base_score=0.0)
     results.put((index, tracker.run_id, os.getpid(), tracker.model_version))
+
+
+REGISTERED_BY_LOGGERS = "concurrency_adapters"  # the task whose model the concurrent loggers register (no other test's)
+
+
+def check_concurrent_job_loggers(uri: str, workers: int = 32) -> None:
+    """`workers` processes each log a small job at once into one experiment (created first, as the driver does), every
+    other one also logging its (fake) adapter and registering it as a version of one task's model, racing for the
+    champion alias. Asserts: no run lost, none misplaced (in Default or another experiment), every value where it
+    belongs, one version per registering run as each worker was told, and the best-scoring version champion."""
+    import multiprocessing
+
+    import pytest
+
+    from tracking import registry, store
+
+    experiment_id = store.ensure_experiment("concurrency", uri)  # created by the driver, passed to workers
+    parent = store.start_sweep_run(experiment_id, "concurrency", {"workers": workers}, uri)
+    # forkserver: separate processes forked from one that imported MLflow once (importing it 32 times takes ~100
+    # CPU-seconds on a 2-core machine); each opens its own connections.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tracking.tracker", "tracking.registry", "jobs.train", "tests.tracking_fixtures"])
+    results = context.Queue()
+    start = context.Barrier(workers)  # every worker logs at once, once all are up
+    registering = {i: REGISTERED_BY_LOGGERS if i % 2 == 0 else None for i in range(workers)}
+    processes = [context.Process(target=log_one_job, args=(uri, experiment_id, parent, i, start, results, registering[i]))
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    reported = [results.get(timeout=240) for _ in processes]
+    for process in processes:
+        process.join(60)
+    assert [p.exitcode for p in processes] == [0] * workers
+    assert len({pid for _, _, pid, _ in reported}) == workers  # distinct processes
+    runs = store.job_runs(experiment_id, uri)
+    assert len(runs) == workers and {r.info.run_id for r in runs} == {run_id for _, run_id, _, _ in reported}
+    assert {r.data.tags[store.TAG_JOB_KEY] for r in runs} == {f"concurrency/w{i:02d}" for i in range(workers)}
+    for run in runs:
+        index = int(run.data.tags[store.TAG_JOB_KEY][-2:])
+        assert run.info.status == "FINISHED" and run.data.tags[store.TAG_PARENT] == parent
+        assert run.data.params["worker"] == str(index) and run.data.metrics["score"] == pytest.approx(index / 32)
+        assert run.data.metrics["tokens_per_second"] == 100.0 + index and run.data.metrics["peak_memory_mb"] == 10.0 + index
+    client = store.client(uri)
+    assert list(client.search_runs(["0"])) == []  # nothing in Default
+    elsewhere = [r for e in client.search_experiments() if e.experiment_id != experiment_id
+                 for r in client.search_runs([e.experiment_id], "tags.`loraland.job_key` LIKE 'concurrency/%'")]
+    assert elsewhere == []  # none in the wrong experiment
+    # Registering at once: one version per registering run, none lost or doubled, and the champion is the best.
+    versions = registry.versions(REGISTERED_BY_LOGGERS, uri)
+    by_run = {index: (run_id, version) for index, run_id, _, version in reported if registering[index]}
+    assert sorted(v.run_id for v in versions) == sorted(run_id for run_id, _ in by_run.values())
+    assert sorted(int(v.version) for v in versions) == list(range(1, len(by_run) + 1))
+    assert {v.run_id: v.version for v in versions} == dict(by_run.values())  # what each worker was told
+    assert all(version is None for index, _, _, version in reported if not registering[index])
+    assert all({a.path for a in client.list_artifacts(run_id, "adapter")} for run_id, _ in by_run.values())
+    assert registry.champion(REGISTERED_BY_LOGGERS, uri).version == by_run[max(by_run)][1]  # the highest score
+    store.finish_sweep_run(parent, uri=uri)
+
+
+def check_job_survives_restart(uri: str, stop: Callable[[], None], start: Callable[[], None], folder: Path) -> None:
+    """A job logs steps through the tracking server at `uri`; `stop()` takes the server down mid-job and `start()` (on
+    another thread, once the job's finish has begun; it returns once the server answers) brings it back on the same
+    URI and stores, while the job finishes, uploads its adapter and registers it. Asserts nothing was dropped and the
+    restart fit in tracking's retry budget. Call it with MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, so that tracking's own
+    retries alone cover the restart; `folder` is scratch space."""
+    import threading
+    import time
+
+    from jobs.run import JobResult
+    from tests.helpers import wait_until
+    from tracking import registry, retry, store
+    from tracking.tracker import JobTracker
+
+    back_at: list[float] = []
+    finishing = threading.Event()
+
+    def restart() -> None:
+        finishing.wait(120)  # the server comes back only once the job's finish has started
+        start()
+        back_at.append(time.monotonic())
+
+    restarter = threading.Thread(target=restart)
+    task, key = "restart_demo", "restart/tiny-llama/restart_demo/train"
+    try:
+        experiment_id = store.ensure_experiment("restart", uri)
+        tracker = JobTracker(experiment_id, key, "tiny-llama", task, uri=uri, system_metrics=False, flush_interval_s=0.3)
+        run_id = tracker.start()
+        for step in range(1, 6):
+            tracker.on_step(step, {"loss": 1.0 / step, "learning_rate": 0.01})
+        wait_until(lambda: len(store.client(uri).get_metric_history(run_id, "loss")) == 5, 60, "the background flusher to send steps 1-5")
+        stop()
+        down_at = time.monotonic()
+        for step in range(6, 11):  # training goes on while the server is down: on_step only buffers
+            tracker.on_step(step, {"loss": 1.0 / step, "learning_rate": 0.01})
+        restarter.start()
+        adapter = fake_adapter(folder / "adapter", size=1 << 20)
+        result = JobResult(key, "train", "tiny-llama", task, "accuracy", 0.75, 4, adapter, {"lr": 0.01, "lora.r": 8},
+                           summary={"peak_memory_mb": 123.0, "train_wall_time_s": 9.0},
+                           predictions=[{"index": 0, "prompt": "p", "prediction": "a", "gold": "a", "score": 1.0}])
+        finish_at = time.monotonic()
+        finishing.set()
+        tracker.finish(result, base_score=0.25)  # starts while the server is down
+    finally:
+        finishing.set()
+        if restarter.is_alive():
+            restarter.join(120)
+    assert back_at and finish_at < back_at[0]  # finish really ran into the restart
+    assert back_at[0] - down_at < retry.budget_s()
+    # Read back what the restarted server stored.
+    client = store.client(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for curve in ("loss", "learning_rate"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, curve)) == list(range(1, 11)), curve
+    assert {k: run.data.params[k] for k in ("job_key", "lr", "lora.r")} == {"job_key": key, "lr": "0.01", "lora.r": "8"}
+    metrics = run.data.metrics
+    assert metrics["score"] == metrics["accuracy"] == 0.75 and metrics["base_score"] == 0.25 and metrics["lift"] == 0.5
+    assert metrics["peak_memory_mb"] == 123.0 and metrics["train_wall_time_s"] == 9.0 and metrics["eval_examples"] == 4
+    assert metrics["job_wall_time_s"] > 0
+    assert "predictions.json" in {a.path for a in client.list_artifacts(run_id)}
+    logged = {Path(a.path).name: a.file_size for a in client.list_artifacts(run_id, "adapter")}
+    assert logged == {name.name: name.stat().st_size for name in Path(adapter).iterdir()}
+    downloaded = Path(client.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(folder / "back")))
+    assert downloaded.read_bytes() == (Path(adapter) / "adapter_model.safetensors").read_bytes()
+    (version,) = registry.versions(task, uri)
+    assert version.run_id == run_id and version.version == tracker.model_version and version.source == f"runs:/{run_id}/adapter"
+    assert registry.champion(task, uri).version == version.version
 
 
 # --------------------------------------------------------------------------- an outage on demand

@@ -8,8 +8,9 @@
   `load_adapter_model`, the one function that loads a logged adapter back into a PeftModel.
 - `tracking.report`: the leaderboard, plots and the study's heuristics analysis (`loraland report`).
 - `tracking.heuristics`: task-complexity heuristics (pure functions).
-- `tracking.ui`: `loraland ui` and starting/stopping `mlflow server` processes.
-- `tracking.retry`: retries with exponential back-off around every tracking call.
+- `tracking.ui`: `loraland ui` (the MLflow UI on the embedded store).
+- `tracking.server`: `mlflow server` processes: the command, start, wait for `/health`, stop the whole tree.
+- `tracking.retry`: retries with exponential back-off (tenacity) around every tracking call.
 
 Submodules are imported on demand (MLflow takes seconds to import); nothing is re-exported here.
 """

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Callable
@@ -26,10 +27,10 @@ from typing import Any
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from jobs.config import data_home
+from jobs.config import QuantizationSettings, data_home
+from jobs.errors import NotFound
 from tracking import store
 from tracking.retry import call_with_retry, retrying
-from tracking.tracker import ADAPTER_ARTIFACT
 
 CHAMPION = "champion"
 MODEL_PREFIX = "loraland-"
@@ -65,7 +66,7 @@ def register_adapter(run_id: str, task: str, base_model: str, score: float, job_
     for version in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
         return version.version
     tags = {store.TAG_BASE_MODEL: base_model, TAG_SCORE: repr(float(score)), store.TAG_JOB_KEY: job_key, store.TAG_TASK: task}
-    return client.create_model_version(name, f"runs:/{run_id}/{ADAPTER_ARTIFACT}", run_id=run_id, tags=tags).version
+    return client.create_model_version(name, f"runs:/{run_id}/{store.ADAPTER_ARTIFACT}", run_id=run_id, tags=tags).version
 
 
 def versions(task: str, uri: str | None = None) -> list[ModelVersion]:
@@ -115,6 +116,7 @@ def update_champion(task: str, uri: str | None = None) -> str | None:
         pinned, after = model.tags.get(TAG_PINNED_VERSION), int(model.tags.get(TAG_PINNED_AFTER) or 0)
         eligible = [v for v in listed if pinned is None or str(v.version) == pinned or int(v.version) > after]
         best = best_version(eligible or listed)
+        assert best is not None  # `listed` is not empty
         current = champion(task, uri)
         if current is None or current.version != best.version:
             call_with_retry(client.set_registered_model_alias, model_name(task), CHAMPION, best.version)
@@ -126,12 +128,13 @@ def update_champion(task: str, uri: str | None = None) -> str | None:
 def promote(task: str, version: str | int, uri: str | None = None) -> None:
     """Make `version` the task's champion by hand (`loraland promote TASK VERSION`) and pin it.
 
-    One-line errors: ValueError when the tracking server does not answer, KeyError for a version the task lacks."""
-    store.check_reachable(uri)
+    One-line errors: Unreachable when the tracking server does not answer, NotFound for a store that does not exist
+    or a version the task lacks."""
+    store.check_reachable(uri, existing=True)
     client = store.client(uri)
     known = versions(task, uri)
     if str(version) not in {str(v.version) for v in known}:
-        raise KeyError(f"{model_name(task)} has no version {version}; versions: {', '.join(str(v.version) for v in known) or 'none'}")
+        raise NotFound(f"{model_name(task)} has no version {version}; versions: {', '.join(str(v.version) for v in known) or 'none'}")
     call_with_retry(client.set_registered_model_alias, model_name(task), CHAMPION, str(version))
     call_with_retry(client.set_registered_model_tag, model_name(task), TAG_PINNED_VERSION, str(version))
     call_with_retry(client.set_registered_model_tag, model_name(task), TAG_PINNED_AFTER, str(max(int(v.version) for v in known)))
@@ -217,7 +220,7 @@ def resolve_run_id(ref: str, uri: str | None = None) -> str:
             name, number = body.rsplit("/", 1)
             version = call_with_retry(client.get_model_version, name, number)
         if not version.run_id:
-            raise ValueError(f"{ref} has no run behind it")
+            raise NotFound(f"{ref} has no run behind it")
         return version.run_id
     return ref
 
@@ -234,7 +237,7 @@ def download_adapter(ref: str, dst: str | Path | None = None, uri: str | None = 
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    local = Path(call_with_retry(store.client(uri).download_artifacts, run_id, ADAPTER_ARTIFACT, str(staging)))
+    local = Path(call_with_retry(store.client(uri).download_artifacts, run_id, store.ADAPTER_ARTIFACT, str(staging)))
     if target.exists():
         shutil.rmtree(target)
     local.rename(target)
@@ -248,10 +251,7 @@ def load_adapter_model(ref: str, device: str = "auto", uri: str | None = None, d
     The base model is the catalogue entry named by the run's `loraland.base_model` tag, loaded with
     the quantization the job trained with (the run's `quantization.*` params); the adapter's
     `base_model_name_or_path` must name that base, so a wrong pairing fails loudly."""
-    import json
-
     from jobs.catalog import load_catalog
-    from jobs.config import QuantizationSettings
     from jobs.models import load_adapter, load_base_model, resolve_device
 
     run_id = resolve_run_id(ref, uri)

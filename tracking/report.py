@@ -271,9 +271,9 @@ def drawn(fig: Any, path: Path) -> Chart:
         cells += sum(int(np.isfinite(np.ma.filled(image.get_array().astype(float), np.nan)).sum()) for image in ax.images)
         bars += sum(1 for patch in ax.patches if isinstance(patch, Rectangle) and math.isfinite(patch.get_height()))
         for collection in ax.collections:
-            if isinstance(collection, PathCollection) and len(collection.get_offsets()):
-                offsets = np.ma.filled(np.ma.asarray(collection.get_offsets(), dtype=float), np.nan)
-                points += int(np.isfinite(offsets).all(axis=1).sum())
+            if isinstance(collection, PathCollection):
+                offsets: np.ndarray = np.ma.filled(np.ma.asarray(collection.get_offsets(), dtype=float), np.nan)
+                points += int(np.isfinite(offsets).all(axis=1).sum()) if offsets.size else 0
     return Chart(path, cells, bars, points)
 
 
@@ -494,8 +494,9 @@ def build_report(experiment: str, out_dir: str | Path | None = None, uri: str | 
     """`loraland report --experiment NAME [--out DIR]`: write the report (default folder
     `<data_home()>/reports/<experiment>`) and log it under `report/` of the sweep's parent run, with the
     heuristics' length unit as its tag `report.length_unit`. A tracking server that does not answer is a
-    one-line ValueError (`store.check_reachable`), an unknown experiment a KeyError."""
-    store.check_reachable(uri)
+    one-line Unreachable (`store.check_reachable`); a store that does not exist (nothing is created) or an unknown
+    experiment a NotFound."""
+    store.check_reachable(uri, existing=True)
     experiment_id = store.experiment_id_for(experiment, uri)
     out = Path(out_dir) if out_dir else data_home() / "reports" / experiment
     report = write_report(runs_frame(experiment_id, uri), out, f"LoRA Land leaderboard: {experiment}", features, heuristics_limit,

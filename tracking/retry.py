@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import tenacity
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -73,21 +75,31 @@ def budget_s(attempts: int = ATTEMPTS, base_s: float = BASE_DELAY_S, max_s: floa
     return sum(backoff_delays(attempts, base_s, max_s)) * (1 - JITTER)
 
 
+def jittered_backoff(base_s: float = BASE_DELAY_S, max_s: float = MAX_DELAY_S) -> Callable[[tenacity.RetryCallState], float]:
+    """A tenacity wait: after attempt n, `backoff_delays`' n-th sleep times 1 +- JITTER."""
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        return min(base_s * 2 ** (state.attempt_number - 1), max_s) * random.uniform(1 - JITTER, 1 + JITTER)
+
+    return wait
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    delay = state.next_action.sleep if state.next_action else 0.0
+    log.warning("tracking call %s failed (%s); retry %d in %.1fs", getattr(state.fn, "__name__", state.fn),
+                str(error).splitlines()[0][:200] if error else "", state.attempt_number, delay)
+
+
 def call_with_retry(fn: Callable[..., T], *args: Any, attempts: int = ATTEMPTS, base_s: float = BASE_DELAY_S,
                     max_s: float = MAX_DELAY_S, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)`, retried on transient errors with exponential back-off (+-JITTER)."""
-    delays = backoff_delays(attempts, base_s, max_s)
-    for attempt in range(len(delays) + 1):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as error:
-            if attempt == len(delays) or not is_transient(error):
-                raise
-            delay = delays[attempt] * random.uniform(1 - JITTER, 1 + JITTER)
-            log.warning("tracking call %s failed (%s); retry %d/%d in %.1fs", getattr(fn, "__name__", fn),
-                        str(error).splitlines()[0][:200], attempt + 1, len(delays), delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    """`fn(*args, **kwargs)`, retried on transient errors (`is_transient`) with exponential back-off (+-JITTER), at most
+    `attempts` tries; a final error, or the last attempt's, is raised as it is."""
+    retrying_call = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(max(attempts, 1)), wait=jittered_backoff(base_s, max_s),
+        retry=tenacity.retry_if_exception(is_transient), reraise=True, before_sleep=_log_retry,
+        sleep=lambda seconds: time.sleep(seconds))  # looked up per call, so a test can replace `time.sleep`
+    return retrying_call(fn, *args, **kwargs)
 
 
 def retrying(fn: Callable[..., T]) -> Callable[..., T]:

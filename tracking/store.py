@@ -18,24 +18,35 @@ import contextlib
 import json
 import logging
 import os
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import psutil
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
 from jobs.config import data_home
+from jobs.errors import Conflict, NotFound, Unreachable
 from tracking.retry import call_with_retry, retrying
+from tracking.server import wait_healthy
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+# Artifact paths inside a job's run (written by tracking.tracker, read by tracking.registry and serving).
+ADAPTER_ARTIFACT = "adapter"
+PREDICTIONS_FILE = "predictions.json"
+NOTE_TAG = "mlflow.note.content"  # MLflow's own: the description the UI shows for an experiment or a run
 
 # Tags every loraland run carries (keys with dots need backticks in search filters).
 TAG_ROLE = "loraland.role"  # "sweep" (parent run) or "job" (child run)
@@ -59,11 +70,21 @@ REACHABLE_WAIT_S = 20.0  # default of `check_reachable`; `$LORALAND_TRACKING_WAI
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI: `uri`, else `$MLFLOW_TRACKING_URI`, else SQLite in the data folder."""
-    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{data_home() / DB_FILE}"
-    if chosen.startswith("sqlite:///"):
-        Path(chosen[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return chosen
+    """The tracking URI: `uri`, else `$MLFLOW_TRACKING_URI`, else SQLite in the data folder. Creates nothing."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{data_home() / DB_FILE}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def prepare_store(uri: str) -> None:
+    """Make the folder of a SQLite store (SQLite makes the file, not its folder); nothing for a server. Called before
+    anything that may write, never by read-only commands."""
+    path = sqlite_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def is_server_uri(uri: str) -> bool:
@@ -71,22 +92,25 @@ def is_server_uri(uri: str) -> bool:
     return urlparse(uri).scheme in ("http", "https")
 
 
-def check_reachable(uri: str | None = None, timeout_s: float | None = None) -> str:
+def check_reachable(uri: str | None = None, timeout_s: float | None = None, existing: bool = False) -> str:
     """The resolved tracking URI, once an http(s) server there answers `/health` (polled for `timeout_s`,
-    default `$LORALAND_TRACKING_WAIT_S` or 20 s; a SQLite store needs no server). A one-line ValueError
+    default `$LORALAND_TRACKING_WAIT_S` or 20 s; a SQLite store needs no server). A one-line Unreachable
     naming the URI otherwise: call it before anything else that talks to the server (a dead or wrong URI
-    would keep every tracking call retrying for minutes)."""
-    from tracking.ui import wait_healthy
-
+    would keep every tracking call retrying for minutes). With `existing` (read-only commands), a SQLite
+    store that does not exist yet is a one-line NotFound, and nothing is created."""
     resolved = resolve_tracking_uri(uri)
+    path = sqlite_path(resolved)
+    if existing and path is not None and not path.is_file():
+        raise NotFound(f"no MLflow store at {path}: nothing has been tracked there yet (run a sweep first, or pass "
+                       "--tracking-uri / set MLFLOW_TRACKING_URI to the store you mean)")
     if not is_server_uri(resolved):
         return resolved
     wait = timeout_s if timeout_s is not None else float(os.environ.get("LORALAND_TRACKING_WAIT_S", REACHABLE_WAIT_S))
     try:
         wait_healthy(resolved.rstrip("/"), wait)
     except TimeoutError:
-        raise ValueError(f"no MLflow tracking server answers at {resolved} (waited {wait:.0f}s): start it, or pass "
-                         "--tracking-uri / set MLFLOW_TRACKING_URI to a running one") from None
+        raise Unreachable(f"no MLflow tracking server answers at {resolved} (waited {wait:.0f}s): start it, or pass "
+                          "--tracking-uri / set MLFLOW_TRACKING_URI to a running one") from None
     return resolved
 
 
@@ -94,18 +118,19 @@ def artifact_root(uri: str) -> str | None:
     """Where new experiments keep artifacts: `<db folder>/mlartifacts` for a SQLite store (not
     MLflow's default `./mlruns` in whatever folder the process happens to run in); the server's
     choice (None) for an http(s) server."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / ARTIFACTS_DIR).as_uri()
-    return None
+    path = sqlite_path(uri)
+    return (path.resolve().parent / ARTIFACTS_DIR).as_uri() if path is not None else None
 
 
 def client(uri: str | None = None) -> MlflowClient:
-    """An MlflowClient for the resolved URI, used for runs and the registry alike (one per URI)."""
+    """An MlflowClient for the resolved URI, used for runs and the registry alike (one per URI). A SQLite store
+    (and its folder) is created on first use: read-only commands call `check_reachable(existing=True)` first."""
     return _client(resolve_tracking_uri(uri))
 
 
 @lru_cache(maxsize=16)
 def _client(uri: str) -> MlflowClient:
+    prepare_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -222,11 +247,14 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        return mlflow_client.get_experiment_by_name(name).experiment_id
+        created = mlflow_client.get_experiment_by_name(name)
+        if created is None:  # created by another driver, then deleted at once: a later attempt creates it again
+            raise MlflowException(f"experiment {name} vanished while being created", TEMPORARILY_UNAVAILABLE) from error
+        return created.experiment_id
 
 
 def experiment_id_for(name_or_id: str, uri: str | None = None) -> str:
-    """An experiment id from a name (or an id, returned as it is when it exists)."""
+    """An experiment id from a name (or an id, returned as it is when it exists); NotFound otherwise."""
     mlflow_client = client(uri)
     found = call_with_retry(mlflow_client.get_experiment_by_name, name_or_id)
     if found is not None:
@@ -234,7 +262,7 @@ def experiment_id_for(name_or_id: str, uri: str | None = None) -> str:
     try:
         return call_with_retry(mlflow_client.get_experiment, name_or_id).experiment_id
     except MlflowException:
-        raise KeyError(f"no MLflow experiment named {name_or_id!r} at {resolve_tracking_uri(uri)}") from None
+        raise NotFound(f"no MLflow experiment named {name_or_id!r} at {resolve_tracking_uri(uri)}") from None
 
 
 def find_sweep_run(experiment_id: str, sweep_name: str | None = None, uri: str | None = None) -> Run | None:
@@ -275,10 +303,6 @@ def _driver_record(run_id: str, uri: str | None) -> dict[str, Any] | None:
 
 def _other_live_driver(record: dict[str, Any] | None, token: str) -> str | None:
     """Who holds the sweep, if that is another driver that is still alive, else None."""
-    import socket
-
-    import psutil
-
     if not record or record.get("token") == token:
         return None
     age = time.time() - float(record.get("seen", 0))
@@ -293,17 +317,13 @@ def sweep_lease(run_id: str, sweep_name: str, uri: str | None = None) -> Iterato
     """Hold the sweep for this driver while the block runs: one driver at a time per sweep, so a second
     `ray job submit` of a sweep still running cannot close its live runs or train its jobs twice. A driver
     that died frees the sweep at once on the same host (its pid is gone), else after LEASE_STALE_S without a
-    heartbeat. Held elsewhere: a one-line ValueError saying whose it is and what to do."""
-    import socket
-    import threading
-    import uuid
-
+    heartbeat. Held elsewhere: a one-line Conflict saying whose it is and what to do."""
     token = uuid.uuid4().hex
     mine = lambda: json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": token, "seen": time.time()})  # noqa: E731
     for attempt in range(2):  # claim, then read back once both of two racing drivers have written
         holder = _other_live_driver(_driver_record(run_id, uri), token)
         if holder:
-            raise ValueError(f"sweep {sweep_name} is being run by another driver ({holder}); wait for it to end, or stop it "
+            raise Conflict(f"sweep {sweep_name} is being run by another driver ({holder}); wait for it to end, or stop it "
                              f"(`ray job stop`); a driver that died frees the sweep after {LEASE_STALE_S:.0f}s")
         if attempt == 0:
             call_with_retry(client(uri).set_tag, run_id, TAG_DRIVER, mine())
@@ -325,6 +345,13 @@ def sweep_lease(run_id: str, sweep_name: str, uri: str | None = None) -> Iterato
         with contextlib.suppress(Exception):
             if (_driver_record(run_id, uri) or {}).get("token") == token:
                 call_with_retry(client(uri).delete_tag, run_id, TAG_DRIVER)
+
+
+def describe(experiment_id: str, run_id: str | None, text: str, uri: str | None = None) -> None:
+    """Set the description (MLflow's note, Markdown, shown by the UI) of the experiment and, when given, of the run."""
+    call_with_retry(client(uri).set_experiment_tag, experiment_id, NOTE_TAG, text)
+    if run_id is not None:
+        call_with_retry(client(uri).set_tag, run_id, NOTE_TAG, text)
 
 
 def finish_sweep_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:

@@ -30,14 +30,13 @@ import pandas as pd
 from mlflow.entities import DatasetInput, InputTag, Metric, RunTag
 
 from jobs.config import JobConfig
-from jobs.run import JobResult
+from jobs.result import JobResult
 from tracking import store
+from tracking.registry import register_adapter, update_champion
 from tracking.retry import call_with_retry
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS_FILE = "predictions.json"
-ADAPTER_ARTIFACT = "adapter"
 TRAIN_DATASET_ROWS = 1000  # rows of the training set logged as the run's training input (a sample for big sets)
 
 
@@ -77,7 +76,7 @@ class JobTracker:
 
     def start(self) -> str:
         """Find or create the job's run, set it RUNNING, start system metrics and the step flusher; reset the peak memory."""
-        from jobs.train import reset_peak_memory
+        from jobs.peak_memory import reset_peak_memory
 
         reset_peak_memory(self.device)
         tags = {store.TAG_ROLE: "job", store.TAG_JOB_KEY: self.job_key, store.TAG_KIND: self.kind, store.TAG_SWEEP: self.sweep,
@@ -162,15 +161,13 @@ class JobTracker:
         store.log_metrics(run_id, [store.metric(k, v) for k, v in self._final_metrics(result, base_score).items()], self.uri)
         existing = {item.path for item in call_with_retry(self._client.list_artifacts, run_id)}
         self._log_datasets(result)
-        if result.predictions and PREDICTIONS_FILE not in existing:  # log_table appends: never twice
-            call_with_retry(self._client.log_table, run_id, pd.DataFrame(result.predictions), PREDICTIONS_FILE)
+        if result.predictions and store.PREDICTIONS_FILE not in existing:  # log_table appends: never twice
+            call_with_retry(self._client.log_table, run_id, pd.DataFrame(result.predictions), store.PREDICTIONS_FILE)
         if result.adapter_dir:
-            call_with_retry(self._client.log_artifacts, run_id, result.adapter_dir, ADAPTER_ARTIFACT)
+            call_with_retry(self._client.log_artifacts, run_id, result.adapter_dir, store.ADAPTER_ARTIFACT)
         call_with_retry(self._client.set_terminated, run_id, "FINISHED")
         self._ended = True
         if self.register and self.kind == "train" and result.adapter_dir:
-            from tracking.registry import register_adapter, update_champion
-
             self.model_version = register_adapter(run_id, result.task, result.base_model, result.score, result.job_key, self.uri)
             update_champion(result.task, self.uri)
         return run_id
@@ -231,7 +228,7 @@ class JobTracker:
                 self.on_step(step, {k: v for k, v in entry.items() if k != "step"})
 
     def _final_metrics(self, result: JobResult, base_score: float | None) -> dict[str, float]:
-        from jobs.train import peak_memory_mb
+        from jobs.peak_memory import peak_memory_mb
 
         values: dict[str, float] = {"score": result.score, result.metric: result.score, "eval_examples": float(result.examples),
                                     "job_wall_time_s": time.monotonic() - self._started, "peak_memory_mb": peak_memory_mb(self.device)}
@@ -244,7 +241,7 @@ class JobTracker:
 
     def _log_datasets(self, result: JobResult) -> None:
         """The evaluation rows (prompt, gold) and, for a train job, the training rows as the run's inputs."""
-        import mlflow.data
+        from mlflow.data.pandas_dataset import from_pandas
 
         task = _task_spec(result.task)
         frames = []
@@ -258,7 +255,7 @@ class JobTracker:
                 log.warning("training dataset of %s not logged: %s", result.job_key, error)
         inputs = []
         for context, frame, target in frames:
-            dataset = mlflow.data.from_pandas(frame, source=_dataset_source(task, context), name=f"{result.task}-{context}",
+            dataset = from_pandas(frame, source=_dataset_source(task, context), name=f"{result.task}-{context}",
                                               targets=target)
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
         if inputs:

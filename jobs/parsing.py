@@ -1,0 +1,69 @@
+"""Reading our YAML files and validating data against a schema; every problem is one line of a ConfigError."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from jobs.errors import ConfigError
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def format_validation_error(error: ValidationError) -> list[str]:
+    """One line per pydantic error: `field.path: message (got value)`."""
+    lines = []
+    for item in error.errors():
+        loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"]).lstrip(".") or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (remove it or check its spelling)"
+        got = item.get("input")
+        shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {message}{shown}")
+    return lines
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one of our YAML files, which all hold a mapping of keys; a missing or unreadable file, bytes
+    that are not UTF-8, a syntax error, an empty file or another top-level value is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["not a file" if path.exists() else "file not found"])
+    try:
+        raw = path.read_bytes()
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file ({exc.strerror or exc})"]) from None
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(str(path), [f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}, line {line}); "
+                                      "save the file as UTF-8"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(str(path), [f"{where}not valid YAML ({problem})"]) from None
+    if data is None:
+        raise ConfigError(str(path), ["the file is empty (or only comments); expected a mapping of keys"])
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [f"expected a mapping of keys at the top level, got a {type(data).__name__}"])
+    return data
+
+
+def parse_model(model: type[Model], data: Any, source: str, context: Mapping[str, Any] | None = None) -> Model:
+    """Validate `data` as `model` (validators see `context`, e.g. the catalogue to resolve names in), raising
+    ConfigError with one line per problem."""
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise ConfigError(source, format_validation_error(exc)) from None
+
+
+def dump_yaml(model: BaseModel, path: str | Path) -> None:
+    """Write a config as YAML that `load_*` reads back identically."""
+    Path(path).write_text(yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,60 @@
+"""What a finished job leaves behind: result.json, the small record the driver and tracking read.
+
+Light on purpose (no torch): the driver, tracking and tests read results without loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.config import JobConfig
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class JobResult:
+    """What a job hands to the orchestrator and tracking."""
+
+    job_key: str
+    kind: str
+    base_model: str
+    task: str
+    metric: str
+    score: float
+    examples: int
+    adapter_dir: str | None
+    params: dict[str, Any]
+    summary: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        """Write atomically (a job killed mid-write leaves no half result)."""
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.write_text(json.dumps(asdict(self)))
+        staging.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> JobResult:
+        """The result saved at `path`."""
+        return cls(**json.loads(path.read_text()))
+
+
+def job_params(config: JobConfig) -> dict[str, Any]:
+    """Every hyper-parameter of the job, flattened (`lora.r`, `training.learning_rate`, ...)."""
+    params: dict[str, Any] = {"kind": config.kind, "base_model": config.base_model.name, "base_model.hf_id": config.base_model.hf_id,
+                              "task": config.task.name, "task.metric": config.task.metric}
+    return params | flat({section: getattr(config, section).model_dump(mode="json") for section in ("lora", "quantization", "training", "evaluation")})
+
+
+def flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"lora": {"r": 8}}` -> `{"lora.r": 8}`."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out

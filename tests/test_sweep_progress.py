@@ -1,0 +1,129 @@
+"""The sweep driver's progress line and ETA (pure functions), and the description it gives the sweep in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.config import PROJECT_ROOT
+from orchestrator.config import expand_jobs, load_sweep
+from orchestrator.sweep import (
+    ALL_KINDS,
+    JobOutcome,
+    JobTiming,
+    estimate_eta_s,
+    eta_now,
+    planned_seconds,
+    progress_line,
+    results_description,
+    running_now,
+    sweep_description,
+    time_ratios,
+)
+
+MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
+
+
+@pytest.mark.unit
+def test_time_ratios_per_kind_and_pooled() -> None:
+    ratios = time_ratios([("evaluate_base", 10.0, 2.0), ("evaluate_base", 30.0, 6.0), ("train", 100.0, 50.0)])
+    assert ratios == {"evaluate_base": pytest.approx(0.2), "train": pytest.approx(0.5), ALL_KINDS: pytest.approx(58 / 140)}
+    assert time_ratios([]) == {}
+    assert time_ratios([("train", 0.0, 5.0)]) == {}  # no planned time: no ratio
+
+
+@pytest.mark.unit
+def test_eta_after_fast_base_evaluations_counts_the_fine_tunes_still_to_run() -> None:
+    """The issue's case: four base evaluations finished in 2 s each; four fine-tunes, plan's 300 s each, are left on two
+    slots. Averaging over finished jobs said ~8 s; the estimate scales plan's time by the observed ratio instead."""
+    finished = [("evaluate_base", 10.0, 2.0)] * 4
+    ratios = time_ratios(finished)
+    running = [JobTiming("train", 300.0, elapsed_s=5.0)] * 2
+    queued = [JobTiming("train", 300.0)] * 2
+    # no fine-tune finished yet: the pooled ratio (0.2) -> 60 s each; 55 s left of the running two, then 60 s more
+    assert estimate_eta_s(running, queued, ratios, slots=2) == pytest.approx(115.0)
+    elapsed_s, done = 20.0, 4
+    assert elapsed_s / done * 4 < 30  # what the old average over finished jobs would have said
+    # once a fine-tune finished, its own kind's ratio counts (0.5 -> 150 s each), not the base evaluations'
+    ratios = time_ratios([*finished, ("train", 300.0, 150.0)])
+    assert estimate_eta_s([JobTiming("train", 300.0, 100.0)], [JobTiming("train", 300.0)] * 2, ratios, slots=2) == pytest.approx(200.0)
+
+
+@pytest.mark.unit
+def test_eta_schedules_the_queue_on_the_slots_that_free_first() -> None:
+    ratios = {ALL_KINDS: 1.0}
+    assert estimate_eta_s([], [], ratios, 4) == 0.0
+    assert estimate_eta_s([JobTiming("train", 10.0, 30.0)], [], ratios, 1) == 0.0  # over its estimate: not negative
+    # LPT on 2 slots: 10 | 4 + 4 + 1 -> 10; one slot: the sum
+    jobs = [JobTiming("train", t) for t in (10.0, 4.0, 4.0, 1.0)]
+    assert estimate_eta_s([], jobs, ratios, 2) == pytest.approx(10.0)
+    assert estimate_eta_s([], jobs, ratios, 1) == pytest.approx(19.0)
+    assert estimate_eta_s([], jobs, {}, 2) is None  # nothing finished yet: no ETA
+    assert estimate_eta_s([], [JobTiming("new_kind", 10.0)], {"train": 3.0, ALL_KINDS: 2.0}, 1) == pytest.approx(20.0)
+
+
+@pytest.mark.unit
+def test_eta_now_counts_only_the_jobs_that_run_as_started() -> None:
+    """Of three submitted jobs on two slots, the third waits in Ray: its time since submission is not time it ran."""
+    jobs = expand_jobs(load_sweep(MINI))[:3]
+    ratios = {ALL_KINDS: 1.0}
+    assert eta_now([(job, 4.0) for job in jobs], [], lambda job: 10.0, ratios, 2) == pytest.approx(16.0)  # 6 | 6 + 10
+    assert eta_now([(jobs[0], 4.0)], jobs[1:], lambda job: 10.0, ratios, 1) == pytest.approx(26.0)
+
+
+@pytest.mark.unit
+def test_running_now_is_what_fits_in_the_cluster() -> None:
+    jobs = expand_jobs(load_sweep(MINI))
+    capacity = {"CPU": 2.0, "GPU": 1.0}
+    assert running_now(jobs, lambda job: {"CPU": 1.0}, capacity) == 2
+    assert running_now(jobs, lambda job: {"CPU": 0.5, "GPU": 0.3}, capacity) == 3
+    assert running_now(jobs, lambda job: {"CPU": 4.0}, capacity) == 1  # too big for the cluster: one at a time
+    assert running_now(jobs[:1], lambda job: {"CPU": 1.0}, capacity) == 1
+    assert running_now([], lambda job: {"CPU": 1.0}, capacity) == 0
+
+
+@pytest.mark.unit
+def test_planned_seconds_of_a_tiny_job_is_not_rounded_to_zero() -> None:
+    sweep = load_sweep(MINI)
+    seconds = {job.kind: planned_seconds(job, sweep) for job in expand_jobs(sweep)}
+    assert 0 < seconds["evaluate_base"] < seconds["train"]
+
+
+def outcomes() -> list[JobOutcome]:
+    """The mini sweep's four jobs: tiny-llama x (demo_arithmetic, demo_similarity), one fine-tune failed."""
+    jobs = {(job.task.name, job.kind): job for job in expand_jobs(load_sweep(MINI))}
+    return [JobOutcome(jobs["demo_arithmetic", "evaluate_base"], "skipped", 0.25),
+            JobOutcome(jobs["demo_arithmetic", "train"], "finished", 0.75),
+            JobOutcome(jobs["demo_similarity", "evaluate_base"], "finished", 0.5),
+            JobOutcome(jobs["demo_similarity", "train"], "failed", error="out of memory")]
+
+
+@pytest.mark.unit
+def test_progress_line_and_descriptions() -> None:
+    done = {o.job.job_key: o for o in outcomes()}
+    assert progress_line(done, 2, 3, 9, 61.4) == "progress: 3 done, 1 failed, 2 running or starting, 3 queued of 9, ETA 61 s"
+    assert progress_line(done, 0, 0, 4, 12.0) == "progress: 3 done, 1 failed, 0 running or starting, 0 queued of 4"
+    assert not progress_line(done, 1, 0, 4, None).endswith(" s")
+    sweep = load_sweep(MINI)
+    about = sweep_description(sweep, "tests/fixtures/mini_sweep.yaml", expand_jobs(sweep), 3)
+    assert "`mini`" in about and "`tests/fixtures/mini_sweep.yaml`" in about and "1 base models x 2 tasks" in about
+    assert "4 jobs (2 fine-tunes, 2 base evaluations)" in about and "1 already finished, 3 to run" in about
+    results = results_description(outcomes())
+    assert "3 of 4 jobs done (1 in an earlier run), 1 failed" in results
+    assert "Best lift per task: demo_arithmetic +0.500 (tiny-llama)." in results and "demo_similarity" not in results
+    assert "Mean fine-tuned score 0.750, mean lift +0.500." in results
+    assert "http" not in about + results  # link-free
+
+
+@pytest.mark.integration  # MLflow's SQLite store
+def test_sweep_description_is_the_experiment_and_parent_run_note(tmp_path: Path) -> None:
+    from tracking import store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = store.ensure_experiment("described", uri)
+    run_id = store.start_sweep_run(experiment_id, "described", {}, uri)
+    store.describe(experiment_id, run_id, "**what** this is", uri)
+    client = store.client(uri)
+    assert client.get_experiment(experiment_id).tags[store.NOTE_TAG] == "**what** this is"
+    assert client.get_run(run_id).data.tags[store.NOTE_TAG] == "**what** this is"
