@@ -1,27 +1,33 @@
-"""Serving many adapters from one replica: our engine against one adapter and against naive multiplexing.
+"""Serving many adapters: our engine against one adapter, against transformers + PEFT, and hot adapters across replicas.
 
-A closed-loop load shaped like the study's serving test: `--users` concurrent users, each streams a
-request (a prompt of about `--prompt-tokens` random tokens, up to `--new-tokens` new tokens, greedy)
-for an adapter drawn uniformly from K distinct adapters, then waits a random think time (exponential,
-mean `--think-s`) and asks again. Each configuration runs `--warmup-s` unmeasured, then `--seconds`
-measured; tokens streamed inside the measured window count; TTFT (submit to first streamed delta) is
-taken for every request submitted inside the window, however long it waits.
+A closed-loop load shaped like the study's serving test: `--users` concurrent users, each streams a request (a prompt
+of about `--prompt-tokens` random tokens, up to `--new-tokens` new tokens, greedy) for an adapter drawn from K, then
+waits a random think time (exponential, mean `--think-s`) and asks again. Tokens streamed inside the measured window
+count; TTFT (submit to first streamed delta) is taken for every request submitted inside the window.
 
-Configurations, all on one replica of the same base model (default tiny-llama, 4-bit nf4):
+Parts (`--parts`, all by default):
 
-- engine, K = 1, 8, 32, 128 distinct adapters: `serving.batching.BatchingEngine` (mixed-adapter
-  continuous batching, gathered LoRA); the accelerator tier holds `--device-slots` adapters.
-- naive, K = 32 (and 8): plain multiplexing as `@serve.multiplexed` + `@serve.batch` give it: one
-  PEFT adapter active at a time, batches only of requests for that adapter (static: a batch runs until
-  its last request ends), and a swap (PEFT load from local disk, delete the previous) whenever the
-  next batch's adapter differs.
-- cold load: an adapter fetched from local disk into host memory (`prefetch`), and its copy into an
-  accelerator slot, p50 over 16 fresh adapters.
+- **engine**: `serving.batching.BatchingEngine` in this process, K = 1, 8, 32, 128, 1000 distinct adapters (uniform),
+  every adapter read into host memory first (`prefetch`), the accelerator tier `--device-slots`; the configurations
+  run interleaved, `--repeats` times each, and the median tokens/s counts (the machine's load drifts).
+- **peft**: what a user writes without us, K = 32, same load: transformers + PEFT with every adapter loaded and static
+  batches of the requests waiting when the previous batch ends, any adapters mixed, `adapter_names=[...]` per row
+  (PEFT's mixed-adapter batch inference); and plain multiplexing (`@serve.multiplexed` + `@serve.batch` style): one
+  adapter active at a time, batches of its requests only, a swap (PEFT load from disk, delete the previous) between.
+- **hot**: the real application (`serving.app`) on loopback with 2 replicas of the base (1 CPU each) and 256 adapters
+  in the registry, through HTTP: uniform traffic, then Zipf traffic where one adapter takes half of the requests
+  (the rest Zipf, s = 1), spread by the ingress (`serving/replication.py`), then the same Zipf traffic with the hot
+  adapter held to one replica (what Serve's multiplexed routing does alone).
+- **cold**: an adapter fetched from local disk into host memory (`prefetch`), and its copy into an accelerator slot,
+  p50 over 16 fresh adapters.
 
-    python benchmarks/serve_adapters.py [--out FILE] [--seconds 20] [--users 32]
+    python benchmarks/serve_adapters.py [--out FILE] [--parts engine,peft,hot,cold] [--seconds 10] [--users 32]
+    python benchmarks/serve_adapters.py --gpu-shape mistral-7b [--layers 32]   # random 7B-shaped 4-bit model, a GPU
 
-Writes JSON (default benchmarks/results/serve_adapters.json) with top-level `ratio_32_vs_1` (engine
-tokens/s with 32 adapters / with 1) and `ratio_32_vs_naive` (engine / naive, both 32 adapters).
+Writes JSON (default benchmarks/results/serve_adapters.json) with top-level `ratio_1000_vs_1`, `ratio_128_vs_1`,
+`ratio_32_vs_1` (engine tokens/s with K adapters over 1), `ratio_32_vs_peft` and `ratio_32_vs_naive` (engine over the
+baselines at 32 adapters), `hot_vs_uniform` (Zipf over uniform tokens/s, 2 replicas) and `hot_p99_ttft_ratio` (the hot
+adapter's p99 TTFT over the other adapters', Zipf run).
 """
 
 from __future__ import annotations
@@ -38,34 +44,48 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT, ROOT / "benchmarks"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import torch  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+from serving_app import (  # noqa: E402
+    Shape,
+    http_users,
+    local_serve,
+    prime,
+    publish_adapters,
+    random_adapters,
+    summarise_load,
+    vocabulary_words,
+)
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from jobs.catalog import load_catalog  # noqa: E402
-from jobs.config import BaseModelSpec  # noqa: E402
-from jobs.errors import UserError, print_user_error  # noqa: E402
-from serving.batching import BatchingEngine, build_engine  # noqa: E402
-from serving.config import EngineSettings  # noqa: E402
+from jobs.config import BaseModelSpec, QuantizationSettings  # noqa: E402
+from jobs.errors import DeviceUnavailable, UserError, print_user_error  # noqa: E402
+from jobs.models import load_base_model, load_tokenizer  # noqa: E402
+from serving.batching import BatchingEngine  # noqa: E402
+from serving.config import BaseDeployment, EngineSettings, HotAdapterSettings, IngressSettings, ReplicaBounds, ServeConfig  # noqa: E402
 from serving.engine import Delta, SamplingParams  # noqa: E402
-from serving.synthetic import random_adapter  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_adapters.json"
-ADAPTER_COUNTS = (1, 8, 32, 128)
-NAIVE_COUNTS = (8, 32)
-RANKS = (8, 16, 4, 8)  # mixed ranks, cycled over the adapters
+PARTS = ("engine", "peft", "hot", "cold")
+ADAPTER_COUNTS = (1, 8, 32, 128, 1000)
+BASELINE_COUNT = 32
+HOT_ADAPTERS = 256
+HOT_SHARE = 0.5
+GPU_SHAPES = ("mistral-7b",)
 
 
-# --------------------------------------------------------------------------- the naive baseline
+# --------------------------------------------------------------------------- the transformers + PEFT baselines
 
 
 @dataclass(eq=False)
@@ -77,25 +97,35 @@ class _Request:
     stream: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
 
 
-class NaiveMultiplexEngine:
-    """One PEFT adapter at a time; batches of one adapter's requests; a swap from disk between adapters."""
+class PeftBaseline:
+    """transformers + PEFT on one thread, static batches streamed token by token.
 
-    def __init__(self, spec: BaseModelSpec, precision: str, adapter_dir: Path, max_batch_size: int) -> None:
-        from jobs.config import QuantizationSettings
-        from jobs.models import load_base_model, load_tokenizer
+    mixed: every adapter loaded once; a batch is every waiting request (up to `max_batch_size`), any adapters,
+    run with `adapter_names=[...]` per row. Otherwise (swap): one adapter loaded at a time; a batch is the oldest
+    request's adapter's waiting requests; a swap (load from disk, delete the previous) when the adapter changes."""
 
-        quant = QuantizationSettings() if precision == "4bit" else QuantizationSettings(load_in_4bit=False)
-        self.base = load_base_model(spec, quant, "cuda" if torch.cuda.is_available() else "cpu").eval()
-        self.tokenizer = load_tokenizer(spec)
+    def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter_dir: Path, max_batch_size: int,
+                 mixed_adapters: list[str] | None = None) -> None:
+        from peft import PeftModel
+
+        self.base = base.eval()
+        self.tokenizer = tokenizer
         self.adapter_dir = adapter_dir
         self.max_batch_size = max_batch_size
+        self.mixed = mixed_adapters is not None
         self.model: Any = None
         self.current: str | None = None
         self.swaps = 0
+        for name in mixed_adapters or []:
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(self.base, str(adapter_dir / name), adapter_name=name).eval()
+            else:
+                self.model.load_adapter(str(adapter_dir / name), adapter_name=name)
         self.queue: list[_Request] = []
         self.lock = threading.Condition()
         self.stopping = False
         self.eos = self.base.generation_config.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
@@ -122,6 +152,13 @@ class NaiveMultiplexEngine:
         self.current = adapter
         self.swaps += 1
 
+    def _next_batch(self) -> list[_Request]:
+        """The waiting requests the next static batch takes (see the class docstring)."""
+        adapter = self.queue[0].adapter  # first come, first served; in swap mode its adapter's requests ride along
+        batch = [r for r in self.queue if self.mixed or r.adapter == adapter][: self.max_batch_size]
+        self.queue = [r for r in self.queue if r not in batch]
+        return batch
+
     def _loop(self) -> None:
         while not self.stopping:
             with self.lock:
@@ -129,22 +166,25 @@ class NaiveMultiplexEngine:
                     self.lock.wait(timeout=0.1)
                 if self.stopping:
                     return
-                adapter = self.queue[0].adapter  # first come, first served; its adapter's requests ride along
-                batch = [r for r in self.queue if r.adapter == adapter][: self.max_batch_size]
-                self.queue = [r for r in self.queue if r not in batch]
-            if adapter != self.current:
-                self._swap(adapter)
+                batch = self._next_batch()
+            if not self.mixed and batch[0].adapter != self.current:
+                self._swap(batch[0].adapter)
             with torch.inference_mode():
                 self._run(batch)
+
+    def _forward(self, batch: list[_Request], **inputs: Any) -> Any:
+        if self.mixed:
+            inputs["adapter_names"] = [r.adapter for r in batch]
+        return self.model(use_cache=True, **inputs)
 
     def _run(self, batch: list[_Request]) -> None:
         device = self.base.device
         width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=device)
+        ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=device)
         mask = (torch.arange(width, device=device)[None, :] >= torch.tensor([width - len(r.prompt_ids) for r in batch], device=device)[:, None]).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = self._forward(batch, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
         done = [False] * len(batch)
         counts = [0] * len(batch)
         for _ in range(max(r.params.max_tokens for r in batch)):
@@ -156,24 +196,22 @@ class NaiveMultiplexEngine:
                 counts[row] += 1
                 finished = token == self.eos or counts[row] >= request.params.max_tokens
                 done[row] = finished
-                delta = Delta(text="", token_ids=[token], finish_reason=("length" if finished else None),
-                              completion_tokens=counts[row])
+                delta = Delta(text="", token_ids=[token], finish_reason=("length" if finished else None), completion_tokens=counts[row])
                 request.loop.call_soon_threadsafe(request.stream.put_nowait, delta)
             if all(done):
                 return
             mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=device)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True)
+            out = self._forward(batch, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache)
 
     def shutdown(self) -> None:
         self.stopping = True
         with self.lock:
             self.lock.notify()
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=30)
 
 
-# --------------------------------------------------------------------------- the load
+# --------------------------------------------------------------------------- the in-process load
 
 
 @dataclass
@@ -214,11 +252,152 @@ async def closed_loop(engine: Any, adapters: list[str], args: argparse.Namespace
     return window
 
 
-def summarise(name: str, adapters: int, window: Window, seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    ttft = sorted(window.ttft_s) or [float("nan")]
-    return {"engine": name, "adapters": adapters, "tokens_per_s": window.tokens / seconds, "requests": window.requests,
+def summarise(name: str, adapters: int, windows: list[Window], seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row: median tokens/s over the windows (one per repeat); TTFT percentiles and requests over all of them."""
+    ttft = sorted(t for w in windows for t in w.ttft_s) or [float("nan")]
+    return {"engine": name, "adapters": adapters, "tokens_per_s": statistics.median(w.tokens / seconds for w in windows),
+            "tokens_per_s_runs": [round(w.tokens / seconds, 1) for w in windows], "requests": sum(w.requests for w in windows),
             "ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p99_ms": 1000 * ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
             **(extra or {})}
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class Base:
+    """The base model the in-process parts share the shape of: how to build it, its tokenizer and adapter targets."""
+
+    spec: BaseModelSpec
+    build: Callable[[], PreTrainedModel]
+    tokenizer: PreTrainedTokenizerBase
+
+
+def base_for(args: argparse.Namespace) -> Base:
+    """The catalogue's --base (4-bit on this machine's device), or with --gpu-shape a random-initialised model of that
+    base's real shape in 4-bit on the GPU (`--layers` of them), tokens from --base's tokenizer."""
+    tokenizer_spec = load_catalog().base_model(args.base)
+    tokenizer = load_tokenizer(tokenizer_spec)
+    if args.gpu_shape is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return Base(tokenizer_spec, lambda: load_base_model(tokenizer_spec, QuantizationSettings(), device), tokenizer)
+    from train_throughput import random_4bit_model
+
+    spec = load_catalog().base_model(args.gpu_shape)
+    if args.layers:
+        spec = spec.model_copy(update={"architecture": spec.architecture.model_copy(update={"num_layers": args.layers})})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.layers:
+        raise DeviceUnavailable(f"--gpu-shape {args.gpu_shape} needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                "--layers N builds N layers of it on the CPU for a smoke run")
+    return Base(spec, lambda: random_4bit_model(spec, QuantizationSettings(), device), tokenizer)
+
+
+def engine_settings(args: argparse.Namespace, host_slots: int) -> EngineSettings:
+    return EngineSettings(max_batch_size=args.max_batch_size, device_adapter_slots=args.device_slots,
+                          host_adapter_slots=host_slots, max_lora_rank=args.max_rank, max_queued_requests=10 * args.users)
+
+
+def make_engine(base: Base, model: PreTrainedModel, adapter_dir: Path, settings: EngineSettings) -> BatchingEngine:
+    context = int(getattr(model.config, "max_position_embeddings", 2048))
+    return BatchingEngine(model, base.tokenizer, lambda adapter: adapter_dir / adapter, settings, context,
+                          list(base.spec.all_linear_modules))
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def run_engine(engine: BatchingEngine, names: list[str], counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every adapter count, interleaved `args.repeats` times; one row per count."""
+    vocab = len(engine.tokenizer)
+    asyncio.run(_prefetch(engine, names[: max(counts)]))
+    windows: dict[int, list[Window]] = {count: [] for count in counts}
+    for repeat in range(args.repeats):
+        for count in counts:
+            windows[count].append(asyncio.run(closed_loop(engine, names[:count], args, vocab, seed=count + 7919 * repeat)))
+            print(f"  engine {count:5d} adapters, run {repeat + 1}: {windows[count][-1].tokens / args.seconds:8.1f} tok/s", flush=True)
+    return [summarise("engine", count, windows[count], args.seconds, {"held_on_device": len(engine.held_adapters())})
+            for count in counts]
+
+
+async def _prefetch(engine: BatchingEngine, names: list[str]) -> None:
+    await asyncio.gather(*(engine.prefetch(name) for name in names))
+
+
+def run_baselines(base: Base, adapter_dir: Path, names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The PEFT mixed-batch baseline and the swap-per-batch baseline at BASELINE_COUNT adapters."""
+    rows: list[dict[str, Any]] = []
+    adapters = names[:BASELINE_COUNT]
+    for name, mixed in (("peft", adapters), ("naive", None)):
+        baseline = PeftBaseline(base.build(), base.tokenizer, adapter_dir, args.max_batch_size, mixed)
+        window = asyncio.run(closed_loop(baseline, adapters, args, len(base.tokenizer), seed=BASELINE_COUNT))
+        rows.append(summarise(name, BASELINE_COUNT, [window], args.seconds, {"swaps": baseline.swaps}))
+        print(_row(rows[-1]), flush=True)
+        baseline.shutdown()
+        del baseline
+    return rows
+
+
+def run_cold(engine: BatchingEngine, names: list[str]) -> dict[str, float]:
+    """Disk -> host (fetch + read + checks) through `prefetch`, and host -> accelerator slot, per fresh adapter."""
+    async def measure() -> tuple[list[float], list[float]]:
+        disk, slot_copy = [], []
+        for name in names:  # the engine is idle here, as `measure_slot_copy` requires
+            disk.append(await engine.prefetch(name))
+            slot_copy.append(engine.tiers.measure_slot_copy(name))
+        return disk, slot_copy
+
+    disk, slot_copy = asyncio.run(measure())
+    return {"disk_to_host_ms_p50": 1000 * statistics.median(disk), "host_to_slot_ms_p50": 1000 * statistics.median(slot_copy)}
+
+
+def zipf_picker(models: list[str], hot_share: float) -> Callable[[random.Random], str]:
+    """models[0] with probability `hot_share`, else models[1:] by Zipf (s = 1)."""
+    tail = models[1:]
+    weights = [1 / rank for rank in range(1, len(tail) + 1)]
+
+    def pick(rng: random.Random) -> str:
+        return models[0] if rng.random() < hot_share else rng.choices(tail, weights)[0]
+    return pick
+
+
+def hot_config(args: argparse.Namespace, uri: str, cache: Path, port: int, hot_task: str | None) -> ServeConfig:
+    """2 replicas of the base, 1 CPU each; with `hot_task`, that task held to one replica (Serve's behaviour alone)."""
+    bounds = {hot_task: ReplicaBounds(max_replicas=1)} if hot_task else {}
+    engine = EngineSettings(max_batch_size=args.max_batch_size, device_adapter_slots=args.device_slots,
+                            host_adapter_slots=HOT_ADAPTERS + 16, max_lora_rank=args.max_rank, max_queued_requests=10 * args.users)
+    deployment = BaseDeployment(base_model=args.base, device="cpu", num_replicas=2, num_cpus=1, engine=engine,
+                                max_adapters_per_replica=HOT_ADAPTERS, hot_adapters=HotAdapterSettings(adapters=bounds))
+    return ServeConfig(name="serve-hot", port=port, tracking_uri=uri, adapter_cache_dir=str(cache),
+                       ingress=IngressSettings(num_cpus=0, request_timeout_s=300), deployments=[deployment])
+
+
+def run_hot(base: Base, args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """Uniform, Zipf spread, and Zipf with the hot adapter on one replica, through the real app (2 replicas)."""
+    from jobs.ports import free_port
+    from serving.app import deploy
+
+    uri, cache = f"sqlite:///{tmp}/mlflow.db", tmp / "cache"
+    models = publish_adapters(uri, cache, base.build(), base.spec, HOT_ADAPTERS)
+    words = vocabulary_words(base.tokenizer)
+    shape = Shape(words=(args.prompt_tokens - 10, args.prompt_tokens + 10), new_tokens=(args.new_tokens - 10, args.new_tokens),
+                  pause_s=args.think_s, exponential_pause=True)
+    port = free_port()
+    runs = (("uniform", lambda rng: rng.choice(models), None), ("zipf", zipf_picker(models, HOT_SHARE), None),
+            ("zipf_one_replica", zipf_picker(models, HOT_SHARE), models[0].split(":", 1)[1]))
+    rows: list[dict[str, Any]] = []
+    with local_serve(hot_config(args, uri, cache, port, None), num_cpus=3) as url:
+        asyncio.run(prime(url, models, words))  # every adapter read once (into whichever replica Serve picks)
+        for name, pick, held in runs:
+            if held:
+                deploy(hot_config(args, uri, cache, port, held))
+            load = asyncio.run(http_users(url, args.users, pick, words, shape, args.hot_warmup_s, args.seconds, seed=len(rows)))
+            hot = summarise_load(load, args.users, args.seconds, lambda r: r.model == models[0])
+            rest = summarise_load(load, args.users, args.seconds, lambda r: r.model != models[0])
+            rows.append({"engine": f"2 replicas, {name}", "adapters": HOT_ADAPTERS} | summarise_load(load, args.users, args.seconds)
+                        | {"hot_ttft_p99_ms": hot["ttft_p99_ms"], "others_ttft_p99_ms": rest["ttft_p99_ms"]})
+            print(_row(rows[-1]), flush=True)
+    return rows
 
 
 # --------------------------------------------------------------------------- main
@@ -227,65 +406,110 @@ def summarise(name: str, adapters: int, window: Window, seconds: float, extra: d
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
-    parser.add_argument("--base", default="tiny-llama", help="catalogue base model (a tiny one on a CPU)")
-    parser.add_argument("--precision", default="4bit", choices=["4bit", "fp32", "bf16"])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run, of {', '.join(PARTS)}")
+    parser.add_argument("--base", default="tiny-llama", help="catalogue base model (a tiny one on a CPU); its tokenizer with --gpu-shape")
+    parser.add_argument("--gpu-shape", choices=GPU_SHAPES, help="random weights of that model's real shape in 4-bit, "
+                        "rank-8 adapters on every linear layer (needs a GPU; the hot part is skipped)")
+    parser.add_argument("--layers", type=int, default=0, help="with --gpu-shape: build only this many layers (0: all; "
+                        "a few run on the CPU as a smoke test)")
+    parser.add_argument("--adapter-counts", default=",".join(map(str, ADAPTER_COUNTS)), help="engine part's K values")
     parser.add_argument("--users", type=int, default=32, help="concurrent closed-loop users")
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--think-s", type=float, default=0.2, help="mean think time between a user's requests")
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per configuration")
-    parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per configuration and run")
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each in-process window")
+    parser.add_argument("--hot-warmup-s", type=float, default=10.0, help="unmeasured seconds before each hot-part window")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per engine configuration (median counts)")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--device-slots", type=int, default=64, help="adapters held in the accelerator tier")
+    parser.add_argument("--device-slots", type=int, default=256, help="adapters held in the accelerator tier (0: sized "
+                        "from free GPU memory)")
     parser.add_argument("--max-rank", type=int, default=16)
     args = parser.parse_args(argv)
-    for name in ("users", "prompt_tokens", "new_tokens", "max_batch_size", "device_slots", "max_rank"):
+    args.parts = [part for part in args.parts.split(",") if part]
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(unknown)}; choose among {', '.join(PARTS)}")
+    try:
+        args.counts = sorted({int(count) for count in args.adapter_counts.split(",")})
+    except ValueError:
+        parser.error(f"--adapter-counts: not a comma-separated list of integers: {args.adapter_counts!r}")
+    for name in ("users", "prompt_tokens", "new_tokens", "max_batch_size", "max_rank", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.seconds <= 0 or args.think_s <= 0:
-        parser.error("--seconds and --think-s must be positive")
+    if args.seconds <= 0 or args.think_s <= 0 or min(args.counts) < 1 or args.new_tokens <= 10 or args.prompt_tokens <= 10:
+        parser.error("--seconds and --think-s must be positive, --adapter-counts at least 1, --new-tokens and --prompt-tokens above 10")
+    if args.gpu_shape:
+        args.parts = [part for part in args.parts if part != "hot"]
     return args
+
+
+def ranks_for(args: argparse.Namespace) -> tuple[int, ...]:
+    """Adapter ranks, cycled: rank 8 on a 7B shape (the study's), mixed 4-16 on the tiny model."""
+    return (8,) if args.gpu_shape else (8, 16, 4, 8)
+
+
+def run_in_process(base: Base, args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
+    """The engine, peft and cold parts (one model in memory at a time)."""
+    counts = args.counts if "engine" in args.parts else [BASELINE_COUNT]
+    names = [f"adapter-{i:04d}" for i in range(max(counts + [BASELINE_COUNT]) + 16)]
+    model = base.build()
+    random_adapters(model, base.spec, [tmp / name for name in names], ranks_for(args))
+    rows: list[dict[str, Any]] = []
+    cold = None
+    if "engine" in args.parts or "peft" in args.parts or "cold" in args.parts:
+        engine = make_engine(base, model, tmp, engine_settings(args, len(names)))
+        if "engine" in args.parts or "peft" in args.parts:
+            rows += run_engine(engine, names, counts, args)
+        if "cold" in args.parts:
+            cold = run_cold(engine, names[-16:])
+        engine.shutdown()
+        del engine
+    del model
+    if "peft" in args.parts:
+        rows += run_baselines(base, tmp, names, args)
+    return rows, cold
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The goals' ratios that the rows allow."""
+    by = {(r["engine"], r["adapters"]): r for r in rows}
+    tokens = {key: r["tokens_per_s"] for key, r in by.items()}
+    out: dict[str, float] = {}
+    for count in (1000, 128, 32):
+        if ("engine", count) in tokens and ("engine", 1) in tokens:
+            out[f"ratio_{count}_vs_1"] = tokens[("engine", count)] / tokens[("engine", 1)]
+    for name in ("peft", "naive"):
+        if (name, BASELINE_COUNT) in tokens and ("engine", BASELINE_COUNT) in tokens:
+            out[f"ratio_32_vs_{name}"] = tokens[("engine", BASELINE_COUNT)] / tokens[(name, BASELINE_COUNT)]
+    uniform, zipf = by.get(("2 replicas, uniform", HOT_ADAPTERS)), by.get(("2 replicas, zipf", HOT_ADAPTERS))
+    if uniform and zipf:
+        out["hot_vs_uniform"] = zipf["tokens_per_s"] / uniform["tokens_per_s"]
+        out["hot_p99_ttft_ratio"] = zipf["hot_ttft_p99_ms"] / zipf["others_ttft_p99_ms"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    spec = load_catalog().base_model(args.base)
     torch.manual_seed(0)
-    results: list[dict[str, Any]] = []
+    base = base_for(args)
+    rows: list[dict[str, Any]] = []
+    cold = None
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        adapter_dir = Path(tmp)
-        settings = EngineSettings(max_batch_size=args.max_batch_size, device_adapter_slots=args.device_slots,
-                                  host_adapter_slots=max(ADAPTER_COUNTS) + 16, max_lora_rank=args.max_rank,
-                                  max_queued_requests=10 * args.users)
-        engine = build_engine(spec, args.precision, "auto", lambda adapter: adapter_dir / adapter, settings)
-        names = [f"adapter-{i:03d}" for i in range(max(ADAPTER_COUNTS) + 16)]
-        for i, name in enumerate(names):
-            random_adapter(engine.model, adapter_dir / name, RANKS[i % len(RANKS)], list(spec.all_linear_modules), seed=i,
-                           base_model_name=spec.hf_id)
-        vocab = len(engine.tokenizer)
-        cold = asyncio.run(_cold_loads(engine, names[-16:]))
-        for count in ADAPTER_COUNTS:
-            window = asyncio.run(closed_loop(engine, names[:count], args, vocab, seed=count))
-            results.append(summarise("engine", count, window, args.seconds, {"held_on_device": len(engine.held_adapters())}))
-            print(_row(results[-1]), flush=True)
-        engine.shutdown()
-        del engine
-        naive = NaiveMultiplexEngine(spec, args.precision, adapter_dir, args.max_batch_size)
-        for count in NAIVE_COUNTS:
-            swaps = naive.swaps
-            window = asyncio.run(closed_loop(naive, names[:count], args, vocab, seed=count))
-            results.append(summarise("naive", count, window, args.seconds, {"swaps": naive.swaps - swaps}))
-            print(_row(results[-1]), flush=True)
-        naive.shutdown()
-    by = {(r["engine"], r["adapters"]): r["tokens_per_s"] for r in results}
+        if set(args.parts) & {"engine", "peft", "cold"}:
+            (Path(tmp) / "local").mkdir()
+            rows, cold = run_in_process(base, args, Path(tmp) / "local")
+        if "hot" in args.parts:
+            (Path(tmp) / "hot").mkdir()
+            rows += run_hot(base, args, Path(tmp) / "hot")
     report = {
-        "ratio_32_vs_1": by[("engine", 32)] / by[("engine", 1)],
-        "ratio_32_vs_naive": by[("engine", 32)] / by[("naive", 32)],
+        **ratios(rows),
         "cold_load": cold,
-        "results": results,
+        "results": rows,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    "load_average": os.getloadavg()},
         "command": "python benchmarks/serve_adapters.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     print_table(report)
@@ -295,33 +519,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _cold_loads(engine: BatchingEngine, names: list[str]) -> dict[str, float]:
-    """Disk -> host (fetch + read + checks) through `prefetch`, and host -> accelerator slot, per fresh adapter."""
-    disk, slot_copy = [], []
-    for name in names:  # the engine is idle here, as `measure_slot_copy` requires
-        disk.append(await engine.prefetch(name))
-        slot_copy.append(engine.tiers.measure_slot_copy(name))
-    return {"disk_to_host_ms_p50": 1000 * statistics.median(disk), "host_to_slot_ms_p50": 1000 * statistics.median(slot_copy)}
-
-
 def _row(r: dict[str, Any]) -> str:
-    extra = f"held on device {r['held_on_device']}" if "held_on_device" in r else f"swaps {r.get('swaps', 0)}"
-    return (f"{r['engine']:>7} {r['adapters']:>4} adapters  {r['tokens_per_s']:9.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:8.1f} ms  "
-            f"p99 {r['ttft_p99_ms']:8.1f} ms  {r['requests']:5d} requests  {extra}")
+    return (f"| {r['engine']} | {r['adapters']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
+            f"{r['requests']} |")
 
 
 def print_table(report: dict[str, Any]) -> None:
     print("\n| engine | adapters | tokens/s | TTFT p50 ms | TTFT p99 ms | requests |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in report["results"]:
-        print(f"| {r['engine']} | {r['adapters']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['requests']} |")
+        print(_row(r))
+    print()
+    for key in ("ratio_1000_vs_1", "ratio_128_vs_1", "ratio_32_vs_1", "ratio_32_vs_peft", "ratio_32_vs_naive", "hot_vs_uniform",
+                "hot_p99_ttft_ratio"):
+        if key in report:
+            print(f"{key} = {report[key]:.3f}")
     cold = report["cold_load"]
-    print(f"\nratio_32_vs_1 = {report['ratio_32_vs_1']:.3f}   ratio_32_vs_naive = {report['ratio_32_vs_naive']:.2f}")
-    print(f"cold load: disk -> host {cold['disk_to_host_ms_p50']:.1f} ms, host -> slot {cold['host_to_slot_ms_p50']:.2f} ms (p50)")
+    if cold:
+        print(f"cold load: disk -> host {cold['disk_to_host_ms_p50']:.1f} ms, host -> slot {cold['host_to_slot_ms_p50']:.2f} ms (p50)")
 
 
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
-    except UserError as error:  # e.g. an unknown --base: one line, exit 2
+    except UserError as error:  # e.g. an unknown --base, or --gpu-shape without a GPU: one line, exit 2
         raise SystemExit(print_user_error(error)) from None

@@ -36,7 +36,7 @@ for folder in (ROOT, ROOT / "benchmarks"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from serving_app import Shape, http_users, local_serve, publish_adapters, summarise_load, vocabulary_words  # noqa: E402
+from serving_app import Shape, http_users, local_serve, prime, publish_adapters, summarise_load, vocabulary_words  # noqa: E402
 
 from jobs.catalog import load_catalog  # noqa: E402
 from jobs.config import QuantizationSettings  # noqa: E402
@@ -91,8 +91,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         models = publish_adapters(uri, cache, model, spec, args.adapters)
         del model
         with local_serve(serve_config(args, uri, cache), args.cpus) as url:
-            for index, model_id in enumerate(models):  # every adapter into the replica once, before anything is measured
-                asyncio.run(http_users(url, 1, model_picker("one", [], model_id), words, Shape(pause_s=0), 0, 0.01, 0, seed=index))
+            asyncio.run(prime(url, models, words))  # every adapter into the replica once, before anything is measured
             for users in args.user_counts:
                 for mode in MODES:
                     load = asyncio.run(http_users(url, users, model_picker(mode, models, spec.name), words, shape, args.ramp_s, args.hold_s, args.ramp_s,
@@ -105,7 +104,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
 
 
 def model_picker(mode: str, adapters: list[str], base: str) -> Callable[[random.Random], str]:
-    """Each request's model id: one of the adapters, uniformly, or `base` alone (any other mode)."""
+    """Each request's model id: one of the adapters, uniformly, or `base` alone."""
     return (lambda rng: rng.choice(adapters)) if mode == "adapters" else (lambda rng: base)
 
 

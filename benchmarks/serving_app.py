@@ -59,15 +59,17 @@ def publish_adapters(uri: str, cache_dir: Path, model: nn.Module, spec: BaseMode
 
 
 @contextmanager
-def local_serve(config: ServeConfig, num_cpus: int) -> Iterator[str]:
-    """Ray on 127.0.0.1 with `num_cpus`, the application deployed; yields its OpenAI base URL; shuts both down."""
+def local_serve(config: ServeConfig, num_cpus: int, metrics_port: int | None = None) -> Iterator[str]:
+    """Ray on 127.0.0.1 with `num_cpus` (its Prometheus metrics on `metrics_port` if given), the application deployed;
+    yields its OpenAI base URL; shuts both down."""
     import ray
     from ray import serve
 
     from serving.app import deploy
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep the local Ray (and every replica) on loopback
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     try:
         yield deploy(config)
     finally:
@@ -169,6 +171,23 @@ async def http_users(url: str, users: int, pick_model: Callable[[random.Random],
 
         await asyncio.gather(*(user(index) for index in range(users)))
     return load
+
+
+async def prime(url: str, models: list[str], words: list[str], users: int = 16) -> list[Request]:
+    """One short request per model id (`users` at a time), so every adapter is in its replica before a measurement."""
+    import httpx
+
+    todo, done = list(models), []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
+        async def user(index: int) -> None:
+            rng = random.Random(index)
+            while todo:
+                request = Request(model=todo.pop(), submitted=time.perf_counter())
+                await stream_completion(client, url, request.model, random_prompt(rng, words, 8, 8), 1, request)
+                done.append(request)
+
+        await asyncio.gather(*(user(index) for index in range(users)))
+    return done
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -73,7 +73,8 @@ def _file_rows(source: DatasetSource, split: str, columns: Sequence[str]) -> lis
     if builder is None:
         raise ConfigError(str(path), [f"unsupported file type; use one of {', '.join(LOCAL_FORMATS)} (data_files.{split})"])
     if not path.is_file():
-        raise NotFound(f"{path} not found (download {source.id!r} there, or set data_files.{split})")
+        prepare = f"run `loraland data prepare {path.parent.name} --from DOWNLOAD_DIR`, " if source.kind == "kaggle" else ""
+        raise NotFound(f"{path} not found ({prepare}download {source.id!r} there, or set data_files.{split})")
     table = datasets.load_dataset(builder, data_files=str(path), split="train")
     missing = [column for column in columns if column not in table.column_names]
     if missing:

@@ -1,13 +1,15 @@
 """Evaluation as the study did it: greedy generation on the first `eval_limit` rows, scored by the task's metric.
 
-Prompts are cut the same way for every model (`prompt_max_chars`); base and fine-tuned models get
-the same prompt. HumanEval-style tasks run the generated code in the sandbox (jobs/sandbox.py).
+Prompts are cut the same way for every model (`prompt_max_chars`, `prompt_cut`); base and fine-tuned models get
+the same prompt. `scoring` picks the study's own rules (jobs/study_metrics.py) or our strict parsing
+(jobs/metrics.py). HumanEval-style tasks run the generated code in the sandbox (jobs/sandbox.py).
 
 Run alone: `python -m jobs.evaluate --config job.yaml [--adapter DIR]` (see jobs/cli.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -21,6 +23,7 @@ from jobs.metrics import parse_answer, score
 from jobs.models import CausalLM
 from jobs.prompts import completion_for, prompt_for
 from jobs.sandbox import pass_at_1
+from jobs.study_metrics import mean_of_answered, study_score
 
 
 @dataclass
@@ -29,17 +32,20 @@ class EvalResult:
 
     metric: str
     score: float
-    examples: int
+    examples: int  # examples scored (answered); failed ones are counted in `failed`
     predictions: list[dict[str, Any]]
+    scoring: str = "strict"  # "study" (the task's study_metric) or "strict" (jobs/metrics.py)
+    failed: int = 0  # generations that failed and were left out of the mean (study scoring)
 
 
 @torch.no_grad()
 def generate(model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int,
-             keep_indent: bool = False) -> list[str]:
+             keep_indent: bool = False, keep_end: bool = False) -> list[str]:
     """Greedy completions of `prompts`, batched by similar length (left padding), in the input order.
 
     Completions are stripped; with `keep_indent` only trailing whitespace goes, so code that continues
-    an indented function body (HumanEval) keeps its indentation.
+    an indented function body (HumanEval) keeps its indentation; with `keep_end` only leading whitespace
+    goes (the space our prompts leave before the answer), so the rest is scored as generated.
     """
     model.eval()
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
@@ -58,16 +64,21 @@ def generate(model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[
         for row, index in enumerate(chunk):
             text = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
             assert isinstance(text, str)  # one sequence decodes to one string
-            outputs[index] = text.rstrip() if keep_indent else text.strip()
+            outputs[index] = text.rstrip() if keep_indent else text.lstrip() if keep_end else text.strip()
     return outputs
 
 
 def evaluate_model(model: CausalLM, tokenizer: PreTrainedTokenizerBase, task: TaskSpec, settings: EvalSettings) -> EvalResult:
-    """Score `model` on `task`'s evaluation rows with the task's metric."""
+    """Score `model` on `task`'s evaluation rows: by the study's rule (`task.study_metric`) under `scoring: study`
+    when the task has one, else strictly by the task's metric."""
     rows = eval_rows(task, settings.limit or task.eval_limit)
     code = task.metric == "humaneval"  # a code prompt is a program's head: never cut, the model must see it whole
-    prompts = [prompt_for(task, row, None if code else settings.prompt_max_chars, evaluation=True) for row in rows]
-    completions = generate(model, tokenizer, prompts, settings.max_new_tokens or task.max_new_tokens, settings.batch_size, keep_indent=code)
+    study_rule = task.study_metric if settings.scoring == "study" else None
+    prompts = [prompt_for(task, row, None if code else settings.prompt_max_chars, evaluation=True, cut=settings.prompt_cut)
+               for row in rows]
+    completions = generate(model, tokenizer, prompts, settings.max_new_tokens or task.max_new_tokens, settings.batch_size,
+                           keep_indent=code, keep_end=study_rule is not None)
+    scores: list[float | None]
     if code:
         answers = [parse_answer(task.answer, completion) for completion in completions]  # a fenced block's code, else as is
         programs = [answer if isinstance(answer, str) else completion for answer, completion in zip(answers, completions)]
@@ -76,12 +87,21 @@ def evaluate_model(model: CausalLM, tokenizer: PreTrainedTokenizerBase, task: Ta
         golds: list[str] = [r.status for r in results]
     else:
         golds = [completion_for(task, row) for row in rows]
-        scores = [score(task.metric, task.answer, pred, gold, task.labels) for pred, gold in zip(completions, golds)]
+        scores = score_all(task, completions, golds, study_rule)
     predictions = [
         {"index": i, "prompt": p, "prediction": c, "gold": g, "score": s}
         for i, (p, c, g, s) in enumerate(zip(prompts, completions, golds, scores))
     ]
-    return EvalResult(task.metric, sum(scores) / max(len(scores), 1), len(scores), predictions)
+    tally = mean_of_answered(scores)
+    return EvalResult(task.metric, tally.mean, tally.answered, predictions, "study" if study_rule else "strict", tally.failed)
+
+
+def score_all(task: TaskSpec, predictions: Sequence[str | None], golds: Sequence[str], study_rule: str | None) -> list[float | None]:
+    """Per-example scores: by the named study rule when given (None for a failed generation, left out of the mean),
+    else strictly by the task's metric and answer parsing (a failed generation scores 0)."""
+    if study_rule is not None:
+        return [study_score(study_rule, pred, gold) for pred, gold in zip(predictions, golds)]
+    return [score(task.metric, task.answer, pred or "", gold, task.labels) for pred, gold in zip(predictions, golds)]
 
 
 if __name__ == "__main__":  # `python -m jobs.evaluate`: the job command line (jobs/cli.py) scores a base or an adapter

@@ -37,16 +37,23 @@ def lora_parameters(spec: BaseModelSpec, lora: LoraSettings) -> int:
     return spec.architecture.num_layers * sum(lora.r * (i + o) for i, o in targets.values())
 
 
-def estimate_memory_gb(spec: BaseModelSpec, lora: LoraSettings, quant: QuantizationSettings, training: TrainingSettings) -> float:
-    """Peak GPU memory of one fine-tuning job in GB."""
+def shared_memory_gb(spec: BaseModelSpec, quant: QuantizationSettings) -> float:
+    """What a job's peak memory holds whatever it trains, and co-trained jobs share (jobs/cotrain.py): the base's weights
+    (4-bit linear layers with their constants, 16-bit embeddings and LM head) and the CUDA context, in GB."""
     a = spec.architecture
     linear = a.num_layers * sum(i * o for i, o in linear_shapes(spec).values())
     embeddings = a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
     weight_bytes = NF4_BYTES + QUANT_CONSTANT_BYTES[quant.double_quant] if quant.load_in_4bit else 2
-    base = linear * weight_bytes + embeddings * 2
+    return (linear * weight_bytes + embeddings * 2 + CUDA_OVERHEAD_BYTES) / GB
+
+
+def estimate_memory_gb(spec: BaseModelSpec, lora: LoraSettings, quant: QuantizationSettings, training: TrainingSettings) -> float:
+    """Peak GPU memory of one fine-tuning job in GB: `shared_memory_gb` plus its own adapter, optimizer state,
+    activations and logits."""
+    a = spec.architecture
     tokens = training.micro_batch_size * training.max_seq_length
     one_layer = tokens * (10 * a.hidden_size + 3 * a.intermediate_size) * 2
     saved = tokens * a.hidden_size * 2 * a.num_layers + one_layer if training.gradient_checkpointing else one_layer * a.num_layers
     logits = tokens * a.vocab_size * (2 + 4 + 4)
-    total = base + lora_parameters(spec, lora) * TRAINABLE_BYTES + saved + logits + CUDA_OVERHEAD_BYTES
-    return total / GB
+    own = lora_parameters(spec, lora) * TRAINABLE_BYTES + saved + logits
+    return shared_memory_gb(spec, quant) + own / GB

@@ -73,17 +73,22 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
     )
 
 
-def attach_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpointing: bool) -> PeftModel:
-    """Prepare a (4-bit) base for k-bit training and attach a fresh LoRA adapter."""
+def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    """Prepare a (4-bit) base for k-bit training (PEFT's preparation), with gradient checkpointing if asked."""
     if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, lora_config(settings))
+    return model
+
+
+def attach_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpointing: bool) -> PeftModel:
+    """Prepare a (4-bit) base for k-bit training and attach a fresh LoRA adapter."""
+    return get_peft_model(prepare_for_training(model, gradient_checkpointing), lora_config(settings))
 
 
 def check_adapter_dir(adapter_dir: str | Path) -> Path:

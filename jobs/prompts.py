@@ -13,7 +13,7 @@ import jinja2
 import jinja2.meta
 
 from jobs.errors import NotFound
-from jobs.schemas import TaskSpec
+from jobs.schemas import PromptCut, TaskSpec
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
@@ -41,15 +41,24 @@ def template_problems(source: str, columns: list[str]) -> list[str]:
     return [f"uses {', '.join(map(repr, unknown))}, not among its columns ({', '.join(columns)})"] if unknown else []
 
 
-def prompt_for(task: TaskSpec, row: Mapping[str, Any], max_chars: int | None = None, evaluation: bool = False) -> str:
+def prompt_for(task: TaskSpec, row: Mapping[str, Any], max_chars: int | None = None, evaluation: bool = False,
+               cut: PromptCut = "keep_cue") -> str:
     """The prompt for `row`; at evaluation a task with its own eval set uses that set's template.
 
-    Long prompts are cut the same way for every model: the input is cut from the front of the
-    prompt's end, keeping the instruction head and the answer cue (the last line) intact.
+    Long prompts are cut the same way for every model, as `cut` says: `keep_cue` (`cut_prompt`) shortens
+    the input before the final line, keeping the instruction head and the answer cue intact; `study`
+    (`study_cut`) keeps the first `max_chars` characters, as the study did.
     """
     source = task.eval.prompt if evaluation and task.eval else task.prompt
     text = render(source, row)
-    return cut_prompt(text, max_chars) if max_chars else text
+    if not max_chars:
+        return text
+    return study_cut(text, max_chars) if cut == "study" else cut_prompt(text, max_chars)
+
+
+def study_cut(text: str, max_chars: int) -> str:
+    """The study's cut: the first `max_chars` characters (a long input loses what follows it, the answer cue included)."""
+    return text[:max_chars]
 
 
 def completion_for(task: TaskSpec, row: Mapping[str, Any]) -> str:

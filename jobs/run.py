@@ -11,11 +11,11 @@ import json
 
 from jobs.config import JobConfig, outcome_settings
 from jobs.errors import Conflict
-from jobs.evaluate import evaluate_model
+from jobs.evaluate import EvalResult, evaluate_model
 from jobs.models import CausalLM, load_base_model, load_tokenizer, resolve_device
 from jobs.result import RESULT_FILE, JobResult, flat, job_params
 from jobs.storage import JobStorage
-from jobs.train import ADAPTER_DIR, CHECKPOINT_DIR, Fault, StepCallback, train
+from jobs.train import ADAPTER_DIR, CHECKPOINT_DIR, Fault, StepCallback, TrainResult, train
 
 JOB_FILE = "job.json"
 __all__ = ["JOB_FILE", "RESULT_FILE", "JobResult", "claim_output", "run_job"]
@@ -38,25 +38,38 @@ def claim_output(storage: JobStorage, config: JobConfig) -> None:
     storage.push(JOB_FILE)
 
 
+def finished_result(storage: JobStorage, config: JobConfig) -> JobResult | None:
+    """Claim the job's output folder (`claim_output`); the result saved there if the job already finished, else None."""
+    output = storage.local
+    claim_output(storage, config)
+    if not storage.pull_file(RESULT_FILE):
+        output.mkdir(parents=True, exist_ok=True)
+        return None
+    done = JobResult.load(output / RESULT_FILE)
+    if done.adapter_dir and storage.remote is not None:  # finished on another node: its scratch folder is not here
+        storage.pull_dir(ADAPTER_DIR)
+        done.adapter_dir = str(output / ADAPTER_DIR)
+    return done
+
+
 def run_job(config: JobConfig, on_step: StepCallback | None = None, fault: Fault | None = None) -> JobResult:
     """Run the job (or return its saved result if it already finished)."""
     storage = JobStorage(config.output_dir)
-    output = storage.local
-    claim_output(storage, config)
-    if storage.pull_file(RESULT_FILE):
-        done = JobResult.load(output / RESULT_FILE)
-        if done.adapter_dir and storage.remote is not None:  # finished on another node: its scratch folder is not here
-            storage.pull_dir(ADAPTER_DIR)
-            done.adapter_dir = str(output / ADAPTER_DIR)
+    done = finished_result(storage, config)
+    if done is not None:
         return done
-    output.mkdir(parents=True, exist_ok=True)
     if config.kind == "evaluate_base":
         tokenizer = load_tokenizer(config.base_model)
         model: CausalLM = load_base_model(config.base_model, config.quantization, resolve_device(config.device))
         trained = None
     else:
         trained, model, tokenizer = train(config, on_step=on_step, fault=fault)
-    evaluation = evaluate_model(model, tokenizer, config.task, config.evaluation)
+    return record_result(config, storage, evaluate_model(model, tokenizer, config.task, config.evaluation), trained)
+
+
+def record_result(config: JobConfig, storage: JobStorage, evaluation: EvalResult, trained: TrainResult | None) -> JobResult:
+    """The job's result from its evaluation (and training), saved as result.json in its output folder (and store); the
+    scratch checkpoints are dropped."""
     result = JobResult(
         job_key=config.job_key, kind=config.kind, base_model=config.base_model.name, task=config.task.name,
         metric=evaluation.metric, score=evaluation.score, examples=evaluation.examples,
@@ -64,7 +77,7 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None, fault: Fault
         summary=trained.summary if trained else {}, history=trained.history if trained else [],
         predictions=evaluation.predictions,
     )
-    result.save(output / RESULT_FILE)
+    result.save(storage.local / RESULT_FILE)
     storage.push(RESULT_FILE)
     storage.drop_scratch(CHECKPOINT_DIR)  # the store has them; a node running many jobs keeps no stale optimizer states
     return result

@@ -71,6 +71,10 @@ class BaseModelSpec(StrictModel):
 Category = Literal["classic_nlp", "coding", "knowledge", "reasoning", "math", "demo"]
 Metric = Literal["accuracy", "rouge", "stsb_similarity", "humaneval"]
 AnswerKind = Literal["exact", "boolean", "choice", "last_number", "number", "text", "code"]
+StudyMetric = Literal["binary_accuracy_flex", "mnli_accuracy", "mrpc_accuracy", "hellaswag_accuracy", "customer_support_accuracy",
+                      "mmlu_accuracy", "rouge", "stsb", "dbpedia", "gsm8k_regex"]
+Scoring = Literal["study", "strict"]
+PromptCut = Literal["study", "keep_cue"]
 
 
 class DatasetSource(StrictModel):
@@ -110,6 +114,9 @@ class TaskSpec(StrictModel):
     metric: Metric = Field(description="The study's metric for this task.")
     answer: AnswerKind = Field(description="How a generated answer is parsed before scoring.")
     labels: list[str] | None = Field(default=None, description="Allowed answers for classification tasks.")
+    study_metric: StudyMetric | None = Field(
+        default=None, description="The study's own scoring rule for this task (jobs/study_metrics.py), used under "
+        "`evaluation.scoring: study`; unset (demo tasks, and study tasks whose rule the study's code lacks) = strict scoring.")
     eval: EvalSource | None = Field(default=None, description="Separate evaluation set, if any.")
     eval_limit: int = Field(default=1000, gt=0, description="Evaluate on at most this many rows.")
     max_new_tokens: int = Field(default=256, gt=0, description="Generation budget at evaluation.")
@@ -175,6 +182,14 @@ class EvalSettings(StrictModel):
     limit: int | None = Field(default=None, gt=0, description="Override every task's eval_limit (e.g. for smoke runs).")
     max_new_tokens: int | None = Field(default=None, gt=0, description="Override every task's max_new_tokens.")
     prompt_max_chars: int = Field(default=1500, gt=0, description="Prompts are cut to this many characters (code prompts never: a program's head is kept whole).")
+    prompt_cut: PromptCut = Field(
+        default="study", description="How a long prompt is cut to `prompt_max_chars`: `study` keeps its first characters (the "
+        "study's cut; a long input loses the fields after it and the answer cue), `keep_cue` shortens the input before the "
+        "final cue line so the instruction head and the cue survive.")
+    scoring: Scoring = Field(
+        default="study", description="`study`: tasks with a `study_metric` are scored by the study's looser rules (labels "
+        "found anywhere, failed generations left out of the mean and counted); other tasks (the demo tasks) strictly. "
+        "`strict`: every task by its `metric`/`answer` parsing (jobs/metrics.py).")
     batch_size: int = Field(default=8, gt=0, description="Prompts generated per batch.")
     code_timeout_s: float = Field(default=10.0, gt=0, description="Time limit per HumanEval program.")
     code_memory_mb: int = Field(default=1024, gt=0, description="Memory limit per HumanEval program.")

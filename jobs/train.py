@@ -51,6 +51,13 @@ class StepCallback(Protocol):
     def __call__(self, step: int, metrics: dict[str, float]) -> None: ...
 
 
+class AdapterWriter(Protocol):
+    """Trainable LoRA weights that write themselves in PEFT's format (adapter_model.safetensors + adapter_config.json):
+    a PeftModel, or one member's adapter in a group (jobs/cotrain.py)."""
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any: ...
+
+
 class TrainingError(UserError, RuntimeError):
     """A job cannot go on (out of memory at the micro-batch floor, an empty training split); the message says what
     the user changes."""
@@ -167,7 +174,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, model: PeftModel, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, keep: int) -> Path:
+def save_checkpoint(root: Path, model: AdapterWriter, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, keep: int) -> Path:
     """Write a checkpoint into a hidden folder, then rename it into place: a kill mid-save leaves no broken checkpoint."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:08d}"
@@ -206,31 +213,42 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: PeftModel, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler and RNG; return the saved state."""
-    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[TrainState, dict[str, Any]]:
+    """Restore a checkpoint's optimizer and scheduler; return its saved state and RNG state (adapter weights are the
+    caller's: `adapter_model.safetensors` in the same folder)."""
     saved = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    _set_rng_state(saved["rng"])
-    return TrainState(**json.loads((path / "state.json").read_text()))
+    return TrainState(**json.loads((path / "state.json").read_text())), saved["rng"]
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def make_optimizer(model: PeftModel, settings: TrainingSettings, device: str) -> torch.optim.Optimizer:
-    """Paged AdamW (bitsandbytes) on a GPU, torch AdamW on a CPU, unless the config names one."""
+def make_optimizer(model: torch.nn.Module, settings: TrainingSettings, device: str) -> torch.optim.Optimizer:
+    """Paged AdamW (bitsandbytes) on a GPU, torch AdamW on a CPU, unless the config names one; over the model's
+    trainable parameters."""
+    return optimizer_for([p for p in model.parameters() if p.requires_grad], settings, device)
+
+
+def optimizer_for(params: list[torch.nn.Parameter], settings: TrainingSettings, device: str) -> torch.optim.Optimizer:
+    """`make_optimizer` over the given parameters."""
     name = settings.optimizer
     if name == "auto":
         name = "paged_adamw_32bit" if device == "cuda" else "adamw"
-    params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     import bitsandbytes as bnb
 
     optimizer_class = bnb.optim.PagedAdamW32bit if name == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
     return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainingSettings) -> Any:
+    """The learning-rate schedule: linear warm-up over `warmup_ratio` of the steps, then the configured decay."""
+    return get_scheduler(settings.lr_scheduler if settings.lr_scheduler != "constant" else "constant_with_warmup",
+                         optimizer, num_warmup_steps=math.ceil(settings.warmup_ratio * settings.max_steps),
+                         num_training_steps=settings.max_steps)
 
 
 def _forward_backward(model: PeftModel, batches: list[dict[str, torch.Tensor]], device: str) -> tuple[float, int]:
@@ -249,6 +267,95 @@ def _forward_backward(model: PeftModel, batches: list[dict[str, torch.Tensor]], 
 Fault = Callable[[int], None]
 
 
+class JobTrainer:
+    """One job's optimisation around its adapter's trainable weights: data order, optimizer, schedule, state,
+    checkpoints and step logs. `train` drives one over a PeftModel; a group (jobs/cotrain.py) drives one per member."""
+
+    def __init__(self, config: JobConfig, adapter: AdapterWriter, params: list[torch.nn.Parameter], examples: list[Example],
+                 device: str, on_step: StepCallback | None = None) -> None:
+        self.config, self.settings, self.adapter, self.params = config, config.training, adapter, params
+        self.examples, self.device, self.on_step = examples, device, on_step
+        self.optimizer = optimizer_for(params, self.settings, device)
+        self.scheduler = make_scheduler(self.optimizer, self.settings)
+        self.storage = JobStorage(config.output_dir)
+        self.root = self.storage.local / CHECKPOINT_DIR
+        self.state = TrainState(micro_batch_size=self.settings.micro_batch_size,
+                                gradient_accumulation_steps=self.settings.gradient_accumulation_steps)
+        self.order = DataOrder(len(examples), self.settings.seed)
+        self.resumed_from = 0
+        self.started = self.window_start = time.perf_counter()
+        self.window_tokens = 0
+
+    def resume(self, restore_weights: Callable[[dict[str, torch.Tensor]], None]) -> dict[str, Any] | None:
+        """Continue from the newest checkpoint of `output_dir` (pulled from its store), if any: weights (through
+        `restore_weights`), optimizer, schedule and state. Returns the checkpoint's RNG state, None on a fresh start."""
+        self.storage.pull_checkpoint(CHECKPOINT_DIR)
+        checkpoint = latest_checkpoint(self.root)
+        if checkpoint is None:
+            return None
+        restore_weights(load_file(str(checkpoint / "adapter_model.safetensors")))
+        self.state, rng = load_trainer_state(checkpoint, self.optimizer, self.scheduler)
+        self.resumed_from = self.state.step
+        self.started = self.window_start = time.perf_counter()
+        return rng
+
+    @property
+    def done(self) -> bool:
+        """Whether the job has run its `max_steps`."""
+        return self.state.step >= self.settings.max_steps
+
+    def step_examples(self) -> list[Example]:
+        """The next optimizer step's examples (one effective batch from the data position)."""
+        effective_batch = self.settings.micro_batch_size * self.settings.gradient_accumulation_steps
+        return [self.examples[self.order.index(self.state.cursor + i)] for i in range(effective_batch)]
+
+    def finish_step(self, loss: float, tokens: int) -> None:
+        """Apply the accumulated gradients (clipped at norm 1), advance schedule and data position; checkpoint and
+        report metrics when due."""
+        settings, state = self.settings, self.state
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.cursor += settings.micro_batch_size * settings.gradient_accumulation_steps
+        state.trained_tokens += tokens
+        self.window_tokens += tokens
+        if state.step % settings.checkpoint_every == 0 or state.step == settings.max_steps:
+            saved = save_checkpoint(self.root, self.adapter, self.optimizer, self.scheduler, state, settings.keep_checkpoints)
+            self.storage.push_checkpoint(CHECKPOINT_DIR, saved.name)
+        if state.step % settings.log_every == 0 or state.step == settings.max_steps:
+            now = time.perf_counter()
+            metrics = {"loss": loss, "learning_rate": self.scheduler.get_last_lr()[0],
+                       "tokens_per_second": self.window_tokens / max(now - self.window_start, 1e-9),
+                       "micro_batch_size": float(state.micro_batch_size)}
+            state.history.append({"step": float(state.step), **metrics})
+            self.window_start, self.window_tokens = now, 0
+            if self.on_step:
+                self.on_step(state.step, metrics)
+
+    def finish(self) -> TrainResult:
+        """Save the final adapter into `output_dir` (and its store); the result with the run's summary."""
+        wall = time.perf_counter() - self.started
+        adapter_dir = save_adapter(self.adapter, self.config, self.storage.local)
+        self.storage.push(ADAPTER_DIR)
+        state, settings = self.state, self.settings
+        summary = {
+            "train_loss": state.history[-1]["loss"] if state.history else float("nan"),
+            "steps": float(state.step),
+            "trained_tokens": float(state.trained_tokens),
+            "train_tokens_per_second": state.trained_tokens / max(wall, 1e-9) if self.resumed_from == 0 else float("nan"),
+            "train_wall_time_s": wall,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "final_micro_batch_size": float(state.micro_batch_size),
+            "final_gradient_accumulation_steps": float(state.gradient_accumulation_steps),
+            "final_pass_tokens": float(state.pass_tokens or state.micro_batch_size * settings.max_seq_length) if settings.packing else float("nan"),
+            "oom_backoffs": float(state.oom_backoffs),
+            "resumed_from_step": float(self.resumed_from),
+        }
+        return TrainResult(str(adapter_dir), summary, state.history)
+
+
 def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
           on_step: StepCallback | None = None, fault: Fault | None = None) -> tuple[TrainResult, PeftModel, PreTrainedTokenizerBase]:
     """Fine-tune the job's adapter, resuming from `output_dir`'s latest checkpoint; returns the result and the model.
@@ -263,61 +370,14 @@ def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrain
     model = model or attach_lora(load_base_model(config.base_model, config.quantization, device), config.lora, settings.gradient_checkpointing)
     model.train()
     examples = tokenize_task(config, tokenizer)
-    optimizer = make_optimizer(model, settings, device)
-    scheduler = get_scheduler(settings.lr_scheduler if settings.lr_scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=math.ceil(settings.warmup_ratio * settings.max_steps),
-                              num_training_steps=settings.max_steps)
-    storage = JobStorage(config.output_dir)
-    storage.pull_checkpoint(CHECKPOINT_DIR)
-    root = storage.local / CHECKPOINT_DIR
-    checkpoint = latest_checkpoint(root)
-    state = TrainState(micro_batch_size=settings.micro_batch_size, gradient_accumulation_steps=settings.gradient_accumulation_steps)
-    if checkpoint:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    resumed_from = state.step
-    order = DataOrder(len(examples), settings.seed)
-    effective_batch = settings.micro_batch_size * settings.gradient_accumulation_steps
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    started, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
-    while state.step < settings.max_steps:
-        step_examples = [examples[order.index(state.cursor + i)] for i in range(effective_batch)]
-        loss, tokens = _train_step(model, step_examples, state, settings, device, tokenizer.pad_token_id, fault)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.cursor += effective_batch
-        state.trained_tokens += tokens
-        window_tokens += tokens
-        if state.step % settings.checkpoint_every == 0 or state.step == settings.max_steps:
-            saved = save_checkpoint(root, model, optimizer, scheduler, state, settings.keep_checkpoints)
-            storage.push_checkpoint(CHECKPOINT_DIR, saved.name)
-        if state.step % settings.log_every == 0 or state.step == settings.max_steps:
-            now = time.perf_counter()
-            metrics = {"loss": loss, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
-                       "micro_batch_size": float(state.micro_batch_size)}
-            state.history.append({"step": float(state.step), **metrics})
-            window_start, window_tokens = now, 0
-            if on_step:
-                on_step(state.step, metrics)
-    wall = time.perf_counter() - started
-    adapter_dir = save_adapter(model, config, storage.local)
-    storage.push(ADAPTER_DIR)
-    summary = {
-        "train_loss": state.history[-1]["loss"] if state.history else float("nan"),
-        "steps": float(state.step),
-        "trained_tokens": float(state.trained_tokens),
-        "train_tokens_per_second": state.trained_tokens / max(wall, 1e-9) if resumed_from == 0 else float("nan"),
-        "train_wall_time_s": wall,
-        "peak_memory_mb": peak_memory_mb(device),
-        "final_micro_batch_size": float(state.micro_batch_size),
-        "final_gradient_accumulation_steps": float(state.gradient_accumulation_steps),
-        "final_pass_tokens": float(state.pass_tokens or state.micro_batch_size * settings.max_seq_length) if settings.packing else float("nan"),
-        "oom_backoffs": float(state.oom_backoffs),
-        "resumed_from_step": float(resumed_from),
-    }
-    return TrainResult(str(adapter_dir), summary, state.history), model, tokenizer
+    trainer = JobTrainer(config, model, [p for p in model.parameters() if p.requires_grad], examples, device, on_step)
+    rng = trainer.resume(lambda tensors: set_peft_model_state_dict(model, tensors))
+    if rng is not None:
+        _set_rng_state(rng)
+    while not trainer.done:
+        loss, tokens = _train_step(model, trainer.step_examples(), trainer.state, settings, device, tokenizer.pad_token_id, fault)
+        trainer.finish_step(loss, tokens)
+    return trainer.finish(), model, tokenizer
 
 
 def _train_step(model: PeftModel, step_examples: list[Example], state: TrainState, settings: TrainingSettings,
@@ -333,10 +393,10 @@ def _train_step(model: PeftModel, step_examples: list[Example], state: TrainStat
             model.zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-            back_off(state, settings, max(_examples_in(batch) for batch in batches))
+            back_off(state, settings, max(examples_in(batch) for batch in batches))
 
 
-def _examples_in(batch: dict[str, torch.Tensor]) -> int:
+def examples_in(batch: dict[str, torch.Tensor]) -> int:
     """Examples in one forward pass: rows of a padded batch, position-id restarts of a packed row."""
     return int((batch["position_ids"] == 0).sum()) if "position_ids" in batch else len(batch["input_ids"])
 
@@ -358,7 +418,7 @@ def back_off(state: TrainState, settings: TrainingSettings, most_per_pass: int) 
     state.oom_backoffs += 1
 
 
-def save_adapter(model: PeftModel, config: JobConfig, folder: Path) -> Path:
+def save_adapter(model: AdapterWriter, config: JobConfig, folder: Path) -> Path:
     """Save the final adapter into `folder` (safetensors + adapter_config.json naming the base by its Hub id) atomically."""
     target = folder / ADAPTER_DIR
     staging = target.with_name(f".{ADAPTER_DIR}-{os.getpid()}")

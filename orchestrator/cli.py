@@ -102,6 +102,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.add_row(job["base_model"], job["task"], f"{job['gpu_memory_gb']:.2f}", f"{job['gpus']:g}", str(job["jobs_per_gpu"]),
                       f"{job['gpu_hours']:.2f}", f"{job['hours']:.2f}")
     console.print(table)
+    if plan["groups"]:
+        groups = Table(title=f"Co-training groups (resources.co_train: {sweep.resources.co_train})")
+        for column in ("base model", "members", "tasks", "GPU mem (GB)", "GPUs", "GPU-hours", "hours"):
+            groups.add_column(column, justify="left" if column in ("base model", "tasks") else "right")
+        for group in plan["groups"]:
+            groups.add_row(group["base_model"], str(len(group["tasks"])), ", ".join(group["tasks"]), f"{group['gpu_memory_gb']:.2f}",
+                           f"{group['gpus']:g}", f"{group['gpu_hours']:.2f}", f"{group['hours']:.2f}")
+        console.print(groups)
     t = plan["totals"]
     console.print(f"Total: {t['jobs']} fine-tunes, {t['base_evaluations']} base evaluations, {t['gpu_hours']:.1f} GPU-hours, "
                   f"${t['cost']:,.2f} at ${t['price_per_gpu_hour']}/GPU-hour; up to {t['jobs_per_gpu']} jobs per "
@@ -149,6 +157,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     report = build_report(args.experiment, args.out, args.tracking_uri)
     console.print(f"report written to {report.out_dir}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Turn a task's original download (legal, covid) into the split files its catalogue entry reads."""
+    from jobs.prepare import prepare, task_dir
+
+    counts = prepare(args.task, args.source)
+    console.print(f"{args.task}: wrote {', '.join(f'{split} {rows} rows' for split, rows in counts.items())} to {task_dir(args.task)}")
     return 0
 
 
@@ -223,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", help="output folder (default: .loraland/reports/NAME)")
     sub.add_argument("--tracking-uri")
     sub.set_defaults(run=cmd_report)
+    data = commands.add_parser("data", help="prepare data that is not a Hugging Face dataset").add_subparsers(
+        dest="data_command", required=True, metavar="COMMAND")
+    sub = data.add_parser("prepare", help=cmd_data_prepare.__doc__)
+    sub.add_argument("task", help="task name (legal or covid)")
+    sub.add_argument("--from", dest="source", required=True, help="folder of the task's unzipped original download")
+    sub.set_defaults(run=cmd_data_prepare)
     sub = commands.add_parser("promote", help=cmd_promote.__doc__)
     sub.add_argument("task")
     sub.add_argument("version")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -29,6 +29,10 @@ class ResourceSettings(StrictModel):
     cpus_per_job: float = Field(default=1.0, gt=0, description="CPUs each job reserves.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each job asks for, e.g. {worker: 0.01}.")
     memory_headroom: float = Field(default=1.15, ge=1.0, le=10.0, description="Multiplier on the memory estimate before packing GPUs.")
+    co_train: Literal["off", "auto"] | Annotated[int, Field(ge=1)] = Field(
+        default="off", description="Fine-tunes of one base model trained together in one process over one shared base "
+        "(jobs/cotrain.py), each still its own job and run: off; K members per group; or auto, as many as fit one GPU "
+        "with memory_headroom (plan's memory model), all of a base's on the CPU.")
     queue_ahead: float = Field(default=1.0, ge=0, description="Jobs submitted to Ray beyond what the cluster holds, as a fraction "
                                "of its capacity: Ray fills a freed share from them at once; the rest wait in the driver, where "
                                "a resubmitted job goes first.")

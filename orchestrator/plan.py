@@ -1,12 +1,14 @@
-"""`loraland plan`: the job matrix before anything runs: memory, GPU share, time and cost per job."""
+"""`loraland plan`: the job matrix before anything runs: memory, GPU share, time and cost per job, and with
+`resources.co_train` the groups of fine-tunes trained together over one base (jobs/cotrain.py)."""
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 from jobs.config import JobConfig
-from jobs.memory import estimate_memory_gb
+from jobs.memory import estimate_memory_gb, shared_memory_gb
 from orchestrator.config import ResourceSettings, SweepConfig, expand_jobs
 
 EVAL_EFFICIENCY = 0.25  # decoding reaches a fraction of training's utilisation
@@ -67,6 +69,62 @@ def plan_job(job: JobConfig, resources: ResourceSettings) -> PlannedJob:
                       round(gpu_hours, 3), round(wall_hours(gpu_hours, gpus), 3))
 
 
+@dataclass(frozen=True)
+class PlannedGroup:
+    """Fine-tunes of one base model co-trained in one process over one base, as `plan` shows them and the driver
+    submits them: one base's memory plus each member's own, the GPU share of that, and the members' compute."""
+
+    base_model: str
+    tasks: tuple[str, ...]
+    job_keys: tuple[str, ...]
+    gpu_memory_gb: float
+    gpus: float
+    gpu_hours: float
+    hours: float
+
+
+def group_size(job: JobConfig, resources: ResourceSettings) -> int:
+    """Members per co-training group of `job`'s base model: 1 with co_train off, K as set, or with auto as many as fit
+    one GPU with `memory_headroom` (one shared base, then each member's adapter, optimizer state and activations), every
+    fine-tune of the base on the CPU."""
+    setting = resources.co_train
+    if setting == "off":
+        return 1
+    if setting != "auto":
+        return setting
+    if resources.device == "cpu":
+        return sys.maxsize
+    shared = shared_memory_gb(job.base_model, job.quantization)
+    member = estimate_memory_gb(job.base_model, job.lora, job.quantization, job.training) - shared
+    return max(1, int((resources.gpu_memory_gb / resources.memory_headroom - shared) // member))
+
+
+def co_train_groups(jobs: list[JobConfig], resources: ResourceSettings) -> list[list[JobConfig]]:
+    """The fine-tunes among `jobs` in co-training groups: per base model, in order, `group_size` members at most (each
+    alone with co_train off)."""
+    by_base: dict[str, list[JobConfig]] = {}
+    for job in jobs:
+        if job.kind == "train":
+            by_base.setdefault(job.base_model.name, []).append(job)
+    groups = []
+    for members in by_base.values():
+        size = group_size(members[0], resources)
+        groups += [members[start : start + size] for start in range(0, len(members), size)]
+    return groups
+
+
+def plan_group(members: list[JobConfig], resources: ResourceSettings) -> PlannedGroup:
+    """A group's memory (the base once, each member's own part), GPU share (0 on the CPU) and time (the members'
+    compute, one after another: a conservative bound, co-training only fills the GPU better)."""
+    first = members[0]
+    shared = shared_memory_gb(first.base_model, first.quantization)
+    memory = shared + sum(estimate_memory_gb(m.base_model, m.lora, m.quantization, m.training) - shared for m in members)
+    gpus = 0.0 if resources.device == "cpu" else gpu_share(memory, resources)[0]
+    gpu_hours = sum(job_gpu_hours(m, resources) for m in members)
+    return PlannedGroup(first.base_model.name, tuple(m.task.name for m in members), tuple(m.job_key for m in members),
+                        round(memory, 2), gpus, round(gpu_hours, 3), round(wall_hours(gpu_hours, gpus), 3))
+
+
 def plan_sweep(sweep: SweepConfig) -> list[PlannedJob]:
     """Every job of the sweep with its resource and time estimate."""
     return [plan_job(job, sweep.resources) for job in expand_jobs(sweep)]
@@ -88,11 +146,14 @@ def plan_totals(planned: list[PlannedJob], resources: ResourceSettings) -> dict[
 
 
 def plan_json(sweep: SweepConfig) -> dict:
-    """The machine-readable plan: fine-tuning `jobs`, `base_evaluations`, and `totals` over both."""
+    """The machine-readable plan: fine-tuning `jobs`, `base_evaluations`, `totals` over both, and the co-training
+    `groups` (none with co_train off)."""
     planned = plan_sweep(sweep)
+    groups = co_train_groups(expand_jobs(sweep), sweep.resources) if sweep.resources.co_train != "off" else []
     return {
         "sweep": sweep.name,
         "jobs": [asdict(p) for p in planned if p.kind == "train"],
         "base_evaluations": [asdict(p) for p in planned if p.kind == "evaluate_base"],
         "totals": plan_totals(planned, sweep.resources),
+        "groups": [asdict(plan_group(group, sweep.resources)) for group in groups],
     }

@@ -22,6 +22,12 @@ scale-down, a dead machine) is resubmitted without touching `retries.max_failure
 crashed or ran out of memory) counts, and past `max_failures` retries the job ends failed with its
 error and the sweep goes on. A resubmitted job reuses its MLflow run and resumes from its checkpoint.
 
+With `resources.co_train`, a base model's unfinished fine-tunes go out in groups (`plan.co_train_groups`), each one Ray
+task that trains its members together over one base (jobs/cotrain.py) with the group's memory as its GPU share; every
+member keeps its own MLflow run, job key, adapter registration and champion update, and a member failing in the group
+fails alone. A group is retried, or resubmitted after a node loss, as one job; it then skips finished members and
+resumes the others from their checkpoints.
+
 Run again after a crash, or submitted twice, the driver skips jobs whose run is FINISHED, closes
 runs left RUNNING by killed workers, and resubmits the rest, which resume from their checkpoints. One
 driver runs a sweep at a time (`tracking.store.sweep_lease` on the parent run): a second submission while
@@ -46,7 +52,7 @@ from rich.table import Table
 from jobs.config import JobConfig
 from jobs.storage import check_writable
 from orchestrator.config import RetrySettings, SweepConfig, expand_jobs, storage_root
-from orchestrator.plan import job_gpu_hours, plan_job, wall_hours
+from orchestrator.plan import co_train_groups, job_gpu_hours, plan_group, plan_job, wall_hours
 
 console = Console(highlight=False)
 PROGRESS_EVERY_S = 10.0
@@ -75,6 +81,27 @@ def run_tracked_job(job: JobConfig, experiment_id: str, parent_run_id: str, uri:
         result = run_job(job, on_step=tracker.on_step)
         tracker.finish(result)
     return {"score": result.score, "job_key": job.job_key, "node": this_node(), "wall_s": time.monotonic() - started}
+
+
+def run_tracked_group(jobs: list[JobConfig], experiment_id: str, parent_run_id: str, uri: str) -> dict[str, Any]:
+    """What a worker runs for a co-training group: the members trained together (`jobs.cotrain.run_group`), each logged to
+    its own MLflow run (reused on a retry) and ended FINISHED or, if it failed alone, FAILED with its error; returns each
+    member's score or error by job key."""
+    from jobs.cotrain import run_group
+    from tracking.tracker import JobTracker
+
+    started = time.monotonic()
+    members: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        trackers = [stack.enter_context(JobTracker.for_job(job, experiment_id, parent_run_id, uri)) for job in jobs]
+        for tracker, outcome in zip(trackers, run_group(jobs, on_step={i: t.on_step for i, t in enumerate(trackers)})):
+            if outcome.job is not None:
+                tracker.finish(outcome.job)
+                members[outcome.config.job_key] = {"score": outcome.job.score}
+            else:
+                tracker.fail(outcome.error or "failed in its co-training group")
+                members[outcome.config.job_key] = {"error": outcome.error or "failed in its co-training group"}
+    return {"members": members, "node": this_node(), "wall_s": time.monotonic() - started}
 
 
 def this_node() -> str:
@@ -127,10 +154,70 @@ def job_task(function: Callable[..., dict[str, Any]], sweep: SweepConfig, reuse_
     return ray.remote(max_calls=0 if reuse_workers or sweep.resources.device == "cpu" else 1)(function)
 
 
-def submit_job(task: Any, job: JobConfig, sweep: SweepConfig, *args: Any) -> Any:
+def submit_job(task: Any, job: JobConfig, sweep: SweepConfig, *args: Any, demand: dict[str, float] | None = None) -> Any:
     """Submit one attempt of `job`: named by its job key (`ray list tasks`, the dashboard, the worker's process title),
-    with its resources, no Ray-side retries (see the module doc)."""
-    return task.options(name=job.job_key, max_retries=0, retry_exceptions=False, **ray_options(job_demand(job, sweep))).remote(*args)
+    with its resources (`demand`, default `job_demand`), no Ray-side retries (see the module doc)."""
+    resources = ray_options(demand if demand is not None else job_demand(job, sweep))
+    return task.options(name=job.job_key, max_retries=0, retry_exceptions=False, **resources).remote(*args)
+
+
+def group_demand(members: list[JobConfig], sweep: SweepConfig) -> dict[str, float]:
+    """A co-training group's Ray resources: a job's CPUs and custom resources, and `plan`'s GPU share of the group."""
+    demand = {"CPU": sweep.resources.cpus_per_job, **sweep.resources.custom}
+    if sweep.resources.device != "cpu":
+        demand["GPU"] = plan_group(members, sweep.resources).gpus
+    return demand
+
+
+@dataclass
+class Units:
+    """What the driver submits with co-training on: single jobs, and co-training groups each stood for by a lead (its
+    first member with the job key `<first key>+<other members>`)."""
+
+    jobs: list[JobConfig]
+    groups: dict[str, list[JobConfig]]  # lead job key -> members
+
+    @classmethod
+    def of(cls, todo: list[JobConfig], sweep: SweepConfig) -> Units:
+        """`todo` as units: base evaluations alone, fine-tunes in `co_train_groups` (a group of one alone); base
+        evaluations first, then longest first by plan's estimate."""
+        groups = {f"{g[0].job_key}+{len(g) - 1}": g for g in co_train_groups(todo, sweep.resources) if len(g) > 1}
+        grouped = {job.job_key for members in groups.values() for job in members}
+        leads = [members[0].model_copy(update={"job_key": key}) for key, members in groups.items()]
+        units = cls([job for job in todo if job.job_key not in grouped] + leads, groups)
+        units.jobs.sort(key=lambda unit: (unit.kind != "evaluate_base", -units.planned_s(unit, sweep)))
+        return units
+
+    def planned_s(self, unit: JobConfig, sweep: SweepConfig) -> float:
+        """Plan's seconds for a unit: a job's, or its group's (the members' compute on the group's share)."""
+        members = self.groups.get(unit.job_key)
+        if members is None:
+            return planned_seconds(unit, sweep)
+        hours = sum(job_gpu_hours(m, sweep.resources) for m in members)
+        return wall_hours(hours, group_demand(members, sweep).get("GPU", 0.0)) * 3600
+
+    def demand(self, unit: JobConfig, sweep: SweepConfig) -> dict[str, float]:
+        members = self.groups.get(unit.job_key)
+        return group_demand(members, sweep) if members else job_demand(unit, sweep)
+
+    def record(self, unit: JobConfig, result: dict[str, Any], outcomes: dict[str, JobOutcome]) -> None:
+        """A finished group's members into `outcomes`: finished with their score, or failed alone with their error."""
+        for job in self.groups.get(unit.job_key, []):
+            member = result["members"].get(job.job_key, {"error": "no result from its group"})
+            state = "finished" if "score" in member else "failed"
+            outcomes[job.job_key] = JobOutcome(job, state, member.get("score"), error=member.get("error", ""), node=result.get("node", ""))
+
+    def settle(self, unit_outcomes: dict[str, JobOutcome], outcomes: dict[str, JobOutcome]) -> None:
+        """After the run: single jobs' outcomes into `outcomes`; the members of a group that failed as a whole failed
+        with its error."""
+        for unit in self.jobs:
+            members = self.groups.get(unit.job_key)
+            if members is None:
+                outcomes[unit.job_key] = unit_outcomes[unit.job_key]
+                continue
+            for job in members:
+                if job.job_key not in outcomes:
+                    outcomes[job.job_key] = JobOutcome(job, "failed", error=unit_outcomes[unit.job_key].error or "its group did not run")
 
 
 def submission_order(jobs: list[JobConfig], sweep: SweepConfig) -> list[JobConfig]:
@@ -182,12 +269,34 @@ def run_unfinished(sweep: SweepConfig, jobs: list[JobConfig], todo: list[JobConf
     if todo:
         connect_ray()
         remote = job_task(run_tracked_job, sweep)
-        run_jobs(todo, lambda job: submit_job(remote, job, sweep, job, experiment_id, parent_run_id, uri), lambda job: job_demand(job, sweep),
-                 sweep.retries, outcomes, len(jobs), sweep.resources.queue_ahead, planned_s=lambda job: planned_seconds(job, sweep))
+        if sweep.resources.co_train != "off":
+            run_units(sweep, Units.of(todo, sweep), outcomes, len(jobs), remote, job_task(run_tracked_group, sweep),
+                      (experiment_id, parent_run_id, uri))
+        else:
+            run_jobs(todo, lambda job: submit_job(remote, job, sweep, job, experiment_id, parent_run_id, uri), lambda job: job_demand(job, sweep),
+                     sweep.retries, outcomes, len(jobs), sweep.resources.queue_ahead, planned_s=lambda job: planned_seconds(job, sweep))
     for task in sweep.tasks:  # settles a race between two workers finishing one task at the same instant
         update_champion(task, uri)
     store.describe(experiment_id, parent_run_id, f"{about}\n\n{results_description([outcomes[job.job_key] for job in jobs])}", uri)
     store.finish_sweep_run(parent_run_id, "FAILED" if any(o.state == "failed" for o in outcomes.values()) else "FINISHED", uri)
+
+
+def run_units(sweep: SweepConfig, units: Units, outcomes: dict[str, JobOutcome], total: int, job_remote: Any, group_remote: Any,
+              tracking: tuple[str, str, str]) -> None:
+    """`run_jobs` over co-training units: each group one Ray task (its progress counts it as one job), its members'
+    outcomes into `outcomes` as it ends."""
+    unit_outcomes = dict(outcomes)
+
+    def submit(unit: JobConfig) -> Any:
+        members = units.groups.get(unit.job_key)
+        if members is None:
+            return submit_job(job_remote, unit, sweep, unit, *tracking)
+        return submit_job(group_remote, unit, sweep, members, *tracking, demand=units.demand(unit, sweep))
+
+    run_jobs(units.jobs, submit, lambda unit: units.demand(unit, sweep), sweep.retries, unit_outcomes,
+             total - sum(len(m) - 1 for m in units.groups.values()), sweep.resources.queue_ahead,
+             on_result=lambda unit, result: units.record(unit, result, outcomes), planned_s=lambda unit: units.planned_s(unit, sweep))
+    units.settle(unit_outcomes, outcomes)
 
 
 def run_jobs(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], demand: Callable[[JobConfig], dict[str, float]],

@@ -3,8 +3,9 @@
 - `OpenAIIngress` (FastAPI through `@serve.ingress`) checks the bearer token, validates the request,
   resolves the `model` field to (base model, adapter id) against the registry (`serving.adapters`)
   and calls that base model's deployment through its handle with
-  `.options(multiplexed_model_id=adapter_id, stream=True)`, so Serve routes an adapter's requests to
-  the replicas that already hold it. It waits for the first event before answering, so an error
+  `.options(multiplexed_model_id=routing_id, stream=True)`, so Serve routes an adapter's requests to
+  the replicas that already hold it; the routing id (`serving.replication`) spreads a hot adapter over
+  several replicas and keeps the long tail on one each. It waits for the first event before answering, so an error
   that happens before any token (unknown adapter file, prompt too long, overload) gets its own
   status code; every wait is bounded by `ingress.request_timeout_s`.
 - `BaseModelServer` holds one base model and an engine (`serving.batching`), loads adapters through
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 1.0
-RESIDENCY_PERIOD_S = 1.0  # how often a replica re-exports its adapter residency (on its requests)
+RESIDENCY_PERIOD_S = 1.0  # how often a replica re-exports its adapter residency (on requests and health checks)
 
 api = FastAPI(title="LoRA Land", description="OpenAI-compatible multi-LoRA endpoint.")
 api.include_router(web_routes)  # the page at `/` and its data (serving/webapp.py)
@@ -194,8 +195,10 @@ class BaseModelServer:
             self.metrics.residency(residency())
 
     def check_health(self) -> None:
-        """Serve's health check: fails when the engine's decode loop has died (Serve then replaces the replica)."""
+        """Serve's health check: fails when the engine's decode loop has died (Serve then replaces the replica); also
+        re-exports the adapter residency, so an idle replica's metrics stay current."""
         self.engine.check_health()
+        self.report_residency()
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -146,7 +146,7 @@ class BatchingEngine:
         self.thread.start()
 
     # ------------------------------------------------------------------ public API (any thread)
-    async def generate(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> AsyncIterator[Delta]:
+    async def generate(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> AsyncGenerator[Delta, None]:
         self._validate(prompt_ids, params)
         stream: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         seq = Sequence(adapter=adapter, prompt_ids=list(prompt_ids), params=params, loop=asyncio.get_running_loop(),

@@ -33,6 +33,7 @@ from serving.config import HotAdapterSettings, ReplicaBounds
 COPY_SEPARATOR = "#"
 ANY_REPLICA = ""  # no multiplexed model id: Serve balances over every replica
 DEFAULT_BOUNDS = ReplicaBounds()
+MIN_EVIDENCE = 20.0  # recent requests a share is taken over at least: the first requests after a start are not "hot"
 
 
 def copies_for(share: float, replicas: int, bounds: ReplicaBounds, replica_share: float) -> int:
@@ -81,11 +82,12 @@ class RequestRates:
                     del self.counts[key]
 
     def record(self, key: str) -> float:
-        """Count one request for `key`; returns its share of all recent requests (this one included)."""
+        """Count one request for `key`; returns its share of all recent requests (this one included), taken over at
+        least MIN_EVIDENCE requests."""
         self._decay(self.clock())
         self.counts[key] = self.counts.get(key, 0.0) + 1.0
         self.total += 1.0
-        return self.counts[key] / self.total
+        return self.counts[key] / max(self.total, MIN_EVIDENCE)
 
 
 class HotAdapterRouter:

@@ -30,6 +30,7 @@ from tests.tracking_fixtures import BASES, SWEEP, TASKS, Server, Sweep, TrackedJ
 
 TIERS = ("unit", "integration", "cluster")
 LEGACY_SLOW = "slow"  # the old "not unit" marker: kept in step with the tiers until no test uses it
+MLFLOW_START_TIMEOUT_S = 240.0  # `mlflow server` alone starts in 8-12 s; a 2-core machine shared by many runs needs minutes
 
 
 # --------------------------------------------------------------------------- tiers
@@ -83,14 +84,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real `mlflow server` on a free 127.0.0.1 port, SQLite file and artifact folder in a temporary directory, for
     the whole session (it takes 8-12 s to start); its process tree is stopped at the end."""
     from jobs.ports import free_port
-    from tracking.server import server_command, start_server, stop_server
+    from tracking.server import server_command, start_server, stop_server, wait_healthy
 
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     command = server_command(f"sqlite:///{root / 'mlflow.db'}", "127.0.0.1", port, workers=2,
                              artifacts_destination=root / "artifacts")
-    process = start_server(command, f"http://127.0.0.1:{port}", log_file=root / "server.log")
+    process = start_server(command, f"http://127.0.0.1:{port}", log_file=root / "server.log", wait=False)
     try:
+        wait_healthy(f"http://127.0.0.1:{port}", MLFLOW_START_TIMEOUT_S, process)
         yield Server(f"http://127.0.0.1:{port}", port, root)
     finally:
         stop_server(process)

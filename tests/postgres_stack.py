@@ -43,11 +43,6 @@ class StackSettings:
     server_env: dict[str, str]  # the server's MLFLOW_* variables (connection pool)
     postgres_options: dict[str, str]  # the postgres service's `-c name=value` options (max_connections)
 
-    def connections_needed(self, engines_per_worker: int) -> int:
-        """The most database connections the server opens: workers x engines x (pool size + overflow)."""
-        pool = int(self.server_env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]) + int(self.server_env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"])
-        return self.workers * engines_per_worker * pool
-
 
 def compose_settings(path: Path = COMPOSE) -> StackSettings:
     """The server and database settings of the compose file (its `mlflow` and `postgres` services)."""

@@ -112,7 +112,7 @@ def test_serve_ended_by_sighup_leaves_no_process_and_frees_its_port(tmp_path: Pa
     children: list[psutil.Process] = []
     try:
         seen = ""
-        while "OpenAI-compatible endpoint" not in seen:  # printed once every replica is up
+        while f"127.0.0.1:{port}/\n" not in seen:  # the LoRA Land page's address, printed once every replica is up
             line = serve.stdout.readline() if serve.stdout else ""
             assert line, seen[-3000:]
             seen += line

@@ -372,3 +372,44 @@ def test_a_failing_forward_pass_fails_only_its_requests(adapter_dir: Path, monke
         assert len(tokens(run(collect(engine, PROMPTS[0], "a0")))) == GREEDY.max_tokens
     finally:
         engine.shutdown()
+
+
+# --------------------------------------------------------------------------- LoRA math: side by side and gathered
+
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 5)
+
+
+@pytest.mark.parametrize("slots", [
+    [1, 2, 0, 3, 1],  # 3 adapters and a base row: side by side, each at its own rank
+    [4, 4, 4],  # one adapter for every row: no mask
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2],  # 9 adapters (GATHER_FROM_ADAPTERS or more): each row gathers its own weights
+])
+@pytest.mark.parametrize("tokens", [0, 3])  # a decode step [rows, in] and a prefill [rows, T, in]
+def test_every_row_gets_exactly_its_own_adapter(slots: list[int], tokens: int) -> None:
+    from serving.lora import AdapterWeights, LoraSlots
+
+    torch.manual_seed(0)
+    model = _OneLinear()
+    lora = LoraSlots(model, ["proj"], slots=10, max_rank=4, dtype=torch.float32)
+    weights = {slot: (torch.randn(1 + slot % 4, 6), torch.randn(5, 1 + slot % 4)) for slot in range(1, 10)}  # ranks 1-4
+    for slot, (a, b) in weights.items():
+        lora.load(slot, AdapterWeights(rank=a.shape[0], modules={"proj": (a, b)}))
+    x = torch.randn(len(slots), *([tokens] if tokens else []), 6)
+    lora.set_batch(slots)
+    with torch.inference_mode():
+        got = model.proj(x)
+        base = lora.layers["proj"].base(x)
+    for row, slot in enumerate(slots):
+        expected = base[row] + ((x[row] @ weights[slot][0].T) @ weights[slot][1].T if slot else 0)
+        torch.testing.assert_close(got[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_residency_names_each_adapters_tier(engine: BatchingEngine) -> None:
+    run(collect(engine, PROMPTS[0], "a7"))
+    held = engine.residency()
+    assert held["a7"] == "device" and set(held.values()) <= {"device", "host"}
+    assert set(engine.held_adapters()) == {adapter for adapter, tier in held.items() if tier == "device"}

@@ -132,20 +132,20 @@ def test_hub_loader_without_a_config_passes_none(hub_calls: list) -> None:
 
 def test_hub_loader_concatenates_a_plus_b_configs_in_order(hub_calls: list) -> None:
     task = CATALOG.task("arc_combined")
-    assert task.dataset.config == "ARC-Challenge+ARC-Easy"
+    assert task.dataset.config == "ARC-Easy+ARC-Challenge"  # the study's evaluation rows come Easy first
     rows = train_rows(task)
     assert hub_calls == [
-        (("ai2_arc", "ARC-Challenge"), {"split": "train"}),
         (("ai2_arc", "ARC-Easy"), {"split": "train"}),
+        (("ai2_arc", "ARC-Challenge"), {"split": "train"}),
     ]
-    assert [(row["config"], row["index"]) for row in rows] == [("ARC-Challenge", i) for i in range(3)] + [
-        ("ARC-Easy", i) for i in range(3)
+    assert [(row["config"], row["index"]) for row in rows] == [("ARC-Easy", i) for i in range(3)] + [
+        ("ARC-Challenge", i) for i in range(3)
     ]
     # a limit is applied to each config, then to the whole
     assert [(row["config"], row["index"]) for row in load_rows(task.dataset, "test", limit=2)] == [
-        ("ARC-Challenge", 0), ("ARC-Challenge", 1),
+        ("ARC-Easy", 0), ("ARC-Easy", 1),
     ]
-    assert hub_calls[-1] == (("ai2_arc", "ARC-Easy"), {"split": "test"})
+    assert hub_calls[-1] == (("ai2_arc", "ARC-Challenge"), {"split": "test"})
 
 
 def test_hub_loader_reads_a_separate_eval_set_from_its_own_source(hub_calls: list) -> None:

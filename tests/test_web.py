@@ -14,7 +14,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,7 @@ def test_empty_or_unreadable_fields_are_refused_naming_the_field() -> None:
 
 @pytest.mark.unit
 def test_task_list_compare_models_and_leaderboard_follow_the_resolver() -> None:
+    from serving.adapters import ServedTasks
     from serving.webapp import compare_models, context_check, leaderboard, page_url, served_tasks, task_summary
     from tracking.scores import RunScores
 
@@ -87,7 +88,7 @@ def test_task_list_compare_models_and_leaderboard_follow_the_resolver() -> None:
     published = {"demo_sentiment": TaskAdapters("demo_sentiment", versions, champion="2"),
                  "demo_colors": TaskAdapters("demo_colors", [version("demo_colors", 1, "tiny-gemma", 0.5)], champion="1"),
                  "not_in_catalogue": TaskAdapters("not_in_catalogue", [version("not_in_catalogue", 1, "tiny-llama", 0.5)], "1")}
-    served = {"tiny-llama": None, "tiny-mistral": None}
+    served: ServedTasks = {"tiny-llama": None, "tiny-mistral": None}
     assert [t.name for t in served_tasks(published, served)] == ["demo_sentiment"]
     assert compare_models("demo_sentiment", published, served) == ["tiny-llama:demo_sentiment", "tiny-mistral:demo_sentiment",
                                                                    "tiny-llama", "tiny-mistral"]
@@ -103,6 +104,17 @@ def test_task_list_compare_models_and_leaderboard_follow_the_resolver() -> None:
     assert context_check((500, 512), 16) == {"prompt_tokens": 500, "context": 512, "fits": False}
     assert context_check(None, 16)["fits"] is None
     assert page_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/"
+
+
+@pytest.mark.unit
+def test_make_demo_prints_where_loraland_serve_shows_the_page() -> None:
+    from orchestrator.demo import demo_page_url
+    from serving.config import BaseDeployment, ServeConfig
+    from serving.webapp import config_page_url
+
+    assert demo_page_url() == "http://127.0.0.1:8000/"  # configs/serve/demo.yaml: its http_options and route_prefix
+    config = ServeConfig(port=9000, route_prefix="/lora", deployments=[BaseDeployment(base_model="tiny-llama", device="cpu")])
+    assert config_page_url(config) == "http://127.0.0.1:9000/lora/"
 
 
 @pytest.mark.unit
@@ -144,6 +156,7 @@ def require_chromium() -> None:
 class Site:
     url: str  # the page
     api: str  # the OpenAI base URL (.../v1)
+    tracking: str  # the MLflow server the adapters were published to
 
     def complete(self, body: dict[str, Any]) -> httpx.Response:
         """A non-streaming completion with the request body the page sent."""
@@ -188,7 +201,7 @@ def site(tiny_sweep: Sweep, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             api = deploy(config)
-            yield Site(page_url(api), api)
+            yield Site(page_url(api), api, tiny_sweep.uri)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -208,13 +221,16 @@ def browser(site: Site) -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any, site: Site) -> Iterator[Any]:
-    """A fresh tab on the page with the API key entered once; `page.sent` collects the /v1 completion bodies it posts."""
+    """A fresh tab on the page with the API key entered once; `page.sent` collects the /v1 completion bodies it posts,
+    `page.asked` (URL, Authorization header) of every request to the endpoint's API (/v1 and /web/api)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     tab = context.new_page()
     tab.set_default_timeout(TIMEOUT_MS)
-    tab.sent = []
+    tab.sent, tab.asked = [], []
     tab.on("request", lambda request: tab.sent.append(json.loads(request.post_data))
            if request.url.endswith("/v1/completions") else None)
+    tab.on("request", lambda request: tab.asked.append((request.url, request.headers.get("authorization")))
+           if "/v1/" in request.url or "/web/api/" in request.url else None)
     tab.goto(site.url)
     tab.wait_for_selector("#key-form:not([hidden])")  # the endpoint needs a key: the page asks for it before anything else
     tab.fill("#api-key", API_KEY)
@@ -241,7 +257,7 @@ def run_and_wait(page: Any, container: str, start: Any) -> dict[str, Any]:
     return {cell.get_attribute("data-model"): cell for cell in page.query_selector_all(f"{container} .cell")}
 
 
-def assert_cell_is_the_api_answer(cell: Any, body: dict[str, Any], site: Site) -> None:
+def assert_cell_is_the_api_answer(cell: Any, body: dict[str, Any], site: Site, metric: str = "accuracy") -> None:
     """The cell shows exactly the text /v1 answers for its model id and prompt, greedy, with timing and a score."""
     expected = site.complete(body)
     assert expected.status_code == 200, expected.text
@@ -249,19 +265,28 @@ def assert_cell_is_the_api_answer(cell: Any, body: dict[str, Any], site: Site) -
     assert cell.query_selector(".answer").text_content() == expected.json()["choices"][0]["text"]
     timing = cell.query_selector(".timing").text_content()
     assert "first token" in timing and "tokens/s" in timing, timing
-    assert re.search(r"accuracy \d\.\d{3}", cell.query_selector(".score").text_content())
+    assert re.search(rf"{re.escape(metric)} -?\d+\.\d{{3}}", cell.query_selector(".score").text_content()), cell.inner_text()
 
 
 @pytest.mark.integration
 def test_task_list_to_side_by_side_run_by_keyboard(page: Any, site: Site) -> None:
     task = load_catalog().task("demo_sentiment")
     assert page.is_visible("li[data-task='demo_colors']")
+    assert page.text_content(".group:has(li[data-task='demo_sentiment']) h2") == task.category  # grouped by category
+    facts = page.text_content("li[data-task='demo_sentiment']")
+    assert task.metric in facts and "tiny-llama" in facts and "tiny-mistral" in facts and "lift" in facts, facts
     page.fill("#filter", "rouge")  # demo_colors is the ROUGE task
     assert page.is_hidden("li[data-task='demo_sentiment']") and page.is_visible("li[data-task='demo_colors']")
     page.fill("#filter", "")
     open_task(page, "demo_sentiment")
     assert page.text_content("#task-template") == task.prompt
+    assert task.description in page.text_content("#task-description") and task.metric in page.text_content("#task-facts")
     assert page.query_selector("#leaderboard tr.champion .badge") is not None
+    assert len(page.query_selector_all("#leaderboard tbody tr")) == len(BASES)
+    link = page.get_attribute("#leaderboard tr.champion a", "href")
+    assert link is not None and link.startswith(f"{site.tracking}/#/experiments/"), link  # the champion's MLflow run
+    with page.expect_response("**/example"):
+        page.click("#another")
     index = page.evaluate("() => state.example.index")
     assert page.input_value("#field-review") == eval_rows(task)[index]["review"]
     page.focus("#field-review")
@@ -277,6 +302,9 @@ def test_task_list_to_side_by_side_run_by_keyboard(page: Any, site: Site) -> Non
         assert (body["temperature"], body["stream"], body["max_tokens"]) == (0, True, task.max_new_tokens)
         assert_cell_is_the_api_answer(cell, body, site)
     assert page.text_content("#gold-text") == completion_for(task, eval_rows(task)[index])
+    assert page.is_hidden("#key-form")  # asked once: never again in this tab
+    assert page.asked and all(auth == f"Bearer {API_KEY}" and API_KEY not in url for url, auth in page.asked
+                              if "/web/api/settings" not in url), page.asked
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
@@ -288,6 +316,7 @@ def test_compare_all_fills_every_cell(page: Any, site: Site) -> None:
     cells = run_and_wait(page, "#compare-grid", lambda: page.click("#compare"))
     assert sorted(cells) == sorted(body["model"] for body in page.sent) == sorted([f"{b}:demo_sentiment" for b in BASES] + list(BASES))
     for body in page.sent:
+        assert cells[body["model"]].query_selector("h3 code").text_content() == body["model"]
         assert_cell_is_the_api_answer(cells[body["model"]], body, site)
 
 
@@ -299,7 +328,21 @@ def test_a_broken_adapter_fails_in_its_own_cell_only(page: Any, site: Site) -> N
     broken = cells.pop(f"tiny-mistral:{BROKEN_TASK}")
     assert broken.get_attribute("data-state") == "failed"
     assert "adapter" in broken.query_selector(".error").text_content() and "500" in broken.query_selector(".error").text_content()
-    assert all(cell.get_attribute("data-state") == "done" and cell.query_selector(".answer").text_content() for cell in cells.values())
+    metric = load_catalog().task(BROKEN_TASK).metric
+    for body in page.sent:
+        if body["model"] in cells:  # the others answer as /v1 does (a tiny model's greedy answer may be empty)
+            assert_cell_is_the_api_answer(cells[body["model"]], body, site, metric)
+
+
+def failing_endpoint(status: int | None) -> Callable[[Any], None]:
+    """A Playwright route handler standing in for /v1: an overload error with `status`, or (None) no connection."""
+    def handle(route: Any) -> None:  # one parameter: Playwright would pass the request as a second one
+        if status is None:
+            route.abort()
+            return
+        error = {"message": "overloaded", "type": "server_error", "param": None, "code": "overloaded"}
+        route.fulfill(status=status, headers={"Retry-After": "2"}, content_type="application/json", body=json.dumps({"error": error}))
+    return handle
 
 
 @pytest.mark.integration
@@ -316,9 +359,7 @@ def test_bad_input_is_refused_before_sending_and_failures_are_explained(page: An
     assert page.sent == []  # nothing reached /v1
     page.fill("#field-review", "A fine film.")
     for status, expected in ((429, "busy (429)"), (503, "busy (503)"), (None, "does not answer")):
-        page.route("**/v1/completions", lambda route, s=status: route.abort() if s is None else route.fulfill(
-            status=s, headers={"Retry-After": "2"}, content_type="application/json",
-            body=json.dumps({"error": {"message": "overloaded", "type": "x", "param": None, "code": "overloaded"}})))
+        page.route("**/v1/completions", failing_endpoint(status))
         cells = run_and_wait(page, "#side-by-side", lambda: page.click("#run"))
         assert all(expected in cell.query_selector(".error").text_content() for cell in cells.values()), expected
         page.unroute("**/v1/completions")

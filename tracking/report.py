@@ -14,7 +14,10 @@ Files (in `out_dir`, and under `report/` of the parent run):
   (Pearson r of each heuristic with the per-task mean base score, fine-tuned score and lift; below
   MIN_CORRELATION_TASKS tasks, or with nothing varying, no chart: the report says "n/a" and why),
   predictor.json + lift_predictor.png (ridge regression of mean lift on the standardised
-  heuristics, with its leave-one-task-out mean absolute error next to that of predicting the mean).
+  heuristics, with its leave-one-task-out mean absolute error next to that of predicting the mean);
+- study_headline.csv, study_vs_ours.csv and fig8_correlations.csv (tracking/study_analysis.py): the study's
+  headline numbers for this sweep beside the study's own, per pair our score against the published one with the
+  settings that differ, and the study's Fig 8-style correlation matrix.
 Each chart comes back as a `Chart` naming what it drew (read off the figure before saving), so a
 test can tell a chart with data from an empty grid.
 """
@@ -35,6 +38,7 @@ import pandas as pd
 from jobs.config import data_home
 from tracking import heuristics as heur
 from tracking import store
+from tracking import study_analysis as study
 from tracking.retry import call_with_retry
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,8 @@ STUDY_SCORES = REFERENCE_DIR / "lora_land_paper_scores.csv"
 STUDY_SOURCE = ('Zhao et al. 2024, "LoRA Land: 310 Fine-tuned LLMs that Rival GPT-4" (arXiv 2405.00732); '
                 "scores transcribed in tracking/reference/lora_land_paper_scores.csv")
 RUN_COLUMNS = ["run_id", "job_key", "kind", "base_model", "task", "category", "metric", "score", "peak_memory_mb",
-               "train_wall_time_s", "job_wall_time_s", "start_time"]
+               "train_wall_time_s", "job_wall_time_s", "start_time", *study.SETTING_COLUMNS]
+SETTING_PARAMS = {"scoring": "evaluation.scoring", "max_steps": "training.max_steps", "eval_limit": "evaluation.limit"}
 BOARD_COLUMNS = ["task", "category", "metric", "base_model", "base_score", "finetuned_score", "lift", "best",
                  "finetuned_run_id", "base_run_id"]
 TARGETS = ("base_score", "finetuned_score", "lift")
@@ -99,7 +104,8 @@ def runs_frame(experiment_id: str, uri: str | None = None) -> pd.DataFrame:
                      "category": tags.get(store.TAG_CATEGORY), "metric": tags.get(store.TAG_METRIC),
                      "score": metrics.get("score", math.nan), "peak_memory_mb": metrics.get("peak_memory_mb", math.nan),
                      "train_wall_time_s": metrics.get("train_wall_time_s", math.nan),
-                     "job_wall_time_s": metrics.get("job_wall_time_s", math.nan), "start_time": run.info.start_time})
+                     "job_wall_time_s": metrics.get("job_wall_time_s", math.nan), "start_time": run.info.start_time,
+                     **{column: run.data.params.get(param) for column, param in SETTING_PARAMS.items()}})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
@@ -459,6 +465,17 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
         table(comparison, "vs_study.csv")
         sections.append(Section("Against the study", f"Pairs this sweep shares with the study. Source: {STUDY_SOURCE}.",
                                 comparison, chart(plot_vs_study(comparison, out / "vs_study.png"))))
+    reference = pd.read_csv(STUDY_SCORES)
+    sections += [
+        Section("Headline numbers against the study", "Means over (task, base model) pairs; GPT-4 / GPT-3.5 from the study's "
+                "table over the tasks with a fine-tune; margins = best fine-tune - GPT-4 per task. Scores of this sweep use "
+                "each run's `evaluation.scoring` (see study_vs_ours.csv). Source: " + STUDY_SOURCE + ".",
+                table(study.headline(board, reference), "study_headline.csv")),
+        Section("Study vs ours", "Per pair the study also ran: published fine-tuned score, ours, the difference, and our "
+                "settings that differ from the study's (scoring, evaluated rows, training steps).",
+                table(study.study_vs_ours(board, runs, reference, study.study_rules_of(sorted(board["task"].dropna().unique()))),
+                      "study_vs_ours.csv")),
+    ]
     targets = task_means(board)
     if features is None:
         unit = heur.length_unit(sorted(runs["base_model"].dropna().unique()))
@@ -469,6 +486,7 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
     (out / "predictor.json").write_text(json.dumps(predictor, indent=2, default=float))
     files.append(out / "predictor.json")
     gap = correlation_gap(corr)
+    fig8 = table(study.fig8_matrix(features, study.task_scores(board, reference)), "fig8_correlations.csv", index=True)
     sections += [
         Section("Task complexity heuristics", f"Per task, from a seeded random sample of up to {heuristics_limit} training "
                 f"examples (tracking/heuristics.py: lengths in {length_unit}, ROUGE-L of output vs input, zlib compressibility).",
@@ -476,6 +494,9 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
         Section("Correlation with results", f"Pearson r with the per-task mean over base models: {gap}." if gap else
                 f"Pearson r with the per-task mean over base models (n/a below {MIN_CORRELATION_TASKS} tasks or for a constant).",
                 None if gap else corr.reset_index(), None if gap else chart(plot_correlations(corr, out / "heuristics_correlation.png"))),
+        Section("Correlation matrix (the study's Fig 8)", "Pearson r among the heuristics and the per-task mean base, "
+                "fine-tuned and lift scores, GPT-4's score and the best fine-tune's lift over GPT-4 (n/a below "
+                f"{study.MIN_TASKS} tasks or for a constant).", fig8.round(2).reset_index(names="")),
         Section("Predicting lift from the heuristics", f"{predictor['model']}: {predictor['tasks']} tasks, leave-one-task-out "
                 f"MAE {_fmt(predictor['loo_mae'])} against {_fmt(predictor['baseline_loo_mae'])} for predicting the mean.",
                 image=chart(plot_predictor(predictor, targets["lift"], out / "lift_predictor.png"))

@@ -20,7 +20,7 @@ import psutil
 import tenacity
 
 DEFAULT_PORT = 5000
-START_TIMEOUT_S = 60.0  # `mlflow server` needs 7-12 s (more on the first start of a new database)
+START_TIMEOUT_S = 120.0  # `mlflow server` needs 7-12 s on a quiet machine (more on a new database or a loaded one)
 POLL_S = 0.5
 STOP_TIMEOUT_S = 15.0
 
@@ -70,11 +70,14 @@ def start_server(command: list[str], url: str, log_file: str | Path | None = Non
     that fails to come up, or an interrupt while waiting, stops it again).
 
     The caller owns the process: `stop_server(process)` stops it and every process it started."""
+    # MLflow's background job runners (GenAI scorers and the like) are not used here, and starting them slows every start.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
     if log_file:
         with open(log_file, "ab") as output:  # the child keeps its own copy
-            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     else:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=env)
     if wait:
         try:
             wait_healthy(url, START_TIMEOUT_S, process)

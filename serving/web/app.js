@@ -297,7 +297,7 @@ async function streamInto(cell, model, prompt) {
   const seconds = (ended - (first ?? started)) / 1000;
   const rate = tokens && tokens > 1 && seconds > 0 ? `${((tokens - 1) / seconds).toFixed(1)} tokens/s` : "— tokens/s";
   partOf(cell, "timing").textContent = `${adapter || ""} · first token ${first === null ? "—" : Math.round(first - started) + " ms"}` +
-    ` · ${rate} · ${tokens ?? "?"} tokens`;
+    ` · ${rate} · ${tokens ?? "?"} token${tokens === 1 ? "" : "s"}`;
   return text;
 }
 

@@ -1,0 +1,468 @@
+"""Co-training: K fine-tunes of one base model trained together in one process over ONE shared (4-bit) base.
+
+- Members share what lives in the base (base model, quantization, LoRA target modules, device, gradient
+  checkpointing); everything else is each member's own: rank, alpha, optimizer, schedule, data order, packing,
+  `max_steps`, checkpoints, result and output folder (`jobs.train.JobTrainer`, one per member).
+- Every targeted linear layer is wrapped once by `GroupLoraLinear`, which holds one LoRA A/B per member and adds to
+  each token its own member's delta (`y = base(x) + (x_k @ A_k^T @ B_k^T) * alpha_k / r_k` on member k's tokens): the
+  training counterpart of the serving engine's mixed-adapter layer (serving/lora.py), differentiable.
+- One group step runs one optimizer step of every member still training. Pass j of the group puts side by side the
+  j-th forward pass of each member (packed rows joined into one row, whose position ids restart per example so
+  attention never crosses examples, or padded rows stacked). Each member's loss is the token mean over its own step,
+  so a member's adapter gets gradient only from its own examples: with LoRA dropout 0 its adapter equals the one
+  `jobs.train.train` makes alone with the same settings, to float tolerance. Its initial adapter is PEFT's, drawn
+  after seeding with its own seed exactly as a single job does.
+- A member whose loss is not finite fails alone (its pass is re-run member by member to find which): its error is
+  in its result and the others go on. A CUDA out-of-memory first halves the members per pass, then backs off the
+  pass's members as a single job does (`jobs.train.back_off`).
+- A member's checkpoints and adapter are a single job's (PEFT's format, the same keys and optimizer state), so a
+  group started again on the same output folders resumes each member from its own newest checkpoint.
+- LoRA dropout > 0 draws its masks from the process's one RNG stream, so a member's masks then depend on the group.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from jobs.config import JobConfig
+from jobs.encoding import IGNORE
+from jobs.errors import ConfigError
+from jobs.evaluate import evaluate_model
+from jobs.models import load_base_model, load_tokenizer, lora_config, prepare_for_training, resolve_device
+from jobs.result import JobResult
+from jobs.run import finished_result, record_result
+from jobs.storage import JobStorage
+from jobs.train import (
+    Fault,
+    JobTrainer,
+    StepCallback,
+    TrainingError,
+    TrainResult,
+    back_off,
+    examples_in,
+    make_batches,
+    tokenize_task,
+)
+
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for the base model's modules
+SHARED_FIELDS = ("base_model", "quantization", "lora.target_modules", "device", "training.gradient_checkpointing")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def member_name(config: JobConfig, index: int) -> str:
+    """How a member is named in messages: its job key, else `#index base/task`."""
+    return config.job_key or f"#{index} {config.base_model.name}/{config.task.name}"
+
+
+def _field_value(config: JobConfig, name: str) -> Any:
+    value: Any = config
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def group_problems(configs: list[JobConfig]) -> list[str]:
+    """A line per member that cannot share the group's base (it differs from the first member in a shared field),
+    per output folder used twice, and per member that is not a fine-tune."""
+    if not configs:
+        return ["a group needs at least one fine-tune"]
+    first, problems = configs[0], []
+    seen: dict[str, str] = {}
+    for index, config in enumerate(configs):
+        name = member_name(config, index)
+        if config.kind != "train":
+            problems.append(f"job {name}: kind {config.kind!r}; only fine-tunes (kind train) are co-trained")
+        for shared in SHARED_FIELDS:
+            value, expected = _field_value(config, shared), _field_value(first, shared)
+            if value != expected:
+                shown = value["hf_id"] if shared == "base_model" else value
+                wanted = expected["hf_id"] if shared == "base_model" else expected
+                problems.append(f"job {name}: {shared} {shown!r} differs from the group's {wanted!r} "
+                                f"(job {member_name(first, 0)}); co-trained jobs share it")
+        if config.output_dir in seen:
+            problems.append(f"job {name}: output_dir {config.output_dir!r} is also job {seen[config.output_dir]}'s")
+        seen.setdefault(config.output_dir, name)
+    return problems
+
+
+def check_group(configs: list[JobConfig], source: str = "co_train group") -> None:
+    """Refuse a group whose members cannot train over one base: one ConfigError, a line per problem."""
+    problems = group_problems(configs)
+    if problems:
+        raise ConfigError(source, problems)
+
+
+# --------------------------------------------------------------------------- the mixed-adapter layer
+
+
+@dataclass
+class Routing:
+    """Which tokens of the current forward pass belong to which member: member index -> flat token positions
+    (over batch x sequence). Set by the group before each pass; read by every wrapped layer."""
+
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+    only: int | None = None  # every token through this member's adapter (evaluation, generation)
+
+
+class GroupLoraLinear(nn.Module):
+    """A frozen base linear layer (plain or bitsandbytes 4-bit) plus one trainable LoRA A/B per member; each token
+    gets its own member's delta, computed exactly as PEFT's LoRA layer computes it."""
+
+    def __init__(self, base: nn.Module, routing: Routing) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.lora_a = nn.ParameterList()
+        self.lora_b = nn.ParameterList()
+        self.scales: list[float] = []
+        self.dropouts: list[float] = []
+
+    def add_member(self, a: torch.Tensor, b: torch.Tensor, scale: float, dropout: float) -> tuple[nn.Parameter, nn.Parameter]:
+        """Append a member's A [r, in] and B [out, r]; returns them as the member's trainable parameters."""
+        pair = nn.Parameter(a.clone()), nn.Parameter(b.clone())
+        self.lora_a.append(pair[0])
+        self.lora_b.append(pair[1])
+        self.scales.append(scale)
+        self.dropouts.append(dropout)
+        return pair
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.routing.only is not None:
+            return y + self._delta(x, self.routing.only, y.dtype)
+        out = y.reshape(-1, y.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        for member, index in self.routing.tokens.items():
+            out = out.index_add(0, index, self._delta(rows.index_select(0, index), member, y.dtype))
+        return out.view_as(y)
+
+    def _delta(self, x: torch.Tensor, member: int, dtype: torch.dtype) -> torch.Tensor:
+        """The member's LoRA delta of `x`, as PEFT computes it: B(A(dropout(x))), cast back, times alpha / r."""
+        a, b = self.lora_a[member], self.lora_b[member]
+        x = x.to(a.dtype)
+        if self.dropouts[member] and self.training:
+            x = nn.functional.dropout(x, self.dropouts[member])
+        return nn.functional.linear(nn.functional.linear(x, a), b).to(dtype) * self.scales[member]
+
+
+# --------------------------------------------------------------------------- one member's adapter
+
+
+class MemberAdapter:
+    """One member's LoRA weights inside the wrapped layers, written and read in PEFT's format (the keys, tensors and
+    adapter_config.json a single job's PeftModel saves), so checkpoints and adapters are interchangeable."""
+
+    def __init__(self, peft_config: PeftConfig, weights: dict[str, nn.Parameter]) -> None:
+        self.peft_config = peft_config
+        self.weights = weights  # PEFT key -> parameter, in PEFT's order (per module: A, then B)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The trainable parameters, in the order a single job's optimizer holds them."""
+        return list(self.weights.values())
+
+    def save_pretrained(self, save_directory: str, **_: Any) -> None:
+        """Write adapter_model.safetensors + adapter_config.json (inference mode, as PEFT saves them)."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({key: p.detach().contiguous() for key, p in self.weights.items()}, str(folder / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        config = copy.deepcopy(self.peft_config)
+        config.inference_mode = True
+        config.save_pretrained(str(folder))
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved weights (a checkpoint's adapter_model.safetensors) into the parameters."""
+        missing = set(self.weights) ^ set(tensors)
+        if missing:
+            raise TrainingError(f"checkpoint does not fit the member's adapter: {len(missing)} keys differ, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for key, param in self.weights.items():
+                param.copy_(tensors[key])
+
+
+def initial_adapter(base: PreTrainedModel, config: JobConfig) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """The fresh adapter a single job of `config` starts from: PEFT attaches it after seeding with the job's seed (the
+    base's loading and preparation draw no random numbers), then is taken off again, leaving `base` as it was."""
+    torch.manual_seed(config.training.seed)
+    random.seed(config.training.seed)
+    peft_model = get_peft_model(base, lora_config(config.lora))
+    weights = {key: tensor.detach().clone() for key, tensor in get_peft_model_state_dict(peft_model).items()}
+    peft_config = copy.deepcopy(peft_model.peft_config["default"])
+    peft_model.unload()
+    return peft_config, weights
+
+
+def _module_of(key: str) -> tuple[str, str]:
+    """`base_model.model.<module>.lora_A.weight` -> (<module>, "A")."""
+    module, kind, _ = key[len(PEFT_PREFIX):].rsplit(".", 2)
+    return module, kind[-1]
+
+
+def wrap_member(base: PreTrainedModel, routing: Routing, layers: dict[str, GroupLoraLinear], config: JobConfig,
+                peft_config: PeftConfig, weights: dict[str, torch.Tensor]) -> MemberAdapter:
+    """Add a member's initial weights to the wrapped layers (wrapping a targeted layer the first time it is met)."""
+    scale, params = config.lora.alpha / config.lora.r, {}
+    for key in weights:
+        module, kind = _module_of(key)
+        if kind != "A":
+            continue
+        if module not in layers:
+            parent, _, leaf = module.rpartition(".")
+            layers[module] = GroupLoraLinear(base.get_submodule(module), routing)
+            setattr(base.get_submodule(parent) if parent else base, leaf, layers[module])
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        params[key], params[b_key] = layers[module].add_member(weights[key], weights[b_key], scale, config.lora.dropout)
+    return MemberAdapter(peft_config, params)
+
+
+# --------------------------------------------------------------------------- the group
+
+
+@dataclass
+class MemberResult:
+    """One member's outcome: its results, or the error it failed with (the others are unaffected)."""
+
+    config: JobConfig
+    result: TrainResult | None = None  # training's result (None when it failed, or when the job had finished before)
+    error: str | None = None
+    job: JobResult | None = None  # the job's whole result (result.json), from `run_group`
+
+
+@dataclass
+class Member:
+    """A member during training: its index among the wrapped layers' adapters, trainer and adapter."""
+
+    index: int
+    config: JobConfig
+    trainer: JobTrainer
+    adapter: MemberAdapter
+    error: str | None = None
+
+    @property
+    def training(self) -> bool:
+        return self.error is None and not self.trainer.done
+
+    def fail(self, error: str) -> None:
+        self.error = error
+        for param in self.adapter.params:
+            param.grad = None
+
+
+@dataclass
+class Pass:
+    """One forward pass of the group: each member's rows, and each member's label tokens over its whole step."""
+
+    rows: dict[int, dict[str, torch.Tensor]]
+    label_tokens: dict[int, int]
+
+
+def join_pass(rows: dict[int, dict[str, torch.Tensor]], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The members' rows of one pass as one model input, and the member of each token [batch, seq].
+
+    Packed rows (position ids) are joined end to end into one row; padded rows are stacked, padded to the widest."""
+    members = list(rows)
+    if all("position_ids" in batch for batch in rows.values()):
+        joined = {key: torch.cat([rows[m][key] for m in members], dim=1) for key in ("input_ids", "labels", "position_ids")}
+        owner = torch.cat([torch.full_like(rows[m]["input_ids"], m) for m in members], dim=1)
+        return joined, owner
+    width = max(batch["input_ids"].shape[1] for batch in rows.values())
+
+    def pad(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        return nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+    joined = {
+        "input_ids": torch.cat([pad(rows[m]["input_ids"], pad_id) for m in members]),
+        "labels": torch.cat([pad(rows[m]["labels"], IGNORE) for m in members]),
+        "attention_mask": torch.cat([pad(rows[m]["attention_mask"], 0) for m in members]),
+    }
+    owner = torch.cat([torch.full((len(rows[m]["input_ids"]), width), m) for m in members])
+    return joined, owner
+
+
+def member_losses(model: nn.Module, routing: Routing, rows: dict[int, dict[str, torch.Tensor]], label_tokens: dict[int, int],
+                  pad_id: int, device: str) -> dict[int, torch.Tensor]:
+    """One mixed-adapter forward pass: each member's share of its step's token-mean loss (its own tokens only)."""
+    joined, owner = join_pass(rows, pad_id)
+    owner = owner.to(device)
+    flat_owner = owner.reshape(-1)
+    routing.tokens = {m: (flat_owner == m).nonzero().squeeze(1) for m in rows}
+    labels = joined.pop("labels").to(device)
+    logits = model(**{k: v.to(device) for k, v in joined.items()}, use_cache=False).logits
+    per_token = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                            ignore_index=IGNORE, reduction="none")
+    predictor = owner[:, :-1].reshape(-1)
+    return {m: per_token[predictor == m].sum() / label_tokens[m] for m in rows}
+
+
+def _tokens_of(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+class Group:
+    """The members over one base, stepped together (see the module doc)."""
+
+    def __init__(self, model: nn.Module, routing: Routing, members: list[Member], pad_id: int, device: str, fault: Fault | None) -> None:
+        self.model, self.routing, self.members, self.pad_id, self.device, self.fault = model, routing, members, pad_id, device, fault
+        self.members_per_pass = len(members)
+        self.by_index = {m.index: m for m in members}
+        self.batches: dict[int, list[dict[str, torch.Tensor]]] = {}  # each member's forward passes of the current step
+        self.in_pass: list[int] = []  # the members of the pass running now
+
+    def step(self) -> None:
+        """One optimizer step of every member still training."""
+        while True:
+            active = [m for m in self.members if m.training]
+            if not active:
+                return
+            try:
+                losses, tokens = self._gradients(active)
+                break
+            except torch.OutOfMemoryError:
+                for member in active:
+                    member.trainer.optimizer.zero_grad(set_to_none=True)
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+                self._back_off()
+        for member in active:
+            if member.training:
+                member.trainer.finish_step(losses[member.index], tokens[member.index])
+
+    def _back_off(self) -> None:
+        """Fewer members per pass first; with one member per pass, the member of the pass that ran out of memory backs
+        off as a single job does (failing alone at its floor)."""
+        if self.members_per_pass > 1:
+            self.members_per_pass //= 2
+            return
+        for member in (self.by_index[i] for i in self.in_pass):
+            try:
+                back_off(member.trainer.state, member.config.training, max(examples_in(b) for b in self.batches[member.index]))
+            except TrainingError as error:
+                member.fail(str(error))
+
+    def _gradients(self, active: list[Member]) -> tuple[dict[int, float], dict[int, int]]:
+        """Accumulate every active member's step gradients in mixed passes; returns each member's loss and tokens."""
+        batches = self.batches = {}
+        for m in active:
+            state, settings = m.trainer.state, m.config.training
+            batches[m.index] = make_batches(m.trainer.step_examples(), state.micro_batch_size, settings.max_seq_length,
+                                            settings.packing, self.pad_id, state.pass_tokens)
+        labels = {i: sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in bs) for i, bs in batches.items()}
+        losses, tokens = dict.fromkeys(batches, 0.0), dict.fromkeys(batches, 0)
+        for rows in self._passes(batches):
+            self.in_pass = list(rows)
+            if self.fault:
+                self.fault(min(self.by_index[i].trainer.state.step for i in rows))
+            for index, loss in self._backward(Pass(rows, labels)).items():
+                losses[index] += loss
+                tokens[index] += _tokens_of(rows[index])
+        return losses, tokens
+
+    def _passes(self, batches: dict[int, list[dict[str, torch.Tensor]]]) -> list[dict[int, dict[str, torch.Tensor]]]:
+        """Pass j holds the j-th forward pass of each member (at most `members_per_pass`; packed and padded rows apart)."""
+        passes = []
+        for j in range(max(len(bs) for bs in batches.values())):
+            for packed in (True, False):
+                here = [i for i, bs in batches.items() if j < len(bs) and ("position_ids" in bs[j]) == packed]
+                for start in range(0, len(here), self.members_per_pass):
+                    passes.append({i: batches[i][j] for i in here[start : start + self.members_per_pass]})
+        return passes
+
+    def _backward(self, group_pass: Pass) -> dict[int, float]:
+        """Forward and backward one pass; a non-finite loss re-runs the pass member by member, and the members whose
+        own loss is still not finite fail (without gradient from this pass)."""
+        losses = member_losses(self.model, self.routing, group_pass.rows, group_pass.label_tokens, self.pad_id, self.device)
+        bad = [i for i, loss in losses.items() if not torch.isfinite(loss)]
+        if bad and len(losses) > 1:
+            out: dict[int, float] = {}
+            for index, row in group_pass.rows.items():
+                out |= self._backward(Pass({index: row}, group_pass.label_tokens))
+            return out
+        for index in bad:
+            member = self.by_index[index]
+            member.fail(f"job {member_name(member.config, index)}: non-finite loss ({float(losses[index].detach())}) at step "
+                        f"{member.trainer.state.step + 1}; lower training.learning_rate")
+        good = [loss for i, loss in losses.items() if i not in bad]
+        if good:
+            torch.stack(good).sum().backward()
+        self.routing.tokens = {}
+        return {i: float(loss.detach()) for i, loss in losses.items() if i not in bad}
+
+
+@dataclass
+class GroupModel:
+    """The shared base with every member's adapter in its wrapped layers; `use(i)` makes it member i's fine-tune."""
+
+    model: PreTrainedModel
+    routing: Routing
+    tokenizer: PreTrainedTokenizerBase
+
+    def use(self, member: int) -> PreTrainedModel:
+        """The model as member `member`'s fine-tune alone (every token through its adapter), e.g. to evaluate it."""
+        self.routing.tokens, self.routing.only = {}, member
+        return self.model
+
+
+def co_train(configs: list[JobConfig], tokenizer: PreTrainedTokenizerBase | None = None,
+             on_step: dict[int, StepCallback] | None = None, fault: Fault | None = None) -> tuple[list[MemberResult], GroupModel]:
+    """Fine-tune every member's adapter together over one base, each resuming from its own newest checkpoint; each
+    member's adapter is saved into its `output_dir` as a single job's would be. A member that fails does so alone.
+
+    `on_step[i]` receives member i's step metrics; `fault(step)` is called before each pass (tests inject errors)."""
+    check_group(configs)
+    first = configs[0]
+    device = resolve_device(first.device)
+    tokenizer = tokenizer or load_tokenizer(first.base_model)
+    base = prepare_for_training(load_base_model(first.base_model, first.quantization, device), first.training.gradient_checkpointing)
+    initial = [initial_adapter(base, config) for config in configs]
+    routing, layers = Routing(), dict[str, GroupLoraLinear]()
+    members = []
+    for index, (config, (peft_config, weights)) in enumerate(zip(configs, initial)):
+        adapter = wrap_member(base, routing, layers, config, peft_config, weights)
+        trainer = JobTrainer(config, adapter, adapter.params, tokenize_task(config, tokenizer), device, (on_step or {}).get(index))
+        trainer.resume(adapter.load)
+        members.append(Member(index, config, trainer, adapter))
+    base.train()
+    group = Group(base, routing, members, tokenizer.pad_token_id, device, fault)
+    while any(m.training for m in members):
+        group.step()
+    results = [MemberResult(m.config, error=m.error) if m.error else MemberResult(m.config, result=m.trainer.finish()) for m in members]
+    return results, GroupModel(base, routing, tokenizer)
+
+
+def run_group(configs: list[JobConfig], on_step: dict[int, StepCallback] | None = None, fault: Fault | None = None) -> list[MemberResult]:
+    """Run every member as `jobs.run.run_job` runs a job (claimed output folder, result.json), training the unfinished
+    ones together: a finished member returns its saved result, the others are co-trained, then each is evaluated
+    through its own adapter. A member failing in training or evaluation fails alone, its error in its outcome."""
+    check_group(configs)
+    storages = [JobStorage(config.output_dir) for config in configs]
+    outcomes = [MemberResult(config, job=finished_result(storage, config)) for config, storage in zip(configs, storages)]
+    pending = [i for i, outcome in enumerate(outcomes) if outcome.job is None]
+    if not pending:
+        return outcomes
+    trained, group = co_train([configs[i] for i in pending], on_step={pending.index(i): s for i, s in (on_step or {}).items() if i in pending},
+                              fault=fault)
+    for member, (index, outcome) in enumerate(zip(pending, trained)):
+        outcomes[index] = outcome
+        if outcome.result is None:
+            continue
+        config = configs[index]
+        try:
+            evaluation = evaluate_model(group.use(member), group.tokenizer, config.task, config.evaluation)
+        except Exception as error:
+            outcome.error = f"job {member_name(config, index)}: evaluation failed ({type(error).__name__}: {error})"
+            continue
+        outcome.job = record_result(config, storages[index], evaluation, outcome.result)
+    return outcomes

@@ -1,0 +1,155 @@
+"""Hot adapters across replicas (serving/replication.py): the policy as pure functions, and the spreading against a
+real 2-replica Serve app on loopback (adapters in a SQLite registry, their weights in the replicas' disk cache)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from jobs.config import PROJECT_ROOT
+from serving.config import BaseDeployment, EngineSettings, HotAdapterSettings, IngressSettings, ReplicaBounds, ServeConfig
+from serving.replication import ANY_REPLICA, HotAdapterRouter, RequestRates, adapter_of, copies_for, routing_id, task_of
+
+HOT, TAIL = "loraland-legal/3", "loraland-rare/1"
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --------------------------------------------------------------------------- the policy (unit)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("share, replicas, bounds, expected", [
+    (0.5, 2, ReplicaBounds(), 2),  # half of the traffic on 2 replicas: both
+    (0.002, 2, ReplicaBounds(), 1),  # the long tail: one each
+    (0.3, 4, ReplicaBounds(), 3),  # ceil(0.3 * 4 / 0.5)
+    (0.9, 4, ReplicaBounds(max_replicas=2), 2),  # the ceiling wins over the rate
+    (0.0, 4, ReplicaBounds(min_replicas=4), 4),  # a champion on every replica, however rare
+    (0.0, 2, ReplicaBounds(min_replicas=8), 2),  # a floor above the replica count: every replica
+    (1.0, 1, ReplicaBounds(), 1),  # one replica: nothing to spread
+])
+def test_copies_follow_the_share_within_bounds(share: float, replicas: int, bounds: ReplicaBounds, expected: int) -> None:
+    assert copies_for(share, replicas, bounds, replica_share=0.5) == expected
+
+
+@pytest.mark.unit
+def test_routing_ids_name_the_adapter_and_bounds_are_checked() -> None:
+    assert [routing_id(HOT, copy) for copy in range(3)] == [HOT, f"{HOT}#1", f"{HOT}#2"]
+    assert {adapter_of(routing_id(HOT, copy)) for copy in range(3)} == {HOT} and adapter_of("") == ""
+    assert task_of(HOT) == "legal" and task_of("not-an-adapter") == ""
+    with pytest.raises(ValidationError, match="below min_replicas"):
+        ReplicaBounds(min_replicas=3, max_replicas=2)
+
+
+@pytest.mark.unit
+def test_request_rates_decay_with_their_half_life() -> None:
+    clock = Clock()
+    rates = RequestRates(half_life_s=10, clock=clock)
+    assert rates.record(HOT) == pytest.approx(1 / 20)  # a share needs 20 recent requests behind it (MIN_EVIDENCE)
+    for _ in range(98):
+        rates.record(HOT)
+    assert rates.record(TAIL) == pytest.approx(0.01)
+    clock.now = 10.0  # one half-life
+    assert rates.record(HOT) == pytest.approx(50.5 / 51)
+    clock.now = 300.0  # thirty half-lives: the old traffic is forgotten
+    assert rates.record(TAIL) == pytest.approx(1 / 20) and HOT not in rates.counts
+
+
+@pytest.mark.unit
+def test_router_spreads_a_hot_adapter_and_keeps_the_tail_on_one_replica() -> None:
+    clock = Clock()
+    two = HotAdapterRouter(HotAdapterSettings(), replicas=2, clock=clock)
+    routes = [two.route(HOT if index % 2 else f"loraland-t{index}/1") for index in range(400)]  # HOT takes half
+    assert set(routes[201::2]) == {ANY_REPLICA}  # hot: Serve balances it over both replicas
+    assert all(route == f"loraland-t{index}/1" for index, route in enumerate(routes) if index % 2 == 0)  # tail: sticky
+    assert two.route(None) == ANY_REPLICA and two.copies[HOT] == 2
+
+    four = HotAdapterRouter(HotAdapterSettings(), replicas=4, clock=clock)
+    routes = [four.route(HOT if index % 10 < 3 else f"loraland-t{index}/1") for index in range(1000)]  # HOT takes 30%
+    spread = [route for index, route in enumerate(routes) if index % 10 < 3][-30:]
+    assert set(spread) == {HOT, f"{HOT}#1", f"{HOT}#2"} and four.copies[HOT] == 3  # 3 of 4 replicas, in turn
+
+    pinned = HotAdapterRouter(HotAdapterSettings(adapters={"legal": ReplicaBounds(min_replicas=4)}), replicas=4, clock=clock)
+    assert pinned.route(HOT) == ANY_REPLICA  # the task's floor: on every replica from its first request
+    held = HotAdapterRouter(HotAdapterSettings(adapters={HOT: ReplicaBounds(max_replicas=1)}), replicas=2, clock=clock)
+    assert {held.route(HOT) for _ in range(50)} == {HOT}  # the adapter's own ceiling
+
+
+# --------------------------------------------------------------------------- a real 2-replica app (cluster)
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, list[str]]]:
+    """The app with 2 replicas of tiny-llama and 4 adapters; task bench_0000 on every replica (its floor)."""
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    from serving_app import local_serve, publish_adapters
+
+    from jobs.catalog import load_catalog
+    from jobs.config import QuantizationSettings
+    from jobs.models import load_base_model
+    from jobs.ports import free_port
+
+    root = tmp_path_factory.mktemp("hot")
+    spec = load_catalog().base_model("tiny-llama")
+    uri = f"sqlite:///{root}/mlflow.db"
+    models = publish_adapters(uri, root / "cache", load_base_model(spec, QuantizationSettings(), "cpu"), spec, 4)
+    hot = HotAdapterSettings(adapters={"bench_0000": ReplicaBounds(min_replicas=2)})
+    config = ServeConfig(name="hot-test", port=free_port(), tracking_uri=uri, adapter_cache_dir=str(root / "cache"),
+                         ingress=IngressSettings(num_cpus=0, request_timeout_s=120),
+                         deployments=[BaseDeployment(base_model="tiny-llama", device="cpu", num_replicas=2, num_cpus=0.5,
+                                                     hot_adapters=hot, engine=EngineSettings(max_batch_size=8))])
+    metrics_port = free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # this module's Ray only
+        with local_serve(config, num_cpus=2, metrics_port=metrics_port) as url:
+            yield url, metrics_port, models
+
+
+def residency(metrics_port: int) -> dict[str, set[str]]:
+    """Adapter -> the replicas that export it as resident (value 1, any tier)."""
+    from tests.test_serving import exported_samples
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    held: dict[str, set[str]] = {}
+    for sample in exported_samples(text):
+        if sample.name == "ray_loraland_adapter_resident" and sample.value == 1:
+            held.setdefault(sample.labels["adapter"], set()).add(sample.labels["replica"])
+    return held
+
+
+@pytest.mark.cluster
+def test_a_hot_adapter_is_served_by_both_replicas_and_the_tail_by_one(two_replicas: tuple[str, int, list[str]]) -> None:
+    url, metrics_port, models = two_replicas
+
+    def ask(model: str) -> str:
+        response = httpx.post(f"{url}/completions", json={"model": model, "prompt": "the sky is", "max_tokens": 8,
+                                                          "temperature": 0}, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(16) as pool:
+        hot_answers = list(pool.map(ask, [models[0]] * 48))
+    assert len(set(hot_answers)) == 1  # every replica answers the same for the same adapter
+    for _ in range(3):
+        ask(models[1])  # a tail adapter, one request at a time: it stays where Serve put it
+    hot, tail = f"loraland-{models[0].split(':')[1]}/1", f"loraland-{models[1].split(':')[1]}/1"
+    deadline, held = time.monotonic() + 90, residency(metrics_port)
+    while time.monotonic() < deadline and (len(held.get(hot, ())) < 2 or tail not in held):
+        time.sleep(2)  # replicas re-export on requests and health checks; Ray's agent exports every few seconds
+        held = residency(metrics_port)
+    assert len(held.get(hot, ())) == 2, held  # the hot adapter: resident on both replicas
+    assert len(held.get(tail, ())) == 1, held  # the tail adapter: on one

@@ -1,0 +1,479 @@
+"""The study's setup: its scoring rules (jobs.study_metrics) on the edge cases listed in
+shared/reference/lora_land_task_formats.yaml, its prompt structure, answer formats, generation limits and prompt cut
+in the catalogue, and the per-sweep choice between study and strict scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jobs import prepare
+from jobs import study_metrics as sm
+from jobs.catalog import load_catalog
+from jobs.data import load_rows
+from jobs.errors import ConfigError, NotFound
+from jobs.evaluate import score_all
+from jobs.parsing import parse_model
+from jobs.prompts import completion_for, prompt_for
+from jobs.schemas import EvalSettings
+from orchestrator import cli
+from tracking import heuristics as heur
+from tracking import report
+from tracking import study_analysis as study
+
+pytestmark = pytest.mark.unit
+
+
+# --------------------------------------------------------------------------- exact step
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("1", "1", True),
+        ("Positive.", "positive", True),  # periods and case
+        (" 1", "1", False),  # a leading space defeats the string comparison; the float text is "1.0"
+        ("1\n", "1", False),
+        ("1", 1, True),
+        ("1.0", "1.0", True),
+        (" 1\n", "1.0", True),  # the float branch: the whole output parses, its text equals the target
+        ("3.80", "3.8", True),
+        ("three", "3", False),
+    ],
+)
+def test_exact_step(output, target, expected):
+    assert sm.exact_step(output, target) is expected
+
+
+# --------------------------------------------------------------------------- binary_accuracy_flex
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1", True), ("0", False), ("10", True),  # 1 is tested before 0
+        ("no, the answer is 1", True),  # a digit beats any word
+        ("Yes", True), ("no", False),
+        ("not sure", False), ("I know", False), ("none", False), ("cannot say", False),  # "no" inside a word
+        ("yes and no", True),  # yes is tested before no
+        ("True", True), ("false", False), ("Positive", True), ("negative", False),
+        (True, True), (False, False),  # boolq's targets
+        ("maybe", None), ("", None),
+    ],
+)
+def test_flex_boolean(text, expected):
+    assert sm.flex_boolean(text) is expected
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("1", "1", 1.0), ("positive", "1", 1.0), ("0", "0", 1.0), ("negative", "1", 0.0),
+        ("yes", True, 1.0), ("Not at all", False, 1.0), ("10", "0", 0.0),
+        ("maybe", "0", 0.0),  # an unmappable output scores 0
+        ("maybe", "maybe", 0.0),  # even when it equals an unmappable target
+    ],
+)
+def test_binary_accuracy_flex(output, target, expected):
+    assert sm.binary_accuracy_flex(output, target) == expected
+
+
+# --------------------------------------------------------------------------- digit-anywhere rules
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("2", "2", 1.0), ("The label is 2.", "2", 1.0), ("0 or 1", "1", 1.0), ("0 or 1", "0", 1.0),
+        ("0 or 1", "2", 0.0), ("contradiction", "2", 0.0), ("Entailment", "entailment", 1.0),
+    ],
+)
+def test_mnli_accuracy(output, target, expected):
+    assert sm.mnli_accuracy(output, target) == expected
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("3", "3", 1.0), ("ending 3", "3", 1.0), ("0123", "2", 1.0), ("1", "3", 0.0), ("none", "0", 0.0),
+    ],
+)
+def test_hellaswag_accuracy(output, target, expected):
+    assert sm.hellaswag_accuracy(output, target) == expected
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("1", "1", 1.0), ("10", "1", 1.0), ("1 because they match", "1", 1.0),  # the fallback for 1
+        ("0", "0", 1.0), ("0.", "0", 1.0),  # target 0: only the exact step
+        ("0\n", "0", 0.0), (" 0", "0", 0.0), ("0, not equivalent", "0", 0.0),  # no fallback for 0
+        ("10", "0", 0.0),
+    ],
+)
+def test_mrpc_accuracy_one_sided_fallback(output, target, expected):
+    assert sm.mrpc_accuracy(output, target) == expected
+
+
+# --------------------------------------------------------------------------- label anywhere, first number
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("pay bill", "pay bill", 1.0), ("The caller wants to PAY BILL today.", "pay bill", 1.0),
+        ("billing", "pay bill", 0.0), ("check balance, then transfer money", "transfer money", 1.0),
+    ],
+)
+def test_customer_support_label_anywhere(output, target, expected):
+    assert sm.customer_support_accuracy(output, target) == expected
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("2", "2", 1.0), ("The answer is 2, not 3", "2", 1.0), ("3 (not 2)", "2", 0.0),
+        ("1,000 apples", "1,000", 1.0), ("I don't know", "none", 1.0),  # neither has a number
+        ("2.0", "2", 0.0),  # strings compared, not values
+    ],
+)
+def test_mmlu_accuracy_first_number(output, target, expected):
+    assert sm.mmlu_accuracy(output, target) == expected
+
+
+# --------------------------------------------------------------------------- stsb
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("3.0", "3.0", 1.0), ("4", "3", 0.8),
+        ("7", "5", 0.6),  # a bare number has no range check
+        ("20", "0", -3.0),  # so a large value scores below 0
+        ("about 7", "5", 0.0),  # a number found inside text is range-checked: above 5 is discarded
+        ("about 4", "5", 0.8), ("similar", "2.5", 0.0), ("3", "n/a", 0.0), ("nan", "2", 0.0),
+    ],
+)
+def test_stsb_without_range_check(output, target, expected):
+    assert sm.stsb(output, target) == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- gsm8k
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("She pays 3 * 4 = 12 dollars.\n#### 12", "3*4=<<3*4=12>>12\n#### 12", 1.0),
+        ("The answer is $1,200.", "#### 1200", 1.0),
+        ("12 is the answer, checked in 2 steps", "#### 12", 0.0),  # the last number wins
+        ("It is 12...", "#### 12", 1.0),  # one run: its trailing periods are stripped
+        ("It is 12, I think...", "#### 12", 0.0),  # a lone ellipsis is the last run and does not parse
+        ("-5", "#### -5", 1.0), ("no number", "#### 3", 0.0),
+    ],
+)
+def test_gsm8k_last_numbers(output, target, expected):
+    assert sm.gsm8k_regex(output, target) == expected
+
+
+# --------------------------------------------------------------------------- dbpedia and rouge
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        ("Animal", "Animal", 1.0), ("animal.", "Animal", 1.0), ("9", "Animal", 1.0),  # index 9 is Animal (0-based)
+        (" 9\n", "Animal", 1.0), ("It is an Animal", "Animal", 0.4), ("Plant", "Animal", 0.0),
+        ("14", "Animal", 0.0),  # out of range: scored as the text "14"
+    ],
+)
+def test_dbpedia_is_rouge_l(output, target, expected):
+    assert sm.dbpedia(output, target) == pytest.approx(expected)
+
+
+def test_rouge_counts_dict_skeleton_words():
+    target = "{'B-Chemical': ['aspirin'], 'B-Disease': [], 'I-Disease': [], 'I-Chemical': []}"
+    assert sm.rouge("{'B-Chemical': [], 'B-Disease': [], 'I-Disease': [], 'I-Chemical': []}", target) == pytest.approx(16 / 17)
+
+
+# --------------------------------------------------------------------------- failed generations
+
+
+def test_failed_generations_are_left_out_and_counted():
+    scores = [sm.study_score("mnli_accuracy", out, "1") for out in ["1", None, "0", None]]
+    assert scores == [1.0, None, 0.0, None]
+    assert sm.mean_of_answered(scores) == sm.StudyTally(mean=0.5, answered=2, failed=2)
+    assert sm.mean_of_answered([None]) == sm.StudyTally(0.0, 0, 1)
+
+
+def test_unknown_study_metric():
+    with pytest.raises(ValueError, match="unknown study metric"):
+        sm.study_score("arc_accuracy", "A", "A")
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+MISSING_IN_STUDY = {"arc_combined", "covid", "winogrande", "magicoder"}
+
+
+def test_every_study_task_names_its_study_metric():
+    catalog = load_catalog()
+    for name in catalog.study_tasks:
+        task = catalog.task(name)
+        if name in MISSING_IN_STUDY:
+            assert task.study_metric is None, name
+        else:
+            assert task.study_metric in sm.STUDY_METRICS, name
+    for name in set(catalog.tasks) - catalog.study_tasks:
+        assert catalog.task(name).study_metric is None, f"demo task {name} keeps strict scoring"
+
+
+# --------------------------------------------------------------------------- the study's setup in the catalogue
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
+FREE_TEXT = r"(?s).*\S.*"
+# Per task: the gold answer's format in the study (a regex over our rendered gold) and the number of worked examples
+# its prompt holds (shared/reference/lora_land_task_formats.yaml: target.format, examples_in_prompt).
+STUDY_SETUP: dict[str, tuple[str, int]] = {
+    "bc5cdr": (r"\{'B-Chemical': \[.*\], 'B-Disease': \[.*\], 'I-Disease': \[.*\], 'I-Chemical': \[.*\]\}", 1),
+    "conllpp": (r'\{"person": \[.*\], "organization": \[.*\], "location": \[.*\], "miscellaneous": \[.*\]\}', 1),
+    "e2e_nlg": (FREE_TEXT, 1),
+    "tldr_content_gen": (FREE_TEXT, 0),
+    "tldr_headline_gen": (FREE_TEXT, 0),
+    "viggo": (FREE_TEXT, 2),
+    "webnlg": (FREE_TEXT, 1),
+    "magicoder": (FREE_TEXT, 0),
+    "wikisql": (r"SELECT .*", 0),
+    "boolq": (r"true|false", 0),
+    "dbpedia": ("|".join(sm.DBPEDIA_CLASSES), 0),
+    "customer_support": (r"replace card|transfer money|check balance|order checks|pay bill|reset password"
+                         r"|schedule appointment|get branch hours|none of the above", 0),
+    "glue_qnli": (r"[01]", 0),
+    "glue_stsb": (r"\d(\.\d+)?", 0),
+    "legal": (r"[\w-]+", 0),
+    "reuters": (FREE_TEXT, 0),
+    "mmlu": (r"[1-4]", 0),
+    "winogrande": (r"[12]", 0),
+    "arc_combined": (r"[A-E1-5]", 0),
+    "glue_cola": (r"[01]", 0),
+    "glue_mnli": (r"[012]", 0),
+    "glue_mrpc": (r"[01]", 0),
+    "glue_qqp": (r"[01]", 0),
+    "glue_sst2": (r"[01]", 0),
+    "glue_wnli": (r"[01]", 0),
+    "covid": (r"Extremely Positive|Positive|Neutral|Negative|Extremely Negative", 0),
+    "hellaswag": (r"[0-3]", 0),
+    "hellaswag_processed": (FREE_TEXT, 1),
+    "jigsaw": (r"yes|no", 0),
+    "drop": (FREE_TEXT, 0),
+    "gsm8k": (r"(?s).*####\s*-?[\d,.]+", 0),
+}
+CHAT_MARKERS = re.compile(r"\[INST\]|<\|im_start\|>|<start_of_turn>|<\|user\|>|<\|assistant\|>|<s>|</s>")
+EXAMPLE_HEADER = re.compile(r"(?m)^Example( \d+)?:$")
+
+
+def _rows(name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (FIXTURES / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_setup_table_covers_the_31_tasks():
+    assert set(STUDY_SETUP) == set(load_catalog().study_tasks)
+
+
+@pytest.mark.parametrize("name", sorted(STUDY_SETUP))
+def test_prompt_has_the_studys_structure_and_gold_its_format(name):
+    task = load_catalog().task(name)
+    gold_format, examples = STUDY_SETUP[name]
+    for row in _rows(name):
+        prompt = prompt_for(task, {column: row[column] for column in task.columns})
+        assert not CHAT_MARKERS.search(task.prompt), "no chat markers in the template"
+        assert len(EXAMPLE_HEADER.findall(prompt)) == examples, "the study's number of worked examples"
+        gold = completion_for(task, row)
+        assert re.fullmatch(gold_format, gold), f"gold {gold!r} is not in the study's format"
+        if task.study_metric in ("binary_accuracy_flex", "mnli_accuracy", "mrpc_accuracy", "hellaswag_accuracy",
+                                 "customer_support_accuracy", "mmlu_accuracy", "stsb", "gsm8k_regex", "dbpedia"):
+            assert sm.study_score(task.study_metric, gold, gold) == 1.0, "the gold scores 1 against itself"
+
+
+def test_generation_limits_are_the_studys():
+    catalog = load_catalog()
+    assert {name: catalog.task(name).max_new_tokens for name in catalog.study_tasks} == {
+        name: 1024 if name == "mmlu" else 256 for name in catalog.study_tasks}
+
+
+# --------------------------------------------------------------------------- prompt cut and evaluation settings
+
+
+def test_the_studys_cut_keeps_the_first_characters_and_ours_keeps_the_cue():
+    task = load_catalog().task("glue_sst2")
+    row = {"sentence": "word " * 400, "label": 1, "idx": 0}
+    full = prompt_for(task, row)
+    study = prompt_for(task, row, 1500, cut="study")
+    ours = prompt_for(task, row, 1500, cut="keep_cue")
+    assert study == full[:1500] and not study.endswith("Label:")
+    assert len(ours) <= 1500 and ours.endswith("\nLabel:") and ours.startswith("Here is a sentence")
+    assert prompt_for(task, row, 1500) == ours, "training keeps the cue-preserving cut unless told"
+
+
+def test_eval_settings_default_to_the_study():
+    settings = EvalSettings()
+    assert (settings.scoring, settings.prompt_cut, settings.prompt_max_chars) == ("study", "study", 1500)
+    with pytest.raises(ConfigError):
+        parse_model(EvalSettings, {"scoring": "loose"}, "sweep.yaml")
+
+
+def test_score_all_study_and_strict():
+    catalog = load_catalog()
+    mrpc = catalog.task("glue_mrpc")
+    predictions = ["1 (equivalent)", None, "0\n", "0"]
+    golds = ["1", "1", "0", "0"]
+    study = score_all(mrpc, predictions, golds, mrpc.study_metric)
+    assert study == [1.0, None, 0.0, 1.0]
+    assert sm.mean_of_answered(study) == sm.StudyTally(2 / 3, 3, 1)
+    assert score_all(mrpc, predictions, golds, None) == [1.0, 0.0, 1.0, 1.0]  # strict: first word; a failure scores 0
+    demo = catalog.task("demo_sentiment")
+    assert demo.study_metric is None  # demo tasks keep strict scoring whatever `scoring` says
+
+
+# --------------------------------------------------------------------------- the study's headline analyses in the report
+
+
+def _study_table_as_runs(scoring: str = "study", max_steps: int = 40000) -> pd.DataFrame:
+    """The study's 10 x 31 table as finished runs (`report.runs_frame`'s columns): its scores as ours."""
+    rows: list[dict[str, Any]] = []
+    for row in pd.read_csv(report.STUDY_SCORES).itertuples():
+        for kind, value in (("train", row.finetuned_score), ("evaluate_base", row.base_score)):
+            rows.append({"run_id": f"{kind}/{row.base_model}/{row.task}", "job_key": f"k/{row.base_model}/{row.task}/{kind}",
+                         "kind": kind, "base_model": row.base_model, "task": row.task, "category": row.category,
+                         "metric": "accuracy", "score": value, "peak_memory_mb": 1.0, "train_wall_time_s": 1.0,
+                         "job_wall_time_s": 1.0, "start_time": len(rows), "scoring": scoring, "max_steps": max_steps,
+                         "eval_limit": None})
+    return pd.DataFrame(rows, columns=report.RUN_COLUMNS)
+
+
+def test_headline_of_a_synthetic_10_by_31_sweep_is_the_studys():
+    runs = _study_table_as_runs()
+    reference = pd.read_csv(report.STUDY_SCORES)
+    heads = study.headline(report.leaderboard(runs), reference).set_index("source")
+    ours = heads.loc["this sweep"]
+    assert (ours["tasks"], ours["pairs"]) == (31, 310)
+    expected = {"mean_base_score": 0.301, "mean_finetuned_score": 0.685, "gpt4_mean": 0.661, "gpt35_mean": 0.599,
+                "mean_best_finetuned_score": 0.756, "best_base_model_mean": 0.742}
+    for column, value in expected.items():
+        assert ours[column] == pytest.approx(value, abs=0.0015), column
+    # GPT-4 wins magicoder, wikisql, boolq, mmlu, arc_combined and glue_wnli; customer_support is a tie (1.0 each)
+    assert (ours["tasks_best_beats_gpt4"], ours["tasks_gpt4_beats_best"]) == (24, 6)
+    assert ours["mean_margin_over_gpt4"] == pytest.approx(0.756 - 0.661, abs=0.003)
+    assert ours["mean_margin_where_beaten"] > ours["mean_margin_over_gpt4"]
+    assert ours["best_base_model"] == "zephyr-7b-beta"
+    assert heads.loc["the study (same tasks)", "mean_finetuned_score"] == pytest.approx(ours["mean_finetuned_score"])
+
+
+def test_fig8_matrix_is_symmetric_with_scores_and_heuristics():
+    runs = _study_table_as_runs()
+    board = report.leaderboard(runs)
+    scores = study.task_scores(board, pd.read_csv(report.STUDY_SCORES))
+    features = pd.DataFrame({"output_tokens_std": 10 - 8 * scores["base_score"], "train_examples": 1000.0},
+                            index=scores.index).rename_axis("task")
+    matrix = study.fig8_matrix(features, scores)
+    names = ["output_tokens_std", "train_examples", "base_score", "finetuned_score", "lift", "gpt4_score",
+             "max_lift_over_gpt4"]
+    assert list(matrix.index) == names and list(matrix.columns) == names
+    assert matrix.loc["output_tokens_std", "base_score"] == pytest.approx(-1.0)
+    assert math.isnan(matrix.loc["train_examples", "lift"])  # a constant has no correlation
+    assert matrix.loc["gpt4_score", "max_lift_over_gpt4"] < 0  # the study: r = -0.79
+    assert matrix.equals(matrix.T)
+
+
+def test_study_vs_ours_names_the_settings_that_differ():
+    runs = _study_table_as_runs(scoring="strict", max_steps=200)
+    reference = pd.read_csv(report.STUDY_SCORES)
+    board = report.leaderboard(runs)
+    board.loc[board["task"] == "boolq", "finetuned_score"] -= 0.1
+    table = study.study_vs_ours(board, runs, reference, study.study_rules_of(sorted(board["task"].unique())))
+    assert len(table) == 310
+    row = table[(table["task"] == "boolq") & (table["base_model"] == "mistral-7b")].iloc[0]
+    assert row["difference"] == pytest.approx(-0.1)
+    assert row["differs"] == "scoring strict; steps 200 (study 40000)"
+    arc = table[table["task"] == "arc_combined"].iloc[0]
+    assert arc["differs"].startswith("scoring strict (the study's code has no rule)")
+    same = study.study_vs_ours(report.leaderboard(_study_table_as_runs()), _study_table_as_runs(), reference,
+                               study.study_rules_of(["boolq"]))
+    assert set(same.loc[same["task"] == "boolq", "differs"]) == {""}
+
+
+def test_report_writes_the_study_sections(tmp_path: Path):
+    runs = _study_table_as_runs()
+    tasks = sorted(runs["task"].unique())
+    rng = np.random.default_rng(0)
+    features = pd.DataFrame({name: rng.normal(size=len(tasks)) for name in heur.HEURISTICS}, index=tasks).rename_axis("task")
+    report.write_report(runs, tmp_path, features=features, length_unit="words")
+    markdown = (tmp_path / "leaderboard.md").read_text()
+    for title in ("Headline numbers against the study", "Study vs ours", "Correlation matrix (the study's Fig 8)"):
+        assert f"## {title}" in markdown
+    assert len(pd.read_csv(tmp_path / "study_vs_ours.csv")) == 310
+    assert len(pd.read_csv(tmp_path / "study_headline.csv")) == 2
+    fig8 = pd.read_csv(tmp_path / "fig8_correlations.csv", index_col=0)
+    assert fig8.shape == (len(heur.HEURISTICS) + 5, len(heur.HEURISTICS) + 5)
+
+
+# --------------------------------------------------------------------------- data the study used that is not on the Hub
+
+
+def _legal_download(folder: Path, per_type: int = 10) -> Path:
+    """A small legal clause download in the original's shape: one CSV per clause type."""
+    folder.mkdir(parents=True)
+    for kind in ("governing-laws", "confidentiality"):
+        pd.DataFrame({"clause_text": [f"{kind} clause {i}, with a comma" for i in range(per_type)],
+                      "clause_type": kind}).to_csv(folder / f"{kind}.csv", index=False)
+    return folder
+
+
+def _covid_download(folder: Path) -> Path:
+    """A small COVID-19 tweets download in the original's shape: two Latin-1 CSVs."""
+    folder.mkdir(parents=True)
+    for name, rows in (("Corona_NLP_train.csv", 5), ("Corona_NLP_test.csv", 3)):
+        frame = pd.DataFrame({"UserName": range(rows), "ScreenName": range(100, 100 + rows), "Location": "Zürich",
+                              "TweetAt": "02-03-2020", "OriginalTweet": [f"caf\u00e9 tweet {i}" for i in range(rows)],
+                              "Sentiment": "Extremely Positive"})
+        frame.to_csv(folder / name, index=False, encoding="latin-1")
+    return folder
+
+
+def test_split_sizes_are_the_studys_or_its_proportions():
+    assert prepare.split_sizes(25000, prepare.LEGAL_SPLITS) == {"train": 17000, "validation": 2000, "test": 1000}
+    assert prepare.split_sizes(20, prepare.LEGAL_SPLITS) == {"train": 17, "validation": 2, "test": 1}
+
+
+def test_prepare_legal_and_covid_write_what_the_catalogue_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LORALAND_HOME", str(tmp_path / "home"))
+    assert cli.main(["data", "prepare", "legal", "--from", str(_legal_download(tmp_path / "legal"))]) == 0
+    legal = {split: pd.read_csv(prepare.task_dir("legal") / f"{split}.csv") for split in ("train", "validation", "test")}
+    assert {split: len(frame) for split, frame in legal.items()} == {"train": 17, "validation": 2, "test": 1}
+    assert sorted(pd.concat(legal.values())["clause_text"]) == sorted(f"{k} clause {i}, with a comma"
+                                                                      for k in ("governing-laws", "confidentiality") for i in range(10))
+    again = prepare.prepare_legal(tmp_path / "legal")
+    assert again["test"].equals(legal["test"]), "the split is seeded"
+    assert prepare.prepare("covid", _covid_download(tmp_path / "covid")) == {"train": 5, "test": 3}
+    task = load_catalog().task("covid")
+    rows = load_rows(task.dataset, "test", None, task.columns)
+    assert len(rows) == 3 and rows[0]["OriginalTweet"] == "caf\u00e9 tweet 0" and rows[0]["Location"] == "Zürich"
+
+
+def test_prepare_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    monkeypatch.setenv("LORALAND_HOME", str(tmp_path / "home"))
+    assert cli.main(["data", "prepare", "jigsaw", "--from", str(tmp_path)]) == 2
+    assert "no preparer for task 'jigsaw'" in capsys.readouterr().err
+    assert cli.main(["data", "prepare", "covid", "--from", str(tmp_path)]) == 2
+    assert "Corona_NLP_train.csv not found" in capsys.readouterr().err
+    task = load_catalog().task("legal")
+    with pytest.raises(NotFound, match="loraland data prepare legal --from"):
+        load_rows(task.dataset, "test", None, task.columns)
