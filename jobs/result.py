@@ -32,6 +32,7 @@ class JobResult:
     summary: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    failed_generations: int = 0  # left out of the mean by the study's scoring (jobs/study_metrics.py)
 
     def save(self, path: Path) -> None:
         """Write atomically (a job killed mid-write leaves no half result)."""

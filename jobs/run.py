@@ -75,7 +75,7 @@ def record_result(config: JobConfig, storage: JobStorage, evaluation: EvalResult
         metric=evaluation.metric, score=evaluation.score, examples=evaluation.examples,
         adapter_dir=trained.adapter_dir if trained else None, params=job_params(config),
         summary=trained.summary if trained else {}, history=trained.history if trained else [],
-        predictions=evaluation.predictions,
+        predictions=evaluation.predictions, failed_generations=evaluation.failed,
     )
     result.save(storage.local / RESULT_FILE)
     storage.push(RESULT_FILE)

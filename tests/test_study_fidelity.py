@@ -395,6 +395,8 @@ def test_fig8_matrix_is_symmetric_with_scores_and_heuristics():
 
 def test_study_vs_ours_names_the_settings_that_differ():
     runs = _study_table_as_runs(scoring="strict", max_steps=200)
+    runs["failed_generations"] = 0.0
+    runs.loc[runs["task"] == "boolq", "failed_generations"] = 3.0
     reference = pd.read_csv(report.STUDY_SCORES)
     board = report.leaderboard(runs)
     board.loc[board["task"] == "boolq", "finetuned_score"] -= 0.1
@@ -403,6 +405,7 @@ def test_study_vs_ours_names_the_settings_that_differ():
     row = table[(table["task"] == "boolq") & (table["base_model"] == "mistral-7b")].iloc[0]
     assert row["difference"] == pytest.approx(-0.1)
     assert row["differs"] == "scoring strict; steps 200 (study 40000)"
+    assert row["failed_generations"] == 3  # generations the study's scoring left out of the mean, per run
     arc = table[table["task"] == "arc_combined"].iloc[0]
     assert arc["differs"].startswith("scoring strict (the study's code has no rule)")
     same = study.study_vs_ours(report.leaderboard(_study_table_as_runs()), _study_table_as_runs(), reference,

@@ -105,6 +105,7 @@ def runs_frame(experiment_id: str, uri: str | None = None) -> pd.DataFrame:
                      "score": metrics.get("score", math.nan), "peak_memory_mb": metrics.get("peak_memory_mb", math.nan),
                      "train_wall_time_s": metrics.get("train_wall_time_s", math.nan),
                      "job_wall_time_s": metrics.get("job_wall_time_s", math.nan), "start_time": run.info.start_time,
+                     "failed_generations": metrics.get("eval_failed_generations", math.nan),
                      **{column: run.data.params.get(param) for column, param in SETTING_PARAMS.items()}})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 

@@ -23,7 +23,8 @@ MIN_TASKS = 3  # a Pearson r over fewer tasks means nothing
 HEADLINE_COLUMNS = ["source", "tasks", "pairs", "mean_base_score", "mean_finetuned_score", "mean_best_finetuned_score",
                     "gpt4_mean", "gpt35_mean", "tasks_best_beats_gpt4", "tasks_gpt4_beats_best", "mean_margin_over_gpt4",
                     "mean_margin_where_beaten", "best_base_model", "best_base_model_mean"]
-VS_COLUMNS = ["base_model", "task", "study_finetuned_score", "finetuned_score", "difference", "scoring", "differs"]
+VS_COLUMNS = ["base_model", "task", "study_finetuned_score", "finetuned_score", "difference", "scoring", "failed_generations",
+              "differs"]
 SETTING_COLUMNS = ("scoring", "max_steps", "eval_limit")  # run columns `study_vs_ours` reads when present
 
 
@@ -114,7 +115,8 @@ def study_vs_ours(board: pd.DataFrame, runs: pd.DataFrame, reference: pd.DataFra
         scoring = run.get("scoring")
         rows.append({"base_model": pair.base_model, "task": pair.task, "study_finetuned_score": pair.study_finetuned_score,
                      "finetuned_score": pair.finetuned_score, "difference": pair.finetuned_score - pair.study_finetuned_score,
-                     "scoring": scoring if isinstance(scoring, str) else "", "differs": "; ".join(diffs)})
+                     "scoring": scoring if isinstance(scoring, str) else "",
+                     "failed_generations": run.get("failed_generations", float("nan")), "differs": "; ".join(diffs)})
     return pd.DataFrame(rows, columns=VS_COLUMNS).sort_values(["task", "base_model"]).reset_index(drop=True)
 
 

@@ -231,6 +231,7 @@ class JobTracker:
         from jobs.peak_memory import peak_memory_mb
 
         values: dict[str, float] = {"score": result.score, result.metric: result.score, "eval_examples": float(result.examples),
+                                    "eval_failed_generations": float(result.failed_generations),
                                     "job_wall_time_s": time.monotonic() - self._started, "peak_memory_mb": peak_memory_mb(self.device)}
         if result.kind == "evaluate_base":
             values["base_score"] = result.score

@@ -293,9 +293,9 @@ async function streamInto(cell, model, prompt) {
       }
     }
   }
-  const ended = performance.now();
-  const seconds = (ended - (first ?? started)) / 1000;
-  const rate = tokens && tokens > 1 && seconds > 0 ? `${((tokens - 1) / seconds).toFixed(1)} tokens/s` : "— tokens/s";
+  // Over the whole request: several tokens often arrive in one network read, so a rate after the first token is noise.
+  const seconds = (performance.now() - started) / 1000;
+  const rate = tokens && seconds > 0 ? `${(tokens / seconds).toFixed(1)} tokens/s` : "— tokens/s";
   partOf(cell, "timing").textContent = `${adapter || ""} · first token ${first === null ? "—" : Math.round(first - started) + " ms"}` +
     ` · ${rate} · ${tokens ?? "?"} token${tokens === 1 ? "" : "s"}`;
   return text;
