@@ -51,7 +51,7 @@ if [ -f benchmarks/cotrain_throughput.py ]; then
 fi
 
 step serve_adapters "$SERVE_LIMIT_S" "$PYTHON" benchmarks/serve_adapters.py --gpu-shape mistral-7b \
-  --parts engine,peft,cold --adapter-counts 1,32,128 --repeats 1 --seconds 20 --warmup-s 5 --device-slots 0 \
+  --parts engine,peft,cold --adapter-counts 1,32,128 --repeats 1 --seconds 15 --baseline-seconds 15 --warmup-s 5 --device-slots 0 \
   --max-rank 8 --out "$OUT/serve_adapters_mistral7b.json"
 
 joined=$(IFS=,; echo "${statuses[*]}")

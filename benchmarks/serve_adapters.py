@@ -21,7 +21,7 @@ Parts (`--parts`, all by default):
 - **cold**: an adapter fetched from local disk into host memory (`prefetch`), and its copy into an accelerator slot,
   p50 over 16 fresh adapters.
 
-    python benchmarks/serve_adapters.py [--out FILE] [--parts engine,peft,hot,cold] [--seconds 10] [--users 32]
+    python benchmarks/serve_adapters.py [--out FILE] [--parts engine,peft,hot,cold] [--seconds 5] [--users 32]
     python benchmarks/serve_adapters.py --gpu-shape mistral-7b [--layers 32]   # random 7B-shaped 4-bit model, a GPU
 
 Writes JSON (default benchmarks/results/serve_adapters.json) with top-level `ratio_1000_vs_1`, `ratio_128_vs_1`,
@@ -330,8 +330,9 @@ def run_baselines(base: Base, adapter_dir: Path, names: list[str], args: argpars
     adapters = names[:BASELINE_COUNT]
     for name, mixed in (("peft", adapters), ("naive", None)):
         baseline = PeftBaseline(base.build(), base.tokenizer, adapter_dir, args.max_batch_size, mixed)
-        window = asyncio.run(closed_loop(baseline, adapters, args, len(base.tokenizer), seed=BASELINE_COUNT))
-        rows.append(summarise(name, BASELINE_COUNT, [window], args.seconds, {"swaps": baseline.swaps}))
+        window = asyncio.run(closed_loop(baseline, adapters, argparse.Namespace(**vars(args) | {"seconds": args.baseline_seconds}),
+                                         len(base.tokenizer), seed=BASELINE_COUNT))
+        rows.append(summarise(name, BASELINE_COUNT, [window], args.baseline_seconds, {"swaps": baseline.swaps}))
         print(_row(rows[-1]), flush=True)
         baseline.shutdown()
         del baseline
@@ -391,10 +392,10 @@ def run_hot(base: Base, args: argparse.Namespace, tmp: Path) -> list[dict[str, A
         for name, pick, held in runs:
             if held:
                 deploy(hot_config(args, uri, cache, port, held))
-            load = asyncio.run(http_users(url, args.users, pick, words, shape, args.hot_warmup_s, args.seconds, seed=len(rows)))
-            hot = summarise_load(load, args.users, args.seconds, lambda r: r.model == models[0])
-            rest = summarise_load(load, args.users, args.seconds, lambda r: r.model != models[0])
-            rows.append({"engine": f"2 replicas, {name}", "adapters": HOT_ADAPTERS} | summarise_load(load, args.users, args.seconds)
+            load = asyncio.run(http_users(url, args.users, pick, words, shape, args.hot_warmup_s, args.hot_seconds, seed=len(rows)))
+            hot = summarise_load(load, args.users, args.hot_seconds, lambda r: r.model == models[0])
+            rest = summarise_load(load, args.users, args.hot_seconds, lambda r: r.model != models[0])
+            rows.append({"engine": f"2 replicas, {name}", "adapters": HOT_ADAPTERS} | summarise_load(load, args.users, args.hot_seconds)
                         | {"hot_ttft_p99_ms": hot["ttft_p99_ms"], "others_ttft_p99_ms": rest["ttft_p99_ms"]})
             print(_row(rows[-1]), flush=True)
     return rows
@@ -417,10 +418,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--think-s", type=float, default=0.2, help="mean think time between a user's requests")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per configuration and run")
-    parser.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each in-process window")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per in-process configuration and run")
+    parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each in-process window")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine configuration (median counts)")
+    parser.add_argument("--baseline-seconds", type=float, default=10.0, help="measured seconds per PEFT baseline")
+    parser.add_argument("--hot-seconds", type=float, default=10.0, help="measured seconds per hot-part run")
     parser.add_argument("--hot-warmup-s", type=float, default=10.0, help="unmeasured seconds before each hot-part window")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per engine configuration (median counts)")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--device-slots", type=int, default=256, help="adapters held in the accelerator tier (0: sized "
                         "from free GPU memory)")
@@ -437,7 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("users", "prompt_tokens", "new_tokens", "max_batch_size", "max_rank", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.seconds <= 0 or args.think_s <= 0 or min(args.counts) < 1 or args.new_tokens <= 10 or args.prompt_tokens <= 10:
+    if min(args.seconds, args.baseline_seconds, args.hot_seconds) <= 0 or args.think_s <= 0 or min(args.counts) < 1 or args.new_tokens <= 10 or args.prompt_tokens <= 10:
         parser.error("--seconds and --think-s must be positive, --adapter-counts at least 1, --new-tokens and --prompt-tokens above 10")
     if args.gpu_shape:
         args.parts = [part for part in args.parts if part != "hot"]

@@ -6,12 +6,12 @@
 - Every targeted linear layer is wrapped once by `GroupLoraLinear`, which holds one LoRA A/B per member and adds to
   each token its own member's delta (`y = base(x) + (x_k @ A_k^T @ B_k^T) * alpha_k / r_k` on member k's tokens): the
   training counterpart of the serving engine's mixed-adapter layer (serving/lora.py), differentiable.
-- One group step runs one optimizer step of every member still training. Pass j of the group puts side by side the
-  j-th forward pass of each member (packed rows joined into one row, whose position ids restart per example so
-  attention never crosses examples, or padded rows stacked). Each member's loss is the token mean over its own step,
-  so a member's adapter gets gradient only from its own examples: with LoRA dropout 0 its adapter equals the one
-  `jobs.train.train` makes alone with the same settings, to float tolerance. Its initial adapter is PEFT's, drawn
-  after seeding with its own seed exactly as a single job does.
+- One group step runs one optimizer step of every member still training. Pass j of the group stacks the j-th forward
+  pass of each member as rows padded to the widest (packed rows keep their position ids restarting per example, so
+  attention never crosses examples, and their padding is a sequence of its own). Each member's loss is the token mean
+  over its own step, so a member's adapter gets gradient only from its own examples: with LoRA dropout 0 its adapter
+  equals the one `jobs.train.train` makes alone with the same settings, to float tolerance. Its initial adapter is
+  PEFT's, drawn after seeding with its own seed exactly as a single job does.
 - A member whose loss is not finite fails alone (its pass is re-run member by member to find which): its error is
   in its result and the others go on. A CUDA out-of-memory first halves the members per pass, then backs off the
   pass's members as a single job does (`jobs.train.back_off`).
@@ -270,24 +270,29 @@ class Pass:
 
 
 def join_pass(rows: dict[int, dict[str, torch.Tensor]], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The members' rows of one pass as one model input, and the member of each token [batch, seq].
+    """The members' rows of one pass stacked as one model input, padded to the widest, and the member of each token
+    [batch, seq].
 
-    Packed rows (position ids) are joined end to end into one row; padded rows are stacked, padded to the widest."""
+    Padding adds nothing to the loss (IGNORE labels) and, in packed rows, is a sequence of its own (position ids from 0),
+    so no example attends to it; each member's rows keep their own attention cost (rows are not joined end to end)."""
     members = list(rows)
-    if all("position_ids" in batch for batch in rows.values()):
-        joined = {key: torch.cat([rows[m][key] for m in members], dim=1) for key in ("input_ids", "labels", "position_ids")}
-        owner = torch.cat([torch.full_like(rows[m]["input_ids"], m) for m in members], dim=1)
-        return joined, owner
     width = max(batch["input_ids"].shape[1] for batch in rows.values())
+    packed = all("position_ids" in batch for batch in rows.values())
 
     def pad(tensor: torch.Tensor, value: int) -> torch.Tensor:
         return nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
+    def pad_positions(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, torch.arange(width - tensor.shape[1]).expand(len(tensor), -1)], dim=1)
+
     joined = {
         "input_ids": torch.cat([pad(rows[m]["input_ids"], pad_id) for m in members]),
         "labels": torch.cat([pad(rows[m]["labels"], IGNORE) for m in members]),
-        "attention_mask": torch.cat([pad(rows[m]["attention_mask"], 0) for m in members]),
     }
+    if packed:
+        joined["position_ids"] = torch.cat([pad_positions(rows[m]["position_ids"]) for m in members])
+    else:
+        joined["attention_mask"] = torch.cat([pad(rows[m]["attention_mask"], 0) for m in members])
     owner = torch.cat([torch.full((len(rows[m]["input_ids"]), width), m) for m in members])
     return joined, owner
 
@@ -436,6 +441,8 @@ def co_train(configs: list[JobConfig], tokenizer: PreTrainedTokenizerBase | None
         members.append(Member(index, config, trainer, adapter))
     base.train()
     group = Group(base, routing, members, tokenizer.pad_token_id, device, fault)
+    for member in members:  # training starts now for all: the other members' set-up is not a member's training time
+        member.trainer.start_clock()
     while any(m.training for m in members):
         group.step()
     results = [MemberResult(m.config, error=m.error) if m.error else MemberResult(m.config, result=m.trainer.finish()) for m in members]

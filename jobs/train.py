@@ -296,8 +296,12 @@ class JobTrainer:
         restore_weights(load_file(str(checkpoint / "adapter_model.safetensors")))
         self.state, rng = load_trainer_state(checkpoint, self.optimizer, self.scheduler)
         self.resumed_from = self.state.step
-        self.started = self.window_start = time.perf_counter()
+        self.start_clock()
         return rng
+
+    def start_clock(self) -> None:
+        """Time training (the summary's wall time and tokens/s, the step logs' tokens/s) from now."""
+        self.started = self.window_start = time.perf_counter()
 
     @property
     def done(self) -> bool:

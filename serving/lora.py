@@ -12,7 +12,7 @@ layer adds every row's own LoRA delta in one of two ways, chosen per batch (`Lor
   when the set of active slots changes. Cheapest for few adapters, but every row multiplies every
   block, so its cost grows with rows x R.
 - **gathered** (U >= `GATHER_FROM_ADAPTERS`): each row's A and B (padded to the batch's largest rank
-  r, with zeros that add nothing) are gathered [rows, r, in] / [rows, out, r] and applied with two
+  r, with zeros that add nothing) are gathered [rows, in, r] / [rows, r, out] and applied with two
   batched matmuls: cost rows x r, whatever U. Measured on the tiny model (20 rows, 20 adapters of
   ranks 4-16): 25 us per layer against 35 us side by side at their own ranks and 172 us padded.
 
@@ -73,8 +73,10 @@ class AdapterWeights:
 class MultiLoraLinear(nn.Module):
     """A frozen base linear layer (plain or bitsandbytes 4-bit) plus a stack of LoRA slots."""
 
-    lora_a: torch.Tensor  # [slots + 1, max_rank, in_features] (buffers)
-    lora_b: torch.Tensor  # [slots + 1, out_features, max_rank]
+    # Buffers, stored transposed so that a gathered row's weights are one contiguous index_select (3x faster than
+    # gathering [r, in] and transposing, measured on the tiny model).
+    lora_a: torch.Tensor  # [slots + 1, in_features, max_rank]: A^T per slot
+    lora_b: torch.Tensor  # [slots + 1, max_rank, out_features]: B^T per slot (scale folded in)
 
     def __init__(self, base: nn.Linear, batch: LoraBatch, slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -83,8 +85,8 @@ class MultiLoraLinear(nn.Module):
         self.batch = batch
         self.in_features: int = base.in_features
         self.out_features: int = base.out_features
-        self.register_buffer("lora_a", torch.zeros(slots + 1, max_rank, self.in_features, dtype=dtype, device=device))
-        self.register_buffer("lora_b", torch.zeros(slots + 1, self.out_features, max_rank, dtype=dtype, device=device))
+        self.register_buffer("lora_a", torch.zeros(slots + 1, self.in_features, max_rank, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(slots + 1, max_rank, self.out_features, dtype=dtype, device=device))
 
         self.cached_version = -1
         self.a_cat = self.b_cat = torch.empty(0)
@@ -97,8 +99,8 @@ class MultiLoraLinear(nn.Module):
         if batch.slot_index is None or batch.rank_index is None:
             return y
         if self.cached_version != batch.version:  # the active adapters changed: lay them side by side once
-            self.a_cat = self.lora_a[batch.slot_index, batch.rank_index]  # [R, in]
-            self.b_cat = self.lora_b[batch.slot_index, :, batch.rank_index].T.contiguous()  # [out, R]
+            self.a_cat = self.lora_a[batch.slot_index, :, batch.rank_index]  # [R, in]
+            self.b_cat = self.lora_b[batch.slot_index, batch.rank_index].T.contiguous()  # [out, R]
             self.cached_version = batch.version
         hidden = x.to(self.a_cat.dtype) @ self.a_cat.T  # [rows, (T,) R]
         if batch.mask is not None:
@@ -110,9 +112,9 @@ class MultiLoraLinear(nn.Module):
         rows = x.to(self.lora_a.dtype)
         flat = rows.dim() == 2
         rows = rows[:, None, :] if flat else rows  # [rows, T, in]
-        a = self.lora_a[row_slots, :rank]  # [rows, r, in]
-        b = self.lora_b[row_slots, :, :rank]  # [rows, out, r]
-        delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2))
+        a = self.lora_a.index_select(0, row_slots)[:, :, :rank]  # [rows, in, r]
+        b = self.lora_b.index_select(0, row_slots)[:, :rank]  # [rows, r, out]
+        delta = torch.bmm(torch.bmm(rows, a), b)
         return delta[:, 0] if flat else delta
 
 
@@ -154,8 +156,8 @@ class LoraSlots:
             layer.lora_b[slot].zero_()
             if name in adapter.modules:
                 a, b = adapter.modules[name]
-                layer.lora_a[slot, : adapter.rank].copy_(a, non_blocking=True)
-                layer.lora_b[slot, :, : adapter.rank].copy_(b, non_blocking=True)
+                layer.lora_a[slot, :, : adapter.rank].copy_(a.T, non_blocking=True)
+                layer.lora_b[slot, : adapter.rank].copy_(b.T, non_blocking=True)
         self.ranks[slot] = adapter.rank
         self._active = ()  # the slot's rank may have changed: the next batch rebuilds its columns
         self.batch.version += 1

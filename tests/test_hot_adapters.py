@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from jobs.config import PROJECT_ROOT
 from serving.config import BaseDeployment, EngineSettings, HotAdapterSettings, IngressSettings, ReplicaBounds, ServeConfig
+from serving.app import RESIDENCY_PERIOD_S
 from serving.replication import ANY_REPLICA, HotAdapterRouter, RequestRates, adapter_of, copies_for, routing_id, task_of
 
 HOT, TAIL = "loraland-legal/3", "loraland-rare/1"
@@ -119,6 +120,16 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
             yield url, metrics_port, models
 
 
+def wait_for_residency(metrics_port: int, done: Callable[[dict[str, set[str]]], bool], timeout_s: float = 90) -> dict[str, set[str]]:
+    """`residency` once `done` accepts it, or after `timeout_s` (replicas re-export on requests and health checks;
+    Ray's agent exports every few seconds)."""
+    deadline, held = time.monotonic() + timeout_s, residency(metrics_port)
+    while time.monotonic() < deadline and not done(held):
+        time.sleep(2)
+        held = residency(metrics_port)
+    return held
+
+
 def residency(metrics_port: int) -> dict[str, set[str]]:
     """Adapter -> the replicas that export it as resident (value 1, any tier)."""
     from tests.test_serving import exported_samples
@@ -144,12 +155,13 @@ def test_a_hot_adapter_is_served_by_both_replicas_and_the_tail_by_one(two_replic
     with ThreadPoolExecutor(16) as pool:
         hot_answers = list(pool.map(ask, [models[0]] * 48))
     assert len(set(hot_answers)) == 1  # every replica answers the same for the same adapter
-    for _ in range(3):
-        ask(models[1])  # a tail adapter, one request at a time: it stays where Serve put it
     hot, tail = f"loraland-{models[0].split(':')[1]}/1", f"loraland-{models[1].split(':')[1]}/1"
-    deadline, held = time.monotonic() + 90, residency(metrics_port)
-    while time.monotonic() < deadline and (len(held.get(hot, ())) < 2 or tail not in held):
-        time.sleep(2)  # replicas re-export on requests and health checks; Ray's agent exports every few seconds
-        held = residency(metrics_port)
+    ask(models[1])  # a tail adapter: Serve puts it on one replica
+    held = wait_for_residency(metrics_port, lambda held: len(held.get(hot, ())) == 2 and tail in held)
+    for _ in range(2):  # once Serve's routers know where it is (they learn from the replicas' reports), it stays there
+        ask(models[1])
+    time.sleep(RESIDENCY_PERIOD_S)
+    ask(models[1])  # its replica re-exports its residency on this request
+    held = wait_for_residency(metrics_port, lambda held: False, timeout_s=15)
     assert len(held.get(hot, ())) == 2, held  # the hot adapter: resident on both replicas
     assert len(held.get(tail, ())) == 1, held  # the tail adapter: on one
