@@ -14,7 +14,6 @@ from pydantic import ValidationError
 
 from jobs.config import PROJECT_ROOT
 from serving.config import BaseDeployment, EngineSettings, HotAdapterSettings, IngressSettings, ReplicaBounds, ServeConfig
-from serving.app import RESIDENCY_PERIOD_S
 from serving.replication import ANY_REPLICA, HotAdapterRouter, RequestRates, adapter_of, copies_for, routing_id, task_of
 
 HOT, TAIL = "loraland-legal/3", "loraland-rare/1"
@@ -144,6 +143,8 @@ def residency(metrics_port: int) -> dict[str, set[str]]:
 
 @pytest.mark.cluster
 def test_a_hot_adapter_is_served_by_both_replicas_and_the_tail_by_one(two_replicas: tuple[str, int, list[str]]) -> None:
+    from serving.app import RESIDENCY_PERIOD_S
+
     url, metrics_port, models = two_replicas
 
     def ask(model: str) -> str:
