@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from jobs.ports import free_port
-from serving.adapters import adapter_id
+from serving.adapters import MIN_REFRESH_S, adapter_id
 from serving.config import BaseDeployment, EngineSettings, IngressSettings, ServeConfig
 from serving.faults import FAULTS_DIR_ENV
 from tests.test_serving import assert_openai_error
@@ -232,6 +232,9 @@ def test_tracking_server_unreachable_while_serving(endpoint: FaultyEndpoint) -> 
     assert endpoint.complete(cached).status_code == 200
     assert endpoint.complete("tiny-mistral:demo_sentiment").status_code == 200  # in the view: its champion route known
     endpoint.proxy.stop()
+    # An id missing from a view read under MIN_REFRESH_S ago is a plain 404 (the registry answered a moment ago); let
+    # the view age past that, so the ingress must read the registry again and finds it down.
+    time.sleep(MIN_REFRESH_S + 0.2)
     try:
         assert endpoint.complete(cached).json()["system_fingerprint"] == endpoint.adapter(cached)  # cached: answers
         assert endpoint.complete("tiny-llama").status_code == 200  # a base model needs no registry
