@@ -36,3 +36,15 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, poll_s
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(poll_s)
     return value
+
+
+def assert_same_adapter(a_dir: str | Path, b_dir: str | Path) -> None:
+    """The two adapter folders hold the same tensors, to float tolerance (torch and safetensors imported here only)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(str(Path(a_dir) / "adapter_model.safetensors"))
+    b = load_file(str(Path(b_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

@@ -17,7 +17,7 @@ from jobs.errors import ConfigError
 from jobs.models import load_adapter, load_base_model
 from jobs.run import run_job
 from jobs.train import CHECKPOINT_DIR, latest_checkpoint, train
-from tests.helpers import tiny_job
+from tests.helpers import assert_same_adapter, tiny_job
 
 NO_DROPOUT = {"dropout": 0.0}
 # Three tasks of different prompt lengths, step counts, ranks, batching and packing.
@@ -30,14 +30,6 @@ MEMBERS: list[dict[str, Any]] = [
 
 def member_jobs(root: Path, base: str, **overrides: Any) -> list[JobConfig]:
     return [tiny_job(root / spec["task"], base=base, **(spec | overrides)) for spec in MEMBERS]
-
-
-def assert_same_adapter(a_dir: str | Path, b_dir: str | Path) -> None:
-    a = load_file(str(Path(a_dir) / "adapter_model.safetensors"))
-    b = load_file(str(Path(b_dir) / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
 def adapter_config(adapter_dir: str) -> dict[str, Any]:

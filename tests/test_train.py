@@ -13,7 +13,6 @@ from typing import Any
 import bitsandbytes as bnb
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from jobs.catalog import load_catalog
 from jobs.config import QuantizationSettings, dump_yaml
@@ -23,7 +22,7 @@ from jobs.models import attach_lora, load_base_model, load_tokenizer
 from jobs.prompts import completion_for, prompt_for
 from jobs.run import run_job
 from jobs.train import CHECKPOINT_DIR, StepCallback, TrainingError, latest_checkpoint, make_batches, train
-from tests.helpers import tiny_job
+from tests.helpers import assert_same_adapter, tiny_job
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,14 +68,6 @@ def straight_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The adapter of an uninterrupted run, for the resume tests to match."""
     result, _, _ = train(tiny_job(tmp_path_factory.mktemp("straight"), **RESUME_SETTINGS))
     return Path(result.adapter_dir)
-
-
-def assert_same_adapter(a_dir: str | Path, b_dir: str | Path) -> None:
-    a = load_file(str(Path(a_dir) / "adapter_model.safetensors"))
-    b = load_file(str(Path(b_dir) / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
 def test_resume_continues_the_same_trajectory(tmp_path: Path, straight_adapter: Path) -> None:
