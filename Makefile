@@ -25,6 +25,7 @@ demo: setup
 # Every tier (tests/conftest.py refuses a test without exactly one of unit, integration, cluster; gpu tests skip
 # without CUDA), after ruff, mypy and the import contracts; the 10-minute soak has its own target.
 test: setup
+	bash scripts/install_test_system_packages.sh
 	$(MAKE) --no-print-directory lint || [ "$(STRICT_LINT)" != 1 ]
 	$(PY) -m pytest -q -m "not soak"
 

@@ -37,7 +37,7 @@ from tests.tracking_fixtures import REGISTERED_BY_LOGGERS, check_concurrent_job_
 from tracking import store
 
 pytestmark = [pytest.mark.cluster,
-              pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed (apt-get install -y postgresql; .ci/run does)")]
+              pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed (apt-get install -y postgresql; make test does as root)")]
 
 MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
 
