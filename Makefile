@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast soak lint ruff mypy imports bench clean
 
-LINT_PATHS := jobs orchestrator tracking serving tests benchmarks infra
+LINT_PATHS := core jobs orchestrator tracking serving tests benchmarks infra
 # Lint and type errors fail `make test` and `make test-fast`; STRICT_LINT=0 only prints them (while editing).
 STRICT_LINT ?= 1
 

@@ -79,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def member_configs(args: argparse.Namespace, k: int, root: Path, layout: str, base: str | None = None,
                    device: str = "cpu") -> list[Any]:
     """K jobs: the demo tasks in turn, each its own seed and output folder, micro-batch 1 in `layout`."""
-    from jobs.catalog import load_catalog
-    from jobs.config import EvalSettings, JobConfig, LoraSettings, TrainingSettings
+    from core.catalog import load_catalog
+    from core.schemas import EvalSettings, LoraSettings, TrainingSettings
+    from jobs.config import JobConfig
 
     catalog = load_catalog()
     return [JobConfig(base_model=catalog.base_model(base or args.base), task=catalog.task(TASKS[i % len(TASKS)]),
@@ -187,7 +188,7 @@ def gpu_report(args: argparse.Namespace, device: str = "cuda", shape: str | None
     import torch
     from train_throughput import random_4bit_model
 
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
     from jobs.cotrain import co_train
     from jobs.models import attach_lora, load_tokenizer
     from jobs.peak_memory import reset_peak_memory

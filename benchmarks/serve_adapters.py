@@ -74,9 +74,9 @@ from serving_app import (  # noqa: E402
 )
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
-from jobs.catalog import load_catalog  # noqa: E402
-from jobs.config import BaseModelSpec, QuantizationSettings  # noqa: E402
-from jobs.errors import DeviceUnavailable, UserError, print_user_error  # noqa: E402
+from core.catalog import load_catalog  # noqa: E402
+from core.errors import DeviceUnavailable, UserError, print_user_error  # noqa: E402
+from core.schemas import BaseModelSpec, QuantizationSettings  # noqa: E402
 from jobs.models import load_base_model, load_tokenizer  # noqa: E402
 from serving.batching import BatchingEngine  # noqa: E402
 from serving.config import BaseDeployment, EngineSettings, HotAdapterSettings, IngressSettings, ReplicaBounds, ServeConfig  # noqa: E402
@@ -401,7 +401,7 @@ def hot_config(args: argparse.Namespace, uri: str, cache: Path, port: int, hot_t
 
 def run_hot(base: Base, args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     """Uniform, Zipf spread, and Zipf with the hot adapter on one replica, through the real app (2 replicas)."""
-    from jobs.ports import free_port
+    from core.ports import free_port
     from serving.app import deploy
 
     uri, cache = f"sqlite:///{tmp}/mlflow.db", tmp / "cache"

@@ -38,9 +38,9 @@ for folder in (ROOT, ROOT / "benchmarks"):
 
 from serving_app import Shape, http_users, local_serve, prime, publish_adapters, summarise_load, vocabulary_words  # noqa: E402
 
-from jobs.catalog import load_catalog  # noqa: E402
-from jobs.config import QuantizationSettings  # noqa: E402
-from jobs.errors import UserError, print_user_error  # noqa: E402
+from core.catalog import load_catalog  # noqa: E402
+from core.errors import UserError, print_user_error  # noqa: E402
+from core.schemas import QuantizationSettings  # noqa: E402
 from jobs.models import load_base_model, load_tokenizer  # noqa: E402
 from serving.config import BaseDeployment, EngineSettings, IngressSettings, ServeConfig  # noqa: E402
 
@@ -72,7 +72,7 @@ def serve_config(args: argparse.Namespace, uri: str, cache: Path) -> ServeConfig
     """One replica of the base with room for every user in one batch."""
     engine = EngineSettings(max_batch_size=64, max_queued_requests=256, host_adapter_slots=max(64, args.adapters),
                             device_adapter_slots=max(32, args.adapters), max_lora_rank=16)
-    from jobs.ports import free_port
+    from core.ports import free_port
 
     return ServeConfig(name="serve-load", port=free_port(), tracking_uri=uri, adapter_cache_dir=str(cache),
                        ingress=IngressSettings(num_cpus=0, request_timeout_s=300),

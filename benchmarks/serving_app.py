@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from jobs.config import BaseModelSpec
+from core.schemas import BaseModelSpec
 from serving.config import ServeConfig
 from serving.synthetic import random_adapter
 

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from jobs.ports import free_port  # noqa: E402
+from core.ports import free_port  # noqa: E402
 from tests.postgres_stack import StackSettings, compose_settings, mlflow_server, postgres_bin, tracking_stack  # noqa: E402
 
 BACKENDS = ("sqlite", "postgres")

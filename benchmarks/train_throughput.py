@@ -58,7 +58,7 @@ GPU_BYTES = 80 * 10**9  # "one 80 GB GPU"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from jobs.config import LoraSettings, TrainingSettings
+    from core.schemas import LoraSettings, TrainingSettings
 
     study, lora = TrainingSettings(), LoraSettings()
     parser = argparse.ArgumentParser(
@@ -102,8 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def job_config(args: argparse.Namespace, output_dir: str):
     """The JobConfig both sides train from (ours runs it through `jobs.train.train`)."""
-    from jobs.catalog import load_catalog
-    from jobs.config import JobConfig, LoraSettings, TrainingSettings
+    from core.catalog import load_catalog
+    from core.schemas import LoraSettings, TrainingSettings
+    from jobs.config import JobConfig
 
     catalog = load_catalog()
     base = catalog.base_model(GPU_SHAPES.get(args.model, args.base))
@@ -381,7 +382,7 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tokenizer_spec(args: argparse.Namespace):
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
 
     return load_catalog().base_model(args.base)
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import psutil
 
-from jobs.ports import LOOPBACK, free_port
+from core.ports import LOOPBACK, free_port
 
 HOST = LOOPBACK  # every node of the cluster binds loopback only
 CLUSTER_MARK = "LORALAND_LOCAL_CLUSTER"  # environment variable on every process of a cluster: its folder

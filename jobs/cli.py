@@ -1,7 +1,7 @@
-"""The job command lines, run without Ray: `python -m jobs.train --config FILE` (train, evaluate, write result.json)
-and `python -m jobs.evaluate --config FILE [--adapter DIR]` (score the base, or an adapter, on the job's task).
+"""The job command lines, run without Ray: `python -m jobs train --config FILE` (train, evaluate, write result.json)
+and `python -m jobs evaluate --config FILE [--adapter DIR]` (score the base, or an adapter, on the job's task).
 
-A user's mistake (jobs.errors.UserError) is one line per problem on stderr and exit status 2; anything else is a bug
+A user's mistake (core.errors.UserError) is one line per problem on stderr and exit status 2; anything else is a bug
 and keeps its traceback.
 """
 
@@ -11,8 +11,8 @@ import argparse
 import json
 from typing import Literal
 
+from core.errors import UserError, print_user_error
 from jobs.config import JobConfig, load_job_config
-from jobs.errors import UserError, print_user_error
 from jobs.evaluate import evaluate_model
 from jobs.models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, resolve_device
 from jobs.run import run_job
@@ -22,8 +22,8 @@ Mode = Literal["train", "evaluate"]
 
 
 def build_parser(mode: Mode) -> argparse.ArgumentParser:
-    """The arguments of `python -m jobs.<mode>`."""
-    parser = argparse.ArgumentParser(prog=f"python -m jobs.{mode}", description=f"{mode} one job without Ray")
+    """The arguments of `python -m jobs <mode>`."""
+    parser = argparse.ArgumentParser(prog=f"python -m jobs {mode}", description=f"{mode} one job without Ray")
     parser.add_argument("--config", required=True, help="job config YAML (see jobs/config.py: JobConfig)")
     if mode == "evaluate":
         parser.add_argument("--adapter", help="adapter folder to evaluate instead of the base model")
@@ -31,7 +31,7 @@ def build_parser(mode: Mode) -> argparse.ArgumentParser:
 
 
 def main(mode: Mode, argv: list[str] | None = None) -> int:
-    """Run `python -m jobs.<mode>` with `argv` (default: the process's arguments); the exit status."""
+    """Run `python -m jobs <mode>` with `argv` (default: the process's arguments); the exit status."""
     args = build_parser(mode).parse_args(argv)
     try:
         config = load_job_config(args.config)

@@ -1,8 +1,7 @@
-"""A worker job's config (`python -m jobs.train --config FILE`): what it runs on, with which settings, where.
+"""A worker job's config (`python -m jobs train --config FILE`): what it runs on, with which settings, where.
 
 Catalogue names in a job config stand for whole entries; they are resolved in the catalogue passed as validation
-context, else the shipped one. The schemas of catalogue entries and settings are `jobs/schemas.py` (re-exported here,
-as are the YAML helpers of `jobs/parsing.py`, for the sweep and serve configs that build on them).
+context, else the shipped one. The schemas of catalogue entries and settings are `core/schemas.py`.
 """
 
 from __future__ import annotations
@@ -13,42 +12,24 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from jobs.catalog import Catalog, load_catalog
-from jobs.errors import ConfigError
-from jobs.parsing import dump_yaml, format_validation_error, parse_model, read_yaml
-from jobs.paths import CONFIG_DIR, PROJECT_ROOT, data_home
-from jobs.schemas import (
-    AnswerKind,
-    Architecture,
+from core.catalog import Catalog, load_catalog
+from core.errors import ConfigError
+from core.parsing import parse_model, read_yaml
+from core.schemas import (
     BaseModelSpec,
-    Category,
-    ChatFormat,
-    DatasetSource,
     EvalSettings,
-    EvalSource,
-    Family,
     LoraSettings,
-    Metric,
     QuantizationSettings,
     StrictModel,
     TaskSpec,
     TrainingSettings,
-    names_or,
 )
-
-__all__ = [
-    "CONFIG_DIR", "PROJECT_ROOT", "AnswerKind", "Architecture", "BaseModelSpec", "Category", "ChatFormat", "ConfigError",
-    "DatasetSource", "EvalSettings", "EvalSource", "Family", "JobConfig", "JobKind", "LoraSettings", "Metric", "QuantizationSettings",
-    "StrictModel", "TaskSpec", "TrainingSettings", "data_home", "dump_yaml", "format_validation_error", "load_job_config",
-    "lora_target_problems", "names_or", "outcome_settings", "parse_job_config", "parse_model", "read_yaml",
-]
-
 
 JobKind = Literal["train", "evaluate_base"]
 
 
 class JobConfig(StrictModel):
-    """Everything one worker job needs: `python -m jobs.train --config FILE` reads this."""
+    """Everything one worker job needs: `python -m jobs train --config FILE` reads this."""
 
     kind: JobKind = Field(default="train", description="Fine-tune, or score the base zero-shot.")
     job_key: str = Field(default="", description="Stable key (sweep, base, task, config hash); empty when run alone.")

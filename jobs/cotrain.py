@@ -34,9 +34,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from core.errors import ConfigError
 from jobs.config import JobConfig
 from jobs.encoding import IGNORE
-from jobs.errors import ConfigError
 from jobs.evaluate import evaluate_model
 from jobs.models import load_base_model, load_tokenizer, lora_config, prepare_for_training, resolve_device
 from jobs.result import JobResult

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError, NotFound
+from core.paths import data_home
+from core.schemas import DatasetSource, TaskSpec
 from jobs.demo_data import demo_rows
-from jobs.errors import ConfigError, NotFound
-from jobs.paths import data_home
-from jobs.schemas import DatasetSource, TaskSpec
 
 Row = dict[str, Any]
 # file ending -> `datasets` builder; text formats may be gzipped (HumanEval ships as HumanEval.jsonl.gz)

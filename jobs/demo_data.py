@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from jobs.errors import NotFound
+from core.errors import NotFound
 
 Row = dict[str, object]
 

@@ -4,7 +4,7 @@ Prompts are cut the same way for every model (`prompt_max_chars`, `prompt_cut`);
 the same prompt. `scoring` picks the study's own rules (jobs/study_metrics.py) or our strict parsing
 (jobs/metrics.py). HumanEval-style tasks run the generated code in the sandbox (jobs/sandbox.py).
 
-Run alone: `python -m jobs.evaluate --config job.yaml [--adapter DIR]` (see jobs/cli.py).
+Run alone: `python -m jobs evaluate --config job.yaml [--adapter DIR]` (see jobs/cli.py).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any, cast
 import torch
 from transformers import GenerationMixin, PreTrainedTokenizerBase
 
-from jobs.config import EvalSettings, TaskSpec
+from core.prompts import CODE_METRIC, completion_for, evaluation_prompt
+from core.schemas import EvalSettings, TaskSpec
 from jobs.data import eval_rows
 from jobs.encoding import encode_prompt
 from jobs.metrics import parse_answer, score
 from jobs.models import CausalLM
-from jobs.prompts import CODE_METRIC, completion_for, evaluation_prompt
 from jobs.sandbox import pass_at_1
 from jobs.study_metrics import mean_of_answered, study_score
 
@@ -102,8 +102,3 @@ def score_all(task: TaskSpec, predictions: Sequence[str | None], golds: Sequence
         return [study_score(study_rule, pred, gold) for pred, gold in zip(predictions, golds)]
     return [score(task.metric, task.answer, pred or "", gold, task.labels) for pred, gold in zip(predictions, golds)]
 
-
-if __name__ == "__main__":  # `python -m jobs.evaluate`: the job command line (jobs/cli.py) scores a base or an adapter
-    from jobs.cli import main
-
-    raise SystemExit(main("evaluate"))

@@ -9,7 +9,7 @@ answer token, `jobs.train.answer_token_losses`), and the CUDA context and alloca
 
 from __future__ import annotations
 
-from jobs.schemas import BaseModelSpec, LoraSettings, QuantizationSettings, TrainingSettings
+from core.schemas import BaseModelSpec, LoraSettings, QuantizationSettings, TrainingSettings
 
 GB = 1024**3
 CUDA_OVERHEAD_BYTES = 1.0 * GB

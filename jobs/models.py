@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from jobs.errors import DeviceUnavailable, NotFound
-from jobs.schemas import BaseModelSpec, LoraSettings, QuantizationSettings
+from core.errors import DeviceUnavailable, NotFound
+from core.schemas import BaseModelSpec, LoraSettings, QuantizationSettings
 from jobs.tiny import tiny_model_dir
 
 CausalLM = PreTrainedModel | PeftModel  # a base model, or one with a LoRA adapter attached or loaded

@@ -44,8 +44,8 @@ from typing import Any
 
 import pandas as pd
 
-from jobs.config import data_home
-from jobs.errors import ConfigError, NotFound, UserError
+from core.errors import ConfigError, NotFound, UserError
+from core.paths import data_home
 
 SEED = 42
 LEGAL_SPLITS = {"train": 17000, "validation": 2000, "test": 1000}

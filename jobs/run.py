@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
+from core.errors import Conflict
 from jobs.config import JobConfig, outcome_settings
-from jobs.errors import Conflict
 from jobs.evaluate import EvalResult, evaluate_model
 from jobs.models import CausalLM, load_base_model, load_tokenizer, resolve_device
 from jobs.result import RESULT_FILE, JobResult, flat, job_params

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import ConfigError, Unreachable
+from core.errors import ConfigError, Unreachable
 
 COMPLETE_MARKER = "state.json"  # written last into a checkpoint, locally and remotely
 

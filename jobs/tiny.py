@@ -26,10 +26,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from jobs.catalog import CATALOG_DIR, load_catalog_file
+from core.catalog import CATALOG_DIR, load_catalog_file
+from core.paths import data_home
+from core.schemas import BaseModelSpec
 from jobs.demo_data import GENERATORS, demo_rows
-from jobs.paths import data_home
-from jobs.schemas import BaseModelSpec
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {

@@ -11,7 +11,7 @@
 - A CUDA out-of-memory halves the micro-batch and doubles accumulation (same effective batch); packed,
   it halves the tokens of one forward pass (same examples per step) until each pass holds one example.
 
-Run alone: `python -m jobs.train --config job.yaml` (trains, evaluates, writes result.json; see jobs/cli.py).
+Run alone: `python -m jobs train --config job.yaml` (trains, evaluates, writes result.json; see jobs/cli.py).
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from jobs.config import JobConfig, TrainingSettings
+from core.errors import UserError
+from core.prompts import completion_for, prompt_for
+from core.schemas import TrainingSettings
+from jobs.config import JobConfig
 from jobs.data import train_rows
 from jobs.encoding import IGNORE, Example, encode_example
-from jobs.errors import UserError
 from jobs.models import attach_lora, load_base_model, load_tokenizer, resolve_device
 from jobs.peak_memory import peak_memory_mb
-from jobs.prompts import completion_for, prompt_for
 from jobs.storage import JobStorage
 
 ADAPTER_DIR = "adapter"
@@ -473,8 +474,3 @@ def save_adapter(model: AdapterWriter, config: JobConfig, folder: Path) -> Path:
     staging.rename(target)
     return target
 
-
-if __name__ == "__main__":  # `python -m jobs.train`: the job command line (jobs/cli.py) trains, evaluates, writes result.json
-    from jobs.cli import main
-
-    raise SystemExit(main("train"))

@@ -15,10 +15,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from jobs.catalog import load_catalog, load_catalog_file
+from core.catalog import load_catalog, load_catalog_file
+from core.errors import USER_ERROR_EXIT, ConfigError, NotFound, UserError, print_user_error
+from core.parsing import parse_model, read_yaml
 from jobs.config import parse_job_config
-from jobs.errors import USER_ERROR_EXIT, ConfigError, NotFound, UserError, print_user_error
-from jobs.parsing import parse_model, read_yaml
 
 console = Console()
 USER_ERROR = USER_ERROR_EXIT

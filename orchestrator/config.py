@@ -9,13 +9,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from core.catalog import Catalog, load_catalog
+from core.errors import ConfigError
+from core.parsing import parse_model, read_yaml
+from core.paths import data_home
+from core.schemas import EvalSettings, LoraSettings, QuantizationSettings, StrictModel, TrainingSettings
 from jobs import storage
-from jobs.catalog import Catalog, load_catalog
 from jobs.config import JobConfig, JobKind, lora_target_problems, outcome_settings
-from jobs.errors import ConfigError
-from jobs.parsing import parse_model, read_yaml
-from jobs.paths import data_home
-from jobs.schemas import EvalSettings, LoraSettings, QuantizationSettings, StrictModel, TrainingSettings
 
 
 class ResourceSettings(StrictModel):

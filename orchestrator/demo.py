@@ -13,8 +13,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from jobs.config import PROJECT_ROOT
-from jobs.ports import free_port, port_is_free
+from core.paths import PROJECT_ROOT
+from core.ports import free_port, port_is_free
 from orchestrator.config import load_sweep
 from orchestrator.plan import plan_json
 from orchestrator.signals import exit_on_signals
@@ -64,9 +64,9 @@ def demo_page_url() -> str:
 def serve_and_ask() -> bool:
     """Serve the demo's adapters, send one greedy request to each (`<base>:<task>`), print the answers
     and the endpoint; True when every adapter answered."""
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
+    from core.prompts import prompt_for
     from jobs.data import eval_rows
-    from jobs.prompts import prompt_for
     from orchestrator.sweep import connect_ray
     from serving.app import deploy
     from serving.config import load_serve_config

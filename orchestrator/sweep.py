@@ -51,8 +51,8 @@ from urllib.parse import urlsplit
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import ConfigError, Unreachable
 from jobs.config import JobConfig
-from jobs.errors import ConfigError, Unreachable
 from jobs.storage import check_writable, first_line
 from orchestrator.config import RetrySettings, SweepConfig, expand_jobs, storage_root
 from orchestrator.plan import co_train_groups, job_gpu_hours, plan_group, plan_job, wall_hours

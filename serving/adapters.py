@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from jobs.config import BaseModelSpec
-from jobs.errors import Unreachable
+from core.errors import Unreachable
+from core.schemas import BaseModelSpec
 from serving import faults
 from serving.api import APIError, model_card, model_not_found
 from serving.engine import AdapterLoadError

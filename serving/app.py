@@ -38,8 +38,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jobs.catalog import load_catalog
-from jobs.config import data_home
+from core.catalog import load_catalog
+from core.paths import data_home
 from serving import faults
 from serving.adapters import AdapterStore, AdapterUnavailable, ModelResolver, Route, read_registry
 from serving.api import (

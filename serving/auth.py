@@ -37,7 +37,9 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from jobs.config import ConfigError, StrictModel, parse_model
+from core.errors import ConfigError
+from core.parsing import parse_model
+from core.schemas import StrictModel
 from serving.adapters import ModelResolver, Route
 from serving.api import APIError
 

@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from jobs.config import BaseModelSpec, QuantizationSettings
+from core.schemas import BaseModelSpec, QuantizationSettings
 from jobs.models import load_base_model, load_tokenizer, resolve_device
 from serving.config import EngineSettings
 from serving.detok import CompletionText, Detokenizer

@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from jobs.config import StrictModel, names_or, parse_model, read_yaml
-from jobs.errors import ConfigError
+from core.errors import ConfigError
+from core.parsing import parse_model, read_yaml
+from core.schemas import StrictModel, names_or
 
 APP_BUILDER = "serving.app:build_app"  # the import_path of our application in a Ray Serve config file
 
@@ -116,7 +117,7 @@ def catalog_problems(data: Any) -> list[str]:
     """Base models and tasks of a raw ServeConfig mapping that the catalogue does not know, base models
     listed twice, and engine target modules none of which is a linear layer of their base model
     (checked even when other fields are wrong, so every problem is told at once)."""
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
 
     catalog = load_catalog()
     deployments = data.get("deployments") if isinstance(data, dict) else None

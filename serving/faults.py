@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from jobs.config import StrictModel
+from core.schemas import StrictModel
 
 FAULTS_DIR_ENV = "LORALAND_FAULTS_DIR"
 CRASH, SLOW, DISK_FULL = "crash", "slow", "disk_full"

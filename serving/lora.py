@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from jobs.errors import ConfigError
+from core.errors import ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

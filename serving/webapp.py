@@ -8,7 +8,7 @@ here, computed where the rest of the project computes it:
 - the task list: every catalogue task whose champion this endpoint serves, its category, metric, the
   base models fine-tuned on it, the champion's score and lift (`tracking.scores`);
 - a task: description, metric, its evaluation prompt template and input fields, a random evaluation
-  row as an example with its gold answer (`jobs.data`, `jobs.prompts`), the model ids to compare, and
+  row as an example with its gold answer (`jobs.data`, `core.prompts`), the model ids to compare, and
   its leaderboard beside the study's published scores (`tracking.scores`);
 - the prompt for filled-in fields, rendered as evaluation renders it, with each base model's token
   count against its context (asked of that base's replica, whose tokenizer encodes requests), so the
@@ -33,11 +33,11 @@ from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.handle import DeploymentHandle
 
-from jobs.catalog import load_catalog
-from jobs.config import EvalSettings, TaskSpec
+from core.catalog import load_catalog
+from core.prompts import CODE_METRIC, completion_for, evaluation_prompt
+from core.schemas import EvalSettings, TaskSpec
 from jobs.data import Row, eval_rows
 from jobs.metrics import score
-from jobs.prompts import CODE_METRIC, completion_for, evaluation_prompt
 from serving.adapters import ModelResolver, Published, ServedTasks, adapter_id, resolve
 from serving.api import APIError, parse_request
 from serving.config import ServeConfig

@@ -83,7 +83,7 @@ def cuda_available() -> bool:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real `mlflow server` on a free 127.0.0.1 port, SQLite file and artifact folder in a temporary directory, for
     the whole session (it takes 8-12 s to start); its process tree is stopped at the end."""
-    from jobs.ports import free_port
+    from core.ports import free_port
     from tracking.server import server_command, start_server, stop_server, wait_healthy
 
     root = tmp_path_factory.mktemp("mlflow")

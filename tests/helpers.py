@@ -7,8 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jobs.catalog import load_catalog
-from jobs.config import EvalSettings, JobConfig, JobKind, LoraSettings, TrainingSettings
+from core.catalog import load_catalog
+from core.schemas import EvalSettings, LoraSettings, TrainingSettings
+from jobs.config import JobConfig, JobKind
 
 FAST_TRAINING: dict[str, Any] = dict(
     micro_batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.05,

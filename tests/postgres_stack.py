@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.ports import free_port
+from core.ports import free_port
 
 COMPOSE = Path(__file__).resolve().parents[1] / "infra" / "mlflow" / "docker-compose.yaml"
 DATABASE = "mlflow"

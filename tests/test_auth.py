@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from jobs.config import ConfigError
+from core.errors import ConfigError
 from serving import auth
 from serving.adapters import ModelResolver
 from serving.api import APIError

@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs.config import PROJECT_ROOT
-from jobs.ports import free_port, port_is_free
+from core.paths import PROJECT_ROOT
+from core.ports import free_port, port_is_free
 
 
 def tree(root: Path) -> list[str]:
@@ -156,7 +156,7 @@ def test_ray_giving_up_on_the_cluster_is_one_line(monkeypatch: pytest.MonkeyPatc
     """`RAY_ADDRESS=auto` is left to Ray, but Ray's exit (status 15, its GCS client giving up) becomes an Unreachable."""
     import ray
 
-    from jobs.errors import Unreachable
+    from core.errors import Unreachable
     from orchestrator.sweep import connect_ray
 
     def gives_up(**_: object) -> None:

@@ -17,8 +17,8 @@ import psutil
 import pytest
 import yaml
 
+from core.paths import PROJECT_ROOT
 from infra.local_cluster import LocalCluster, free_port_block, ray_bin
-from jobs.config import PROJECT_ROOT
 from tests.helpers import wait_until
 
 MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"

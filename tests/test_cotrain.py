@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.errors import ConfigError
 from jobs.config import JobConfig
 from jobs.cotrain import check_group, co_train, run_group
-from jobs.errors import ConfigError
 from jobs.models import load_adapter, load_base_model
 from jobs.run import run_job
 from jobs.train import CHECKPOINT_DIR, latest_checkpoint, train

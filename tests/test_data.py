@@ -12,11 +12,11 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from jobs.catalog import load_catalog
-from jobs.config import TaskSpec
+from core.catalog import load_catalog
+from core.errors import ConfigError, NotFound
+from core.prompts import completion_for, prompt_for
+from core.schemas import TaskSpec
 from jobs.data import eval_rows, train_rows
-from jobs.errors import ConfigError, NotFound
-from jobs.prompts import completion_for, prompt_for
 
 pytestmark = pytest.mark.unit
 

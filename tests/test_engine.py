@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from jobs.catalog import load_catalog
-from jobs.config import QuantizationSettings
+from core.catalog import load_catalog
+from core.schemas import QuantizationSettings
 from jobs.models import load_adapter, load_base_model, load_tokenizer
 from serving.batching import BatchingEngine, build_engine
 from serving.config import EngineSettings

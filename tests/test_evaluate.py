@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from jobs.catalog import load_catalog
-from jobs.config import EvalSettings, QuantizationSettings, TaskSpec
+from core.catalog import load_catalog
+from core.prompts import prompt_for
+from core.schemas import EvalSettings, QuantizationSettings, TaskSpec
 from jobs.evaluate import evaluate_model
 from jobs.models import load_base_model, load_tokenizer
-from jobs.prompts import prompt_for
 from jobs.sandbox import load_problems
 
 pytestmark = pytest.mark.integration

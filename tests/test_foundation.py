@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.catalog import load_catalog
-from jobs.config import PROJECT_ROOT, ConfigError, StrictModel
+from core.catalog import load_catalog
+from core.errors import ConfigError
+from core.paths import PROJECT_ROOT
+from core.schemas import StrictModel
 from jobs.demo_data import GENERATORS, demo_rows
 from jobs.memory import estimate_memory_gb
 from orchestrator.cli import main as cli
@@ -163,8 +165,9 @@ def test_lora_target_modules_are_checked_against_each_base_model(tmp_path: Path,
 
 
 def test_job_config_checks_lora_target_modules_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from core.parsing import dump_yaml
     from jobs.cli import main as job_cli
-    from jobs.config import dump_yaml, load_job_config
+    from jobs.config import load_job_config
     from tests.helpers import tiny_job
 
     path = tmp_path / "job.yaml"
@@ -175,7 +178,7 @@ def test_job_config_checks_lora_target_modules_too(tmp_path: Path, capsys: pytes
         load_job_config(path)
     assert error.value.problems == [expected]
     assert cli_errors(capsys, "validate", str(path)) == [f"error: {path}: {expected}"]
-    assert job_cli("train", ["--config", str(path)]) == 2  # `python -m jobs.train`: refused before loading anything
+    assert job_cli("train", ["--config", str(path)]) == 2  # `python -m jobs train`: refused before loading anything
     assert capsys.readouterr().err.strip() == f"error: {path}: {expected}"
     dump_yaml(tiny_job(tmp_path / "out", base="tiny-gemma", lora={"target_modules": ["q_proj", "down_proj"]}), path)
     assert load_job_config(path).lora.target_modules == ["q_proj", "down_proj"]

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.samples import Sample
 from pydantic import ValidationError
 
-from jobs.config import PROJECT_ROOT
+from core.paths import PROJECT_ROOT
 from serving.config import BaseDeployment, EngineSettings, HotAdapterSettings, IngressSettings, ReplicaBounds, ServeConfig
 from serving.replication import ANY_REPLICA, HotAdapterRouter, RequestRates, adapter_of, copies_for, routing_id, task_of
 
@@ -102,10 +102,10 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
     from serving_app import local_serve, publish_adapters
 
-    from jobs.catalog import load_catalog
-    from jobs.config import QuantizationSettings
+    from core.catalog import load_catalog
+    from core.ports import free_port
+    from core.schemas import QuantizationSettings
     from jobs.models import load_base_model
-    from jobs.ports import free_port
 
     root = tmp_path_factory.mktemp("hot")
     spec = load_catalog().base_model("tiny-llama")

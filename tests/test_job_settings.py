@@ -14,8 +14,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from jobs.catalog import load_catalog
-from jobs.config import LoraSettings, QuantizationSettings, TrainingSettings
+from core.catalog import load_catalog
+from core.schemas import LoraSettings, QuantizationSettings, TrainingSettings
 from jobs.data import eval_rows, load_rows, train_rows
 from jobs.models import attach_lora, compute_dtype, load_base_model
 from jobs.train import make_optimizer

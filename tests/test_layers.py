@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import PROJECT_ROOT
+from core.paths import PROJECT_ROOT
 
 
 def lint_imports() -> str:

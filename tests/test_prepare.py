@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from core.catalog import load_catalog
+from core.errors import NotFound
+from core.prompts import completion_for, prompt_for
 from jobs import prepare
-from jobs.catalog import load_catalog
 from jobs.data import eval_rows, load_rows, train_rows
-from jobs.errors import NotFound
-from jobs.prompts import completion_for, prompt_for
 from orchestrator import cli
 
 pytestmark = pytest.mark.unit

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from jobs.config import PROJECT_ROOT
+from core.paths import PROJECT_ROOT
 from serving.config import APP_BUILDER, from_serve_config_file
 
 pytestmark = pytest.mark.unit

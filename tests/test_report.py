@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.catalog import load_catalog
+from core.catalog import load_catalog
 from tests.tracking_fixtures import BASES, SWEEP, TASKS, Sweep
 from tracking import heuristics as heur
 from tracking import report, store
@@ -225,14 +225,14 @@ def test_task_heuristics_of_a_demo_task() -> None:
 
 @pytest.mark.unit
 def test_lengths_in_a_local_tokenizer_else_words(monkeypatch: pytest.MonkeyPatch) -> None:
-    import jobs.catalog
+    import core.catalog
 
     catalog = load_catalog()
     # A real base model whose tokenizer is in no cache: it is skipped, never downloaded.
     absent = catalog.base_model("llama-2-7b").model_copy(
         update={"name": "not-cached", "hf_id": "loraland-test/not-cached-anywhere"})
-    fake = jobs.catalog.Catalog({"not-cached": absent, "tiny-mistral": catalog.base_model("tiny-mistral")}, catalog.tasks)
-    monkeypatch.setattr(jobs.catalog, "load_catalog", lambda: fake)
+    fake = core.catalog.Catalog({"not-cached": absent, "tiny-mistral": catalog.base_model("tiny-mistral")}, catalog.tasks)
+    monkeypatch.setattr(core.catalog, "load_catalog", lambda: fake)
     assert heur.length_unit(["not-cached"]) == heur.WORDS
     assert heur.length_unit(["unknown-model"]) == heur.WORDS
     unit = heur.length_unit(["not-cached", "tiny-mistral"])
@@ -249,8 +249,8 @@ def test_lengths_in_a_local_tokenizer_else_words(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.unit
 def test_heuristics_sample_is_seeded_and_random_not_the_head() -> None:
+    from core.prompts import prompt_for
     from jobs.data import train_rows
-    from jobs.prompts import prompt_for
 
     rows = list(range(1000))
     sample = heur.sample_rows(rows, 200)

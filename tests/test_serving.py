@@ -25,8 +25,9 @@ from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from jobs.config import PROJECT_ROOT, ConfigError
-from jobs.ports import free_port
+from core.errors import ConfigError
+from core.paths import PROJECT_ROOT
+from core.ports import free_port
 from orchestrator.cli import main as cli
 from serving.adapters import AdapterStore, adapter_id, check_adapter_files, model_ids, resolve
 from serving.api import APIError, ChatCompletionRequest, CompletionRequest, parse_request
@@ -167,7 +168,7 @@ def adapter_folder(root: Path, base_hf_id: str, extra: dict[str, bytes] | None =
 ])
 @pytest.mark.unit
 def test_adapter_files_only_json_and_safetensors_of_this_base(tmp_path: Path, extra: dict[str, bytes], message: str) -> None:
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
 
     base = load_catalog().base_model("tiny-llama")
     check_adapter_files(adapter_folder(tmp_path / "ok", base.hf_id), base)
@@ -255,7 +256,7 @@ class Endpoint:
 
 def offline_answers(uri: str, task: str, version: str, prompts: list[str], max_new_tokens: int, dst: Path) -> list[str]:
     """What the adapter of `task` version `version` answers offline: PEFT on the 4-bit base, one prompt at a time."""
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
     from jobs.evaluate import generate
     from jobs.models import load_tokenizer
     from tracking.registry import load_adapter_model, model_uri
@@ -267,7 +268,7 @@ def offline_answers(uri: str, task: str, version: str, prompts: list[str], max_n
 
 
 def chat_prompt(base: str, prompt: str) -> str:
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
 
     return render_chat([Message("user", prompt)], load_catalog().base_model(base).chat_format)
 
@@ -511,7 +512,7 @@ def first_model_version(endpoint: Endpoint, task: str) -> str:
 
 @pytest.mark.cluster
 def test_one_download_per_adapter_however_many_ask(endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
     from tracking import registry
 
     downloads: list[str] = []

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from jobs.ports import free_port
+from core.ports import free_port
 from serving.adapters import MIN_REFRESH_S, adapter_id
 from serving.config import BaseDeployment, EngineSettings, IngressSettings, ServeConfig
 from serving.faults import FAULTS_DIR_ENV

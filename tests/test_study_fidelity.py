@@ -18,15 +18,15 @@ import pandas as pd
 import pytest
 import yaml
 
+from core.catalog import load_catalog
+from core.errors import ConfigError, NotFound
+from core.parsing import parse_model
+from core.prompts import completion_for, prompt_for
+from core.schemas import EvalSettings, StudyMetric
 from jobs import prepare
 from jobs import study_metrics as sm
-from jobs.catalog import load_catalog
 from jobs.data import load_rows
-from jobs.errors import ConfigError, NotFound
 from jobs.evaluate import score_all
-from jobs.parsing import parse_model
-from jobs.prompts import completion_for, prompt_for
-from jobs.schemas import EvalSettings, StudyMetric
 from orchestrator import cli
 from tracking import heuristics as heur
 from tracking import report

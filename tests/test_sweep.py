@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs.config import PROJECT_ROOT
+from core.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.cluster
 MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"

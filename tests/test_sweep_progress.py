@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from jobs.config import PROJECT_ROOT, JobConfig
+from core.paths import PROJECT_ROOT
+from jobs.config import JobConfig
 from orchestrator.config import SweepConfig, expand_jobs, load_sweep
 from orchestrator.sweep import (
     ALL_KINDS,

@@ -16,9 +16,9 @@ import jinja2
 import jinja2.meta
 import pytest
 
-from jobs.catalog import load_catalog_file
-from jobs.config import TaskSpec
-from jobs.prompts import completion_for, cut_prompt, prompt_for
+from core.catalog import load_catalog_file
+from core.prompts import completion_for, cut_prompt, prompt_for
+from core.schemas import TaskSpec
 
 pytestmark = pytest.mark.unit
 

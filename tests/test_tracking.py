@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import Unreachable
-from jobs.ports import free_port
+from core.errors import Unreachable
+from core.ports import free_port
 from tests.helpers import wait_until
 from tests.tracking_fixtures import (
     BASES,

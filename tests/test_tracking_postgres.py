@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import PROJECT_ROOT
-from jobs.ports import free_port
+from core.paths import PROJECT_ROOT
+from core.ports import free_port
 from tests.object_store import S3Store
 from tests.postgres_stack import (
     TrackingStack,
@@ -133,7 +133,7 @@ def test_a_sweep_resubmitted_after_its_driver_was_killed_has_one_finished_run_pe
 def test_the_serving_side_loads_an_adapter_from_the_object_store(stack: TrackingStack, bucket: S3Store, tmp_path: Path) -> None:
     """A registered adapter is resolved by the ingress's `ModelResolver` and fetched by a replica's `AdapterStore`
     through the server's artifact proxy, from the bucket."""
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
     from jobs.run import JobResult
     from serving.adapters import AdapterStore, ModelResolver
     from tracking import registry

@@ -14,12 +14,13 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from jobs.catalog import load_catalog
-from jobs.config import QuantizationSettings, dump_yaml
+from core.catalog import load_catalog
+from core.parsing import dump_yaml
+from core.prompts import completion_for, prompt_for
+from core.schemas import QuantizationSettings
 from jobs.data import train_rows
 from jobs.encoding import IGNORE, encode_example
 from jobs.models import attach_lora, load_base_model, load_tokenizer
-from jobs.prompts import completion_for, prompt_for
 from jobs.run import run_job
 from jobs.train import CHECKPOINT_DIR, StepCallback, TrainingError, answer_token_losses, latest_checkpoint, make_batches, train
 from tests.helpers import assert_same_adapter, tiny_job
@@ -211,8 +212,8 @@ def test_out_of_memory_at_the_floor_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_packing_is_padding_free_and_equals_padded_loss() -> None:
-    from jobs.catalog import load_catalog
-    from jobs.config import LoraSettings, QuantizationSettings
+    from core.catalog import load_catalog
+    from core.schemas import LoraSettings, QuantizationSettings
     from jobs.models import attach_lora, load_base_model
 
     spec = load_catalog().base_model("tiny-mistral")
@@ -231,16 +232,16 @@ def test_packing_is_padding_free_and_equals_padded_loss() -> None:
 def test_jobs_run_without_ray_from_the_command_line(tmp_path: Path) -> None:
     config = tiny_job(tmp_path / "job", max_steps=3, eval_limit=4)
     dump_yaml(config, tmp_path / "job.yaml")
-    out = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(tmp_path / "job.yaml")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "jobs", "train", "--config", str(tmp_path / "job.yaml")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3 and 0.0 <= summary["score"] <= 1.0
-    out = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--config", str(tmp_path / "job.yaml"), "--adapter", summary["adapter_dir"]],
+    out = subprocess.run([sys.executable, "-m", "jobs", "evaluate", "--config", str(tmp_path / "job.yaml"), "--adapter", summary["adapter_dir"]],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["examples"] == 4
     (tmp_path / "bad.yaml").write_text("kind: train\nbase_model: {}\n")
-    out = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "jobs", "train", "--config", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "task: Field required" in out.stderr
 
 

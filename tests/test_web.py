@@ -22,12 +22,12 @@ from typing import Any
 import httpx
 import pytest
 
-from jobs.catalog import load_catalog
-from jobs.config import PROJECT_ROOT
+from core.catalog import load_catalog
+from core.paths import PROJECT_ROOT
+from core.ports import free_port
+from core.prompts import completion_for, prompt_for
 from jobs.data import eval_rows
 from jobs.metrics import score
-from jobs.ports import free_port
-from jobs.prompts import completion_for, prompt_for
 from serving.api import APIError
 from tests.test_serving import version
 from tests.tracking_fixtures import BASES, Sweep

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.ports import free_port
+from core.ports import free_port
 
 SWEEP = "tiny-2x2"
 BASES = ("tiny-llama", "tiny-mistral")
@@ -55,8 +55,9 @@ class Sweep:
 
 def tiny_config(output_dir: Path, base: str, task: str, kind: str) -> Any:
     """A tiny job that trains in seconds on 2 CPU cores (LoRA on all linear layers, 10 steps)."""
-    from jobs.catalog import load_catalog
-    from jobs.config import EvalSettings, JobConfig, LoraSettings, TrainingSettings
+    from core.catalog import load_catalog
+    from core.schemas import EvalSettings, LoraSettings, TrainingSettings
+    from jobs.config import JobConfig
 
     catalog = load_catalog()
     return JobConfig(

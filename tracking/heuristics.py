@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.config import BaseModelSpec
+from core.schemas import BaseModelSpec
 from jobs.metrics import rouge_l
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def length_unit(base_models: Iterable[str]) -> LengthUnit:
     """The study's cl100k_base tokens when they can be had offline (`study_unit`); else the tokens of the first of
     `base_models` (catalogue names; unknown ones skipped) whose tokenizer loads (`local_tokenizer`); whitespace words,
     labelled `words`, when none does."""
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
 
     study = study_unit()
     if study is not None:
@@ -201,8 +201,8 @@ def sample_rows(rows: Sequence[Any], limit: int, seed: int = SAMPLE_SEED) -> lis
 def task_examples(task: Any, limit: int = SAMPLE_ROWS) -> tuple[list[str], list[str]]:
     """A seeded random sample (`sample_rows`) of `limit` training examples of a task (jobs.config.TaskSpec)
     as (prompts, completions)."""
+    from core.prompts import completion_for, prompt_for
     from jobs.data import train_rows
-    from jobs.prompts import completion_for, prompt_for
 
     rows = sample_rows(train_rows(task), limit)
     return [prompt_for(task, row) for row in rows], [completion_for(task, row) for row in rows]

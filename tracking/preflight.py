@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from jobs.errors import Unreachable
+from core.errors import Unreachable
 from tracking.store import is_server_uri
 
 CONCURRENCY = 32  # requests at once: the concurrent jobs infra/mlflow/ is sized and tested for

@@ -27,8 +27,9 @@ from typing import Any
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from jobs.config import QuantizationSettings, data_home
-from jobs.errors import NotFound
+from core.errors import NotFound
+from core.paths import data_home
+from core.schemas import QuantizationSettings
 from tracking import store
 from tracking.retry import call_with_retry, retrying
 
@@ -251,7 +252,7 @@ def load_adapter_model(ref: str, device: str = "auto", uri: str | None = None, d
     The base model is the catalogue entry named by the run's `loraland.base_model` tag, loaded with
     the quantization the job trained with (the run's `quantization.*` params); the adapter's
     `base_model_name_or_path` must name that base, so a wrong pairing fails loudly."""
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
     from jobs.models import load_adapter, load_base_model, resolve_device
 
     run_id = resolve_run_id(ref, uri)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from jobs.config import data_home
+from core.paths import data_home
 from tracking import heuristics as heur
 from tracking import store
 from tracking import study_analysis as study
@@ -156,7 +156,7 @@ def study_comparison(board: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFra
 
 def heuristics_frame(tasks: list[str], unit: heur.LengthUnit, limit: int = heur.SAMPLE_ROWS) -> pd.DataFrame:
     """tracking.heuristics for each task (index: task), lengths in `unit`; a task whose data cannot be read gets NaNs."""
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
 
     rows = {}
     for name in tasks:
@@ -228,7 +228,7 @@ def lift_predictor(features: pd.DataFrame, lift: pd.Series, alpha: float = RIDGE
 
 
 def _catalog_category(task: str) -> str:
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
 
     try:
         return load_catalog().task(task).category

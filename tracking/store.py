@@ -34,8 +34,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
-from jobs.config import data_home
-from jobs.errors import Conflict, NotFound, Unreachable
+from core.errors import Conflict, NotFound, Unreachable
+from core.paths import data_home
 from tracking.retry import call_with_retry, retrying
 from tracking.server import wait_healthy
 

@@ -111,7 +111,7 @@ def study_vs_ours(comparison: pd.DataFrame, runs: pd.DataFrame, study_rules: dic
 
 def study_rules_of(tasks: list[str], catalog_dir: Path | None = None) -> dict[str, bool]:
     """Per task, whether the catalogue names a study scoring rule for it (unknown tasks: False)."""
-    from jobs.catalog import CATALOG_DIR, load_catalog
+    from core.catalog import CATALOG_DIR, load_catalog
 
     catalog = load_catalog(catalog_dir or CATALOG_DIR)
     return {name: name in catalog.tasks and catalog.tasks[name].study_metric is not None for name in tasks}

@@ -279,7 +279,7 @@ def _job_device(preference: str) -> str:
 
 
 def _task_spec(name: str) -> Any:
-    from jobs.catalog import load_catalog
+    from core.catalog import load_catalog
 
     try:
         return load_catalog().task(name)
@@ -289,8 +289,8 @@ def _task_spec(name: str) -> Any:
 
 def _training_frame(task: Any) -> pd.DataFrame:
     """The first TRAIN_DATASET_ROWS training rows as (prompt, completion), as the model was trained on them."""
+    from core.prompts import completion_for, prompt_for
     from jobs.data import train_rows
-    from jobs.prompts import completion_for, prompt_for
 
     rows = train_rows(task, TRAIN_DATASET_ROWS)
     return pd.DataFrame({"prompt": [prompt_for(task, r) for r in rows], "completion": [completion_for(task, r) for r in rows]})

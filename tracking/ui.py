@@ -10,8 +10,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from jobs.errors import ConfigError, Conflict
-from jobs.ports import port_is_free
+from core.errors import ConfigError, Conflict
+from core.ports import port_is_free
 from tracking import store
 from tracking.server import DEFAULT_PORT, server_command, start_server
 

@@ -13,8 +13,8 @@ from typing import Any
 import jinja2
 import jinja2.meta
 
-from jobs.errors import NotFound
-from jobs.schemas import EvalSettings, PromptCut, TaskSpec
+from core.errors import NotFound
+from core.schemas import EvalSettings, PromptCut, TaskSpec
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 

@@ -1,6 +1,6 @@
 """The schemas of what a user writes for a worker: base models and tasks (catalogue entries) and the settings of a job.
 
-Pure pydantic models: no file is read here (the catalogue is `jobs/catalog.py`, a job's config `jobs/config.py`).
+Pure pydantic models: no file is read here (the catalogue is `core/catalog.py`, a job's config `jobs/config.py`).
 Every model rejects unknown keys and describes each field, so `loraland validate` can name the field at fault.
 """
 

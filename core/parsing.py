@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from jobs.errors import ConfigError
+from core.errors import ConfigError
 
 Model = TypeVar("Model", bound=BaseModel)
 

@@ -1,6 +1,6 @@
 """The catalogue: the study's 10 base models and 31 tasks, plus tiny offline counterparts and demo tasks.
 
-Reading the catalogue files and resolving names happens here; the entries' schemas are `jobs/schemas.py`.
+Reading the catalogue files and resolving names happens here; the entries' schemas are `core/schemas.py`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jobs.errors import ConfigError, NotFound
-from jobs.parsing import parse_model, read_yaml
-from jobs.paths import CONFIG_DIR
-from jobs.prompts import template_problems
-from jobs.schemas import BaseModelSpec, TaskSpec
+from core.errors import ConfigError, NotFound
+from core.parsing import parse_model, read_yaml
+from core.paths import CONFIG_DIR
+from core.prompts import template_problems
+from core.schemas import BaseModelSpec, TaskSpec
 
 CATALOG_DIR = CONFIG_DIR / "catalog"
 STUDY_FILES = ("base_models.yaml", "tasks.yaml")

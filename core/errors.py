@@ -1,4 +1,4 @@
-"""Errors a user can cause and fix. The command lines (`loraland`, `python -m jobs.train`, ...) turn these,
+"""Errors a user can cause and fix. The command lines (`loraland`, `python -m jobs train`, ...) turn these,
 and only these, into one line per problem and exit status 2; any other exception is a bug and keeps its
 traceback.
 
