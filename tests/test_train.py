@@ -246,7 +246,7 @@ def test_jobs_run_without_ray_from_the_command_line(tmp_path: Path) -> None:
 
 
 def run_cli(mode: str, config: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"jobs.{mode}", "--config", str(config), *extra], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "jobs", mode, "--config", str(config), *extra], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
 
 
