@@ -13,9 +13,10 @@ STRICT_LINT ?= 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install_torch.sh
+$(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_vllm.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	bash scripts/install_torch.sh $(PY)
+	bash scripts/install_vllm.sh $(PY)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -52,7 +53,7 @@ imports: setup
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 bench: setup
-	$(PY) benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
+	$(PY) -m benchmarks.train_throughput --out benchmarks/results/train_throughput.json
 
 clean:
 	rm -rf $(VENV) .loraland

@@ -18,8 +18,8 @@ GPU mode (`--gpu-shape mistral-7b`, needs CUDA): one process builds a random-ini
 co-trains K = `--gpu-ks` members over the same base; per K: aggregate and per-member tokens/s against the lone job, and
 peak GPU memory. `members_per_80gb_gpu` extrapolates from the largest K: (80 GB - base) / (its peak - base) * K.
 
-    python benchmarks/co_train.py [--ks 1 4 8] [--steps 20] [--repeats 1] [--layouts unpacked packed] [--out FILE]
-    python benchmarks/co_train.py --gpu-shape mistral-7b [--gpu-ks 1 4 8 16] [--steps 6] [--out FILE]
+    python -m benchmarks.co_train [--ks 1 4 8] [--steps 20] [--repeats 1] [--layouts unpacked packed] [--out FILE]
+    python -m benchmarks.co_train --gpu-shape mistral-7b [--gpu-ks 1 4 8 16] [--steps 6] [--out FILE]
 
 Writes JSON (default benchmarks/results/co_train.json; GPU: co_train_<shape>.json) with top-level `speedup_k8`
 (co-trained K=8 aggregate tokens/s over the 8 jobs one after another, study micro-batch 1: `unpacked`),
@@ -31,25 +31,27 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "benchmarks"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from benchmarks.common import (
+    RESULTS,
+    child_env,
+    collect,
+    command,
+    emit,
+    machine,
+    random_4bit_model,
+    spawn,
+    write_report,
+)
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "co_train.json"
-MARK = "CO_TRAIN_RESULT "
+DEFAULT_OUT = RESULTS / "co_train.json"
 TASKS = ("demo_sentiment", "demo_colors", "demo_similarity", "demo_arithmetic")
 MODES = ("co", "sequential", "side_by_side")
 LAYOUTS = ("unpacked", "packed")
@@ -58,21 +60,37 @@ GPU_BYTES = 80 * 10**9  # "an 80 GB GPU"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Co-trained K fine-tunes vs K jobs one after another and side by side.")
+    parser = argparse.ArgumentParser(
+        description="Co-trained K fine-tunes vs K jobs one after another and side by side."
+    )
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8], help="group sizes (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per member (default: %(default)s)")
-    parser.add_argument("--accumulation", type=int, default=16, help="examples per step at micro-batch 1 (default: %(default)s)")
+    parser.add_argument(
+        "--accumulation", type=int, default=16, help="examples per step at micro-batch 1 (default: %(default)s)"
+    )
     parser.add_argument("--max-seq-length", type=int, default=256, help="(default: %(default)s)")
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="(default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per (mode, K) (default: %(default)s)")
-    parser.add_argument("--base", default="tiny-llama", help="tiny base model, and the tokenizer in GPU mode (default: %(default)s)")
-    parser.add_argument("--gpu-shape", choices=GPU_SHAPES, help="GPU mode: random weights of that model's real shape in 4-bit")
-    parser.add_argument("--gpu-ks", type=int, nargs="+", default=[1, 4, 8, 16], help="GPU mode group sizes (default: %(default)s)")
-    parser.add_argument("--out", type=Path, help=f"JSON output (default: {DEFAULT_OUT}, GPU mode co_train_<shape>.json beside it)")
+    parser.add_argument(
+        "--base", default="tiny-llama", help="tiny base model, and the tokenizer in GPU mode (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--gpu-shape", choices=GPU_SHAPES, help="GPU mode: random weights of that model's real shape in 4-bit"
+    )
+    parser.add_argument(
+        "--gpu-ks", type=int, nargs="+", default=[1, 4, 8, 16], help="GPU mode group sizes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help=f"JSON output (default: {DEFAULT_OUT}, GPU mode co_train_<shape>.json beside it)"
+    )
     parser.add_argument("--child", nargs=4, metavar=("MODE", "K", "LAYOUT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.out is None:
-        args.out = DEFAULT_OUT if not args.gpu_shape else DEFAULT_OUT.with_name(f"co_train_{args.gpu_shape.replace('-', '')}.json")
+        args.out = (
+            DEFAULT_OUT
+            if not args.gpu_shape
+            else DEFAULT_OUT.with_name(f"co_train_{args.gpu_shape.replace('-', '')}.json")
+        )
     return args
 
 
@@ -84,13 +102,27 @@ def member_configs(args: argparse.Namespace, k: int, root: Path, layout: str, ba
     from jobs.config import JobConfig
 
     catalog = load_catalog()
-    return [JobConfig(base_model=catalog.base_model(base or args.base), task=catalog.task(TASKS[i % len(TASKS)]),
-                      output_dir=str(root / f"m{i}"), device=device, lora=LoraSettings(target_modules="all-linear"),
-                      evaluation=EvalSettings(limit=1),
-                      training=TrainingSettings(max_steps=args.steps, micro_batch_size=1, gradient_accumulation_steps=args.accumulation,
-                                                max_seq_length=args.max_seq_length, packing=layout == "packed",
-                                                checkpoint_every=10_000, log_every=10_000, seed=i))
-            for i in range(k)]
+    return [
+        JobConfig(
+            base_model=catalog.base_model(base or args.base),
+            task=catalog.task(TASKS[i % len(TASKS)]),
+            output_dir=str(root / f"m{i}"),
+            device=device,
+            lora=LoraSettings(target_modules="all-linear"),
+            evaluation=EvalSettings(limit=1),
+            training=TrainingSettings(
+                max_steps=args.steps,
+                micro_batch_size=1,
+                gradient_accumulation_steps=args.accumulation,
+                max_seq_length=args.max_seq_length,
+                packing=layout == "packed",
+                checkpoint_every=10_000,
+                log_every=10_000,
+                seed=i,
+            ),
+        )
+        for i in range(k)
+    ]
 
 
 def peak_rss_mb() -> float:
@@ -120,36 +152,48 @@ def run_child(args: argparse.Namespace) -> None:
 
         result, _, _ = train(member_configs(args, k + 1, folder, layout)[k])
         summaries = [result.summary]
-    print(MARK + json.dumps(figures(summaries) | {"peak_rss_mb": peak_rss_mb()}))
+    emit(figures(summaries) | {"peak_rss_mb": peak_rss_mb()})
 
 
-def spawn(args: argparse.Namespace, mode: str, k: int, layout: str, folder: Path) -> subprocess.Popen:
-    command = [sys.executable, __file__, "--child", mode, str(k), layout, str(folder), "--steps", str(args.steps), "--accumulation",
-               str(args.accumulation), "--max-seq-length", str(args.max_seq_length), "--base", args.base]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env})
+def start(args: argparse.Namespace, mode: str, k: int, layout: str, folder: Path) -> subprocess.Popen[str]:
+    """A child process measuring `mode` (`co` or `alone`) for K, one torch thread."""
+    arguments = [
+        "--child",
+        mode,
+        str(k),
+        layout,
+        str(folder),
+        "--steps",
+        str(args.steps),
+        "--accumulation",
+        str(args.accumulation),
+        "--max-seq-length",
+        str(args.max_seq_length),
+        "--base",
+        args.base,
+    ]
+    return spawn("co_train", arguments, child_env(threads=1))
 
 
-def collect(process: subprocess.Popen) -> dict[str, float]:
-    out, err = process.communicate(timeout=1800)
-    lines = [line for line in out.splitlines() if line.startswith(MARK)]
-    if process.returncode != 0 or not lines:
-        raise RuntimeError(f"benchmark process failed ({process.returncode}): {err[-2000:]}")
-    return json.loads(lines[-1][len(MARK):])
+def result(process: subprocess.Popen[str]) -> dict[str, float]:
+    return collect(process, "co_train: a measuring process", timeout_s=1800)
 
 
 def measure(args: argparse.Namespace, mode: str, k: int, layout: str) -> dict[str, float]:
     """Aggregate tokens/s and peak memory of K members in `mode`."""
     with tempfile.TemporaryDirectory() as tmp:
         if mode == "co":
-            runs = [collect(spawn(args, "co", k, layout, Path(tmp)))]
+            runs = [result(start(args, "co", k, layout, Path(tmp)))]
         elif mode == "sequential":
-            runs = [collect(spawn(args, "alone", i, layout, Path(tmp))) for i in range(k)]
+            runs = [result(start(args, "alone", i, layout, Path(tmp))) for i in range(k)]
         else:
-            runs = [collect(p) for p in [spawn(args, "alone", i, layout, Path(tmp)) for i in range(k)]]
+            runs = [result(p) for p in [start(args, "alone", i, layout, Path(tmp)) for i in range(k)]]
     tokens = sum(r["tokens"] for r in runs)
-    wall = sum(r["end"] - r["start"] for r in runs) if mode == "sequential" else max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    wall = (
+        sum(r["end"] - r["start"] for r in runs)
+        if mode == "sequential"
+        else max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    )
     peak = max(r["peak_rss_mb"] for r in runs) if mode == "sequential" else sum(r["peak_rss_mb"] for r in runs)
     return {"tokens_per_second": tokens / wall, "peak_memory_mb": peak, "trained_tokens": tokens, "wall_s": wall}
 
@@ -167,15 +211,25 @@ def cpu_report(args: argparse.Namespace) -> dict[str, Any]:
                     samples.setdefault(name, []).append(measure(args, mode, k, layout))
                     print(f"{name}: {samples[name][-1]}", flush=True)
             samples.setdefault(f"{layout}_alone", []).append(measure(args, "sequential", 1, layout))
-    results = {name: {"tokens_per_second": statistics.median(s["tokens_per_second"] for s in runs),
-                      "peak_memory_mb": max(s["peak_memory_mb"] for s in runs), "runs": runs} for name, runs in samples.items()}
+    results = {
+        name: {
+            "tokens_per_second": statistics.median(s["tokens_per_second"] for s in runs),
+            "peak_memory_mb": max(s["peak_memory_mb"] for s in runs),
+            "runs": runs,
+        }
+        for name, runs in samples.items()
+    }
     report: dict[str, Any] = {"results": results}
     if 8 in args.ks:
         for layout in args.layouts:
             suffix = "" if layout == "unpacked" else f"_{layout}"
             co, alone = results[f"{layout}_co_k8"], results[f"{layout}_alone"]
-            report[f"speedup_k8{suffix}"] = co["tokens_per_second"] / results[f"{layout}_sequential_k8"]["tokens_per_second"]
-            report[f"speedup_k8_vs_side_by_side{suffix}"] = co["tokens_per_second"] / results[f"{layout}_side_by_side_k8"]["tokens_per_second"]
+            report[f"speedup_k8{suffix}"] = (
+                co["tokens_per_second"] / results[f"{layout}_sequential_k8"]["tokens_per_second"]
+            )
+            report[f"speedup_k8_vs_side_by_side{suffix}"] = (
+                co["tokens_per_second"] / results[f"{layout}_side_by_side_k8"]["tokens_per_second"]
+            )
             report[f"memory_ratio_k8{suffix}"] = co["peak_memory_mb"] / alone["peak_memory_mb"]
     for name, numbers in results.items():
         print(f"{name:28s} {numbers['tokens_per_second']:10.1f} tokens/s  peak {numbers['peak_memory_mb']:8.1f} MB")
@@ -186,7 +240,6 @@ def gpu_report(args: argparse.Namespace, device: str = "cuda", shape: str | None
     """GPU mode, in this process (see the module doc). `shape` None builds the `--gpu-shape` model; tests pass a
     catalogue base (e.g. a tiny one on the CPU) to run the same path at a small size."""
     import torch
-    from train_throughput import random_4bit_model
 
     from core.catalog import load_catalog
     from jobs.cotrain import co_train
@@ -201,8 +254,11 @@ def gpu_report(args: argparse.Namespace, device: str = "cuda", shape: str | None
         base = random_4bit_model(configs[0].base_model, configs[0].quantization, device)
         rows: dict[str, dict[str, float]] = {}
         reset_peak_memory(device)
-        result, model, _ = train(configs[0], model=attach_lora(base, configs[0].lora, configs[0].training.gradient_checkpointing),
-                                 tokenizer=tokenizer)
+        result, model, _ = train(
+            configs[0],
+            model=attach_lora(base, configs[0].lora, configs[0].training.gradient_checkpointing),
+            tokenizer=tokenizer,
+        )
         rows["alone"] = _gpu_row(figures([result.summary]), 1, device)
         base = model.unload()
         del model, result
@@ -223,11 +279,17 @@ def gpu_report(args: argparse.Namespace, device: str = "cuda", shape: str | None
         row["per_member_vs_alone"] = row["tokens_per_second"] / row["members"] / alone
     largest = rows[f"co_k{max(args.gpu_ks)}"]
     per_member = (largest["peak_memory_mb"] * 2**20 - base_bytes) / largest["members"]
-    report: dict[str, Any] = {"results": rows, "base_memory_mb": base_bytes / 2**20,
-                              "members_per_80gb_gpu": int((GPU_BYTES - base_bytes) // per_member) if per_member > 0 else None}
+    report: dict[str, Any] = {
+        "results": rows,
+        "base_memory_mb": base_bytes / 2**20,
+        "members_per_80gb_gpu": int((GPU_BYTES - base_bytes) // per_member) if per_member > 0 else None,
+    }
     for name, row in rows.items():
-        print(f"{name:10s} {row['tokens_per_second']:10.1f} tokens/s  {row['per_member_vs_alone']:5.2f}x per member vs alone  "
-              f"peak {row['peak_memory_mb']:9.1f} MB")
+        print(
+            f"{name:10s} {row['tokens_per_second']:10.1f} tokens/s  {row['per_member_vs_alone']:5.2f}x per member vs "
+            "alone  "
+            f"peak {row['peak_memory_mb']:9.1f} MB"
+        )
     print(f"members per 80 GB GPU (extrapolated from K={max(args.gpu_ks)}): {report['members_per_80gb_gpu']}")
     return report
 
@@ -247,8 +309,12 @@ def _allocated(device: str) -> float:
 def _gpu_row(window: dict[str, float], members: int, device: str) -> dict[str, float]:
     from jobs.peak_memory import peak_memory_mb
 
-    return {"members": members, "tokens": window["tokens"], "tokens_per_second": window["tokens"] / (window["end"] - window["start"]),
-            "peak_memory_mb": peak_memory_mb(device)}
+    return {
+        "members": members,
+        "tokens": window["tokens"],
+        "tokens_per_second": window["tokens"] / (window["end"] - window["start"]),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,21 +322,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         run_child(args)
         return 0
+    machine_info = machine("torch")
     if args.gpu_shape:
         import torch
 
         if not torch.cuda.is_available():
-            raise SystemExit("co_train: --gpu-shape needs a CUDA GPU; none is visible (run it through benchmarks/gpu_check.sh)")
+            raise SystemExit(
+                "co_train: --gpu-shape needs a CUDA GPU; none is visible (run it through benchmarks/gpu_check.sh)"
+            )
         report = gpu_report(args)
     else:
         report = cpu_report(args)
         print({key: round(report[key], 3) for key in report if key.startswith(("speedup", "memory_ratio"))})
     report |= {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "out")} | {"out": str(args.out)},
-               "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": len(os.sched_getaffinity(0))},
-               "command": " ".join(sys.argv)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+               "machine": machine_info, "command": command("co_train", argv)}
+    write_report(report, args.out)
     return 0
 
 

@@ -3,11 +3,17 @@
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh        # from the repository root, on a machine with a CUDA GPU
 #
-# 1. training: benchmarks/train_throughput.py --gpu-shape mistral-7b (ours vs transformers.Trainer, 4-bit 7B shape);
-# 2. co-training: benchmarks/co_train.py --gpu-shape mistral-7b (a lone job, then groups of 1, 4 and 8 members);
-# 3. serving: benchmarks/serve_adapters.py --gpu-shape mistral-7b (engine at 1 and 32 adapters, the PEFT baselines at
-#    32, cold loads; rank-8 adapters on every linear layer of a random 7B-shaped 4-bit model). 128 adapters are left
-#    out to fit (writing 7B adapters takes ~0.5 s each); each baseline stops at its window's end (a hard deadline).
+# 1. training: python -m benchmarks.train_throughput --gpu-shape mistral-7b (ours vs transformers.Trainer, 4-bit 7B
+#    shape);
+# 2. co-training: python -m benchmarks.co_train --gpu-shape mistral-7b (a lone job, then groups of 1, 4 and 8 members);
+# 3. serving: python -m benchmarks.serve_adapters --gpu-shape mistral-7b (engine at 1 and 32 adapters, the PEFT
+#    baselines at 32, cold loads; rank-8 adapters on every linear layer of a random 7B-shaped 4-bit model). 128 adapters
+#    are left out to fit (writing 7B adapters takes ~0.5 s each); each baseline stops at its window's end (a hard
+#    deadline).
+# 4. vLLM (only where `import vllm` works; otherwise the step says why and is recorded as skipped):
+#    python -m benchmarks.serve_adapters --gpu-shape mistral-7b --engine both: vLLM on the 4-bit base (bitsandbytes)
+#    and on a bf16 copy, each at 1, 32 and 128 adapters and with the base alone, beside our engine at the same counts
+#    and the PEFT baselines at 32. Its limit (VLLM_LIMIT_S) comes on top of the ~8 minutes above.
 # Each step has its own time limit (STEP_LIMIT_S, seconds each) so one slow step cannot eat the others' time; a step
 # that fails or runs out of time is recorded in $OUT/gpu_check.json and the next one still runs.
 # PYTHON defaults to the project's .venv, else python3.
@@ -23,6 +29,7 @@ fi
 TRAIN_LIMIT_S="${TRAIN_LIMIT_S:-200}"
 COTRAIN_LIMIT_S="${COTRAIN_LIMIT_S:-90}"
 SERVE_LIMIT_S="${SERVE_LIMIT_S:-180}"
+VLLM_LIMIT_S="${VLLM_LIMIT_S:-600}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 
@@ -45,15 +52,25 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under a time limit, log to $OUT
   statuses+=("\"$name\": {\"exit\": $status, \"seconds\": $((SECONDS - started))}")
 }
 
-step train_throughput "$TRAIN_LIMIT_S" "$PYTHON" benchmarks/train_throughput.py --gpu-shape mistral-7b --steps 8 \
+step train_throughput "$TRAIN_LIMIT_S" "$PYTHON" -m benchmarks.train_throughput --gpu-shape mistral-7b --steps 8 \
   --learning-rate 2e-4 --out "$OUT/train_throughput_mistral7b.json"
 
-step co_train "$COTRAIN_LIMIT_S" "$PYTHON" benchmarks/co_train.py --gpu-shape mistral-7b --steps 4 --gpu-ks 1 4 8 \
+step co_train "$COTRAIN_LIMIT_S" "$PYTHON" -m benchmarks.co_train --gpu-shape mistral-7b --steps 4 --gpu-ks 1 4 8 \
   --out "$OUT/co_train_mistral7b.json"
 
-step serve_adapters "$SERVE_LIMIT_S" "$PYTHON" benchmarks/serve_adapters.py --gpu-shape mistral-7b \
-  --parts engine,peft,cold --adapter-counts 1,32 --repeats 1 --seconds 10 --baseline-seconds 10 --warmup-s 3 --device-slots 0 \
-  --max-rank 8 --out "$OUT/serve_adapters_mistral7b.json"
+step serve_adapters "$SERVE_LIMIT_S" "$PYTHON" -m benchmarks.serve_adapters --gpu-shape mistral-7b \
+  --parts engine,peft,cold --adapter-counts 1,32 --repeats 1 --seconds 10 --baseline-seconds 10 --warmup-s 3 \
+  --device-slots 0 --max-rank 8 --out "$OUT/serve_adapters_mistral7b.json"
+
+if vllm_error=$("$PYTHON" -c 'import vllm' 2>&1); then
+  step serve_vllm "$VLLM_LIMIT_S" "$PYTHON" -m benchmarks.serve_adapters --gpu-shape mistral-7b \
+    --parts engine,peft --engine both --vllm-precisions 4bit,bf16 --adapter-counts 1,32,128 --repeats 1 --seconds 10 \
+    --baseline-seconds 10 --warmup-s 3 --device-slots 0 --max-rank 8 --out "$OUT/serve_vllm_mistral7b.json"
+else
+  echo "== serve_vllm skipped: import vllm failed with $PYTHON: $(echo "$vllm_error" | tail -n 1)"
+  echo "   (make setup installs vllm on a machine with an NVIDIA GPU; a lent machine without a registry cannot)"
+  statuses+=("\"serve_vllm\": {\"skipped\": \"import vllm failed\"}")
+fi
 
 joined=$(IFS=,; echo "${statuses[*]}")
 echo "{${joined}}" >"$OUT/gpu_check.json"

@@ -24,13 +24,19 @@ Parts (`--parts`, all by default):
 - **cold**: an adapter fetched from local disk into host memory (`prefetch`), and its copy into an accelerator slot,
   p50 over 16 fresh adapters.
 
-    python benchmarks/serve_adapters.py [--out FILE] [--parts engine,peft,hot,cold] [--seconds 5] [--users 32]
-    python benchmarks/serve_adapters.py --gpu-shape mistral-7b [--layers 32]   # random 7B-shaped 4-bit model, a GPU
+`--engine vllm` runs the engine part on vLLM (`serving.vllm_engine`, benchmarks/vllm_runs.py) instead of our engine,
+`--engine both` on both, one after the other over the same adapter folders: rows `vllm-<precision>` per K and
+`vllm-<precision> base` (no adapter), for each of `--vllm-precisions` (fp32 on a CPU; 4bit,bf16 with --gpu-shape).
+
+    python -m benchmarks.serve_adapters [--out FILE] [--parts engine,peft,hot,cold] [--seconds 5] [--users 32]
+    python -m benchmarks.serve_adapters --gpu-shape mistral-7b [--layers 32]   # random 7B-shaped 4-bit model, a GPU
+    python -m benchmarks.serve_adapters --parts engine --engine both            # vLLM beside our engine
 
 Writes JSON (default benchmarks/results/serve_adapters.json) with top-level `ratio_1000_vs_1`, `ratio_128_vs_1`,
 `ratio_32_vs_1` (engine tokens/s with K adapters over 1), `ratio_32_vs_peft` and `ratio_32_vs_naive` (engine over the
 baselines at 32 adapters), `hot_vs_uniform` (Zipf over uniform tokens/s, 2 replicas) and `hot_p99_ttft_ratio` (the hot
-adapter's p99 TTFT over the other adapters', Zipf run).
+adapter's p99 TTFT over the other adapters', Zipf run); with vLLM, `vllm-<precision>_32_vs_engine` and
+`vllm-<precision>_32_vs_base`, or `vllm_skipped` saying why vLLM did not run.
 """
 
 from __future__ import annotations
@@ -38,13 +44,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
-import platform
+import gc
 import random
-import shlex
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -53,36 +55,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-for folder in (ROOT, ROOT / "benchmarks"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-import torch  # noqa: E402
-from serving_app import (  # noqa: E402
-    RANKS,
-    Shape,
-    http_users,
-    local_serve,
-    percentile,
-    prime,
-    publish_adapters,
-    random_adapters,
-    summarise_load,
-    vocabulary_words,
+from benchmarks.common import RESULTS, command, machine, percentiles_ms, random_4bit_model, write_report
+from benchmarks.serving_app import Shape, http_users, prime, summarise_load, vocabulary_words
+from benchmarks.vllm_runs import ENGINES, model_folder, run_vllm, vllm_missing, vllm_ratios, wants
+from core.catalog import load_catalog
+from core.errors import DeviceUnavailable, UserError, print_user_error
+from core.schemas import BaseModelSpec, QuantizationSettings
+from jobs.models import load_base_model, load_tokenizer
+from serving.batching import BatchingEngine
+from serving.config import (
+    BaseDeployment,
+    BatchingEngineConfig,
+    HotAdapterSettings,
+    IngressSettings,
+    ReplicaBounds,
+    ServeConfig,
 )
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+from serving.engine import Delta, SamplingParams
+from serving.synthetic import RANKS, publish_adapters, random_adapters
+from tests.helpers import local_serve
 
-from core.catalog import load_catalog  # noqa: E402
-from core.errors import DeviceUnavailable, UserError, print_user_error  # noqa: E402
-from core.schemas import BaseModelSpec, QuantizationSettings  # noqa: E402
-from jobs.models import load_base_model, load_tokenizer  # noqa: E402
-from serving.batching import BatchingEngine  # noqa: E402
-from serving.config import BaseDeployment, EngineSettings, HotAdapterSettings, IngressSettings, ReplicaBounds, ServeConfig  # noqa: E402
-from serving.engine import Delta, SamplingParams  # noqa: E402
-
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_adapters.json"
+DEFAULT_OUT = RESULTS / "serve_adapters.json"
 PARTS = ("engine", "peft", "hot", "cold")
 ADAPTER_COUNTS = (1, 8, 32, 128, 1000)
 BASELINE_COUNT = 32
@@ -110,8 +106,14 @@ class PeftBaseline:
     run with `adapter_names=[...]` per row. Otherwise (swap): one adapter loaded at a time; a batch is the oldest
     request's adapter's waiting requests; a swap (load from disk, delete the previous) when the adapter changes."""
 
-    def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter_dir: Path, max_batch_size: int,
-                 mixed_adapters: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        adapter_dir: Path,
+        max_batch_size: int,
+        mixed_adapters: list[str] | None = None,
+    ) -> None:
         from peft import PeftModel
 
         self.base = base.eval()
@@ -135,7 +137,9 @@ class PeftBaseline:
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
-    async def generate(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> AsyncIterator[Delta]:
+    async def generate(
+        self, prompt_ids: list[int], adapter: str | None, params: SamplingParams
+    ) -> AsyncIterator[Delta]:
         request = _Request(adapter or "", list(prompt_ids), params, asyncio.get_running_loop())
         with self.lock:
             self.queue.append(request)
@@ -150,7 +154,9 @@ class PeftBaseline:
         from peft import PeftModel
 
         if self.model is None:
-            self.model = PeftModel.from_pretrained(self.base, str(self.adapter_dir / adapter), adapter_name=adapter).eval()
+            self.model = PeftModel.from_pretrained(
+                self.base, str(self.adapter_dir / adapter), adapter_name=adapter
+            ).eval()
         else:
             self.model.load_adapter(str(self.adapter_dir / adapter), adapter_name=adapter)
             self.model.set_adapter(adapter)
@@ -187,7 +193,10 @@ class PeftBaseline:
         device = self.base.device
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=device)
-        mask = (torch.arange(width, device=device)[None, :] >= torch.tensor([width - len(r.prompt_ids) for r in batch], device=device)[:, None]).long()
+        mask = (
+            torch.arange(width, device=device)[None, :]
+            >= torch.tensor([width - len(r.prompt_ids) for r in batch], device=device)[:, None]
+        ).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self._forward(batch, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
@@ -204,14 +213,21 @@ class PeftBaseline:
                 counts[row] += 1
                 finished = token == self.eos or counts[row] >= request.params.max_tokens
                 done[row] = finished
-                delta = Delta(text="", token_ids=[token], finish_reason=("length" if finished else None), completion_tokens=counts[row])
+                delta = Delta(
+                    text="",
+                    token_ids=[token],
+                    finish_reason=("length" if finished else None),
+                    completion_tokens=counts[row],
+                )
                 with contextlib.suppress(RuntimeError):  # abandoned at a hard deadline: its event loop is closed
                     request.loop.call_soon_threadsafe(request.stream.put_nowait, delta)
             if all(done):
                 return
             mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=device)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self._forward(batch, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache)
+            out = self._forward(
+                batch, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache
+            )
 
     def shutdown(self) -> None:
         self.stopping = True
@@ -234,9 +250,10 @@ class Window:
 
 async def closed_loop(engine: Any, adapters: list[str], args: argparse.Namespace, vocab: int, seed: int,
                       hard_deadline: bool = False) -> Window:
-    """`args.users` users for warm-up + measured seconds; returns what the measured window saw. Requests in flight at the
-    window's end finish (outside it) before this returns, unless `hard_deadline`: then it returns at the window's end and
-    the users' requests still in flight are abandoned (counted in `abandoned`; the engine is left to drop them)."""
+    """`args.users` users for warm-up + measured seconds; returns what the measured window saw. Requests in flight at
+    the window's end finish (outside it) before this returns, unless `hard_deadline`: then it returns at the window's
+    end and the users' requests still in flight are abandoned (counted in `abandoned`; the engine is left to drop
+    them)."""
     window = Window()
     started = time.perf_counter()
     measure_from = started + args.warmup_s
@@ -276,13 +293,19 @@ async def closed_loop(engine: Any, adapters: list[str], args: argparse.Namespace
     return window
 
 
-def summarise(name: str, adapters: int, windows: list[Window], seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarise(
+    name: str, adapters: int, windows: list[Window], seconds: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One row: median tokens/s over the windows (one per repeat); TTFT percentiles and requests over all of them."""
-    ttft = [t for w in windows for t in w.ttft_s]
-    return {"engine": name, "adapters": adapters, "tokens_per_s": statistics.median(w.tokens / seconds for w in windows),
-            "tokens_per_s_runs": [round(w.tokens / seconds, 1) for w in windows], "requests": sum(w.requests for w in windows),
-            "ttft_p50_ms": 1000 * statistics.median(ttft) if ttft else float("nan"), "ttft_p99_ms": 1000 * percentile(ttft, 0.99),
-            **(extra or {})}
+    return {
+        "engine": name,
+        "adapters": adapters,
+        "tokens_per_s": statistics.median(w.tokens / seconds for w in windows),
+        "tokens_per_s_runs": [round(w.tokens / seconds, 1) for w in windows],
+        "requests": sum(w.requests for w in windows),
+        **percentiles_ms("ttft", [t for w in windows for t in w.ttft_s]),
+        **(extra or {}),
+    }
 
 
 # --------------------------------------------------------------------------- models
@@ -305,11 +328,11 @@ def base_for(args: argparse.Namespace) -> Base:
     if args.gpu_shape is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return Base(tokenizer_spec, lambda: load_base_model(tokenizer_spec, QuantizationSettings(), device), tokenizer)
-    from train_throughput import random_4bit_model
-
     spec = load_catalog().base_model(args.gpu_shape)
     if args.layers:
-        spec = spec.model_copy(update={"architecture": spec.architecture.model_copy(update={"num_layers": args.layers})})
+        spec = spec.model_copy(
+            update={"architecture": spec.architecture.model_copy(update={"num_layers": args.layers})}
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.layers:
         raise DeviceUnavailable(f"--gpu-shape {args.gpu_shape} needs a CUDA GPU (torch.cuda.is_available() is False); "
@@ -317,12 +340,14 @@ def base_for(args: argparse.Namespace) -> Base:
     return Base(spec, lambda: random_4bit_model(spec, QuantizationSettings(), device), tokenizer)
 
 
-def engine_settings(args: argparse.Namespace, host_slots: int) -> EngineSettings:
-    return EngineSettings(max_batch_size=args.max_batch_size, device_adapter_slots=args.device_slots,
-                          host_adapter_slots=host_slots, max_lora_rank=args.max_rank, max_queued_requests=10 * args.users)
+def engine_settings(args: argparse.Namespace, host_slots: int) -> BatchingEngineConfig:
+    return BatchingEngineConfig(max_batch_size=args.max_batch_size, device_adapter_slots=args.device_slots,
+                                host_adapter_slots=host_slots, max_lora_rank=args.max_rank,
+                                max_queued_requests=10 * args.users)
 
 
-def make_engine(base: Base, model: PreTrainedModel, adapter_dir: Path, settings: EngineSettings) -> BatchingEngine:
+def make_engine(base: Base, model: PreTrainedModel, adapter_dir: Path,
+                settings: BatchingEngineConfig) -> BatchingEngine:
     context = int(getattr(model.config, "max_position_embeddings", 2048))
     return BatchingEngine(model, base.tokenizer, lambda adapter: adapter_dir / adapter, settings, context,
                           list(base.spec.all_linear_modules))
@@ -331,15 +356,23 @@ def make_engine(base: Base, model: PreTrainedModel, adapter_dir: Path, settings:
 # --------------------------------------------------------------------------- parts
 
 
-def run_engine(engine: BatchingEngine, names: list[str], counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_engine(
+    engine: BatchingEngine, names: list[str], counts: list[int], args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """Every adapter count, interleaved `args.repeats` times; one row per count."""
     vocab = len(engine.tokenizer)
     asyncio.run(_prefetch(engine, names[: max(counts)]))
     windows: dict[int, list[Window]] = {count: [] for count in counts}
     for repeat in range(args.repeats):
         for count in counts:
-            windows[count].append(asyncio.run(closed_loop(engine, names[:count], args, vocab, seed=count + 7919 * repeat)))
-            print(f"  engine {count:5d} adapters, run {repeat + 1}: {windows[count][-1].tokens / args.seconds:8.1f} tok/s", flush=True)
+            windows[count].append(
+                asyncio.run(closed_loop(engine, names[:count], args, vocab, seed=count + 7919 * repeat))
+            )
+            print(
+                f"  engine {count:5d} adapters, run {repeat + 1}: {windows[count][-1].tokens / args.seconds:8.1f} "
+                "tok/s",
+                flush=True,
+            )
     return [summarise("engine", count, windows[count], args.seconds, {"held_on_device": len(engine.held_adapters())})
             for count in counts]
 
@@ -349,18 +382,33 @@ async def _prefetch(engine: BatchingEngine, names: list[str]) -> None:
 
 
 def run_baselines(base: Base, adapter_dir: Path, names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The PEFT mixed-batch baseline and the swap-per-batch baseline at BASELINE_COUNT adapters, each for its warm-up and
-    `--baseline-seconds` and no longer: a hard deadline, since a slow baseline may finish no request in its window (its
-    tokens/s then counts the tokens it streamed in the window; `requests` counts only finished ones)."""
+    """The PEFT mixed-batch baseline and the swap-per-batch baseline at BASELINE_COUNT adapters, each for its warm-up
+    and `--baseline-seconds` and no longer: a hard deadline, since a slow baseline may finish no request in its window
+    (its tokens/s then counts the tokens it streamed in the window; `requests` counts only finished ones)."""
     rows: list[dict[str, Any]] = []
     adapters = names[:BASELINE_COUNT]
     for name, mixed in (("peft", adapters), ("naive", None)):
         baseline = PeftBaseline(base.build(), base.tokenizer, adapter_dir, args.max_batch_size, mixed)
-        window = asyncio.run(closed_loop(baseline, adapters, argparse.Namespace(**vars(args) | {"seconds": args.baseline_seconds}),
-                                         len(base.tokenizer), seed=BASELINE_COUNT, hard_deadline=True))
+        window = asyncio.run(
+            closed_loop(
+                baseline,
+                adapters,
+                argparse.Namespace(**vars(args) | {"seconds": args.baseline_seconds}),
+                len(base.tokenizer),
+                seed=BASELINE_COUNT,
+                hard_deadline=True,
+            )
+        )
         baseline.shutdown()
-        rows.append(summarise(name, BASELINE_COUNT, [window], args.baseline_seconds,
-                              {"swaps": baseline.swaps, "hard_deadline": True, "abandoned_at_deadline": window.abandoned}))
+        rows.append(
+            summarise(
+                name,
+                BASELINE_COUNT,
+                [window],
+                args.baseline_seconds,
+                {"swaps": baseline.swaps, "hard_deadline": True, "abandoned_at_deadline": window.abandoned},
+            )
+        )
         print(_row(rows[-1]) + _deadline_note(rows[-1], args.baseline_seconds), flush=True)
         del baseline
     return rows
@@ -376,7 +424,10 @@ def run_cold(engine: BatchingEngine, names: list[str]) -> dict[str, float]:
         return disk, slot_copy
 
     disk, slot_copy = asyncio.run(measure())
-    return {"disk_to_host_ms_p50": 1000 * statistics.median(disk), "host_to_slot_ms_p50": 1000 * statistics.median(slot_copy)}
+    return {
+        "disk_to_host_ms_p50": 1000 * statistics.median(disk),
+        "host_to_slot_ms_p50": 1000 * statistics.median(slot_copy),
+    }
 
 
 def zipf_picker(models: list[str], hot_share: float) -> Callable[[random.Random], str]:
@@ -407,8 +458,12 @@ def run_hot(base: Base, args: argparse.Namespace, tmp: Path) -> list[dict[str, A
     uri, cache = f"sqlite:///{tmp}/mlflow.db", tmp / "cache"
     models = publish_adapters(uri, cache, base.build(), base.spec, HOT_ADAPTERS)
     words = vocabulary_words(base.tokenizer)
-    shape = Shape(words=(args.prompt_tokens - 10, args.prompt_tokens + 10), new_tokens=(args.new_tokens - 10, args.new_tokens),
-                  pause_s=args.think_s, exponential_pause=True)
+    shape = Shape(
+        words=(args.prompt_tokens - 10, args.prompt_tokens + 10),
+        new_tokens=(args.new_tokens - 10, args.new_tokens),
+        pause_s=args.think_s,
+        exponential_pause=True,
+    )
     port = free_port()
     runs = (("uniform", lambda rng: rng.choice(models), None), ("zipf", zipf_picker(models, HOT_SHARE), None),
             ("zipf_one_replica", zipf_picker(models, HOT_SHARE), models[0].split(":", 1)[1]))
@@ -418,11 +473,16 @@ def run_hot(base: Base, args: argparse.Namespace, tmp: Path) -> list[dict[str, A
         for name, pick, held in runs:
             if held:
                 deploy(hot_config(args, uri, cache, port, held))
-            load = asyncio.run(http_users(url, args.users, pick, words, shape, args.hot_warmup_s, args.hot_seconds, seed=len(rows)))
+            load = asyncio.run(
+                http_users(url, args.users, pick, words, shape, args.hot_warmup_s, args.hot_seconds, seed=len(rows))
+            )
             hot = summarise_load(load, args.users, args.hot_seconds, lambda r: r.model == models[0])
             rest = summarise_load(load, args.users, args.hot_seconds, lambda r: r.model != models[0])
-            rows.append({"engine": f"2 replicas, {name}", "adapters": HOT_ADAPTERS} | summarise_load(load, args.users, args.hot_seconds)
-                        | {"hot_ttft_p99_ms": hot["ttft_p99_ms"], "others_ttft_p99_ms": rest["ttft_p99_ms"]})
+            rows.append(
+                {"engine": f"2 replicas, {name}", "adapters": HOT_ADAPTERS}
+                | summarise_load(load, args.users, args.hot_seconds)
+                | {"hot_ttft_p99_ms": hot["ttft_p99_ms"], "others_ttft_p99_ms": rest["ttft_p99_ms"]}
+            )
             print(_row(rows[-1]), flush=True)
     return rows
 
@@ -434,22 +494,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run, of {', '.join(PARTS)}")
-    parser.add_argument("--base", default="tiny-llama", help="catalogue base model (a tiny one on a CPU); its tokenizer with --gpu-shape")
+    parser.add_argument(
+        "--base",
+        default="tiny-llama",
+        help="catalogue base model (a tiny one on a CPU); its tokenizer with --gpu-shape",
+    )
     parser.add_argument("--gpu-shape", choices=GPU_SHAPES, help="random weights of that model's real shape in 4-bit, "
                         "rank-8 adapters on every linear layer (needs a GPU; the hot part is skipped)")
     parser.add_argument("--layers", type=int, default=0, help="with --gpu-shape: build only this many layers (0: all; "
                         "a few run on the CPU as a smoke test)")
     parser.add_argument("--adapter-counts", default=",".join(map(str, ADAPTER_COUNTS)), help="engine part's K values")
+    parser.add_argument("--engine", choices=ENGINES, default="batching", help="the engine part's engine: ours "
+                        "(batching), vLLM, or both side by side")
+    parser.add_argument("--vllm-precisions", default="", help="comma-separated base precisions vLLM runs (default: "
+                        "fp32 on a CPU, 4bit,bf16 with --gpu-shape)")
     parser.add_argument("--users", type=int, default=32, help="concurrent closed-loop users")
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--think-s", type=float, default=0.2, help="mean think time between a user's requests")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per in-process configuration and run")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="measured seconds per in-process configuration and run"
+    )
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each in-process window")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine configuration (median counts)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="interleaved runs per engine configuration (median counts)"
+    )
     parser.add_argument("--baseline-seconds", type=float, default=10.0, help="measured seconds per PEFT baseline")
     parser.add_argument("--hot-seconds", type=float, default=10.0, help="measured seconds per hot-part run")
-    parser.add_argument("--hot-warmup-s", type=float, default=10.0, help="unmeasured seconds before each hot-part window")
+    parser.add_argument(
+        "--hot-warmup-s", type=float, default=10.0, help="unmeasured seconds before each hot-part window"
+    )
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--device-slots", type=int, default=256, help="adapters held in the accelerator tier (0: sized "
                         "from free GPU memory)")
@@ -466,8 +540,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("users", "prompt_tokens", "new_tokens", "max_batch_size", "max_rank", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(args.seconds, args.baseline_seconds, args.hot_seconds) <= 0 or args.think_s <= 0 or min(args.counts) < 1 or args.new_tokens <= 10 or args.prompt_tokens <= 10:
-        parser.error("--seconds and --think-s must be positive, --adapter-counts at least 1, --new-tokens and --prompt-tokens above 10")
+    if (
+        min(args.seconds, args.baseline_seconds, args.hot_seconds) <= 0
+        or args.think_s <= 0
+        or min(args.counts) < 1
+        or args.new_tokens <= 10
+        or args.prompt_tokens <= 10
+    ):
+        parser.error(
+            "--seconds and --think-s must be positive, --adapter-counts at least 1, --new-tokens and --prompt-tokens "
+            "above 10"
+        )
+    args.vllm_precisions = [p for p in (args.vllm_precisions or ("4bit,bf16" if args.gpu_shape else "fp32")).split(",")
+                            if p]
+    if set(args.vllm_precisions) - {"4bit", "bf16", "fp32"}:
+        parser.error(f"--vllm-precisions: choose among 4bit, bf16, fp32, not {args.vllm_precisions}")
     if args.gpu_shape:
         args.parts = [part for part in args.parts if part != "hot"]
         if not args.parts:
@@ -480,7 +567,9 @@ def ranks_for(args: argparse.Namespace) -> tuple[int, ...]:
     return (8,) if args.gpu_shape else RANKS
 
 
-def run_in_process(base: Base, args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
+def run_in_process(
+    base: Base, args: argparse.Namespace, tmp: Path
+) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
     """The engine, peft and cold parts, of which `args.parts` holds at least one (one model in memory at a time)."""
     counts = args.counts if "engine" in args.parts else [BASELINE_COUNT]
     names = [f"adapter-{i:04d}" for i in range(max(counts + [BASELINE_COUNT]) + 16)]
@@ -488,17 +577,37 @@ def run_in_process(base: Base, args: argparse.Namespace, tmp: Path) -> tuple[lis
     random_adapters(model, base.spec, [tmp / name for name in names], ranks_for(args))
     rows: list[dict[str, Any]] = []
     cold = None
-    engine = make_engine(base, model, tmp, engine_settings(args, len(names)))
-    if "engine" in args.parts or "peft" in args.parts:
-        rows += run_engine(engine, names, counts, args)
-    if "cold" in args.parts:
-        cold = run_cold(engine, names[-16:])
-    engine.shutdown()
-    del engine
+    if (wants(args, "batching") and "engine" in args.parts) or "peft" in args.parts or "cold" in args.parts:
+        engine = make_engine(base, model, tmp, engine_settings(args, len(names)))
+        if wants(args, "batching") and ("engine" in args.parts or "peft" in args.parts):
+            rows += run_engine(engine, names, counts, args)
+        if "cold" in args.parts:
+            cold = run_cold(engine, names[-16:])
+        engine.shutdown()
+        del engine
     del model
     if "peft" in args.parts:
         rows += run_baselines(base, tmp, names, args)
+    if wants(args, "vllm") and "engine" in args.parts and not args.vllm_skipped:
+        rows += run_vllm_part(base, tmp, names, counts, args)
     return rows, cold
+
+
+def run_vllm_part(base: Base, tmp: Path, names: list[str], counts: list[int],
+                  args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The engine part on vLLM, for each of `args.vllm_precisions`, over the adapters in `tmp`."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gc.collect()
+    if device == "cuda":  # vLLM sizes its KV cache from the memory free when it starts
+        torch.cuda.empty_cache()
+    source = model_folder(base.spec, base.tokenizer, bool(args.gpu_shape), tmp.parent / "vllm-base")
+    vocab = len(base.tokenizer)
+    rows: list[dict[str, Any]] = []
+    for precision in args.vllm_precisions:
+        rows += run_vllm(source, base.tokenizer, precision, device, tmp, names, counts, args,
+                         window=lambda engine, adapters, seed: closed_loop(engine, adapters, args, vocab, seed),
+                         summarise=lambda name, count, windows: summarise(name, count, windows, args.seconds))
+    return rows
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -512,6 +621,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     for name in ("peft", "naive"):
         if (name, BASELINE_COUNT) in tokens and ("engine", BASELINE_COUNT) in tokens:
             out[f"ratio_32_vs_{name}"] = tokens[("engine", BASELINE_COUNT)] / tokens[(name, BASELINE_COUNT)]
+    for precision in ("4bit", "bf16", "fp32"):
+        out |= vllm_ratios(tokens, precision)
     uniform, zipf = by.get(("2 replicas, uniform", HOT_ADAPTERS)), by.get(("2 replicas, zipf", HOT_ADAPTERS))
     if uniform and zipf:
         out["hot_vs_uniform"] = zipf["tokens_per_s"] / uniform["tokens_per_s"]
@@ -521,8 +632,12 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    machine_info = machine("torch", "transformers", "peft")
     torch.manual_seed(0)
     base = base_for(args)
+    args.vllm_skipped = vllm_missing() if wants(args, "vllm") else None
+    if args.vllm_skipped:
+        print(f"vLLM not run: {args.vllm_skipped}", flush=True)
     rows: list[dict[str, Any]] = []
     cold = None
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -534,32 +649,35 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_hot(base, args, Path(tmp) / "hot")
     report = {
         **ratios(rows),
+        "vllm_skipped": args.vllm_skipped,
         "cold_load": cold,
         "results": rows,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                    "load_average": os.getloadavg()},
-        "command": "python benchmarks/serve_adapters.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info,
+        "command": command("serve_adapters", argv),
     }
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 
 def _row(r: dict[str, Any]) -> str:
-    return (f"| {r['engine']} | {r['adapters']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
-            f"{r['requests']} |")
+    return (
+        f"| {r['engine']} | {r['adapters']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | "
+        f"{r['ttft_p99_ms']:.1f} | "
+        f"{r['requests']} |"
+    )
 
 
 def _deadline_note(r: dict[str, Any], seconds: float) -> str:
     """For a baseline row that finished no request in its hard-deadline window: what its figures are then."""
     if not r.get("hard_deadline") or r["requests"]:
         return ""
-    return (f"\n  ({r['engine']}: no request finished in its {seconds:g} s window, {r['abandoned_at_deadline']} abandoned at the "
-            "deadline; tokens/s counts the tokens it streamed inside the window)")
+    return (
+        f"\n  ({r['engine']}: no request finished in its {seconds:g} s window, {r['abandoned_at_deadline']} abandoned "
+        "at the "
+        "deadline; tokens/s counts the tokens it streamed inside the window)"
+    )
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -571,13 +689,24 @@ def print_table(report: dict[str, Any]) -> None:
         if note := _deadline_note(r, report["settings"]["baseline_seconds"]):
             print(note.strip())
     print()
-    for key in ("ratio_1000_vs_1", "ratio_128_vs_1", "ratio_32_vs_1", "ratio_32_vs_peft", "ratio_32_vs_naive", "hot_vs_uniform",
-                "hot_p99_ttft_ratio"):
+    for key in (
+        "ratio_1000_vs_1",
+        "ratio_128_vs_1",
+        "ratio_32_vs_1",
+        "ratio_32_vs_peft",
+        "ratio_32_vs_naive",
+        *(f"vllm-{precision}_32_vs_{other}" for precision in ("4bit", "bf16", "fp32") for other in ("engine", "base")),
+        "hot_vs_uniform",
+        "hot_p99_ttft_ratio",
+    ):
         if key in report:
             print(f"{key} = {report[key]:.3f}")
     cold = report["cold_load"]
     if cold:
-        print(f"cold load: disk -> host {cold['disk_to_host_ms_p50']:.1f} ms, host -> slot {cold['host_to_slot_ms_p50']:.2f} ms (p50)")
+        print(
+            f"cold load: disk -> host {cold['disk_to_host_ms_p50']:.1f} ms, host -> slot "
+            f"{cold['host_to_slot_ms_p50']:.2f} ms (p50)"
+        )
 
 
 if __name__ == "__main__":

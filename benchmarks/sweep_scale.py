@@ -1,13 +1,14 @@
 """Benchmark: the driver's scheduling of the study's 310 fine-tunes on 8 (fake) GPUs over 2 nodes.
 
-    python benchmarks/sweep_scale.py [--out FILE] [--ideal-s 60] [--fresh-workers] [--queue-ahead Q] [--sweep configs/sweeps/lora_land.yaml]
-                                     [--runs ours,co_train_auto,co_train_4]
+    python -m benchmarks.sweep_scale [--out FILE] [--ideal-s 60] [--fresh-workers] [--queue-ahead Q]
+                                     [--sweep configs/sweeps/lora_land.yaml] [--runs ours,co_train_auto,co_train_4]
 
-Stand-in jobs sleep instead of training; the scheduling is the real driver's: `orchestrator.sweep.run_jobs` (submit
-everything, collect, resubmit a job whose node was lost), `submission_order` (base evaluations first, then longest
-first), `submit_job` (plan's GPU share from the memory estimate, the job key as task name, no Ray-side retries) and
-`job_task`, on a real Ray cluster on loopback (`infra/local_cluster.py`: a head and 2 worker nodes advertising 4
-fake GPUs and 24 CPUs each, so only GPUs bind). Each job sleeps `plan`'s wall-time estimate at its GPU share
+Stand-in jobs sleep instead of training; the scheduling is the real driver's: `orchestrator.scheduler.run_units`
+(submit everything, collect, resubmit a job whose node was lost) over `orchestrator.units.SingleJob` units,
+`submission_order` (base evaluations first, then longest first), `resources.job_demand` (plan's GPU share from the
+memory estimate), `resources.submit_task` (the job key as task name, no Ray-side retries) and `job_task`, on a real Ray
+cluster on loopback (`infra/local_cluster.py`: a head and 2 worker nodes advertising 4 fake GPUs and 24 CPUs each, so
+only GPUs bind). Each job sleeps `plan`'s wall-time estimate at its GPU share
 (`hours`), saving its progress as often as the sweep checkpoints (`checkpoint_every / max_steps` of its length: 2.5%)
 and resuming from it when resubmitted, as real jobs do; the sleeps are scaled so that a run's ideal lower bound is
 `--ideal-s` seconds:
@@ -27,11 +28,12 @@ timed runs on the same cluster (`--runs` picks some):
    Under plan's model (a job at a 1/k share runs k times slower) that is the same GPU-time as ours: same ideal.
    `--naive-sleep hours` makes a naive job as slow as a packed one instead (jobs that leave a GPU mostly idle).
 7. co_train_auto, 8. co_train_4: the sweep with `resources.co_train` auto or 4, through the driver's co-training path
-   (`orchestrator.sweep.run_units` over `Units.of`: plan's groups, each one Ray task with the group's GPU share from
-   `plan_group`, longest first). A group's stand-in sleeps plan's estimate for the group (`Units.planned_s`: its members'
-   compute one after another on the group's share), at the same seconds per planned hour as the per-job runs. That
-   model gives co-training no speed-up: under it a group of K takes the GPU-time of its K jobs (the same GPU-time as
-   ours, so the same ideal, as long as no group needs more than one GPU), so these rows measure scheduling with
+   (`orchestrator.scheduler.run_units` over `orchestrator.units.work_units`: plan's groups, each one Ray task with the
+   group's GPU share from `plan_group`, longest first). A group's stand-in sleeps plan's estimate for the group
+   (`CoTrainGroup.planned_s`: its
+   members' compute one after another on the group's share), at the same seconds per planned hour as the per-job runs.
+   That model gives co-training no speed-up: under it a group of K takes the GPU-time of its K jobs (the same GPU-time
+   as ours, so the same ideal, as long as no group needs more than one GPU), so these rows measure scheduling with
    groups (fewer, longer, larger units) and the driver's overhead per unit, not training speed (benchmarks/co_train.py
    measures that). Reported against the run's own ideal (from its units' sleeps and shares) and against ours.
 
@@ -54,7 +56,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -67,18 +68,23 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported: keeps 127.0.0.1 (infra/README.md)
+# Read when ray is imported: keeps 127.0.0.1 (infra/README.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from infra.local_cluster import LocalCluster, free_port_block  # noqa: E402
-from jobs.config import JobConfig  # noqa: E402
-from orchestrator import sweep as driver  # noqa: E402
-from orchestrator.config import SweepConfig, expand_jobs, load_sweep  # noqa: E402
-from orchestrator.plan import plan_job  # noqa: E402
+from benchmarks.common import RESULTS, command, machine, write_report
+from core.paths import CONFIG_DIR
+from infra.local_cluster import LocalCluster, free_port_block
+from jobs.config import JobConfig
+from orchestrator import notes
+from orchestrator.cluster import connect_ray
+from orchestrator.config import SweepConfig, expand_jobs, load_sweep
+from orchestrator.plan import plan_job
+from orchestrator.resources import job_demand, job_task
+from orchestrator.scheduler import SchedulerSettings, run_units
+from orchestrator.sweep import submission_order
+from orchestrator.units import CoTrainGroup, JobOutcome, RayTasks, SingleJob, WorkUnit, work_units
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sweep_scale.json"
+DEFAULT_OUT = RESULTS / "sweep_scale.json"
 NODES, GPUS_PER_NODE, CPUS_PER_NODE = 2, 4, 24
 KILL_AT = 0.30
 WARM_UP_FRACTION = 0.25
@@ -89,7 +95,8 @@ RUNS = ("ours", "submit_all", "node_loss", "node_loss_submit_all", "catalogue_or
 
 def stand_in(seconds: float, state: str) -> dict[str, Any]:
     """A job: sleep `seconds`, less what its last checkpoint holds. The file `state` keeps the attempt's start and node
-    and the seconds checkpointed (`lose_node` fills that in for the jobs it interrupts). Returns when and where it ran."""
+    and the seconds checkpointed (`lose_node` fills that in for the jobs it interrupts). Returns when and where it
+    ran."""
     import psutil
     import ray
 
@@ -98,8 +105,15 @@ def stand_in(seconds: float, state: str) -> dict[str, Any]:
     start, node = time.time(), ray.get_runtime_context().get_node_id()
     path.write_text(json.dumps({"start": start, "node": node, "checkpointed": checkpointed, "seconds": seconds}))
     time.sleep(seconds - checkpointed)
-    return {"start": start, "end": time.time(), "slept": seconds - checkpointed, "resumed_from": checkpointed, "node": node,
-            "pid": os.getpid(), "created": psutil.Process().create_time()}
+    return {
+        "start": start,
+        "end": time.time(),
+        "slept": seconds - checkpointed,
+        "resumed_from": checkpointed,
+        "node": node,
+        "pid": os.getpid(),
+        "created": psutil.Process().create_time(),
+    }
 
 
 def stand_in_unit(unit: JobConfig | list[JobConfig], sleeps: str, states: str, _: str) -> dict[str, Any]:
@@ -114,7 +128,8 @@ def stand_in_unit(unit: JobConfig | list[JobConfig], sleeps: str, states: str, _
 
 
 class CountedTask:
-    """A Ray remote function that counts the attempts submitted through it (`.options(...)` as `submit_job` calls it)."""
+    """A Ray remote function that counts the attempts submitted through it (`.options(...)` as `submit_task` calls
+    it)."""
 
     def __init__(self, task: Any) -> None:
         self.task, self.submitted = task, 0
@@ -126,7 +141,8 @@ class CountedTask:
 
 def lose_node(cluster: LocalCluster, node: str, states: Path, checkpoint_fraction: float) -> list[float]:
     """Checkpoint, as of now, every job running on `node` (whole checkpoint intervals since its attempt started), then
-    SIGKILL the node's raylet and workers (the machine is gone). Returns the seconds checkpointed of each job it interrupted."""
+    SIGKILL the node's raylet and workers (the machine is gone). Returns the seconds checkpointed of each job it
+    interrupted."""
     now, node_id, interrupted = time.time(), cluster.node_id(node), []
     for path in states.iterdir():
         state = json.loads(path.read_text())
@@ -142,19 +158,39 @@ def lose_node(cluster: LocalCluster, node: str, states: Path, checkpoint_fractio
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default: %(default)s)")
-    parser.add_argument("--ideal-s", type=float, default=60.0, help="ideal lower bound of a run in seconds (default: %(default)s)")
-    parser.add_argument("--fresh-workers", action="store_true", help="a new worker process per job, as real GPU jobs get")
+    parser.add_argument(
+        "--ideal-s", type=float, default=60.0, help="ideal lower bound of a run in seconds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--fresh-workers", action="store_true", help="a new worker process per job, as real GPU jobs get"
+    )
     parser.add_argument("--naive-sleep", choices=["gpu_hours", "hours"], default="gpu_hours",
                         help="plan's estimate a naive job sleeps (default %(default)s: a whole GPU makes it faster)")
-    parser.add_argument("--queue-ahead", type=float, default=None,
-                        help="the driver's resources.queue_ahead (default: the sweep's); a large value submits every job at once")
-    parser.add_argument("--sweep", type=Path, default=ROOT / "configs" / "sweeps" / "lora_land.yaml", help="sweep whose fine-tunes are stood in for")
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated runs to time, always in the order of the default (default: all: %(default)s)")
+    parser.add_argument(
+        "--queue-ahead",
+        type=float,
+        default=None,
+        help="the driver's resources.queue_ahead (default: the sweep's); a large value submits every job at once",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=Path,
+        default=CONFIG_DIR / "sweeps" / "lora_land.yaml",
+        help="sweep whose fine-tunes are stood in for",
+    )
+    parser.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help="comma-separated runs to time, always in the order of the default (default: all: %(default)s)",
+    )
     args = parser.parse_args(argv)
     args.runs = [name.strip() for name in args.runs.split(",") if name.strip()]
     unknown = [name for name in args.runs if name not in RUNS]
     if unknown or not args.runs:
-        parser.error(f"--runs: choose one or more of {', '.join(RUNS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        parser.error(
+            f"--runs: choose one or more of {', '.join(RUNS)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
     if args.ideal_s <= 0:
         parser.error("--ideal-s must be > 0")
     if args.queue_ahead is not None and args.queue_ahead < 0:
@@ -162,53 +198,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def timed_run(jobs: list[JobConfig], submit: Callable[[JobConfig], Any], demand: Callable[[JobConfig], dict[str, float]],
-              sweep: SweepConfig, on_result: Callable[[JobConfig, float], None] | None = None, queue_ahead: float | None = None
-              ) -> tuple[float, float, dict[str, dict[str, Any]], int]:
-    """All jobs through `driver.run_jobs`; returns `timed`'s figures. `on_result(job, start)` follows progress."""
-    submissions: list[str] = []
+def timed_run(
+    units: list[WorkUnit],
+    task: CountedTask,
+    sweep: SweepConfig,
+    on_result: Callable[[WorkUnit, float], None] | None = None,
+    queue_ahead: float | None = None,
+) -> tuple[float, float, dict[str, dict[str, Any]], int]:
+    """All units through the driver's scheduler, `run_units` (each submitting through `task`); returns `timed`'s
+    figures, keyed by unit (a group by its key). `on_result(unit, start)` follows progress."""
 
-    def counted(job: JobConfig) -> Any:
-        submissions.append(job.job_key)
-        return submit(job)
-
-    def drive(outcomes: dict[str, driver.JobOutcome], record: Callable[[JobConfig, dict[str, Any]], None]) -> int:
-        driver.run_jobs(jobs, counted, demand, sweep.retries, outcomes, len(jobs),
-                        sweep.resources.queue_ahead if queue_ahead is None else queue_ahead, on_result=record)
-        return len(submissions) - len(jobs)
+    def drive(record: Callable[[WorkUnit, dict[str, Any]], None]) -> tuple[dict[str, JobOutcome], int]:
+        before = task.submitted
+        settings = SchedulerSettings(sweep.retries, sum(len(unit.jobs) for unit in units),
+                                     sweep.resources.queue_ahead if queue_ahead is None else queue_ahead,
+                                     on_result=record)
+        outcomes = run_units(units, settings)
+        return outcomes, task.submitted - before - len(units)
 
     return timed(drive, on_result)
 
 
-def co_train_run(units: driver.Units, sweep: SweepConfig, task: CountedTask, sleeps: Path, states: Path
-                 ) -> tuple[float, float, dict[str, dict[str, Any]], int]:
-    """All units through the driver's co-training path, `driver.run_units` (`stand_in_unit` for both kinds of unit, sleeps
-    from the file `sleeps`); returns `timed`'s figures, keyed by unit (a group by its lead's key)."""
-
-    def drive(outcomes: dict[str, driver.JobOutcome], record: Callable[[JobConfig, dict[str, Any]], None]) -> int:
-        before = task.submitted
-        driver.run_units(sweep, units, outcomes, sum(map(units.size, units.jobs)), task, task, (str(sleeps), str(states), ""),
-                         on_result=record)
-        return task.submitted - before - len(units.jobs)
-
-    return timed(drive)
-
-
-def timed(drive: Callable[[dict[str, driver.JobOutcome], Callable[[JobConfig, dict[str, Any]], None]], int],
-          on_result: Callable[[JobConfig, float], None] | None = None) -> tuple[float, float, dict[str, dict[str, Any]], int]:
-    """`drive(outcomes, record)` runs the stand-ins through the driver, which calls `record` with each finished one's result,
-    and returns how many attempts it resubmitted. Returns (start, end, each result plus `seen`: when the driver got it,
-    resubmitted attempts); raises if a stand-in failed. `on_result(job, start)` follows progress."""
+def timed(
+    drive: Callable[[Callable[[WorkUnit, dict[str, Any]], None]], tuple[dict[str, JobOutcome], int]],
+    on_result: Callable[[WorkUnit, float], None] | None = None,
+) -> tuple[float, float, dict[str, dict[str, Any]], int]:
+    """`drive(record)` runs the stand-ins through the driver, which calls `record` with each finished one's result, and
+    returns the outcomes and how many attempts it resubmitted. Returns (start, end, each result plus `seen`: when the
+    driver got it, resubmitted attempts); raises if a stand-in failed. `on_result(unit, start)` follows progress."""
     results: dict[str, dict[str, Any]] = {}
     started = time.time()
 
-    def record(job: JobConfig, result: dict[str, Any]) -> None:
-        results[job.job_key] = result | {"seen": time.time()}
+    def record(unit: WorkUnit, result: dict[str, Any]) -> None:
+        results[unit.key] = result | {"seen": time.time()}
         if on_result:
-            on_result(job, started)
+            on_result(unit, started)
 
-    outcomes: dict[str, driver.JobOutcome] = {}
-    resubmitted = drive(outcomes, record)
+    outcomes, resubmitted = drive(record)
     failed = [o for o in outcomes.values() if o.state != "finished"]
     if failed:
         raise RuntimeError(f"{len(failed)} stand-in jobs failed, e.g. {failed[0].error}")
@@ -229,19 +255,31 @@ def figures(started: float, ended: float, results: dict[str, dict[str, Any]], re
         gaps += [later["start"] - earlier["end"] for earlier, later in zip(runs, runs[1:])]
     to_driver = [r["seen"] - r["end"] for r in results.values()]
     overshoot = [r["end"] - r["start"] - r["slept"] for r in results.values()]
-    parts = {"idle_between_jobs": mean(gaps) if gaps else 0.0, "result_to_driver": mean(to_driver), "sleep_overshoot": mean(overshoot)}
+    parts = {
+        "idle_between_jobs": mean(gaps) if gaps else 0.0,
+        "result_to_driver": mean(to_driver),
+        "sleep_overshoot": mean(overshoot),
+    }
     return {
-        "jobs": len(results), "makespan_s": round(makespan, 2), "ideal_s": round(ideal, 2), "makespan_ratio": round(makespan / ideal, 4),
+        "jobs": len(results),
+        "makespan_s": round(makespan, 2),
+        "ideal_s": round(ideal, 2),
+        "makespan_ratio": round(makespan / ideal, 4),
         "gpu_utilisation": round(sum(gpus[k] * sleep[k] for k in results) / (gpus_total * makespan), 4),
-        "overhead_s_per_job": round(sum(parts.values()), 3), "overhead_parts_s": {k: round(v, 3) for k, v in parts.items()},
-        "jobs_after_a_job_on_the_same_worker": len(gaps), "worker_processes": len(by_worker),
-        "worker_start_s_mean": round(mean(worker_starts), 3), "nodes_used": len({r["node"] for r in results.values()}),
-        "resubmitted": resubmitted, "resumed_jobs": sum(r["resumed_from"] > 0 for r in results.values()),
+        "overhead_s_per_job": round(sum(parts.values()), 3),
+        "overhead_parts_s": {k: round(v, 3) for k, v in parts.items()},
+        "jobs_after_a_job_on_the_same_worker": len(gaps),
+        "worker_processes": len(by_worker),
+        "worker_start_s_mean": round(mean(worker_starts), 3),
+        "nodes_used": len({r["node"] for r in results.values()}),
+        "resubmitted": resubmitted,
+        "resumed_jobs": sum(r["resumed_from"] > 0 for r in results.values()),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    machine_info = machine()  # ray is imported once the cluster's environment is set
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the cluster
     sweep = load_sweep(args.sweep)
     sweep.evaluate_base = False  # the 310 fine-tunes (base evaluations are 0.2% of plan's GPU-hours)
@@ -251,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     plans = {job.job_key: plan_job(job, sweep.resources) for job in jobs}
     shares = {key: p.gpus for key, p in plans.items()}
     gpus_total = NODES * GPUS_PER_NODE
-    scale = args.ideal_s / max(sum(p.gpus * p.hours for p in plans.values()) / gpus_total, max(p.hours for p in plans.values()))
+    scale = args.ideal_s / max(
+        sum(p.gpus * p.hours for p in plans.values()) / gpus_total, max(p.hours for p in plans.values())
+    )
     ours_sleep = {key: p.hours * scale for key, p in plans.items()}
     naive_sleep = {key: getattr(p, args.naive_sleep) * scale for key, p in plans.items()}
     ideal = max(sum(shares[k] * s for k, s in ours_sleep.items()) / gpus_total, max(ours_sleep.values()))
@@ -262,42 +302,58 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="sweep_scale-"))
     states = scratch / "states"
     cluster = LocalCluster(free_port_block())
-    driver.console.quiet = True  # the driver's line per job, x 1,550 here, is noise: the table below is the output
+    notes.console.quiet = True  # the driver's line per job, x 1,550 here, is noise: the table below is the output
     runs: dict[str, dict[str, Any]] = {}
     try:
         began = time.time()
         cluster.start(workers=NODES, num_cpus=CPUS_PER_NODE, num_gpus=GPUS_PER_NODE)
-        print(f"cluster up in {time.time() - began:.0f} s: head + {NODES} nodes x {GPUS_PER_NODE} fake GPUs", flush=True)
+        print(
+            f"cluster up in {time.time() - began:.0f} s: head + {NODES} nodes x {GPUS_PER_NODE} fake GPUs", flush=True
+        )
         os.environ.update(cluster.env())
-        driver.connect_ray()
-        task = driver.job_task(stand_in, sweep, reuse_workers=not args.fresh_workers)
-        ordered = driver.submission_order(jobs, sweep)
-        demand: Callable[[JobConfig], dict[str, float]] = lambda job: driver.job_demand(job, sweep)  # noqa: E731
+        connect_ray()
+        task = CountedTask(job_task(stand_in, sweep, reuse_workers=not args.fresh_workers))
+        ordered = submission_order(jobs, sweep)
 
-        def ours(sleep: dict[str, float], resources: Callable[..., Any] = driver.submit_job) -> Callable[[JobConfig], Any]:
-            """Submit through `resources` (the driver's submit_job, or the naive one); job states in `states`."""
+        def demand(job: JobConfig) -> dict[str, float]:
+            return job_demand(job, sweep)
+
+        def ours(
+            jobs: list[JobConfig], sleep: dict[str, float], resources: Callable[[JobConfig], dict[str, float]] = demand
+        ) -> list[WorkUnit]:
+            """`jobs` as units of stand-ins asking Ray for `resources` (the driver's job_demand, or the naive one); job
+            states in `states`."""
             fresh_folder(states)
-            return lambda job: resources(task, job, sweep, sleep[job.job_key], str(states / job.job_key.replace("/", "_")))
+            state = {job.job_key: str(states / job.job_key.replace("/", "_")) for job in jobs}
+            return [SingleJob(job, task, (sleep[job.job_key], state[job.job_key]), resources(job)) for job in jobs]
 
         began = time.time()
-        timed_run(ordered, ours({k: s * WARM_UP_FRACTION for k, s in ours_sleep.items()}), demand, sweep)
+        timed_run(ours(ordered, {k: s * WARM_UP_FRACTION for k, s in ours_sleep.items()}), task, sweep)
         print(f"warm-up pass (worker processes started) in {time.time() - began:.0f} s", flush=True)
         print("\n| run | jobs | makespan s | ideal s | ratio | GPU util | overhead s/job | worker processes | nodes |\n"
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
 
         if "ours" in args.runs:
-            runs["ours"] = figures(*timed_run(ordered, ours(ours_sleep), demand, sweep), ours_sleep, shares, ideal, gpus_total)
+            runs["ours"] = figures(
+                *timed_run(ours(ordered, ours_sleep), task, sweep), ours_sleep, shares, ideal, gpus_total
+            )
             print_row("ours", runs["ours"])
 
         if "submit_all" in args.runs:
-            runs["submit_all"] = figures(*timed_run(ordered, ours(ours_sleep), demand, sweep, queue_ahead=SUBMIT_ALL), ours_sleep, shares,
-                                         ideal, gpus_total)
+            runs["submit_all"] = figures(
+                *timed_run(ours(ordered, ours_sleep), task, sweep, queue_ahead=SUBMIT_ALL),
+                ours_sleep,
+                shares,
+                ideal,
+                gpus_total,
+            )
             print_row("submit_all", runs["submit_all"])
         work = sum(shares[k] * s for k, s in ours_sleep.items())
         killed: list[str] = []
 
         def node_loss_run(queue_ahead: float | None) -> dict[str, Any]:
-            """A run in which a worker node is lost at KILL_AT of the work and a replacement joins, as an autoscaler would."""
+            """A run in which a worker node is lost at KILL_AT of the work and a replacement joins, as an autoscaler
+            would."""
             events: dict[str, Any] = {}
             done_work: list[float] = []
 
@@ -311,17 +367,18 @@ def main(argv: list[str] | None = None) -> int:
 
             killer = threading.Thread(target=kill_and_replace)
 
-            def lose_a_node(job: JobConfig, started: float) -> None:
-                done_work.append(shares[job.job_key] * ours_sleep[job.job_key])
+            def lose_a_node(unit: WorkUnit, started: float) -> None:
+                done_work.append(shares[unit.key] * ours_sleep[unit.key])
                 if sum(done_work) >= KILL_AT * work and not events:
                     events.update(started=started, jobs_done_at_kill=len(done_work))
                     killer.start()
 
-            loss = timed_run(ordered, ours(ours_sleep), demand, sweep, lose_a_node, queue_ahead)
+            loss = timed_run(ours(ordered, ours_sleep), task, sweep, lose_a_node, queue_ahead)
             killer.join()
             del events["started"]
             run = figures(*loss, ours_sleep, shares, ideal, gpus_total) | events
-            # the bound for the capacity that was there: GPUS_PER_NODE fewer GPUs from the kill until the replacement joined
+            # the bound for the capacity that was there: GPUS_PER_NODE fewer GPUs from the kill until the replacement
+            # joined
             down = events["replacement_joined_after_s"] - events["killed_at_s"]
             capacity_ideal = max(ideal + down * GPUS_PER_NODE / gpus_total, max(ours_sleep.values()))
             return run | {"ideal_for_capacity_present_s": round(capacity_ideal, 2),
@@ -333,18 +390,22 @@ def main(argv: list[str] | None = None) -> int:
                 print_row(name, runs[name])
 
         if "catalogue_order" in args.runs:
-            runs["catalogue_order"] = figures(*timed_run(jobs, ours(ours_sleep), demand, sweep), ours_sleep, shares, ideal, gpus_total)
+            runs["catalogue_order"] = figures(
+                *timed_run(ours(jobs, ours_sleep), task, sweep), ours_sleep, shares, ideal, gpus_total
+            )
             print_row("catalogue_order", runs["catalogue_order"])
 
         def one_gpu(job: JobConfig) -> dict[str, float]:
             return {"CPU": sweep.resources.cpus_per_job, "GPU": 1.0}
 
-        def one_gpu_each(task: Any, job: JobConfig, sweep: SweepConfig, *args: Any) -> Any:
-            return task.options(name=job.job_key, max_retries=0, **driver.ray_options(one_gpu(job))).remote(*args)
-
         if "naive" in args.runs:
-            runs["naive"] = figures(*timed_run(jobs, ours(naive_sleep, one_gpu_each), one_gpu, sweep), naive_sleep, {k: 1.0 for k in plans},
-                                    ideal, gpus_total)
+            runs["naive"] = figures(
+                *timed_run(ours(jobs, naive_sleep, one_gpu), task, sweep),
+                naive_sleep,
+                {k: 1.0 for k in plans},
+                ideal,
+                gpus_total,
+            )
             print_row("naive", runs["naive"])
 
         for name, setting in CO_TRAIN.items():
@@ -365,46 +426,71 @@ def main(argv: list[str] | None = None) -> int:
         "co_train_makespan_ratio": runs.get("co_train_auto", {}).get("makespan_ratio_vs_ours_ideal"),
         "goals": {"makespan_ratio": 1.10, "makespan_ratio_node_loss": 1.25, "overhead_s_per_job": 0.5},
         "runs": runs,
-        "settings": {"sweep": str(args.sweep), "jobs": len(jobs), "ideal_s": args.ideal_s, "seconds_per_planned_hour": scale,
-                     "naive_sleep": args.naive_sleep, "checkpoint_every_fraction_of_a_job": checkpoint_fraction,
-                     "nodes": NODES, "gpus_per_node": GPUS_PER_NODE, "cpus_per_node": CPUS_PER_NODE, "kill_at_fraction": KILL_AT,
-                     "fresh_workers": args.fresh_workers, "warm_up_fraction": WARM_UP_FRACTION,
-                     "queue_ahead": sweep.resources.queue_ahead, "runs": args.runs, "co_train": CO_TRAIN},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "ray": ray.__version__, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "command": " ".join(["python", *sys.argv]) if argv is None else f"main({argv})",
+        "settings": {
+            "sweep": str(args.sweep),
+            "jobs": len(jobs),
+            "ideal_s": args.ideal_s,
+            "seconds_per_planned_hour": scale,
+            "naive_sleep": args.naive_sleep,
+            "checkpoint_every_fraction_of_a_job": checkpoint_fraction,
+            "nodes": NODES,
+            "gpus_per_node": GPUS_PER_NODE,
+            "cpus_per_node": CPUS_PER_NODE,
+            "kill_at_fraction": KILL_AT,
+            "fresh_workers": args.fresh_workers,
+            "warm_up_fraction": WARM_UP_FRACTION,
+            "queue_ahead": sweep.resources.queue_ahead,
+            "runs": args.runs,
+            "co_train": CO_TRAIN,
+        },
+        "machine": machine_info
+        | {"ray": ray.__version__, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "command": command("sweep_scale", argv),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nmakespan_ratio {report['makespan_ratio']}, makespan_ratio_node_loss {report['makespan_ratio_node_loss']}, "
-          f"overhead_s_per_job {report['overhead_s_per_job']}, naive_makespan_ratio {report['naive_makespan_ratio']}, "
-          f"co_train_makespan_ratio {report['co_train_makespan_ratio']} -> {args.out}")
+    write_report(report, args.out)
+    print(
+        f"\nmakespan_ratio {report['makespan_ratio']}, makespan_ratio_node_loss {report['makespan_ratio_node_loss']}, "
+        f"overhead_s_per_job {report['overhead_s_per_job']}, naive_makespan_ratio {report['naive_makespan_ratio']}, "
+        f"co_train_makespan_ratio {report['co_train_makespan_ratio']} -> {args.out}"
+    )
     return 0
 
 
-def co_train_figures(jobs: list[JobConfig], sweep: SweepConfig, setting: Any, scale: float, ours_ideal: float, scratch: Path,
-                     fresh_workers: bool) -> dict[str, Any]:
+def co_train_figures(
+    jobs: list[JobConfig],
+    sweep: SweepConfig,
+    setting: Any,
+    scale: float,
+    ours_ideal: float,
+    scratch: Path,
+    fresh_workers: bool,
+) -> dict[str, Any]:
     """A co-training run (see the module doc): `jobs` as the driver's units with `resources.co_train` at `setting`, each
-    unit sleeping plan's estimate for it at `scale` seconds per planned hour. `figures` against the run's own ideal, with
-    its units and groups, its GPU-time, and its makespan against `ours_ideal`."""
+    unit sleeping plan's estimate for it at `scale` seconds per planned hour. `figures` against the run's own ideal,
+    with its units and groups, its GPU-time, and its makespan against `ours_ideal`."""
     co_sweep = sweep.model_copy(deep=True)
     co_sweep.resources.co_train = setting
-    units = driver.Units.of(jobs, co_sweep)
-    sleep = {unit.job_key: units.planned_s(unit, co_sweep) / 3600 * scale for unit in units.jobs}
-    shares = {unit.job_key: units.demand(unit, co_sweep).get("GPU", 0.0) for unit in units.jobs}
+    sleeps = scratch / "co_train_sleeps.json"  # by each unit's first job key, what `stand_in_unit` gets
+    task = CountedTask(job_task(stand_in_unit, co_sweep, reuse_workers=not fresh_workers))
+    units = work_units(jobs, co_sweep, RayTasks(task, task, (str(sleeps), str(fresh_folder(scratch / "states")), "")))
+    sleep = {unit.key: unit.planned_s / 3600 * scale for unit in units}
+    shares = {unit.key: unit.demand.get("GPU", 0.0) for unit in units}
     gpus_total = NODES * GPUS_PER_NODE
     gpu_seconds = sum(shares[key] * seconds for key, seconds in sleep.items())
     ideal = max(gpu_seconds / gpus_total, max(sleep.values()))
-    sleeps = scratch / "co_train_sleeps.json"  # by each unit's first job key, what `stand_in_unit` gets
-    sleeps.write_text(json.dumps({units.groups.get(unit.job_key, [unit])[0].job_key: sleep[unit.job_key] for unit in units.jobs}))
-    task = CountedTask(driver.job_task(stand_in_unit, co_sweep, reuse_workers=not fresh_workers))
-    run = figures(*co_train_run(units, co_sweep, task, sleeps, fresh_folder(scratch / "states")), sleep, shares, ideal, gpus_total)
-    sizes = sorted(len(members) for members in units.groups.values())
+    sleeps.write_text(json.dumps({unit.jobs[0].job_key: sleep[unit.key] for unit in units}))
+    run = figures(*timed_run(units, task, co_sweep), sleep, shares, ideal, gpus_total)
+    sizes = sorted(len(unit.jobs) for unit in units if isinstance(unit, CoTrainGroup))
     return run | {
-        "co_train": setting, "units": len(units.jobs), "fine_tunes": sum(map(units.size, units.jobs)), "groups": len(sizes),
+        "co_train": setting,
+        "units": len(units),
+        "fine_tunes": sum(len(unit.jobs) for unit in units),
+        "groups": len(sizes),
         "members_per_group": {"min": sizes[0], "median": sizes[len(sizes) // 2], "max": sizes[-1]} if sizes else {},
-        "gpus_per_unit": sorted(set(shares.values())), "unit_sleep_s": [round(min(sleep.values()), 2), round(max(sleep.values()), 2)],
-        "gpu_seconds": round(gpu_seconds, 1), "ideal_of_ours_s": round(ours_ideal, 2),
+        "gpus_per_unit": sorted(set(shares.values())),
+        "unit_sleep_s": [round(min(sleep.values()), 2), round(max(sleep.values()), 2)],
+        "gpu_seconds": round(gpu_seconds, 1),
+        "ideal_of_ours_s": round(ours_ideal, 2),
         "makespan_ratio_vs_ours_ideal": round(run["makespan_s"] / ours_ideal, 4),
     }
 
@@ -418,8 +504,12 @@ def fresh_folder(path: Path) -> Path:
 
 
 def print_row(name: str, f: dict[str, Any]) -> None:
-    print(f"| {name} | {f['jobs']} | {f['makespan_s']:.1f} | {f['ideal_s']:.1f} | {f['makespan_ratio']:.3f} | {f['gpu_utilisation']:.3f} | "
-          f"{f['overhead_s_per_job']:.3f} | {f['worker_processes']} | {f['nodes_used']} |", flush=True)
+    print(
+        f"| {name} | {f['jobs']} | {f['makespan_s']:.1f} | {f['ideal_s']:.1f} | {f['makespan_ratio']:.3f} | "
+        f"{f['gpu_utilisation']:.3f} | "
+        f"{f['overhead_s_per_job']:.3f} | {f['worker_processes']} | {f['nodes_used']} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

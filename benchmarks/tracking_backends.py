@@ -1,6 +1,6 @@
 """Benchmark: metrics logged per second by concurrent job loggers through `mlflow server` on PostgreSQL vs on SQLite.
 
-    python benchmarks/tracking_backends.py [--loggers 32] [--steps 40] [--keys 10] [--repeats 2] [--out FILE]
+    python -m benchmarks.tracking_backends [--loggers 32] [--steps 40] [--keys 10] [--repeats 2] [--out FILE]
 
 Two servers, side by side in one run, differing only in their backend store: the cluster's (PostgreSQL, a real one
 from Debian's `postgresql` package, `tests/postgres_stack.py`) and the single machine's (a SQLite file). Both run with
@@ -25,24 +25,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from core.ports import free_port  # noqa: E402
-from tests.postgres_stack import StackSettings, compose_settings, mlflow_server, postgres_bin, tracking_stack  # noqa: E402
+from benchmarks.common import RESULTS, command, machine, percentiles_ms, write_report
+from core.ports import free_port
+from tests.postgres_stack import StackSettings, compose_settings, mlflow_server, postgres_bin, tracking_stack
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -56,8 +49,17 @@ def log_steps(uri: str, experiment_id: str, index: int, steps: int, keys: int, s
     from jobs.run import JobResult
     from tracking.tracker import JobTracker
 
-    tracker = JobTracker(experiment_id, f"bench/w{index:02d}", "tiny-llama", "demo_sentiment", parent_run_id=None, uri=uri,
-                         system_metrics=False, register=False, flush_interval_s=3600.0)
+    tracker = JobTracker(
+        experiment_id,
+        f"bench/w{index:02d}",
+        "tiny-llama",
+        "demo_sentiment",
+        parent_run_id=None,
+        uri=uri,
+        system_metrics=False,
+        register=False,
+        flush_interval_s=3600.0,
+    )
     with tracker:
         start.wait(timeout=600)
         began = time.time()
@@ -68,7 +70,10 @@ def log_steps(uri: str, experiment_id: str, index: int, steps: int, keys: int, s
             tracker.flush()
             latencies.append(time.perf_counter() - sent)
         ended = time.time()
-        tracker.finish(JobResult(tracker.job_key, "train", "tiny-llama", "demo_sentiment", "accuracy", 0.5, 1, None, {}), base_score=0.0)
+        tracker.finish(
+            JobResult(tracker.job_key, "train", "tiny-llama", "demo_sentiment", "accuracy", 0.5, 1, None, {}),
+            base_score=0.0,
+        )
     results.put((index, tracker.run_id, began, ended, latencies))
 
 
@@ -84,7 +89,10 @@ def measure(uri: str, experiment: str, loggers: int, steps: int, keys: int) -> d
     context.set_forkserver_preload(["tracking.tracker", "jobs.run"])
     results = context.Queue()
     start = context.Barrier(loggers)
-    processes = [context.Process(target=log_steps, args=(uri, experiment_id, i, steps, keys, start, results)) for i in range(loggers)]
+    processes = [
+        context.Process(target=log_steps, args=(uri, experiment_id, i, steps, keys, start, results))
+        for i in range(loggers)
+    ]
     for process in processes:
         process.start()
     reported = [results.get(timeout=1200) for _ in processes]
@@ -92,14 +100,19 @@ def measure(uri: str, experiment: str, loggers: int, steps: int, keys: int) -> d
         process.join(60)
     failed = [p.exitcode for p in processes if p.exitcode != 0]
     wall = max(r[3] for r in reported) - min(r[2] for r in reported)
-    latencies = sorted(latency for r in reported for latency in r[4])
+    latencies = [latency for r in reported for latency in r[4]]
     client = store.client(uri)
     complete = sum(len(client.get_metric_history(run_id, "metric_00")) == steps for _, run_id, *_ in reported)
-    return {"metrics": loggers * steps * keys, "requests": loggers * steps, "wall_s": round(wall, 3),
-            "metrics_per_s": round(loggers * steps * keys / wall, 1), "requests_per_s": round(loggers * steps / wall, 1),
-            "latency_p50_ms": round(1000 * statistics.median(latencies), 1),
-            "latency_p95_ms": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 1),
-            "runs_complete": complete, "loggers_failed": len(failed)}
+    return {
+        "metrics": loggers * steps * keys,
+        "requests": loggers * steps,
+        "wall_s": round(wall, 3),
+        "metrics_per_s": round(loggers * steps * keys / wall, 1),
+        "requests_per_s": round(loggers * steps / wall, 1),
+        **{key: round(value, 1) for key, value in percentiles_ms("latency", latencies, (50, 95)).items()},
+        "runs_complete": complete,
+        "loggers_failed": len(failed),
+    }
 
 
 # --------------------------------------------------------------------------- the two servers
@@ -109,8 +122,13 @@ def measure(uri: str, experiment: str, loggers: int, steps: int, keys: int) -> d
 def servers(root: Path, settings: StackSettings) -> Iterator[dict[str, str]]:
     """Both servers running with `settings`: backend name -> tracking URI; stopped after."""
     with tracking_stack(root / "postgres", str(root / "postgres" / "artifacts"), settings=settings) as stack:
-        sqlite = mlflow_server(f"sqlite:///{root / 'sqlite' / 'mlflow.db'}", str(root / "sqlite" / "artifacts"), free_port(),
-                               root / "sqlite" / "mlflow.log", settings)
+        sqlite = mlflow_server(
+            f"sqlite:///{root / 'sqlite' / 'mlflow.db'}",
+            str(root / "sqlite" / "artifacts"),
+            free_port(),
+            root / "sqlite" / "mlflow.log",
+            settings,
+        )
         sqlite.start()
         try:
             yield {"sqlite": sqlite.uri, "postgres": stack.uri}
@@ -126,28 +144,19 @@ def interleaved(repeats: int) -> list[str]:
     return order
 
 
-def machine_info(postgres_version: str) -> dict[str, Any]:
-    import mlflow
-    import sqlalchemy
-
-    return {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "mlflow": mlflow.__version__, "sqlalchemy": sqlalchemy.__version__, "postgresql": postgres_version,
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loggers", type=int, default=32, help="concurrent job loggers (processes)")
     parser.add_argument("--steps", type=int, default=40, help="steps each logger logs (one request each)")
     parser.add_argument("--keys", type=int, default=10, help="metrics per step")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per backend, interleaved")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tracking_backends.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "tracking_backends.json", help="JSON result file")
     args = parser.parse_args(argv)
     binaries = postgres_bin()
     if binaries is None:
         parser.error("PostgreSQL is not installed: apt-get install -y postgresql")
     settings = compose_settings()
-    machine = machine_info(binaries.parts[-2])
+    machine_info = machine("mlflow", "sqlalchemy") | {"postgresql": binaries.parts[-2]}
     runs = []
     with tempfile.TemporaryDirectory(prefix="loraland-bench-") as scratch:
         root = Path(scratch)
@@ -157,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             for number, backend in enumerate(interleaved(args.repeats)):
                 figures = measure(uris[backend], f"bench-{number}-{backend}", args.loggers, args.steps, args.keys)
                 runs.append({"backend": backend} | figures)
-                print(f"  {backend:8s} {figures['metrics_per_s']:8.0f} metrics/s  p50 {figures['latency_p50_ms']} ms", flush=True)
+                print(
+                    f"  {backend:8s} {figures['metrics_per_s']:8.0f} metrics/s  p50 {figures['latency_p50_ms']} ms",
+                    flush=True,
+                )
     backends = {backend: {key: statistics.median(r[key] for r in runs if r["backend"] == backend)
                           for key in ("metrics_per_s", "requests_per_s", "latency_p50_ms", "latency_p95_ms", "wall_s")}
                 | {"runs_complete": min(r["runs_complete"] for r in runs if r["backend"] == backend),
@@ -165,13 +177,21 @@ def main(argv: list[str] | None = None) -> int:
                 for backend in BACKENDS}
     ratio = backends["postgres"]["metrics_per_s"] / backends["sqlite"]["metrics_per_s"]
     print_table(backends, args.loggers, ratio)
-    result = {"postgres_over_sqlite": round(ratio, 3), "backends": backends, "runs": runs,
-              "settings": {"loggers": args.loggers, "steps": args.steps, "keys": args.keys, "repeats": args.repeats,
-                           "server": {"workers": settings.workers, "env": settings.server_env, "postgres": settings.postgres_options}},
-              "machine": machine, "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    result = {
+        "postgres_over_sqlite": round(ratio, 3),
+        "backends": backends,
+        "runs": runs,
+        "settings": {
+            "loggers": args.loggers,
+            "steps": args.steps,
+            "keys": args.keys,
+            "repeats": args.repeats,
+            "server": {"workers": settings.workers, "env": settings.server_env, "postgres": settings.postgres_options},
+        },
+        "machine": machine_info,
+        "command": command("tracking_backends", argv),
+    }
+    write_report(result, args.out)
     return 0 if all(b["loggers_failed"] == 0 and b["runs_complete"] == args.loggers for b in backends.values()) else 1
 
 

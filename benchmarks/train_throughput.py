@@ -17,8 +17,8 @@ Peak memory: on a CPU the growth of the peak resident set (ru_maxrss) over the r
 before training, each side in its own process so the peaks do not mix; on a GPU
 `torch.cuda.max_memory_allocated` (weights included) and the reserved peak.
 
-    python benchmarks/train_throughput.py [--out FILE] [--base tiny-llama] [--task demo_colors] [--steps 30]
-    python benchmarks/train_throughput.py --gpu-shape mistral-7b   # random-init Mistral-7B shape, 4-bit, needs a GPU
+    python -m benchmarks.train_throughput [--out FILE] [--base tiny-llama] [--task demo_colors] [--steps 30]
+    python -m benchmarks.train_throughput --gpu-shape mistral-7b   # random-init Mistral-7B shape, 4-bit, needs a GPU
 
 Writes JSON (default benchmarks/results/train_throughput.json) with top-level `speedup`
 (ours tokens/s / baseline tokens/s), `ours`, `baseline`, `settings`, `machine` and `command`.
@@ -27,14 +27,9 @@ Writes JSON (default benchmarks/results/train_throughput.json) with top-level `s
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import random
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,12 +37,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks.common import (
+    RESULTS,
+    child_env,
+    collect,
+    command,
+    emit,
+    machine,
+    random_4bit_model,
+    spawn,
+    write_report,
+)
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_throughput.json"
-RESULT_MARK = "TRAIN_THROUGHPUT_RESULT "
+DEFAULT_OUT = RESULTS / "train_throughput.json"
 SIDES = ("ours", "baseline")
 GPU_SHAPES = {"mistral-7b": "mistral-7b"}  # --model value -> catalogue base model whose real shape is built at random
 CUDA_CONTEXT_BYTES = 512 * 2**20  # per-process CUDA context, outside torch's allocator (estimate)
@@ -62,33 +64,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     study, lora = TrainingSettings(), LoraSettings()
     parser = argparse.ArgumentParser(
-        description="Trained tokens/s and peak memory of jobs.train (packed) vs a padded transformers.Trainer baseline.")
+        description="Trained tokens/s and peak memory of jobs.train (packed) vs a padded transformers.Trainer baseline."
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result file (default: %(default)s)")
-    parser.add_argument("--base", default="tiny-llama", help="catalogue base model, loaded in 4-bit (default: %(default)s)")
-    parser.add_argument("--task", default="demo_colors", help="catalogue task whose training rows are used (default: %(default)s)")
-    parser.add_argument("--model", default="base", choices=["base", *GPU_SHAPES],
-                        help="base: the --base model; mistral-7b: a random-initialised model of Mistral-7B's real shape "
-                             "in 4-bit (needs a CUDA GPU; tokens come from --base's tokenizer)")
+    parser.add_argument(
+        "--base", default="tiny-llama", help="catalogue base model, loaded in 4-bit (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--task", default="demo_colors", help="catalogue task whose training rows are used (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--model",
+        default="base",
+        choices=["base", *GPU_SHAPES],
+        help="base: the --base model; mistral-7b: a random-initialised model of Mistral-7B's real shape "
+        "in 4-bit (needs a CUDA GPU; tokens come from --base's tokenizer)",
+    )
     parser.add_argument("--gpu-shape", choices=list(GPU_SHAPES), help="same as --model NAME")
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per side (default: %(default)s)")
-    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed optimizer steps run first (>= 1, default: %(default)s)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=1, help="untimed optimizer steps run first (>= 1, default: %(default)s)"
+    )
     parser.add_argument("--micro-batch-size", type=int, default=study.micro_batch_size, help="the study's: %(default)s")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=study.gradient_accumulation_steps, help="the study's: %(default)s")
+    parser.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=study.gradient_accumulation_steps,
+        help="the study's: %(default)s",
+    )
     parser.add_argument("--max-seq-length", type=int, default=study.max_seq_length, help="the study's: %(default)s")
-    parser.add_argument("--learning-rate", type=float, default=1e-2,
-                        help="default %(default)s (the study's 2e-4 barely moves a tiny random model; speed does not depend on it)")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=1e-2,
+        help="default %(default)s (the study's 2e-4 barely moves a tiny random model; speed does not depend on it)",
+    )
     parser.add_argument("--lr-scheduler", default=study.lr_scheduler, choices=["cosine", "linear", "constant"])
-    parser.add_argument("--warmup-ratio", type=float, default=study.warmup_ratio, help="learning-rate warm-up (the study's: %(default)s)")
+    parser.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=study.warmup_ratio,
+        help="learning-rate warm-up (the study's: %(default)s)",
+    )
     parser.add_argument("--lora-r", type=int, default=lora.r)
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=study.gradient_checkpointing,
-                        help="on both sides (the study's default: %(default)s)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=study.gradient_checkpointing,
+        help="on both sides (the study's default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=study.seed)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch/OpenMP threads per side, 0 = torch's default (default: %(default)s, as a Ray worker with "
-                             "num_cpus=1 runs; on a shared CPU, spare threads spin against other processes and swamp the result)")
-    parser.add_argument("--repeats", type=int,
-                        help="runs per side, interleaved ours/baseline/baseline/ours...; the median time counts, the largest peak memory "
-                             "(default: 2 for --model base, 1 for a 7B shape)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch/OpenMP threads per side, 0 = torch's default (default: %(default)s, as a Ray worker with "
+        "num_cpus=1 runs; on a shared CPU, spare threads spin against other processes and swamp the result)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="runs per side, interleaved ours/baseline/baseline/ours...; the median time counts, the largest peak "
+        "memory (default: 2 for --model base, 1 for a 7B shape)",
+    )
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side in this process
     args = parser.parse_args(argv)
     if args.gpu_shape:
@@ -160,16 +198,24 @@ class Meter:
             self._losses.append(output.loss.detach())
 
     def end_step(self, step: int, loss: float | None = None) -> None:
-        """Close a step; `loss` is the step's loss when the side reports it (ours: its forward passes carry no labels, so
-        the model's output holds no loss to hook), else the sum of the losses its forward passes returned."""
+        """Close a step; `loss` is the step's loss when the side reports it (ours: its forward passes carry no labels,
+        so the model's output holds no loss to hook), else the sum of the losses its forward passes returned."""
         if self.device == "cuda":
             import torch
 
             torch.cuda.synchronize()
         real = int(sum(int(r) for r in self._real))
-        self.steps.append({"step": step, "time": time.perf_counter(), "tokens": real, "padding": self._total - real,
-                           "passes": self._passes, "loss": loss if loss is not None else float(sum(float(x) for x in self._losses)),
-                           **self._peaks()})
+        self.steps.append(
+            {
+                "step": step,
+                "time": time.perf_counter(),
+                "tokens": real,
+                "padding": self._total - real,
+                "passes": self._passes,
+                "loss": loss if loss is not None else float(sum(float(x) for x in self._losses)),
+                **self._peaks(),
+            }
+        )
         self._real, self._total, self._passes, self._losses = [], 0, 0, []
 
     def _peaks(self) -> dict[str, float]:
@@ -200,7 +246,11 @@ class Meter:
             "losses": [round(step["loss"], 4) for step in self.steps],  # every step's, warm-up included: the trajectory
             # through the last optimizer step, before any final saving
             "peak_rss_through_last_step_mb": self.steps[-1]["peak_rss_mb"],
-            **({"peak_gpu_through_last_step_mb": self.steps[-1]["peak_gpu_mb"]} if "peak_gpu_mb" in self.steps[-1] else {}),
+            **(
+                {"peak_gpu_through_last_step_mb": self.steps[-1]["peak_gpu_mb"]}
+                if "peak_gpu_mb" in self.steps[-1]
+                else {}
+            ),
         }
 
 
@@ -218,41 +268,6 @@ def build_model(args: argparse.Namespace, config, device: str):
         base = random_4bit_model(config.base_model, config.quantization, device)
         torch.manual_seed(args.seed)
     return attach_lora(base, config.lora, config.training.gradient_checkpointing)
-
-
-def random_4bit_model(spec, quant, device: str):
-    """A random-initialised model of `spec`'s real shape with every block linear in bitsandbytes 4-bit,
-    as `load_base_model` would load the real checkpoint (lm_head and embeddings stay in the compute dtype)."""
-    import bitsandbytes as bnb
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils.quantization_config import QuantizationMethod
-
-    from jobs.models import compute_dtype
-    from jobs.tiny import model_config
-
-    dtype = compute_dtype(quant, device)
-    config = model_config(spec)  # the catalogue's architecture numbers -> e.g. MistralConfig
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear or name == "lm_head":
-                continue
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=dtype,
-                                      compress_statistics=quant.double_quant, quant_type=quant.quant_type, device="meta")
-            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=quant.double_quant,
-                                             quant_type=quant.quant_type, module=layer).to(device)  # type: ignore[misc]  # quantizes; bitsandbytes' Params4bit.to overloads confuse mypy
-            if child.bias is not None:
-                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(parent, name, layer)
-            del child
-    # What a bitsandbytes load sets: attach_lora then prepares the model for k-bit training, and Trainer does not `.to()` it.
-    model.is_loaded_in_4bit = True
-    model.quantization_method = QuantizationMethod.BITS_AND_BYTES
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return model
 
 
 def run_ours(config, model, tokenizer, meter: Meter) -> None:
@@ -277,7 +292,9 @@ def run_baseline(config, model, tokenizer, meter: Meter, device: str) -> None:
     order = DataOrder(len(examples), settings.seed)
     count = settings.max_steps * settings.micro_batch_size * settings.gradient_accumulation_steps
     # The very examples, in the very order, that jobs.train feeds: step k gets the same effective batch on both sides.
-    dataset = [{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in map(order.index, range(count))]
+    dataset = [
+        {"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in map(order.index, range(count))
+    ]
     pad_id = tokenizer.pad_token_id
 
     def pad_to_longest(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -324,7 +341,9 @@ def run_baseline(config, model, tokenizer, meter: Meter, device: str) -> None:
             return SequentialSampler(dataset)
 
     trainer_class = Trainer if extra.get("train_sampling_strategy") else SequentialTrainer
-    trainer = trainer_class(model=model, args=arguments, train_dataset=dataset, data_collator=pad_to_longest, callbacks=[StepEnd()])
+    trainer = trainer_class(
+        model=model, args=arguments, train_dataset=dataset, data_collator=pad_to_longest, callbacks=[StepEnd()]
+    )
     trainer.train()
 
 
@@ -364,7 +383,9 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
         # Peak through the last optimizer step: ours saves a checkpoint and the adapter after it, the baseline does not.
         peak_training = figures["peak_rss_through_last_step_mb"] if hwm_reset else figures["peak_rss_mb"]
         figures["peak_rss_growth_mb"] = max(0.0, peak_training - rss_before)
-        figures["peak_rss_growth_source"] = "VmHWM reset before training, read after the last step" if hwm_reset else "ru_maxrss"
+        figures["peak_rss_growth_source"] = (
+            "VmHWM reset before training, read after the last step" if hwm_reset else "ru_maxrss"
+        )
         if device == "cuda":
             peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
             figures.update({
@@ -390,76 +411,58 @@ def _tokenizer_spec(args: argparse.Namespace):
 # --------------------------------------------------------------------------- the parent: both sides, table, JSON
 
 
-def child_command(args: argparse.Namespace, side: str) -> list[str]:
+def child_arguments(args: argparse.Namespace, side: str) -> list[str]:
+    """This run's arguments for a child process that runs `side` alone."""
     skip = {"out", "side", "repeats", "gpu_shape"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--side", side]
+    arguments = ["--side", side]
     for key, value in vars(args).items():
         if key in skip or value is None:
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            command.append(flag if value else "--no-" + key.replace("_", "-"))
+            arguments.append(flag if value else "--no-" + key.replace("_", "-"))
         else:
-            command += [flag, str(value)]
-    return command
+            arguments += [flag, str(value)]
+    return arguments
 
 
 def run_child(args: argparse.Namespace, side: str) -> dict[str, Any]:
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    if args.threads > 0:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     started = time.perf_counter()
-    done = subprocess.run(child_command(args, side), capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if done.returncode != 0 or not lines:
-        sys.stderr.write(done.stdout[-4000:] + done.stderr[-6000:])
-        raise SystemExit(f"train_throughput: the {side} side failed (exit {done.returncode})")
-    result = json.loads(lines[-1][len(RESULT_MARK):])
+    result = collect(spawn("train_throughput", child_arguments(args, side), child_env(args.threads)),
+                     f"train_throughput: the {side} side")
     result["process_seconds"] = time.perf_counter() - started
     return result
 
 
-def machine_info() -> dict[str, Any]:
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
-
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "bitsandbytes": bitsandbytes.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": _cpu_model(),
-        "load_average_at_start": list(os.getloadavg()),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / 10**9
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def print_table(sides: dict[str, dict[str, Any]], speedup: float, gpu: bool) -> None:
     memory = "peak GPU MB" if gpu else "peak RSS +MB"
-    headers = ["side", "steps", "examples", "passes", "trained tokens", "padding tokens", "seconds", "tokens/s", memory, "final loss"]
-    rows = [[name, f"{s['steps']}", f"{s['examples']}", f"{s['forward_passes']}", f"{s['trained_tokens']}", f"{s['padding_tokens']}",
-             f"{s['seconds']:.2f}", f"{s['tokens_per_second']:.0f}", f"{s['peak_mb']:.0f}", f"{s['final_loss']:.3f}"]
-            for name, s in sides.items()]
+    headers = [
+        "side",
+        "steps",
+        "examples",
+        "passes",
+        "trained tokens",
+        "padding tokens",
+        "seconds",
+        "tokens/s",
+        memory,
+        "final loss",
+    ]
+    rows = [
+        [
+            name,
+            f"{s['steps']}",
+            f"{s['examples']}",
+            f"{s['forward_passes']}",
+            f"{s['trained_tokens']}",
+            f"{s['padding_tokens']}",
+            f"{s['seconds']:.2f}",
+            f"{s['tokens_per_second']:.0f}",
+            f"{s['peak_mb']:.0f}",
+            f"{s['final_loss']:.3f}",
+        ]
+        for name, s in sides.items()
+    ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
@@ -472,25 +475,30 @@ def print_table(sides: dict[str, dict[str, Any]], speedup: float, gpu: bool) -> 
     print(f"speedup (ours / baseline tokens/s): {speedup:.2f}x")
     if gpu:
         for name, s in sides.items():
-            print(f"{name}: peak GPU allocated {s['peak_gpu_allocated_mb']:.0f} MB, reserved {s['peak_gpu_reserved_mb']:.0f} MB "
-                  f"-> {s['jobs_per_80gb_gpu']} jobs per 80 GB GPU")
+            print(
+                f"{name}: peak GPU allocated {s['peak_gpu_allocated_mb']:.0f} MB, reserved "
+                f"{s['peak_gpu_reserved_mb']:.0f} MB "
+                f"-> {s['jobs_per_80gb_gpu']} jobs per 80 GB GPU"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.side:
-        result = run_side(args)
-        print(RESULT_MARK + json.dumps(result), flush=True)
+        emit(run_side(args))
         return 0
 
     import torch
 
     if args.model != "base" and not torch.cuda.is_available():
-        print(f"train_throughput: --model {args.model} builds a 7B-shaped 4-bit model and needs a CUDA GPU; none is visible, nothing run.",
-              file=sys.stderr)
+        print(
+            f"train_throughput: --model {args.model} builds a 7B-shaped 4-bit model and needs a CUDA GPU; none is "
+            "visible, nothing run.",
+            file=sys.stderr,
+        )
         return 2
     order = [SIDES[(i + i // 2) % 2] for i in range(2 * args.repeats)]  # ours, baseline, baseline, ours, ...
-    machine = machine_info()
+    machine_info = machine("torch", "transformers", "peft", "bitsandbytes")
     wall = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
     for side in order:
@@ -511,19 +519,22 @@ def main(argv: list[str] | None = None) -> int:
         sides[side]["runs_peak_mb"] = [r["peak_mb"] for r in side_runs]
         sides[side]["peak_mb"] = max(sides[side]["runs_peak_mb"])
         if len({r["trained_tokens"] for r in side_runs}) != 1:
-            raise SystemExit(f"train_throughput: the {side} runs trained different token counts: {[r['trained_tokens'] for r in side_runs]}")
+            raise SystemExit(
+                f"train_throughput: the {side} runs trained different token counts: "
+                f"{[r['trained_tokens'] for r in side_runs]}"
+            )
     speedup = sides["ours"]["tokens_per_second"] / sides["baseline"]["tokens_per_second"]
-    print_table(sides, speedup, machine["device"] == "cuda")
+    print_table(sides, speedup, machine_info["device"] == "cuda")
     settings = {key: value for key, value in vars(args).items() if key not in ("side", "out", "gpu_shape")}
     settings.update({
         "effective_batch": args.micro_batch_size * args.gradient_accumulation_steps,
         "quantization": "4-bit nf4, double quantization",
         "lora": f"all-linear, r {args.lora_r}",
-        "optimizer": "bitsandbytes paged AdamW 32-bit" if machine["device"] == "cuda" else "torch AdamW",
+        "optimizer": "bitsandbytes paged AdamW 32-bit" if machine_info["device"] == "cuda" else "torch AdamW",
         "ours": "jobs.train.train: packed padding-free rows of micro_batch_size * max_seq_length tokens",
         "baseline": "transformers.Trainer: right-padded to the longest example per micro-batch, no packing",
         "timing": f"{args.warmup_steps} warm-up step(s) untimed; each side in its own process; order {','.join(order)}",
-        "peak_memory": "GPU: torch.cuda.max_memory_allocated (weights included)" if machine["device"] == "cuda"
+        "peak_memory": "GPU: torch.cuda.max_memory_allocated (weights included)" if machine_info["device"] == "cuda"
                        else "CPU: growth of the peak resident set (VmHWM reset before training, else ru_maxrss) "
                             "over the resident set just before training",
     })
@@ -532,15 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         "ours": sides["ours"],
         "baseline": sides["baseline"],
         "settings": settings,
-        "machine": machine,
-        "command": shlex.join(["python", os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine_info,
+        "command": command("train_throughput", argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "wall_seconds": time.perf_counter() - wall,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(document, Path(args.out))
     return 0
 
 

@@ -58,7 +58,8 @@ def load_catalog_file(path: Path) -> tuple[list[BaseModelSpec], list[TaskSpec]]:
 
 
 def _parse_entries(data: dict[str, Any], key: str, spec_type: type[Spec], source: str) -> tuple[list[Spec], list[str]]:
-    """The valid entries of the `key:` list and a line per problem (invalid entry, name listed twice, broken template)."""
+    """The valid entries of the `key:` list and a line per problem (invalid entry, name listed twice, broken
+    template)."""
     entries = data.get(key) or []
     if not isinstance(entries, list):
         return [], [f"{key}: expected a list of entries"]

@@ -18,7 +18,8 @@ def format_validation_error(error: ValidationError) -> list[str]:
     """One line per pydantic error: `field.path: message (got value)`."""
     lines = []
     for item in error.errors():
-        loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"]).lstrip(".") or "<root>"
+        parts = (f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"])
+        loc = "".join(parts).lstrip(".") or "<root>"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (remove it or check its spelling)"
@@ -41,7 +42,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(str(path), [f"cannot read the file ({exc.strerror or exc})"]) from None
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(str(path), [f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}, line {line}); "
+        raise ConfigError(str(path),
+                          [f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}, line {line}); "
                                       "save the file as UTF-8"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

@@ -67,7 +67,8 @@ def prompt_for(task: TaskSpec, row: Mapping[str, Any], max_chars: int | None = N
 
 
 def study_cut(text: str, max_chars: int) -> str:
-    """The study's cut: the first `max_chars` characters (a long input loses what follows it, the answer cue included)."""
+    """The study's cut: the first `max_chars` characters (a long input loses what follows it, the answer cue
+    included)."""
     return text[:max_chars]
 
 

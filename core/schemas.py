@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from core.families import family
 
 
 class StrictModel(BaseModel):
@@ -19,8 +21,8 @@ class StrictModel(BaseModel):
 
 
 def names_or(keyword: str) -> Any:
-    """A `mode="before"` validator for a `list[str] | Literal[keyword]` field: a lone string other than `keyword` gets one
-    clear error instead of one per member of the union."""
+    """A `mode="before"` validator for a `list[str] | Literal[keyword]` field: a lone string other than `keyword` gets
+    one clear error instead of one per member of the union."""
 
     def check(value: Any) -> Any:
         if isinstance(value, str) and value != keyword:
@@ -46,6 +48,7 @@ class Architecture(StrictModel):
     max_position_embeddings: int = Field(gt=0, description="Longest context the model was trained for.")
 
 
+# What each family and chat format means is core/families/ (FAMILIES, CHAT_FORMATS; a test keeps the two in step).
 ChatFormat = Literal["llama2", "mistral", "zephyr", "gemma", "phi", "plain"]
 Family = Literal["llama", "mistral", "gemma", "phi"]
 
@@ -55,15 +58,31 @@ class BaseModelSpec(StrictModel):
 
     name: str = Field(description="Short name used in sweeps, model ids and MLflow tags.")
     hf_id: str = Field(description="Hugging Face id, or `tiny/<name>` for a locally built tiny model.")
-    family: Family = Field(description="Architecture family; picks the transformers model class.")
+    family: Family = Field(description="Architecture family (core/families/): its linear layers, transformers "
+                           "config class and memory shape.")
     params_billion: float = Field(gt=0, description="Parameter count in billions.")
     instruction_tuned: bool = Field(description="Whether the published checkpoint is instruction-tuned.")
     chat_format: ChatFormat = Field(description="Chat convention used by /v1/chat/completions.")
     all_linear_modules: list[str] = Field(
-        min_length=1, description="Names of every linear projection in a block (LoRA `all-linear`)."
+        default_factory=list, validate_default=True,
+        description="Names of every linear projection in a block (LoRA `all-linear`); default: the family's.",
     )
     architecture: Architecture = Field(description="Shape numbers for memory estimates.")
     tiny: bool = Field(default=False, description="A tiny offline counterpart built from config, not downloaded.")
+
+    @field_validator("all_linear_modules")
+    @classmethod
+    def _family_layers(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """Empty: the family's linear layers; listed: exactly those (in any order)."""
+        if "family" not in info.data:  # the family itself is invalid: that is the error to show
+            return value
+        layers = family(info.data["family"]).linear_modules
+        if not value:
+            return layers
+        if sorted(value) != sorted(layers):
+            raise ValueError(f"{value} are not the linear layers of family {info.data['family']} "
+                             f"({', '.join(layers)}); leave the field out to use them")
+        return value
 
 
 # --------------------------------------------------------------------------- tasks
@@ -71,8 +90,8 @@ class BaseModelSpec(StrictModel):
 Category = Literal["classic_nlp", "coding", "knowledge", "reasoning", "math", "demo"]
 Metric = Literal["accuracy", "rouge", "stsb_similarity", "humaneval"]
 AnswerKind = Literal["exact", "boolean", "choice", "last_number", "number", "text", "code"]
-StudyMetric = Literal["binary_accuracy_flex", "mnli_accuracy", "mrpc_accuracy", "hellaswag_accuracy", "customer_support_accuracy",
-                      "mmlu_accuracy", "rouge", "stsb", "dbpedia", "gsm8k_regex"]
+StudyMetric = Literal["binary_accuracy_flex", "mnli_accuracy", "mrpc_accuracy", "hellaswag_accuracy",
+                      "customer_support_accuracy", "mmlu_accuracy", "rouge", "stsb", "dbpedia", "gsm8k_regex"]
 Scoring = Literal["study", "strict"]
 PromptCut = Literal["study", "keep_cue"]
 
@@ -117,7 +136,8 @@ class TaskSpec(StrictModel):
     labels: list[str] | None = Field(default=None, description="Allowed answers for classification tasks.")
     study_metric: StudyMetric | None = Field(
         default=None, description="The study's own scoring rule for this task (jobs/study_metrics.py), used under "
-        "`evaluation.scoring: study`; unset (demo tasks, and study tasks whose rule the study's code lacks) = strict scoring.")
+        "`evaluation.scoring: study`; unset (demo tasks, and study tasks whose rule the study's code lacks) = strict "
+        "scoring.")
     eval: EvalSource | None = Field(default=None, description="Separate evaluation set, if any.")
     eval_limit: int = Field(default=1000, gt=0, description="Evaluate on at most this many rows.")
     max_new_tokens: int = Field(default=256, gt=0, description="Generation budget at evaluation.")
@@ -171,8 +191,8 @@ class TrainingSettings(StrictModel):
     checkpoint_every: int = Field(default=1000, gt=0, description="Save a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(default=2, gt=0, description="Checkpoints kept on the storage path.")
     log_every: int = Field(default=10, gt=0, description="Report step metrics every N steps.")
-    min_micro_batch_size: int = Field(default=1, gt=0, description="Out-of-memory back-off floor for the micro-batch; packed, "
-                                      "passes then shrink further, down to one example each.")
+    min_micro_batch_size: int = Field(default=1, gt=0, description="Out-of-memory back-off floor for the "
+                                      "micro-batch; packed, passes then shrink further, down to one example each.")
     max_train_examples: int | None = Field(default=None, gt=0, description="Use at most this many training rows.")
     seed: int = Field(default=42, description="Seed for initialisation, data order and dropout.")
 
@@ -182,16 +202,18 @@ class EvalSettings(StrictModel):
 
     limit: int | None = Field(default=None, gt=0, description="Override every task's eval_limit (e.g. for smoke runs).")
     max_new_tokens: int | None = Field(default=None, gt=0, description="Override every task's max_new_tokens.")
-    prompt_max_chars: int = Field(default=1500, gt=0, description="Prompts are cut to this many characters (code prompts never: a program's head is kept whole).")
+    prompt_max_chars: int = Field(default=1500, gt=0, description="Prompts are cut to this many characters (code "
+                                  "prompts never: a program's head is kept whole).")
     prompt_cut: PromptCut = Field(
-        default="study", description="How long prompts are cut to `prompt_max_chars`. `study`, the study's setup: evaluation "
-        "keeps a prompt's first characters (a long input loses the fields after it and the answer cue) and training cuts "
-        "nothing (only `training.max_seq_length` tokens, as the study's training config did). `keep_cue`, ours, for both: "
-        "the input before the final cue line is shortened so the instruction head and the cue survive.")
+        default="study", description="How long prompts are cut to `prompt_max_chars`. `study`, the study's setup: "
+        "evaluation keeps a prompt's first characters (a long input loses the fields after it and the answer cue) and "
+        "training cuts nothing (only `training.max_seq_length` tokens, as the study's training config did). "
+        "`keep_cue`, ours, for both: the input before the final cue line is shortened so the instruction head and the "
+        "cue survive.")
     scoring: Scoring = Field(
-        default="study", description="`study`: tasks with a `study_metric` are scored by the study's looser rules (labels "
-        "found anywhere, failed generations left out of the mean and counted); other tasks (the demo tasks) strictly. "
-        "`strict`: every task by its `metric`/`answer` parsing (jobs/metrics.py).")
+        default="study", description="`study`: tasks with a `study_metric` are scored by the study's looser rules "
+        "(labels found anywhere, failed generations left out of the mean and counted); other tasks (the demo tasks) "
+        "strictly. `strict`: every task by its `metric`/`answer` parsing (jobs/metrics.py).")
     batch_size: int = Field(default=8, gt=0, description="Prompts generated per batch.")
     code_timeout_s: float = Field(default=10.0, gt=0, description="Time limit per HumanEval program.")
     code_memory_mb: int = Field(default=1024, gt=0, description="Memory limit per HumanEval program.")

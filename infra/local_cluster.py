@@ -48,8 +48,9 @@ from core.ports import LOOPBACK, free_port
 HOST = LOOPBACK  # every node of the cluster binds loopback only
 CLUSTER_MARK = "LORALAND_LOCAL_CLUSTER"  # environment variable on every process of a cluster: its folder
 NODE_MARK = "LORALAND_LOCAL_NODE"  # ... and the node's name (head, worker-1, ...)
+# Jobs pass small objects; Ray's default (30% of memory per node) is far too much here.
+OBJECT_STORE_BYTES = 200 * 1024**2
 # A killed raylet is declared dead after period x threshold (~3 s) instead of Ray's ~15 s.
-OBJECT_STORE_BYTES = 200 * 1024**2  # jobs pass small objects; Ray's default (30% of memory per node) is far too much here
 FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
@@ -59,7 +60,8 @@ def ray_bin() -> str:
 
 
 def free_port_block(size: int = 3, low: int = 20000, high: int = 32000) -> int:
-    """The first of `size` consecutive free ports below the kernel's ephemeral range (where Ray's OS-chosen ports land)."""
+    """The first of `size` consecutive free ports below the kernel's ephemeral range (where Ray's OS-chosen ports
+    land)."""
     for _ in range(200):
         first = random.randrange(low, high - size)
         try:
@@ -108,8 +110,9 @@ class LocalCluster:
         return self.root / "auth_token"
 
     def env(self) -> dict[str, str]:
-        """What a client of this cluster needs in its environment: addresses and the token (before `import ray`: Ray reads
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when imported, and with it at 1 dials 127.0.0.1 by the machine's external address)."""
+        """What a client of this cluster needs in its environment: addresses and the token (before `import ray`: Ray
+        reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when imported, and with it at 1 dials 127.0.0.1 by the machine's
+        external address)."""
         return {"RAY_ADDRESS": self.address, "RAY_API_SERVER_ADDRESS": self.dashboard_url, "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": str(self.token_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -125,28 +128,63 @@ class LocalCluster:
             raise RuntimeError(f"starting {name} of the cluster on port {self.port} failed: " + " | ".join(tail))
 
     def _common_flags(self) -> list[str]:
-        # OS-chosen worker ports and a small object store per node, as ray.cluster_utils.Cluster does for nodes sharing a host
-        return [f"--node-ip-address={HOST}", f"--temp-dir={self.root / 'ray'}", f"--dashboard-agent-listen-port={free_port()}",
-                "--min-worker-port=0", "--max-worker-port=0", f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
+        # OS-chosen worker ports and a small object store per node, as ray.cluster_utils.Cluster does for nodes sharing
+        # a host
+        return [
+            f"--node-ip-address={HOST}",
+            f"--temp-dir={self.root / 'ray'}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            f"--object-store-memory={OBJECT_STORE_BYTES}",
+            "--disable-usage-stats",
+        ]
 
     def start_head(self) -> None:
         """Start the head: GCS, dashboard (Jobs API), no CPUs for jobs."""
         if cluster_processes(self.root):
-            raise RuntimeError(f"a cluster already runs on port {self.port} (stop it: python infra/local_cluster.py stop --port {self.port})")
+            raise RuntimeError(
+                f"a cluster already runs on port {self.port} (stop it: python infra/local_cluster.py stop --port "
+                f"{self.port})"
+            )
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
-        self._run([ray_bin(), "start", "--head", f"--port={self.port}", f"--dashboard-host={HOST}", f"--dashboard-port={self.port + 1}",
-                   f"--ray-client-server-port={self.port + 2}", "--include-dashboard=true", "--num-cpus=0", "--num-gpus=0",
-                   *self._common_flags()], "head")
+        self._run(
+            [
+                ray_bin(),
+                "start",
+                "--head",
+                f"--port={self.port}",
+                f"--dashboard-host={HOST}",
+                f"--dashboard-port={self.port + 1}",
+                f"--ray-client-server-port={self.port + 2}",
+                "--include-dashboard=true",
+                "--num-cpus=0",
+                "--num-gpus=0",
+                *self._common_flags(),
+            ],
+            "head",
+        )
 
     def add_worker(self, num_cpus: float = 1, num_gpus: int = 0, resources: dict[str, float] | None = None) -> str:
         """Join a worker node advertising `resources` (default `{"worker": 1}`); returns its name."""
         name = f"worker-{len(self.workers) + 1}"
-        self._run([sys.executable, str(Path(__file__).resolve()), "_ray_start_worker", f"--address={self.address}",
-                   f"--num-cpus={num_cpus:g}", f"--num-gpus={num_gpus}", f"--resources={json.dumps(resources or {'worker': 1})}",
-                   "--include-log-monitor=false", *self._common_flags()], name)
+        self._run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "_ray_start_worker",
+                f"--address={self.address}",
+                f"--num-cpus={num_cpus:g}",
+                f"--num-gpus={num_gpus}",
+                f"--resources={json.dumps(resources or {'worker': 1})}",
+                "--include-log-monitor=false",
+                *self._common_flags(),
+            ],
+            name,
+        )
         self.workers.append(name)
         return name
 
@@ -209,8 +247,13 @@ class LocalCluster:
 
     def alive_nodes(self) -> int:
         """How many nodes the GCS counts alive."""
-        done = subprocess.run([ray_bin(), "list", "nodes", "--format=json", f"--address={self.dashboard_url}", "--limit=1000"],
-                              capture_output=True, text=True, env=os.environ | self.env(), timeout=60)
+        done = subprocess.run(
+            [ray_bin(), "list", "nodes", "--format=json", f"--address={self.dashboard_url}", "--limit=1000"],
+            capture_output=True,
+            text=True,
+            env=os.environ | self.env(),
+            timeout=60,
+        )
         if done.returncode != 0:
             return 0
         return sum(node.get("state") == "ALIVE" for node in json.loads(done.stdout))
@@ -220,7 +263,9 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while (alive := self.alive_nodes()) != count:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the cluster on port {self.port} has {alive} nodes alive, not {count}, after {timeout_s:.0f} s")
+                raise TimeoutError(
+                    f"the cluster on port {self.port} has {alive} nodes alive, not {count}, after {timeout_s:.0f} s"
+                )
             time.sleep(1)
 
     def non_loopback_sockets(self) -> list[str]:
@@ -237,7 +282,8 @@ class LocalCluster:
         return found
 
     def stop(self, timeout_s: float = 5) -> int:
-        """SIGTERM, then SIGKILL, every process of this cluster; removes its folder; returns how many processes there were."""
+        """SIGTERM, then SIGKILL, every process of this cluster; removes its folder; returns how many processes there
+        were."""
         processes = list({p.pid: p for p in [*cluster_processes(self.root), *self.lost] if p.is_running()}.values())
         for process in processes:
             try:

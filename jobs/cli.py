@@ -46,7 +46,8 @@ def main(mode: Mode, argv: list[str] | None = None) -> int:
 
 def train_job(config: JobConfig) -> dict[str, object]:
     """Fine-tune and evaluate the job (printing step metrics as they come); its score and training summary."""
-    result = run_job(config.model_copy(update={"kind": "train"}), on_step=lambda step, m: print(f"step {step}: {m}", flush=True))
+    result = run_job(config.model_copy(update={"kind": "train"}),
+                     on_step=lambda step, m: print(f"step {step}: {m}", flush=True))
     return {"score": result.score, "metric": result.metric, "adapter_dir": result.adapter_dir, **result.summary}
 
 
@@ -54,9 +55,11 @@ def evaluate_job(config: JobConfig, adapter: str | None) -> dict[str, object]:
     """Score the base model zero-shot (as its own job, in a folder beside the fine-tune's), or the adapter in `adapter`
     on the job's base model."""
     if adapter is None:
-        result = run_job(config.model_copy(update={"kind": "evaluate_base", "output_dir": join(config.output_dir, "evaluate_base")}))
+        result = run_job(config.model_copy(update={"kind": "evaluate_base",
+                                                   "output_dir": join(config.output_dir, "evaluate_base")}))
         return {"score": result.score, "metric": result.metric, "examples": result.examples}
     check_adapter_dir(adapter)  # before the base is loaded
-    model = load_adapter(load_base_model(config.base_model, config.quantization, resolve_device(config.device)), adapter)
+    model = load_adapter(load_base_model(config.base_model, config.quantization, resolve_device(config.device)),
+                         adapter)
     evaluation = evaluate_model(model, load_tokenizer(config.base_model), config.task, config.evaluation)
     return {"score": evaluation.score, "metric": evaluation.metric, "examples": evaluation.examples}

@@ -54,11 +54,13 @@ class JobConfig(StrictModel):
             catalog = load_catalog()
         entries: Mapping[str, Any] = catalog.base_models if info.field_name == "base_model" else catalog.tasks
         if value not in entries:
-            raise ValueError(f"unknown {str(info.field_name).replace('_', ' ')} {value!r}; see `loraland catalog --all`")
+            what = str(info.field_name).replace("_", " ")
+            raise ValueError(f"unknown {what} {value!r}; see `loraland catalog --all`")
         return entries[value]
 
 
-def lora_target_problems(targets: Any, base_models: list[BaseModelSpec], field: str = "lora.target_modules") -> list[str]:
+def lora_target_problems(targets: Any, base_models: list[BaseModelSpec],
+                         field: str = "lora.target_modules") -> list[str]:
     """A line per listed LoRA target module that is not a linear layer of the base models (`all-linear`
     fits any); base models with the same layers share a line. `targets` may be raw data: a value of the
     wrong type is left to validation."""
@@ -96,7 +98,8 @@ def load_job_config(path: str | Path, catalog: Catalog | None = None) -> JobConf
 
 
 def outcome_settings(config: Any, kind: str) -> dict[str, Any]:
-    """The settings of a job (or a sweep's, for its jobs of `kind`) that change its outcome, by section: quantization and
-    evaluation, plus LoRA and training for a fine-tune. The job key's hash and an output folder's record both use it."""
+    """The settings of a job (or a sweep's, for its jobs of `kind`) that change its outcome, by section: quantization
+    and evaluation, plus LoRA and training for a fine-tune. The job key's hash and an output folder's record both use
+    it."""
     sections = ["quantization", "evaluation"] + (["lora", "training"] if kind == "train" else [])
     return {section: getattr(config, section).model_dump(mode="json") for section in sections}

@@ -71,9 +71,11 @@ def _file_rows(source: DatasetSource, split: str, columns: Sequence[str]) -> lis
         path = data_home() / "data" / path
     builder = LOCAL_FORMATS.get("".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix)
     if builder is None:
-        raise ConfigError(str(path), [f"unsupported file type; use one of {', '.join(LOCAL_FORMATS)} (data_files.{split})"])
+        raise ConfigError(str(path),
+                          [f"unsupported file type; use one of {', '.join(LOCAL_FORMATS)} (data_files.{split})"])
     if not path.is_file():
-        prepare = f"run `loraland data prepare {path.parent.name} --from DOWNLOAD_DIR`, " if source.kind in ("kaggle", "github") else ""
+        prepared = source.kind in ("kaggle", "github")
+        prepare = f"run `loraland data prepare {path.parent.name} --from DOWNLOAD_DIR`, " if prepared else ""
         raise NotFound(f"{path} not found ({prepare}download {source.id!r} there, or set data_files.{split})")
     table = datasets.load_dataset(builder, data_files=str(path), split="train")
     missing = [column for column in columns if column not in table.column_names]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from transformers import GenerationMixin, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from core.prompts import CODE_METRIC, completion_for, evaluation_prompt
 from core.schemas import EvalSettings, TaskSpec
@@ -39,8 +39,8 @@ class EvalResult:
 
 
 @torch.no_grad()
-def generate(model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int,
-             keep_indent: bool = False, keep_end: bool = False) -> list[str]:
+def generate(model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+             batch_size: int, keep_indent: bool = False, keep_end: bool = False) -> list[str]:
     """Greedy completions of `prompts`, batched by similar length (left padding), in the input order.
 
     Completions are stripped; with `keep_indent` only trailing whitespace goes, so code that continues
@@ -58,9 +58,10 @@ def generate(model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
-        # transformers 5's PreTrainedModel lacks `generate`: the causal-LM classes mix GenerationMixin in
-        generated = cast(GenerationMixin, model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+        # transformers 5's PreTrainedModel lacks `generate` (the causal-LM classes mix GenerationMixin in), and 5.19
+        # types the mixin's `self` as a protocol of its own: the call is left untyped
+        generated = cast(Any, model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                              do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
         for row, index in enumerate(chunk):
             text = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
             assert isinstance(text, str)  # one sequence decodes to one string
@@ -68,19 +69,21 @@ def generate(model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[
     return outputs
 
 
-def evaluate_model(model: CausalLM, tokenizer: PreTrainedTokenizerBase, task: TaskSpec, settings: EvalSettings) -> EvalResult:
+def evaluate_model(model: CausalLM, tokenizer: PreTrainedTokenizerBase, task: TaskSpec,
+                   settings: EvalSettings) -> EvalResult:
     """Score `model` on `task`'s evaluation rows: by the study's rule (`task.study_metric`) under `scoring: study`
     when the task has one, else strictly by the task's metric."""
     rows = eval_rows(task, settings.limit or task.eval_limit)
     code = task.metric == CODE_METRIC
     study_rule = task.study_metric if settings.scoring == "study" else None
     prompts = [evaluation_prompt(task, row, settings) for row in rows]
-    completions = generate(model, tokenizer, prompts, settings.max_new_tokens or task.max_new_tokens, settings.batch_size,
-                           keep_indent=code, keep_end=study_rule is not None)
+    completions = generate(model, tokenizer, prompts, settings.max_new_tokens or task.max_new_tokens,
+                           settings.batch_size, keep_indent=code, keep_end=study_rule is not None)
     scores: list[float | None]
     if code:
-        answers = [parse_answer(task.answer, completion) for completion in completions]  # a fenced block's code, else as is
-        programs = [answer if isinstance(answer, str) else completion for answer, completion in zip(answers, completions)]
+        answers = [parse_answer(task.answer, completion) for completion in completions]  # a fenced block's code
+        programs = [answer if isinstance(answer, str) else completion  # else the completion as is
+                    for answer, completion in zip(answers, completions)]
         results = pass_at_1(rows, programs, settings.code_timeout_s, settings.code_memory_mb)
         scores = [1.0 if r.passed else 0.0 for r in results]
         golds: list[str] = [r.status for r in results]
@@ -92,10 +95,12 @@ def evaluate_model(model: CausalLM, tokenizer: PreTrainedTokenizerBase, task: Ta
         for i, (p, c, g, s) in enumerate(zip(prompts, completions, golds, scores))
     ]
     tally = mean_of_answered(scores)
-    return EvalResult(task.metric, tally.mean, tally.answered, predictions, "study" if study_rule else "strict", tally.failed)
+    return EvalResult(task.metric, tally.mean, tally.answered, predictions, "study" if study_rule else "strict",
+                      tally.failed)
 
 
-def score_all(task: TaskSpec, predictions: Sequence[str | None], golds: Sequence[str], study_rule: str | None) -> list[float | None]:
+def score_all(task: TaskSpec, predictions: Sequence[str | None], golds: Sequence[str],
+              study_rule: str | None) -> list[float | None]:
     """Per-example scores: by the named study rule when given (None for a failed generation, left out of the mean),
     else strictly by the task's metric and answer parsing (a failed generation scores 0)."""
     if study_rule is not None:

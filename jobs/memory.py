@@ -9,6 +9,7 @@ answer token, `jobs.train.answer_token_losses`), and the CUDA context and alloca
 
 from __future__ import annotations
 
+from core.families import family
 from core.schemas import BaseModelSpec, LoraSettings, QuantizationSettings, TrainingSettings
 
 GB = 1024**3
@@ -19,28 +20,21 @@ TRAINABLE_BYTES = 4 + 4 + 8  # fp32 weight, gradient, two AdamW moments
 
 
 def linear_shapes(spec: BaseModelSpec) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear projection of one block, by module name."""
-    a = spec.architecture
-    head_dim = a.hidden_size // a.num_attention_heads
-    q, kv = a.num_attention_heads * head_dim, a.num_key_value_heads * head_dim
-    attention = {"q_proj": (a.hidden_size, q), "k_proj": (a.hidden_size, kv), "v_proj": (a.hidden_size, kv)}
-    if spec.family == "phi":
-        return attention | {"dense": (q, a.hidden_size), "fc1": (a.hidden_size, a.intermediate_size), "fc2": (a.intermediate_size, a.hidden_size)}
-    mlp = {"gate_proj": (a.hidden_size, a.intermediate_size), "up_proj": (a.hidden_size, a.intermediate_size),
-           "down_proj": (a.intermediate_size, a.hidden_size)}
-    return attention | {"o_proj": (q, a.hidden_size)} | mlp
+    """(in, out) features of each linear projection of one block, by module name (as its family lays them out)."""
+    return family(spec.family).linear_shapes(spec.architecture)
 
 
 def lora_parameters(spec: BaseModelSpec, lora: LoraSettings) -> int:
     """Trainable LoRA parameters: r * (in + out) per adapted projection per layer."""
     shapes = linear_shapes(spec)
-    targets = shapes if lora.target_modules == "all-linear" else {k: v for k, v in shapes.items() if k in lora.target_modules}
-    return spec.architecture.num_layers * sum(lora.r * (i + o) for i, o in targets.values())
+    if lora.target_modules != "all-linear":
+        shapes = {name: shape for name, shape in shapes.items() if name in lora.target_modules}
+    return spec.architecture.num_layers * sum(lora.r * (i + o) for i, o in shapes.values())
 
 
 def shared_memory_gb(spec: BaseModelSpec, quant: QuantizationSettings) -> float:
-    """What a job's peak memory holds whatever it trains, and co-trained jobs share (jobs/cotrain.py): the base's weights
-    (4-bit linear layers with their constants, 16-bit embeddings and LM head) and the CUDA context, in GB."""
+    """What a job's peak memory holds whatever it trains, and co-trained jobs share (jobs/cotrain.py): the base's
+    weights (4-bit linear layers with their constants, 16-bit embeddings and LM head) and the CUDA context, in GB."""
     a = spec.architecture
     linear = a.num_layers * sum(i * o for i, o in linear_shapes(spec).values())
     embeddings = a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
@@ -48,7 +42,8 @@ def shared_memory_gb(spec: BaseModelSpec, quant: QuantizationSettings) -> float:
     return (linear * weight_bytes + embeddings * 2 + CUDA_OVERHEAD_BYTES) / GB
 
 
-def estimate_memory_gb(spec: BaseModelSpec, lora: LoraSettings, quant: QuantizationSettings, training: TrainingSettings) -> float:
+def estimate_memory_gb(spec: BaseModelSpec, lora: LoraSettings, quant: QuantizationSettings,
+                       training: TrainingSettings) -> float:
     """Peak GPU memory of one fine-tuning job in GB: `shared_memory_gb` plus `member_memory_gb`."""
     return shared_memory_gb(spec, quant) + member_memory_gb(spec, lora, training)
 
@@ -59,6 +54,9 @@ def member_memory_gb(spec: BaseModelSpec, lora: LoraSettings, training: Training
     a = spec.architecture
     tokens = training.micro_batch_size * training.max_seq_length
     one_layer = tokens * (10 * a.hidden_size + 3 * a.intermediate_size) * 2
-    saved = tokens * a.hidden_size * 2 * a.num_layers + one_layer if training.gradient_checkpointing else one_layer * a.num_layers
+    if training.gradient_checkpointing:  # one saved hidden state per layer, one layer's activations recomputed
+        saved = tokens * a.hidden_size * 2 * a.num_layers + one_layer
+    else:
+        saved = one_layer * a.num_layers
     logits = tokens * a.vocab_size * (2 + 4 + 4)
     return (lora_parameters(spec, lora) * TRAINABLE_BYTES + saved + logits) / GB

@@ -6,9 +6,16 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from core.errors import DeviceUnavailable, NotFound
+from core.paths import ADAPTER_WEIGHTS
 from core.schemas import BaseModelSpec, LoraSettings, QuantizationSettings
 from jobs.tiny import tiny_model_dir
 
@@ -94,8 +101,8 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpo
 def check_adapter_dir(adapter_dir: str | Path) -> Path:
     """`adapter_dir` as a Path, or a NotFound when it holds no adapter weights in safetensors."""
     path = Path(adapter_dir)
-    if not (path / "adapter_model.safetensors").is_file():
-        raise NotFound(f"{path} holds no adapter_model.safetensors")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise NotFound(f"{path} holds no {ADAPTER_WEIGHTS}")
     return path
 
 

@@ -1,4 +1,4 @@
-"""`loraland data prepare TASK --from PATH`: turn a task's original public download into the split files the catalogue reads.
+"""`loraland data prepare TASK --from PATH`: a task's original public download as the split files the catalogue reads.
 
 Four of the study's tasks are not Hugging Face datasets; their catalogue entries read CSV files under
 `<data_home()>/data/<kind>/<task>/` (`dataset.data_files`). Preparers (facts from
@@ -76,7 +76,8 @@ def task_dir(task: str, root: Path | None = None) -> Path:
 
 
 def split_sizes(total: int, study: dict[str, int]) -> dict[str, int]:
-    """The study's split sizes when `total` holds them all; else the same proportions (the first split takes the rest)."""
+    """The study's split sizes when `total` holds them all; else the same proportions (the first split takes the rest).
+    """
     if total >= sum(study.values()):
         return dict(study)
     names = list(study)
@@ -99,7 +100,7 @@ def _read_csv(path: Path, columns: list[str], encoding: str = "utf-8") -> pd.Dat
     (unreadable, not `encoding`, missing columns)."""
     try:
         frame = pd.read_csv(path, encoding=encoding)
-    except (ValueError, pd.errors.ParserError) as error:  # UnicodeDecodeError, EmptyDataError and a zip of several files too
+    except (ValueError, pd.errors.ParserError) as error:  # UnicodeDecodeError, EmptyDataError, zips of several files
         raise ConfigError(str(path), [f"not a readable {encoding} CSV with columns {', '.join(columns)}: "
                                       f"{str(error).splitlines()[0]}"]) from None
     missing = [c for c in columns if c not in frame.columns]
@@ -117,7 +118,8 @@ def _download_file(source: Path, name: str, download: str, zipped: bool = False)
 
 
 def prepare_legal(source: Path) -> Splits:
-    """The legal clause download (a folder of per-type CSVs) as seeded train/validation/test splits of the study's sizes."""
+    """The legal clause download (a folder of per-type CSVs) as seeded train/validation/test splits of the study's
+    sizes."""
     files = sorted(source.glob("*.csv"))
     if not files:
         raise NotFound(f"{source}: no CSV files; pass {PREPARERS['legal'].download}")
@@ -147,13 +149,15 @@ def prepare_jigsaw(source: Path) -> Splits:
     try:
         test = test.merge(labels, on="id", how="inner", validate="one_to_one")
     except pd.errors.MergeError:
-        raise ConfigError(str(source), ["test.csv and test_labels.csv repeat an id; pass the unmodified download"]) from None
+        raise ConfigError(str(source),
+                          ["test.csv and test_labels.csv repeat an id; pass the unmodified download"]) from None
     test = test[(test[JIGSAW_LABELS] != JIGSAW_UNLABELLED).all(axis=1)].reset_index(drop=True)
     return {"train": with_is_toxic(train), "test": with_is_toxic(test)}
 
 
 def call_text(segments: list[dict[str, Any]]) -> str:
-    """A Harper Valley transcript (its list of segments) as one `speaker_role: words` line per turn, in segment order."""
+    """A Harper Valley transcript (its list of segments) as one `speaker_role: words` line per turn, in segment
+    order."""
     spoken = [(s["speaker_role"], (s.get("human_transcript") or s.get("transcript") or "").strip())
               for s in sorted(segments, key=lambda s: s["index"])]
     turns = itertools.groupby([(role, words) for role, words in spoken if words], key=lambda pair: pair[0])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,15 @@ class JobResult:
     history: list[dict[str, float]] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     failed_generations: int = 0  # left out of the mean by the study's scoring (jobs/study_metrics.py)
+    # In memory only (never in result.json): the first training examples as trained on, {prompt, completion} each, for
+    # the tracker to log as the run's training input; empty for a result loaded from its file or an evaluate_base job.
+    training_examples: list[dict[str, str]] = field(default_factory=list, repr=False, metadata={"saved": False})
 
     def save(self, path: Path) -> None:
-        """Write atomically (a job killed mid-write leaves no half result)."""
+        """Write atomically (a job killed mid-write leaves no half result); the in-memory-only fields are left out."""
+        saved = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("saved", True)}
         staging = path.with_name(f".{path.name}.{os.getpid()}")
-        staging.write_text(json.dumps(asdict(self)))
+        staging.write_text(json.dumps(saved))
         staging.replace(path)
 
     @classmethod
@@ -48,9 +52,11 @@ class JobResult:
 
 def job_params(config: JobConfig) -> dict[str, Any]:
     """Every hyper-parameter of the job, flattened (`lora.r`, `training.learning_rate`, ...)."""
-    params: dict[str, Any] = {"kind": config.kind, "base_model": config.base_model.name, "base_model.hf_id": config.base_model.hf_id,
+    params: dict[str, Any] = {"kind": config.kind, "base_model": config.base_model.name,
+                              "base_model.hf_id": config.base_model.hf_id,
                               "task": config.task.name, "task.metric": config.task.metric}
-    return params | flat({section: getattr(config, section).model_dump(mode="json") for section in ("lora", "quantization", "training", "evaluation")})
+    sections = ("lora", "quantization", "training", "evaluation")
+    return params | flat({section: getattr(config, section).model_dump(mode="json") for section in sections})
 
 
 def flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 
 from core.errors import Conflict
+from jobs.checkpoints import ADAPTER_DIR, CHECKPOINT_DIR
 from jobs.config import JobConfig, outcome_settings
 from jobs.evaluate import EvalResult, evaluate_model
 from jobs.models import CausalLM, load_base_model, load_tokenizer, resolve_device
 from jobs.result import RESULT_FILE, JobResult, flat, job_params
 from jobs.storage import JobStorage
-from jobs.train import ADAPTER_DIR, CHECKPOINT_DIR, Fault, StepCallback, TrainResult, train
+from jobs.train import Fault, StepCallback, TrainResult, train
 
 JOB_FILE = "job.json"
 __all__ = ["JOB_FILE", "RESULT_FILE", "JobResult", "claim_output", "run_job"]
@@ -24,14 +25,15 @@ __all__ = ["JOB_FILE", "RESULT_FILE", "JobResult", "claim_output", "run_job"]
 def claim_output(storage: JobStorage, config: JobConfig) -> None:
     """Record the job's settings in its output folder, or check that the folder's record is of this job; a folder of
     another job (kind or any setting changed) is a one-line Conflict naming the first differences."""
-    identity = {"kind": config.kind, "base_model": config.base_model.hf_id, "task": config.task.name} | outcome_settings(config, config.kind)
+    identity = {"kind": config.kind, "base_model": config.base_model.hf_id, "task": config.task.name}
+    identity |= outcome_settings(config, config.kind)
     params = flat(identity)
     if storage.pull_file(JOB_FILE):
         saved = flat(json.loads((storage.local / JOB_FILE).read_text()))
         changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in params.items() if saved.get(key) != value]
         if changed:
-            raise Conflict(f"output_dir {config.output_dir}: holds a job with other settings ({'; '.join(changed[:3])}); "
-                           "use another output_dir, or delete it to start over")
+            raise Conflict(f"output_dir {config.output_dir}: holds a job with other settings "
+                           f"({'; '.join(changed[:3])}); use another output_dir, or delete it to start over")
         return
     storage.local.mkdir(parents=True, exist_ok=True)
     (storage.local / JOB_FILE).write_text(json.dumps(identity, indent=2))
@@ -67,7 +69,8 @@ def run_job(config: JobConfig, on_step: StepCallback | None = None, fault: Fault
     return record_result(config, storage, evaluate_model(model, tokenizer, config.task, config.evaluation), trained)
 
 
-def record_result(config: JobConfig, storage: JobStorage, evaluation: EvalResult, trained: TrainResult | None) -> JobResult:
+def record_result(config: JobConfig, storage: JobStorage, evaluation: EvalResult,
+                  trained: TrainResult | None) -> JobResult:
     """The job's result from its evaluation (and training), saved as result.json in its output folder (and store); the
     scratch checkpoints are dropped."""
     result = JobResult(
@@ -76,6 +79,7 @@ def record_result(config: JobConfig, storage: JobStorage, evaluation: EvalResult
         adapter_dir=trained.adapter_dir if trained else None, params=job_params(config),
         summary=trained.summary if trained else {}, history=trained.history if trained else [],
         predictions=evaluation.predictions, failed_generations=evaluation.failed,
+        training_examples=trained.examples if trained else [],
     )
     result.save(storage.local / RESULT_FILE)
     storage.push(RESULT_FILE)

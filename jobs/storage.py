@@ -40,7 +40,8 @@ def open_location(uri: str) -> tuple[Any, str]:
     try:
         return fs.FileSystem.from_uri(uri)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError or ArrowNotImplementedError here
-        raise ConfigError(f"storage {uri!r}", [f"{first_line(exc)}; use a folder path or a URI such as s3://bucket/prefix"]) from None
+        raise ConfigError(f"storage {uri!r}",
+                          [f"{first_line(exc)}; use a folder path or a URI such as s3://bucket/prefix"]) from None
 
 
 def check_writable(location: str) -> None:
@@ -60,8 +61,8 @@ def check_writable(location: str) -> None:
     except ConfigError:
         raise
     except Exception as exc:
-        raise Unreachable(f"storage path {location!r}: cannot write there ({first_line(exc)}); check the path, bucket and "
-                         "credentials") from None
+        raise Unreachable(f"storage path {location!r}: cannot write there ({first_line(exc)}); check the path, "
+                          "bucket and credentials") from None
 
 
 def first_line(error: BaseException) -> str:
@@ -107,10 +108,12 @@ class JobStorage:
         if self.remote is None:
             return
         source = self.local / relative
-        files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: p.name == COMPLETE_MARKER) if source.is_dir() else [source]
+        files = sorted((p for p in source.rglob("*") if p.is_file()),
+                       key=lambda p: p.name == COMPLETE_MARKER) if source.is_dir() else [source]
         filesystem = self.remote[0]
         for path in files:
-            with path.open("rb") as src, filesystem.open_output_stream(self._remote_path(path.relative_to(self.local).as_posix())) as dst:
+            target = self._remote_path(path.relative_to(self.local).as_posix())
+            with path.open("rb") as src, filesystem.open_output_stream(target) as dst:
                 shutil.copyfileobj(src, dst)
 
     def _remote_steps(self, folder: str) -> list[str]:
@@ -120,7 +123,8 @@ class JobStorage:
         if self.remote is None or not self._exists(folder):
             return []
         entries = self.remote[0].get_file_info(fs.FileSelector(self._remote_path(folder), recursive=False))
-        return sorted(e.base_name for e in entries if e.type == fs.FileType.Directory and e.base_name.startswith("step-"))
+        return sorted(e.base_name for e in entries
+                      if e.type == fs.FileType.Directory and e.base_name.startswith("step-"))
 
     def remote_checkpoints(self, folder: str) -> list[str]:
         """Names of the complete checkpoints (`step-*` holding state.json) under `folder` in the store, oldest first."""
@@ -150,7 +154,8 @@ class JobStorage:
         newer one (a retry on the same node)."""
         remote = self.remote_checkpoints(folder)
         local_root = self.local / folder
-        have = sorted(p.name for p in local_root.glob("step-*") if (p / COMPLETE_MARKER).is_file()) if local_root.is_dir() else []
+        steps = local_root.glob("step-*") if local_root.is_dir() else []
+        have = sorted(p.name for p in steps if (p / COMPLETE_MARKER).is_file())
         if remote and not (have and have[-1] >= remote[-1]):
             self.pull_dir(f"{folder}/{remote[-1]}")
 

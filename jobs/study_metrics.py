@@ -85,7 +85,8 @@ def mnli_accuracy(output: str, target: object) -> float:
 
 
 def mrpc_accuracy(output: str, target: object) -> float:
-    """`exact_step`, else correct when 1 (or 2) occurs in both; no fallback for 0, so a target 0 needs the exact step."""
+    """`exact_step`, else correct when 1 (or 2) occurs in both; no fallback for 0, so a target 0 needs the exact
+    step."""
     return 1.0 if exact_step(output, target) or _digit_in_both(output, target, "12") else 0.0
 
 

@@ -1,7 +1,8 @@
 """Tiny offline base models: the real transformers classes at a tiny size, built once and cached.
 
-The tokenizer is a byte-level BPE trained locally on the demo tasks' data and prompts, so any text tokenizes and nothing is downloaded. Weights are random from a fixed seed: a build is
-reproducible, and concurrent builders (several Ray workers) race safely through an atomic rename.
+The tokenizer is a byte-level BPE trained locally on the demo tasks' data and prompts, so any text tokenizes and nothing
+is downloaded. Weights are random from a fixed seed: a build is reproducible, and concurrent builders (several Ray
+workers) race safely through an atomic rename.
 """
 
 from __future__ import annotations
@@ -16,28 +17,15 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    GemmaConfig,
-    LlamaConfig,
-    MistralConfig,
-    PhiConfig,
-    PretrainedConfig,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from core.catalog import CATALOG_DIR, load_catalog_file
+from core.families import family
 from core.paths import data_home
 from core.schemas import BaseModelSpec
 from jobs.demo_data import GENERATORS, demo_rows
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
-    "llama": LlamaConfig,
-    "mistral": MistralConfig,
-    "gemma": GemmaConfig,
-    "phi": PhiConfig,
-}
 BUILD_SEED = 1234
 DEMO_TASKS = load_catalog_file(CATALOG_DIR / "demo_tasks.yaml")[1]
 
@@ -94,8 +82,9 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def model_config(spec: BaseModelSpec) -> PretrainedConfig:
-    """The transformers config of a tiny model, from the catalogue's architecture numbers."""
-    arch = spec.architecture
+    """The transformers config of a tiny model, from the catalogue's architecture numbers (its family's config class
+    and arguments)."""
+    arch, model_family = spec.architecture, family(spec.family)
     kwargs = dict(
         vocab_size=arch.vocab_size,
         hidden_size=arch.hidden_size,
@@ -112,9 +101,8 @@ def model_config(spec: BaseModelSpec) -> PretrainedConfig:
         # 0.02 a 64-wide model cannot move past near-uniform outputs; 1/sqrt(width) lets it learn.
         initializer_range=arch.hidden_size**-0.5,
     )
-    if spec.family == "gemma":
-        kwargs["head_dim"] = arch.hidden_size // arch.num_attention_heads
-    return CONFIG_CLASSES[spec.family](**kwargs)
+    config: PretrainedConfig = model_family.config_type()(**kwargs, **model_family.config_extras(arch))
+    return config
 
 
 def _build(spec: BaseModelSpec, target: Path) -> None:

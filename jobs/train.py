@@ -16,15 +16,11 @@ Run alone: `python -m jobs train --config job.yaml` (trains, evaluates, writes r
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -33,8 +29,20 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from core.errors import UserError
+from core.paths import ADAPTER_WEIGHTS
 from core.prompts import completion_for, prompt_for
 from core.schemas import TrainingSettings
+from jobs.checkpoints import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    AdapterWriter,
+    TrainState,
+    latest_checkpoint,
+    load_trainer_state,
+    save_adapter,
+    save_checkpoint,
+    set_rng_state,
+)
 from jobs.config import JobConfig
 from jobs.data import train_rows
 from jobs.encoding import IGNORE, Example, encode_example
@@ -42,8 +50,7 @@ from jobs.models import attach_lora, load_base_model, load_tokenizer, resolve_de
 from jobs.peak_memory import peak_memory_mb
 from jobs.storage import JobStorage
 
-ADAPTER_DIR = "adapter"
-CHECKPOINT_DIR = "checkpoints"
+TRAINING_SAMPLE = 1000  # training examples a result carries (in memory only) for the tracker to log as the run's input
 
 
 class StepCallback(Protocol):
@@ -52,39 +59,28 @@ class StepCallback(Protocol):
     def __call__(self, step: int, metrics: dict[str, float]) -> None: ...
 
 
-class AdapterWriter(Protocol):
-    """Trainable LoRA weights that write themselves in PEFT's format (adapter_model.safetensors + adapter_config.json):
-    a PeftModel, or one member's adapter in a group (jobs/cotrain.py)."""
-
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any: ...
-
-
 class TrainingError(UserError, RuntimeError):
     """A job cannot go on (out of memory at the micro-batch floor, an empty training split); the message says what
     the user changes."""
 
 
 @dataclass
-class TrainState:
-    """What a checkpoint needs besides weights and optimizer to continue the same trajectory."""
-
-    step: int = 0
-    cursor: int = 0  # examples consumed so far: the data position
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    pass_tokens: int = 0  # packed: tokens of one forward pass after out-of-memory back-offs (0: micro_batch_size x max_seq_length)
-    trained_tokens: int = 0
-    oom_backoffs: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-@dataclass
 class TrainResult:
-    """What training hands on: the adapter folder (safetensors) and a summary of the run."""
+    """What training hands on: the adapter folder (safetensors), a summary of the run, and the first `TRAINING_SAMPLE`
+    training examples as trained on (prompt, completion)."""
 
     adapter_dir: str
     summary: dict[str, float]
     history: list[dict[str, float]]
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class TrainingSet:
+    """A job's training examples, tokenized, and the first `TRAINING_SAMPLE` of them as text (prompt, completion)."""
+
+    examples: list[Example]
+    sample: list[dict[str, str]]
 
 
 # --------------------------------------------------------------------------- data
@@ -161,80 +157,24 @@ def training_prompt(config: JobConfig, row: dict[str, Any]) -> str:
     return prompt_for(config.task, row, max_chars, cut="keep_cue")
 
 
-def tokenize_task(config: JobConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
-    """Every training row of the job's task, tokenized (prompts from `training_prompt`)."""
+def training_set(config: JobConfig, tokenizer: PreTrainedTokenizerBase) -> TrainingSet:
+    """Every training row of the job's task, tokenized (prompts from `training_prompt`), and the first rows as text."""
     rows = train_rows(config.task, config.training.max_train_examples)
     if not rows:
         raise TrainingError(f"task {config.task.name}: the training split is empty")
-    return [
-        encode_example(tokenizer, training_prompt(config, row), completion_for(config.task, row), config.training.max_seq_length)
-        for row in rows
-    ]
+    examples: list[Example] = []
+    sample: list[dict[str, str]] = []
+    for row in rows:
+        prompt, completion = training_prompt(config, row), completion_for(config.task, row)
+        examples.append(encode_example(tokenizer, prompt, completion, config.training.max_seq_length))
+        if len(sample) < TRAINING_SAMPLE:
+            sample.append({"prompt": prompt, "completion": completion})
+    return TrainingSet(examples, sample)
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(root: Path, model: AdapterWriter, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, keep: int) -> Path:
-    """Write a checkpoint into a hidden folder, then rename it into place: a kill mid-save leaves no broken checkpoint."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step:08d}"
-    staging = root / f".staging-{state.step:08d}-{os.getpid()}"
-    for leftover in root.glob(".staging-*"):  # a save killed half-way (by us or an earlier run of the job)
-        shutil.rmtree(leftover, ignore_errors=True)
-    model.save_pretrained(str(staging), save_embedding_layers=False)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, staging / "trainer_state.pt")
-    (staging / "state.json").write_text(json.dumps(asdict(state)))
-    sync_to_disk(staging)  # a machine crash (or NFS) must not leave a renamed checkpoint with cut-off files
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
-    sync_to_disk(root, files=False)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def sync_to_disk(folder: Path, files: bool = True) -> None:
-    """fsync the files in `folder` (if `files`) and the folder itself, so what is renamed next is on disk."""
-    for path in sorted(folder.iterdir()) if files else []:
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root` (staging folders are ignored)."""
-    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
-
-
-def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[TrainState, dict[str, Any]]:
-    """Restore a checkpoint's optimizer and scheduler; return its saved state and RNG state (adapter weights are the
-    caller's: `adapter_model.safetensors` in the same folder)."""
-    saved = torch.load(path / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return TrainState(**json.loads((path / "state.json").read_text())), saved["rng"]
+def tokenize_task(config: JobConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+    """Every training row of the job's task, tokenized (`training_set`'s examples)."""
+    return training_set(config, tokenizer).examples
 
 
 # --------------------------------------------------------------------------- the loop
@@ -309,17 +249,17 @@ class JobTrainer:
     """One job's optimisation around its adapter's trainable weights: data order, optimizer, schedule, state,
     checkpoints and step logs. `train` drives one over a PeftModel; a group (jobs/cotrain.py) drives one per member."""
 
-    def __init__(self, config: JobConfig, adapter: AdapterWriter, params: list[torch.nn.Parameter], examples: list[Example],
+    def __init__(self, config: JobConfig, adapter: AdapterWriter, params: list[torch.nn.Parameter], data: TrainingSet,
                  device: str, on_step: StepCallback | None = None) -> None:
         self.config, self.settings, self.adapter, self.params = config, config.training, adapter, params
-        self.examples, self.device, self.on_step = examples, device, on_step
+        self.examples, self.sample, self.device, self.on_step = data.examples, data.sample, device, on_step
         self.optimizer = optimizer_for(params, self.settings, device)
         self.scheduler = make_scheduler(self.optimizer, self.settings)
         self.storage = JobStorage(config.output_dir)
         self.root = self.storage.local / CHECKPOINT_DIR
         self.state = TrainState(micro_batch_size=self.settings.micro_batch_size,
                                 gradient_accumulation_steps=self.settings.gradient_accumulation_steps)
-        self.order = DataOrder(len(examples), self.settings.seed)
+        self.order = DataOrder(len(self.examples), self.settings.seed)
         self.resumed_from = 0
         self.started = self.window_start = time.perf_counter()
         self.window_tokens = 0
@@ -331,7 +271,7 @@ class JobTrainer:
         checkpoint = latest_checkpoint(self.root)
         if checkpoint is None:
             return None
-        restore_weights(load_file(str(checkpoint / "adapter_model.safetensors")))
+        restore_weights(load_file(str(checkpoint / ADAPTER_WEIGHTS)))
         self.state, rng = load_trainer_state(checkpoint, self.optimizer, self.scheduler)
         self.resumed_from = self.state.step
         self.start_clock()
@@ -364,7 +304,8 @@ class JobTrainer:
         state.trained_tokens += tokens
         self.window_tokens += tokens
         if state.step % settings.checkpoint_every == 0 or state.step == settings.max_steps:
-            saved = save_checkpoint(self.root, self.adapter, self.optimizer, self.scheduler, state, settings.keep_checkpoints)
+            saved = save_checkpoint(self.root, self.adapter, self.optimizer, self.scheduler, state,
+                                    settings.keep_checkpoints)
             self.storage.push_checkpoint(CHECKPOINT_DIR, saved.name)
         if state.step % settings.log_every == 0 or state.step == settings.max_steps:
             now = time.perf_counter()
@@ -386,20 +327,23 @@ class JobTrainer:
             "train_loss": state.history[-1]["loss"] if state.history else float("nan"),
             "steps": float(state.step),
             "trained_tokens": float(state.trained_tokens),
-            "train_tokens_per_second": state.trained_tokens / max(wall, 1e-9) if self.resumed_from == 0 else float("nan"),
+            "train_tokens_per_second": state.trained_tokens / max(wall, 1e-9) if self.resumed_from == 0
+            else float("nan"),
             "train_wall_time_s": wall,
             "peak_memory_mb": peak_memory_mb(self.device),
             "final_micro_batch_size": float(state.micro_batch_size),
             "final_gradient_accumulation_steps": float(state.gradient_accumulation_steps),
-            "final_pass_tokens": float(state.pass_tokens or state.micro_batch_size * settings.max_seq_length) if settings.packing else float("nan"),
+            "final_pass_tokens": float(state.pass_tokens or state.micro_batch_size * settings.max_seq_length)
+            if settings.packing else float("nan"),
             "oom_backoffs": float(state.oom_backoffs),
             "resumed_from_step": float(self.resumed_from),
         }
-        return TrainResult(str(adapter_dir), summary, state.history)
+        return TrainResult(str(adapter_dir), summary, state.history, self.sample)
 
 
 def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-          on_step: StepCallback | None = None, fault: Fault | None = None) -> tuple[TrainResult, PeftModel, PreTrainedTokenizerBase]:
+          on_step: StepCallback | None = None, fault: Fault | None = None
+          ) -> tuple[TrainResult, PeftModel, PreTrainedTokenizerBase]:
     """Fine-tune the job's adapter, resuming from `output_dir`'s latest checkpoint; returns the result and the model.
 
     `fault(step)` is called before each forward-backward attempt (tests inject out-of-memory there).
@@ -409,15 +353,17 @@ def train(config: JobConfig, model: PeftModel | None = None, tokenizer: PreTrain
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
     tokenizer = tokenizer or load_tokenizer(config.base_model)
-    model = model or attach_lora(load_base_model(config.base_model, config.quantization, device), config.lora, settings.gradient_checkpointing)
+    model = model or attach_lora(load_base_model(config.base_model, config.quantization, device), config.lora,
+                                 settings.gradient_checkpointing)
     model.train()
-    examples = tokenize_task(config, tokenizer)
-    trainer = JobTrainer(config, model, [p for p in model.parameters() if p.requires_grad], examples, device, on_step)
+    data = training_set(config, tokenizer)
+    trainer = JobTrainer(config, model, [p for p in model.parameters() if p.requires_grad], data, device, on_step)
     rng = trainer.resume(lambda tensors: set_peft_model_state_dict(model, tensors))
     if rng is not None:
-        _set_rng_state(rng)
+        set_rng_state(rng)
     while not trainer.done:
-        loss, tokens = _train_step(model, trainer.step_examples(), trainer.state, settings, device, tokenizer.pad_token_id, fault)
+        loss, tokens = _train_step(model, trainer.step_examples(), trainer.state, settings, device,
+                                   tokenizer.pad_token_id, fault)
         trainer.finish_step(loss, tokens)
     return trainer.finish(), model, tokenizer
 
@@ -426,7 +372,8 @@ def _train_step(model: PeftModel, step_examples: list[Example], state: TrainStat
                 device: str, pad_id: int, fault: Fault | None) -> tuple[float, int]:
     """One optimizer step's gradients; on out-of-memory make the forward passes smaller (`back_off`) and retry."""
     while True:
-        batches = make_batches(step_examples, state.micro_batch_size, settings.max_seq_length, settings.packing, pad_id, state.pass_tokens)
+        batches = make_batches(step_examples, state.micro_batch_size, settings.max_seq_length, settings.packing,
+                               pad_id, state.pass_tokens)
         try:
             if fault:
                 fault(state.step)
@@ -455,22 +402,6 @@ def back_off(state: TrainState, settings: TrainingSettings, most_per_pass: int) 
         state.pass_tokens = max((state.pass_tokens or state.micro_batch_size * settings.max_seq_length) // 2, 1)
     else:
         floor = "one example per forward pass" if settings.packing else f"floor {settings.min_micro_batch_size}"
-        raise TrainingError(f"out of memory at step {state.step} with micro_batch_size {state.micro_batch_size} ({floor}); "
-                            "lower training.max_seq_length or use a GPU with more memory")
+        raise TrainingError(f"out of memory at step {state.step} with micro_batch_size {state.micro_batch_size} "
+                            f"({floor}); lower training.max_seq_length or use a GPU with more memory")
     state.oom_backoffs += 1
-
-
-def save_adapter(model: AdapterWriter, config: JobConfig, folder: Path) -> Path:
-    """Save the final adapter into `folder` (safetensors + adapter_config.json naming the base by its Hub id) atomically."""
-    target = folder / ADAPTER_DIR
-    staging = target.with_name(f".{ADAPTER_DIR}-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging), safe_serialization=True, save_embedding_layers=False)
-    adapter_config = json.loads((staging / "adapter_config.json").read_text())
-    adapter_config["base_model_name_or_path"] = config.base_model.hf_id  # portable: never a local cache path
-    (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    return target
-

@@ -33,7 +33,8 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         print(json.dumps({
             "base_models": [{"name": m.name, "hf_id": m.hf_id, "family": m.family, "params_billion": m.params_billion,
                              "instruction_tuned": m.instruction_tuned} for m in models],
-            "tasks": [{"name": t.name, "metric": t.metric, "category": t.category, "dataset": t.dataset.id} for t in tasks],
+            "tasks": [{"name": t.name, "metric": t.metric, "category": t.category, "dataset": t.dataset.id}
+                      for t in tasks],
         }, indent=2))
         return 0
     table = Table(title=f"Base models ({len(models)})")
@@ -63,7 +64,8 @@ def _validate_any(path: Path) -> str:
     if "base_model" in data and "task" in data:
         parse_job_config(data, str(path))
         return "job config"
-    if "name" not in data and any(isinstance(v, list) and v and isinstance(v[0], dict) for k, v in data.items() if k in ("base_models", "tasks")):
+    listed = [data[key] for key in ("base_models", "tasks") if key in data]
+    if "name" not in data and any(isinstance(v, list) and v and isinstance(v[0], dict) for v in listed):
         load_catalog_file(path)
         return "catalogue"
     load_sweep(path)
@@ -83,7 +85,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.plan import plan_json
 
     sweep = load_sweep(args.sweep)
-    overrides = {k: v for k, v in (("gpu_memory_gb", args.gpu_memory_gb), ("price_per_gpu_hour", args.price_per_gpu_hour)) if v is not None}
+    options = (("gpu_memory_gb", args.gpu_memory_gb), ("price_per_gpu_hour", args.price_per_gpu_hour))
+    overrides = {k: v for k, v in options if v is not None}
     if overrides:
         try:
             sweep.resources = parse_model(ResourceSettings, sweep.resources.model_dump() | overrides, "command line")
@@ -95,35 +98,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
-    table = Table(title=f"Sweep {sweep.name}: {plan['totals']['jobs']} fine-tunes + {plan['totals']['base_evaluations']} base evaluations")
+    t = plan["totals"]
+    table = Table(title=f"Sweep {sweep.name}: {t['jobs']} fine-tunes + {t['base_evaluations']} base evaluations")
     for column in ("base model", "task", "GPU mem (GB)", "GPUs", "jobs/GPU", "GPU-hours", "hours"):
         table.add_column(column, justify="right" if column not in ("base model", "task") else "left")
     for job in plan["jobs"]:
-        table.add_row(job["base_model"], job["task"], f"{job['gpu_memory_gb']:.2f}", f"{job['gpus']:g}", str(job["jobs_per_gpu"]),
-                      f"{job['gpu_hours']:.2f}", f"{job['hours']:.2f}")
+        table.add_row(job["base_model"], job["task"], f"{job['gpu_memory_gb']:.2f}", f"{job['gpus']:g}",
+                      str(job["jobs_per_gpu"]), f"{job['gpu_hours']:.2f}", f"{job['hours']:.2f}")
     console.print(table)
     if plan["groups"]:
         groups = Table(title=f"Co-training groups (resources.co_train: {sweep.resources.co_train})")
         for column in ("base model", "members", "tasks", "GPU mem (GB)", "GPUs", "GPU-hours", "hours"):
             groups.add_column(column, justify="left" if column in ("base model", "tasks") else "right")
         for group in plan["groups"]:
-            groups.add_row(group["base_model"], str(len(group["tasks"])), ", ".join(group["tasks"]), f"{group['gpu_memory_gb']:.2f}",
-                           f"{group['gpus']:g}", f"{group['gpu_hours']:.2f}", f"{group['hours']:.2f}")
+            groups.add_row(group["base_model"], str(len(group["tasks"])), ", ".join(group["tasks"]),
+                           f"{group['gpu_memory_gb']:.2f}", f"{group['gpus']:g}", f"{group['gpu_hours']:.2f}",
+                           f"{group['hours']:.2f}")
         console.print(groups)
-    t = plan["totals"]
-    console.print(f"Total: {t['jobs']} fine-tunes, {t['base_evaluations']} base evaluations, {t['gpu_hours']:.1f} GPU-hours, "
-                  f"${t['cost']:,.2f} at ${t['price_per_gpu_hour']}/GPU-hour; up to {t['jobs_per_gpu']} jobs per "
-                  f"{t['gpu_memory_gb']:g} GB GPU (largest job {t['max_gpu_memory_gb']:.1f} GB).")
+    console.print(f"Total: {t['jobs']} fine-tunes, {t['base_evaluations']} base evaluations, "
+                  f"{t['gpu_hours']:.1f} GPU-hours, ${t['cost']:,.2f} at ${t['price_per_gpu_hour']}/GPU-hour; "
+                  f"up to {t['jobs_per_gpu']} jobs per {t['gpu_memory_gb']:g} GB GPU "
+                  f"(largest job {t['max_gpu_memory_gb']:.1f} GB).")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a sweep on Ray (the cluster of `ray job submit`, else a local one), exactly once per job."""
     from orchestrator.config import load_sweep
-    from orchestrator.sweep import run_sweep, summary_table
+    from orchestrator.notes import summary_table
+    from orchestrator.sweep import run_sweep
 
-    if hasattr(sys.stdout, "reconfigure"):  # progress reaches `ray job logs -f` (or a log file) line by line, not in blocks,
-        sys.stdout.reconfigure(line_buffering=True)  # and survives an exit that skips flushing (Ray's, after a lost node)
+    # progress reaches `ray job logs -f` (or a log file) line by line, not in blocks, and survives an exit that skips
+    # flushing (Ray's, after a lost node)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     sweep = load_sweep(args.sweep)  # the whole sweep is validated before Ray is touched
     if args.storage_path:
         sweep.storage_path = args.storage_path
@@ -161,11 +169,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    """Turn a task's original download (legal, covid, jigsaw, customer_support) into the split files its catalogue entry reads."""
+    """Turn a task's original download (legal, covid, jigsaw, customer_support) into the split files its catalogue
+    entry reads."""
     from jobs.prepare import prepare, task_dir
 
     counts = prepare(args.task, args.source)
-    console.print(f"{args.task}: wrote {', '.join(f'{split} {rows} rows' for split, rows in counts.items())} to {task_dir(args.task)}")
+    written = ", ".join(f"{split} {rows} rows" for split, rows in counts.items())
+    console.print(f"{args.task}: wrote {written} to {task_dir(args.task)}")
     return 0
 
 
@@ -189,8 +199,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.port = args.port
     from ray import serve
 
+    from orchestrator.cluster import connect_ray
     from orchestrator.signals import exit_on_signals
-    from orchestrator.sweep import connect_ray
     from serving.app import deploy
     from serving.webapp import page_url
 
@@ -211,7 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `loraland` command."""
-    parser = argparse.ArgumentParser(prog="loraland", description="Fine-tune, track and serve many QLoRA adapters on Ray.")
+    parser = argparse.ArgumentParser(prog="loraland",
+                                     description="Fine-tune, track and serve many QLoRA adapters on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub = commands.add_parser("catalog", help=cmd_catalog.__doc__)
     sub.add_argument("--json", action="store_true", help="machine-readable output")
@@ -224,11 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/lora_land.yaml")
     sub.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU (overrides resources.gpu_memory_gb)")
-    sub.add_argument("--price-per-gpu-hour", type=float, help="price of a GPU-hour (overrides resources.price_per_gpu_hour)")
+    sub.add_argument("--price-per-gpu-hour", type=float,
+                     help="price of a GPU-hour (overrides resources.price_per_gpu_hour)")
     sub.set_defaults(run=cmd_plan)
     sub = commands.add_parser("sweep", help=cmd_sweep.__doc__)
     sub.add_argument("sweep", help="sweep YAML")
-    sub.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else the embedded SQLite store)")
+    sub.add_argument("--tracking-uri",
+                     help="MLflow URI (default: $MLFLOW_TRACKING_URI, else the embedded SQLite store)")
     sub.add_argument("--storage-path", help="checkpoints and results (shared storage on a cluster)")
     sub.set_defaults(run=cmd_sweep)
     sub = commands.add_parser("ui", help=cmd_ui.__doc__)
@@ -252,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--tracking-uri")
     sub.set_defaults(run=cmd_promote)
     sub = commands.add_parser("serve", help=cmd_serve.__doc__)
-    sub.add_argument("config", help="serve config: a Ray Serve config file like configs/serve/demo.yaml, or a bare ServeConfig")
+    sub.add_argument("config",
+                     help="serve config: a Ray Serve config file like configs/serve/demo.yaml, or a bare ServeConfig")
     sub.add_argument("--port", type=int, help="HTTP port (overrides the config's)")
     sub.set_defaults(run=cmd_serve)
     return parser

@@ -22,54 +22,68 @@ class ResourceSettings(StrictModel):
     """What each job asks Ray for, and the hardware `plan` prices."""
 
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where jobs run; cpu for the tiny demo.")
-    gpu_memory_gb: float = Field(default=24.0, gt=0, le=4096, description="Memory of one GPU of the cluster (the study used 24 GB A10G).")
-    gpu_tflops: float = Field(default=125.0, gt=0, le=1e6, description="Peak bf16 TFLOP/s of one GPU, for the time estimate.")
-    mfu: float = Field(default=0.2, gt=0, le=1, description="Fraction of peak a QLoRA job reaches, for the time estimate.")
-    price_per_gpu_hour: float = Field(default=1.21, ge=0, description="Price of one GPU-hour in dollars (A10G on demand).")
+    gpu_memory_gb: float = Field(default=24.0, gt=0, le=4096,
+                                 description="Memory of one GPU of the cluster (the study used 24 GB A10G).")
+    gpu_tflops: float = Field(default=125.0, gt=0, le=1e6,
+                              description="Peak bf16 TFLOP/s of one GPU, for the time estimate.")
+    mfu: float = Field(default=0.2, gt=0, le=1,
+                       description="Fraction of peak a QLoRA job reaches, for the time estimate.")
+    price_per_gpu_hour: float = Field(default=1.21, ge=0,
+                                      description="Price of one GPU-hour in dollars (A10G on demand).")
     cpus_per_job: float = Field(default=1.0, gt=0, description="CPUs each job reserves.")
-    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each job asks for, e.g. {worker: 0.01}.")
-    memory_headroom: float = Field(default=1.15, ge=1.0, le=10.0, description="Multiplier on the memory estimate before packing GPUs.")
+    custom: dict[str, float] = Field(default_factory=dict,
+                                     description="Custom Ray resources each job asks for, e.g. {worker: 0.01}.")
+    memory_headroom: float = Field(default=1.15, ge=1.0, le=10.0,
+                                   description="Multiplier on the memory estimate before packing GPUs.")
     co_train: Literal["off", "auto"] | Annotated[int, Field(ge=1)] = Field(
         default="off", description="Fine-tunes of one base model trained together in one process over one shared base "
         "(jobs/cotrain.py), each still its own job and run: off; K members per group; or auto, as many as fit one GPU "
         "with memory_headroom (plan's memory model), all of a base's on the CPU.")
-    queue_ahead: float = Field(default=1.0, ge=0, description="Jobs submitted to Ray beyond what the cluster holds, as a fraction "
-                               "of its capacity: Ray fills a freed share from them at once; the rest wait in the driver, where "
-                               "a resubmitted job goes first.")
+    queue_ahead: float = Field(
+        default=1.0, ge=0, description="Jobs submitted to Ray beyond what the cluster holds, as a fraction of its "
+        "capacity: Ray fills a freed share from them at once; the rest wait in the driver, where a resubmitted job "
+        "goes first.")
 
 
 class RetrySettings(StrictModel):
     """Failure handling."""
 
-    max_failures: int = Field(default=3, ge=0, description="Retries of a job that raised or whose worker crashed, before it is marked failed.")
-    max_node_losses: int = Field(default=-1, ge=-1, description="Resubmissions of a job whose node was lost (preemption, scale-down); "
-                                 "-1: no limit. They never count toward max_failures.")
+    max_failures: int = Field(
+        default=3, ge=0,
+        description="Retries of a job that raised or whose worker crashed, before it is marked failed.")
+    max_node_losses: int = Field(
+        default=-1, ge=-1, description="Resubmissions of a job whose node was lost (preemption, scale-down); -1: no "
+        "limit. They never count toward max_failures.")
 
 
 class TrackingSettings(StrictModel):
     """Where runs are logged."""
 
-    uri: str | None = Field(default=None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else SQLite in the data folder.")
+    uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else SQLite in the data folder.")
     experiment: str | None = Field(default=None, description="Experiment name; default: the sweep's name.")
 
 
 class SweepConfig(StrictModel):
     """A sweep: base models x tasks, with shared LoRA, quantization, training and evaluation settings."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Sweep name: experiment name and job-key prefix.")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="Sweep name: experiment name and job-key prefix.")
     description: str = Field(default="", description="What this sweep is for.")
     base_models: list[str] = Field(min_length=1, description="Base model names from the catalogue.")
     tasks: list[str] = Field(min_length=1, description="Task names from the catalogue.")
     evaluate_base: bool = Field(default=True, description="Also score each base model zero-shot on each task.")
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (study: r 8, alpha 16, q_proj/v_proj).")
+    lora: LoraSettings = Field(default_factory=LoraSettings,
+                               description="LoRA settings (study: r 8, alpha 16, q_proj/v_proj).")
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings, description="4-bit loading.")
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="Optimisation (study defaults).")
     evaluation: EvalSettings = Field(default_factory=EvalSettings, description="Evaluation settings.")
     resources: ResourceSettings = Field(default_factory=ResourceSettings, description="Per-job resources and pricing.")
     retries: RetrySettings = Field(default_factory=RetrySettings, description="Failure handling.")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow settings.")
-    storage_path: str = Field(default="", description="Checkpoints, adapters and results: a folder every node sees (NFS, EFS, FSx) or "
-                              "an object store URI (s3://bucket/prefix, gs://...). Default: the data folder.")
+    storage_path: str = Field(
+        default="", description="Checkpoints, adapters and results: a folder every node sees (NFS, EFS, FSx) or an "
+        "object store URI (s3://bucket/prefix, gs://...). Default: the data folder.")
 
 
 def catalog_problems(data: Any, catalog: Catalog) -> list[str]:
@@ -82,7 +96,8 @@ def catalog_problems(data: Any, catalog: Catalog) -> list[str]:
         names = data.get(key)
         for index, name in enumerate(names if isinstance(names, list) else []):
             if isinstance(name, str) and name not in known:
-                problems.append(f"{key}[{index}]: unknown {key[:-1].replace('_', ' ')} {name!r}; see `loraland catalog --all`")
+                what = key[:-1].replace("_", " ")
+                problems.append(f"{key}[{index}]: unknown {what} {name!r}; see `loraland catalog --all`")
         if isinstance(names, list) and len(set(map(str, names))) != len(names):
             problems.append(f"{key}: lists a name twice")
     names = data.get("base_models")

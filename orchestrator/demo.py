@@ -16,9 +16,10 @@ from rich.table import Table
 from core.paths import PROJECT_ROOT
 from core.ports import free_port, port_is_free
 from orchestrator.config import load_sweep
+from orchestrator.notes import summary_table
 from orchestrator.plan import plan_json
 from orchestrator.signals import exit_on_signals
-from orchestrator.sweep import run_sweep, summary_table
+from orchestrator.sweep import run_sweep
 
 DEMO_SWEEP = PROJECT_ROOT / "configs" / "sweeps" / "demo.yaml"
 DEMO_SERVE = PROJECT_ROOT / "configs" / "serve" / "demo.yaml"
@@ -67,7 +68,7 @@ def serve_and_ask() -> bool:
     from core.catalog import load_catalog
     from core.prompts import prompt_for
     from jobs.data import eval_rows
-    from orchestrator.sweep import connect_ray
+    from orchestrator.cluster import connect_ray
     from serving.app import deploy
     from serving.config import load_serve_config
 
@@ -88,7 +89,8 @@ def serve_and_ask() -> bool:
         body = response.json()
         ok = response.status_code == 200
         answered += ok
-        answer = body["choices"][0]["text"].strip() if ok else f"error {response.status_code}: {body['error']['message']}"
+        answer = (body["choices"][0]["text"].strip() if ok
+                  else f"error {response.status_code}: {body['error']['message']}")
         table.add_row(model, body.get("system_fingerprint", "") if ok else "", answer)
     console.print(table)
     console.print(f"OpenAI-compatible endpoint: {endpoint} (GET {endpoint}/models lists {len(models)} adapters, "

@@ -48,7 +48,8 @@ def job_gpu_hours(job: JobConfig, resources: ResourceSettings) -> float:
     if job.kind == "train":
         t = job.training
         flops_per_token = (8 if t.gradient_checkpointing else 6) * params
-        seconds += t.max_steps * t.micro_batch_size * t.gradient_accumulation_steps * job.task.mean_example_tokens * flops_per_token / rate
+        tokens = t.max_steps * t.micro_batch_size * t.gradient_accumulation_steps * job.task.mean_example_tokens
+        seconds += tokens * flops_per_token / rate
     return seconds / 3600
 
 

@@ -1,8 +1,9 @@
-"""Ending a command that owns child processes (`loraland ui`, `loraland serve`, the demo) the same way however it is ended.
+"""Ending a command that owns child processes (`loraland ui`, `loraland serve`, the demo) the same way however it is
+ended.
 
-Ctrl-C raises KeyboardInterrupt, but `kill PID`, `timeout`, a process supervisor (SIGTERM) and a closed terminal (SIGHUP)
-end a Python process at once by default: no `finally` block, no atexit handler, so an `mlflow server` started in its
-own session, or a local Ray cluster, outlives the command and keeps its ports.
+Ctrl-C raises KeyboardInterrupt, but `kill PID`, `timeout`, a process supervisor (SIGTERM) and a closed terminal
+(SIGHUP) end a Python process at once by default: no `finally` block, no atexit handler, so an `mlflow server` started
+in its own session, or a local Ray cluster, outlives the command and keeps its ports.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ class Terminated(SystemExit):
 
 @contextlib.contextmanager
 def exit_on_signals(signals: tuple[signal.Signals, ...] = TERMINATING) -> Iterator[None]:
-    """While the block runs, each of `signals` raises `Terminated` in the main thread, so the block's `finally` clauses and
-    the atexit handlers (Ray's shutdown) stop what the command started; further signals are ignored while that cleanup
-    runs. The previous handlers come back when the block ends. Call it from the main thread."""
+    """While the block runs, each of `signals` raises `Terminated` in the main thread, so the block's `finally` clauses
+    and the atexit handlers (Ray's shutdown) stop what the command started; further signals are ignored while that
+    cleanup runs. The previous handlers come back when the block ends. Call it from the main thread."""
 
     def terminate(signum: int, frame: FrameType | None) -> None:
         for other in signals:

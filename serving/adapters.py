@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from core.errors import Unreachable
+from core.paths import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from core.schemas import BaseModelSpec
 from serving import faults
 from serving.api import APIError, model_card, model_not_found
@@ -47,8 +48,6 @@ from tracking.retry import is_transient
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(rf"^{registry.MODEL_PREFIX}(?P<task>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<version>[1-9][0-9]*)$")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 HARMLESS_SUFFIXES = (".json", ".md", ".txt")  # besides the weights, what an adapter folder may hold
 MIN_REFRESH_S = 1.0  # an unknown model id re-reads the registry at most this often
 REGISTRY_PROBE_S = 2.0  # how long the tracking server may take to answer /health before it counts as down
@@ -160,7 +159,8 @@ class ModelResolver:
 
     async def cards(self) -> list[dict[str, object]]:
         """GET /v1/models entries."""
-        return [model_card(model_id, owner) for model_id, owner in model_ids(await self._current(self.ttl_s), self.served)]
+        published = await self._current(self.ttl_s)
+        return [model_card(model_id, owner) for model_id, owner in model_ids(published, self.served)]
 
     async def _current(self, max_age_s: float) -> Published:
         async with self.lock:
@@ -179,8 +179,8 @@ class ModelResolver:
 
 def registry_unavailable(cause: str) -> APIError:
     """503 (Retry-After) for a model id that needs the registry while it cannot be read."""
-    return APIError(503, f"the model registry cannot be read: {cause}", type="server_error", code="registry_unavailable",
-                    retry_after_s=5)
+    return APIError(503, f"the model registry cannot be read: {cause}", type="server_error",
+                    code="registry_unavailable", retry_after_s=5)
 
 
 def read_registry(uri: str, probe_s: float = REGISTRY_PROBE_S) -> Published:
@@ -236,12 +236,14 @@ class AdapterUnavailable(AdapterLoadError):
 
 
 def download_error(error: Exception, cache_dir: Path) -> AdapterLoadError:
-    """What a failed download means for the adapter's requests: AdapterUnavailable when it may pass, else AdapterLoadError."""
+    """What a failed download means for the adapter's requests: AdapterUnavailable when it may pass, else
+    AdapterLoadError."""
     if isinstance(error, RegistryUnreachable) or is_transient(error):
         return AdapterUnavailable(f"the model registry cannot be reached ({type(error).__name__}: {str(error)[:300]})",
                                   "registry_unavailable")
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return AdapterUnavailable(f"no space left on the adapter cache's disk ({cache_dir}); nothing was kept", "cache_full")
+        return AdapterUnavailable(f"no space left on the adapter cache's disk ({cache_dir}); nothing was kept",
+                                  "cache_full")
     return AdapterLoadError(f"download failed ({type(error).__name__}: {str(error)[:300]})")
 
 
@@ -293,7 +295,8 @@ class AdapterStore:
         shutil.rmtree(staging, ignore_errors=True)
         try:
             check_tracking(self.tracking_uri)
-            staged = registry.download_adapter(registry.model_uri(task, version), staging / "adapter", self.tracking_uri)
+            uri = registry.model_uri(task, version)
+            staged = registry.download_adapter(uri, staging / "adapter", self.tracking_uri)
             faults.before_caching(self.base.name, adapter, staged)
             check_adapter_files(staged, self.base)
             shutil.rmtree(folder, ignore_errors=True)

@@ -7,18 +7,25 @@ we do not serve (n > 1, logprobs, penalties, tools) are refused by name instead 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.chat import Message
 from serving.engine import SamplingParams
 
+log = logging.getLogger(__name__)
+
 MAX_STOP_STRINGS = 4
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 # --------------------------------------------------------------------------- errors
@@ -58,7 +65,7 @@ def from_validation_error(error: ValidationError) -> APIError:
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
 
-def parse_request(schema: type[BaseModel], body: Any) -> Any:
+def parse_request(schema: type[ModelT], body: Any) -> ModelT:
     """Validate a JSON body against `schema`, raising a 400 APIError."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
@@ -66,6 +73,43 @@ def parse_request(schema: type[BaseModel], body: Any) -> Any:
         return schema.model_validate(body)
     except ValidationError as error:
         raise from_validation_error(error) from None
+
+
+async def read_body(request: Request, schema: type[ModelT]) -> ModelT:
+    """The request's JSON body validated against `schema`; a 400 APIError when it is not JSON or does not fit."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    return parse_request(schema, body)
+
+
+def openai_app() -> FastAPI:
+    """A FastAPI application that answers every error in OpenAI's shape (never FastAPI's 422 nor an HTML page)."""
+    app = FastAPI(title="LoRA Land", description="OpenAI-compatible multi-LoRA endpoint.")
+    app.exception_handler(APIError)(_api_error)
+    app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(Exception)(_unexpected)
+    return app
+
+
+async def _api_error(request: Request, error: APIError) -> Response:
+    return error.response()
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> Response:
+    return APIError(400, f"invalid request: {error.errors()[0].get('msg', '')}").response()
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
+    code = "not_found" if error.status_code == 404 else None
+    return JSONResponse(APIError(error.status_code, str(error.detail), code=code).body(), status_code=error.status_code)
+
+
+async def _unexpected(request: Request, error: Exception) -> Response:
+    log.exception("unexpected error in the ingress")
+    return APIError(500, f"internal error ({type(error).__name__})", type="server_error").response()
 
 
 # --------------------------------------------------------------------------- requests
@@ -252,7 +296,8 @@ class GenerateRequest:
     seed: int | None
 
     def sampling(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop, seed=self.seed)
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop,
+                              seed=self.seed)
 
 
 def generate_request(request: CompletionRequest | ChatCompletionRequest) -> GenerateRequest:
@@ -265,7 +310,8 @@ def generate_request(request: CompletionRequest | ChatCompletionRequest) -> Gene
     else:
         prompt, messages = None, tuple(m.to_message() for m in request.messages)
         max_tokens = request.max_completion_tokens or request.max_tokens
-    return GenerateRequest(prompt, messages, max_tokens, request.temperature, request.top_p, request.stop_strings(), request.seed)
+    return GenerateRequest(prompt, messages, max_tokens, request.temperature, request.top_p, request.stop_strings(),
+                           request.seed)
 
 
 # --------------------------------------------------------------------------- responses
@@ -292,7 +338,8 @@ class Completion:
     def body(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """A non-streaming response."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         head = self._head("chat.completion" if self.chat else "text_completion")
@@ -301,7 +348,9 @@ class Completion:
     def chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
         """A streamed piece (`text` None with a finish reason: the closing chunk)."""
         if self.chat:
-            delta: dict[str, Any] = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
@@ -314,7 +363,8 @@ class Completion:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def sse(data: dict[str, Any] | str) -> str:

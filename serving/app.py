@@ -1,6 +1,8 @@
 """The Ray Serve application: an OpenAI-compatible ingress in front of one deployment per base model.
 
-- `OpenAIIngress` (FastAPI through `@serve.ingress`) checks the bearer token, validates the request,
+- `OpenAIIngress` (FastAPI through `@serve.ingress()`: each replica builds its app once constructed, in
+  `__serve_build_asgi_app__`, with the page's routes from `serving.webapp.page_routes` beside the API's, given this
+  replica's resolver, keys, task cards and token counter) checks the bearer token, validates the request,
   resolves the `model` field to (base model, adapter id) against the registry (`serving.adapters`)
   and calls that base model's deployment through its handle with
   `.options(multiplexed_model_id=routing_id, stream=True)`, so Serve routes an adapter's requests to
@@ -8,7 +10,8 @@
   several replicas and keeps the long tail on one each. It waits for the first event before answering, so an error
   that happens before any token (unknown adapter file, prompt too long, overload) gets its own
   status code; every wait is bounded by `ingress.request_timeout_s`.
-- `BaseModelServer` holds one base model and an engine (`serving.batching`), loads adapters through
+- `BaseModelServer` holds one base model and an engine (built by the `serving.engines.EngineFactory` it is given:
+  the batching engine or vLLM, by the deployment's `engine.kind`), loads adapters through
   `@serve.multiplexed` (LRU of `max_adapters_per_replica`), renders chats in the base's chat format,
   and streams `Delta`s back; per-request engine errors come back as `APIError` events, never as a
   replica failure. Serve's health check asks the engine whether its decode loop is alive.
@@ -20,7 +23,6 @@ No `from __future__ import annotations` here: FastAPI reads the route methods' a
 """
 
 import asyncio
-import importlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -30,13 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.deployment import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.catalog import load_catalog
 from core.paths import data_home
@@ -50,17 +50,28 @@ from serving.api import (
     CompletionRequest,
     GenerateRequest,
     generate_request,
-    parse_request,
+    openai_app,
+    read_body,
     sse,
 )
 from serving.auth import Caller, KeyRing, resolve_in_scope, visible_cards
 from serving.chat import render_chat
 from serving.config import BaseDeployment, ServeConfig, parse_serve_config
-from serving.engine import AdapterLoadError, ContextTooLong, Delta, Engine, EngineError, EngineOverloaded, InvalidRequest
+from serving.engine import (
+    AdapterLoadError,
+    ContextTooLong,
+    Delta,
+    Engine,
+    EngineError,
+    EngineOverloaded,
+    InvalidRequest,
+)
+from serving.engines import EngineFactory, build_engine
 from serving.metrics import IngressMetrics, ReplicaMetrics
 from serving.replication import HotAdapterRouter, adapter_of
-from serving.webapp import WebPage, web_routes
+from serving.webapp import PageSources, page_routes
 from tracking import store
+from tracking.cards import TaskCards
 
 log = logging.getLogger(__name__)
 
@@ -68,32 +79,6 @@ HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 1.0
 RESIDENCY_PERIOD_S = 1.0  # how often a replica re-exports its adapter residency (on requests and health checks)
-
-api = FastAPI(title="LoRA Land", description="OpenAI-compatible multi-LoRA endpoint.")
-api.include_router(web_routes)  # the page at `/` and its data (serving/webapp.py)
-
-
-@api.exception_handler(APIError)
-async def _api_error(request: Request, error: APIError) -> Response:
-    return error.response()
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, error: RequestValidationError) -> Response:
-    return APIError(400, f"invalid request: {error.errors()[0].get('msg', '')}").response()
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, error: Exception) -> Response:
-    log.exception("unexpected error in the ingress")
-    return APIError(500, f"internal error ({type(error).__name__})", type="server_error").response()
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
-    return JSONResponse(APIError(error.status_code, str(error.detail), code="not_found" if error.status_code == 404 else None).body(),
-                        status_code=error.status_code)
-
 
 def engine_error(error: EngineError) -> APIError:
     """An engine's per-request error as the API answers it."""
@@ -128,15 +113,17 @@ class ResidentAdapter:
 
 @serve.deployment
 class BaseModelServer:
-    """One base model's replica: the base weights once, its adapters multiplexed, an engine generating."""
+    """One base model's replica: the base weights once, its adapters multiplexed, an engine generating.
 
-    def __init__(self, deployment: BaseDeployment, tracking_uri: str, cache_dir: str, max_context_tokens: int | None) -> None:
+    `build_engine` makes the engine (as Ray Serve LLM's server takes its engine class): `app_for` passes
+    `serving.engines.build_engine`, which builds the one the deployment's `engine.kind` names; tests pass a fake."""
+
+    def __init__(self, deployment: BaseDeployment, tracking_uri: str, cache_dir: str, max_context_tokens: int | None,
+                 build_engine: EngineFactory) -> None:
         spec = load_catalog().base_model(deployment.base_model)
         self.chat_format = spec.chat_format
         self.metrics = ReplicaMetrics(spec.name)
         self.store = AdapterStore(spec, Path(cache_dir), tracking_uri, on_fetch=self.metrics.fetched)
-        module, function = deployment.engine.factory.split(":")  # the engine (torch, the model) loads only here
-        build_engine = getattr(importlib.import_module(module), function)
         self.engine: Engine = build_engine(spec, deployment.precision, deployment.device, self.store, deployment.engine,
                                            max_context_tokens)
         self.resident: dict[str, ResidentAdapter] = {}
@@ -163,7 +150,8 @@ class BaseModelServer:
             max_tokens = request.max_tokens or max(1, self.engine.max_context_tokens - len(prompt_ids))
             sent = 0
             async for delta in self.engine.generate(prompt_ids, adapter, request.sampling(max_tokens)):
-                await faults.before_delta(self.store.base.name, adapter, sent)  # no-op unless a test switched faults on (serving/faults.py)
+                # a no-op unless a test switched faults on (serving/faults.py)
+                await faults.before_delta(self.store.base.name, adapter, sent)
                 yield delta
                 sent += 1
         except EngineError as error:
@@ -177,7 +165,8 @@ class BaseModelServer:
         return encode_prompt(self.engine.tokenizer, text)
 
     def prompt_tokens(self, prompt: str) -> tuple[int, int]:
-        """(tokens of `prompt` as a completion request encodes it, the engine's context): the page's check before sending."""
+        """(tokens of `prompt` as a completion request encodes it, the engine's context): the page's check before
+        sending."""
         from jobs.encoding import encode_prompt
 
         return len(encode_prompt(self.engine.tokenizer, prompt)), self.engine.max_context_tokens
@@ -189,10 +178,9 @@ class BaseModelServer:
     def report_residency(self) -> None:
         """Export which adapters this replica holds, in which tier (at most every RESIDENCY_PERIOD_S)."""
         now = time.monotonic()
-        residency = getattr(self.engine, "residency", None)  # optional in the Engine protocol
-        if residency is not None and now - self.residency_reported >= RESIDENCY_PERIOD_S:
+        if now - self.residency_reported >= RESIDENCY_PERIOD_S:
             self.residency_reported = now
-            self.metrics.residency(residency())
+            self.metrics.residency(self.engine.residency())
 
     def check_health(self) -> None:
         """Serve's health check: fails when the engine's decode loop has died (Serve then replaces the replica); also
@@ -237,14 +225,6 @@ def serve_error(error: Exception) -> APIError:
                     code="replica_failed")
 
 
-async def read_json(request: Request) -> Any:
-    """The request's JSON body; a 400 when it is not JSON."""
-    try:
-        return await request.json()
-    except ValueError:
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-
-
 async def prepend(first: Delta | APIError, rest: AsyncIterator[Delta | APIError]) -> AsyncIterator[Delta | APIError]:
     """`first` and then the rest of the events."""
     yield first
@@ -258,14 +238,13 @@ def replica_count(deployment: BaseDeployment) -> int:
 
 
 @serve.deployment
-@serve.ingress(api)  # decorating serializes the class: what its methods use is defined above
-class OpenAIIngress(WebPage):
+@serve.ingress()  # the app is built per replica, once constructed: `__serve_build_asgi_app__`
+class OpenAIIngress:
     """`/v1/models`, `/v1/completions`, `/v1/chat/completions` over the base models' deployments; the page at `/`."""
 
     def __init__(self, config: ServeConfig, servers: dict[str, DeploymentHandle], tracking_uri: str) -> None:
         self.servers = servers
         self.tracking_uri = tracking_uri
-        self.api_key = config.api_key
         self.keys = KeyRing.from_settings(config.api_key, config.api_keys_file)  # serving/auth.py
         self.timeout_s = config.ingress.request_timeout_s
         served = {d.base_model: None if d.tasks == "all" else frozenset(d.tasks) for d in config.deployments}
@@ -274,26 +253,30 @@ class OpenAIIngress(WebPage):
         self.metrics = IngressMetrics()
         self.hot = {d.base_model: HotAdapterRouter(d.hot_adapters, replica_count(d)) for d in config.deployments}
 
-    @api.get("/v1/models")
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The replica's ASGI app, which Serve (2.60's late-bound ingress) asks for once this replica is constructed:
+        the OpenAI routes over this replica's methods, and the page's routes (serving/webapp.py) over what it reads."""
+        app = openai_app()
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/models/{model:path}", self.model, methods=["GET"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.include_router(page_routes(PageSources(self.resolver, self.keys, TaskCards(self.tracking_uri),
+                                                   self.count_tokens, self.tracking_uri)))
+        return app
+
     async def models(self, request: Request) -> dict[str, Any]:
         return {"object": "list", "data": visible_cards(await self.resolver.cards(), self.caller(request))}
 
-    @api.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> dict[str, Any]:
         route = await resolve_in_scope(self.resolver, self.caller(request), model)
         return {"id": model, "object": "model", "created": 0, "owned_by": route.base_model}
 
-    @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self.answer(request, CompletionRequest)
 
-    @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self.answer(request, ChatCompletionRequest)
-
-    def authorize(self, request: Request) -> None:
-        """401 unless the request carries a configured key (no check when none is configured)."""
-        self.caller(request)
 
     def caller(self, request: Request) -> Caller:
         """The key's holder and model scope (serving/auth.py); 401 for a missing or unknown key."""
@@ -303,7 +286,7 @@ class OpenAIIngress(WebPage):
         """Validate, route, and answer once the first event is in: JSON, an SSE stream, or the error."""
         started = time.perf_counter()
         caller = self.caller(request)
-        parsed = parse_request(schema, await read_json(request))
+        parsed = await read_body(request, schema)
         route = await resolve_in_scope(self.resolver, caller, parsed.model)
         routing = self.hot[route.base_model].route(route.adapter)  # hot adapters spread over replicas
         if route.adapter:
@@ -340,8 +323,8 @@ class OpenAIIngress(WebPage):
         self.metrics.finished(route.model, route.adapter, status, time.perf_counter() - started, answer.prompt_tokens,
                               answer.completion_tokens)
 
-    async def stream(self, first: Delta, events: AsyncGenerator[Delta | APIError, None], completion: Completion, route: Route,
-                     include_usage: bool, started: float) -> AsyncIterator[str]:
+    async def stream(self, first: Delta, events: AsyncGenerator[Delta | APIError, None], completion: Completion,
+                     route: Route, include_usage: bool, started: float) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         answer, status = Answer(), 200
         try:
@@ -389,6 +372,14 @@ class OpenAIIngress(WebPage):
             if not ended:
                 response.cancel()  # the client left or a timeout: the replica stops generating
 
+    async def count_tokens(self, base_model: str, prompt: str) -> tuple[int, int] | None:
+        """(prompt tokens as a completion request encodes them, context) from the base's replica, for the page's
+        check before sending; None when it cannot say within 30 s."""
+        try:
+            return await asyncio.wait_for(self.servers[base_model].prompt_tokens.remote(prompt), 30)
+        except Exception:
+            return None
+
 
 # --------------------------------------------------------------------------- building and running
 
@@ -399,7 +390,7 @@ def server_options(deployment: BaseDeployment) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": f"base-{deployment.base_model}",
         "ray_actor_options": {"num_cpus": deployment.num_cpus, "num_gpus": deployment.num_gpus},
-        "max_ongoing_requests": deployment.engine.max_batch_size + deployment.engine.max_queued_requests,
+        "max_ongoing_requests": deployment.engine.replica_capacity,
         "max_queued_requests": deployment.max_queued_requests,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
@@ -417,14 +408,16 @@ def as_deployment(decorated: object) -> Deployment:
     return decorated
 
 
-def app_for(config: ServeConfig) -> serve.Application:
-    """The application: the ingress bound to one deployment per base model."""
+def app_for(config: ServeConfig, engine: EngineFactory = build_engine) -> serve.Application:
+    """The application: the ingress bound to one deployment per base model, whose replicas build their engine with
+    `engine` (default: the one each deployment's config names; tests pass a fake)."""
     uri = store.resolve_tracking_uri(config.tracking_uri)
     cache_dir = str(Path(config.adapter_cache_dir or data_home() / "adapter-cache").resolve())
-    servers = {d.base_model: as_deployment(BaseModelServer).options(**server_options(d)).bind(d, uri, cache_dir, config.max_context_tokens)
-               for d in config.deployments}
-    ingress = as_deployment(OpenAIIngress).options(num_replicas=config.ingress.num_replicas, ray_actor_options={"num_cpus": config.ingress.num_cpus},
-                                    max_ongoing_requests=config.ingress.max_ongoing_requests)
+    servers = {d.base_model: as_deployment(BaseModelServer).options(**server_options(d))
+               .bind(d, uri, cache_dir, config.max_context_tokens, engine) for d in config.deployments}
+    ingress = as_deployment(OpenAIIngress).options(num_replicas=config.ingress.num_replicas,
+                                                   ray_actor_options={"num_cpus": config.ingress.num_cpus},
+                                                   max_ongoing_requests=config.ingress.max_ongoing_requests)
     return ingress.bind(config, servers, uri)
 
 
@@ -434,9 +427,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return app_for(parse_serve_config(args, "application args"))
 
 
-def deploy(config: ServeConfig) -> str:
+def deploy(config: ServeConfig, engine: EngineFactory = build_engine) -> str:
     """Start Serve's HTTP proxy on the config's host and port (Ray must be connected) and run the
-    application, waiting until every replica is up; returns the OpenAI base URL."""
+    application (replicas build their engine with `engine`), waiting until every replica is up; returns the OpenAI
+    base URL."""
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(app_for(config), name=config.name, route_prefix=config.route_prefix)
+    serve.run(app_for(config, engine), name=config.name, route_prefix=config.route_prefix)
     return f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/v1"

@@ -79,7 +79,8 @@ class Caller:
 
     def may_use(self, model: str, base_model: str | None = None) -> bool:
         """True when `model` (or, for a task champion id served on `base_model`, `<base>:<task>`) matches a pattern."""
-        names = [model] if base_model is None or model == base_model or ":" in model else [model, f"{base_model}:{model}"]
+        champion_id = base_model is not None and model != base_model and ":" not in model
+        names = [model, f"{base_model}:{model}"] if champion_id else [model]
         return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in self.patterns)
 
 
@@ -115,7 +116,8 @@ class KeyRing:
 
     @classmethod
     def from_settings(cls, api_key: str | None, api_keys_file: str | None) -> KeyRing:
-        """The keys of a ServeConfig (`api_key`, `api_keys_file`) and the environment; ConfigError if a source is bad."""
+        """The keys of a ServeConfig (`api_key`, `api_keys_file`) and the environment; ConfigError if a source is
+        bad."""
         file = api_keys_file or os.environ.get(API_KEYS_FILE_ENV) or None
         ring = cls(api_key, os.environ.get(API_KEYS_ENV) or None, Path(file) if file else None)
         ring.reload(strict=True)
@@ -168,7 +170,8 @@ class KeyRing:
             if hmac.compare_digest(given, secret) and found is None:
                 found = caller
         if found is None or not token.strip():
-            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
         return found
 
 

@@ -35,7 +35,7 @@ from transformers.cache_utils import DynamicLayer
 
 from core.schemas import BaseModelSpec, QuantizationSettings
 from jobs.models import load_base_model, load_tokenizer, resolve_device
-from serving.config import EngineSettings
+from serving.config import BatchingEngineConfig
 from serving.detok import CompletionText, Detokenizer
 from serving.engine import AdapterFetcher, ContextTooLong, Delta, EngineError, InvalidRequest, SamplingParams
 from serving.sampling import next_tokens, request_generator
@@ -116,7 +116,7 @@ class BatchingEngine:
     """Mixed-adapter continuous batching; implements serving.engine.Engine."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fetch: AdapterFetcher,
-                 settings: EngineSettings, max_context_tokens: int, target_modules: list[str]) -> None:
+                 settings: BatchingEngineConfig, max_context_tokens: int, target_modules: list[str]) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.settings = settings
@@ -124,12 +124,13 @@ class BatchingEngine:
         self.device = next(model.parameters()).device
         self.counters = AdapterStats()
         self.wake = threading.Event()
-        self.tiers = AdapterTiers.for_model(model, settings.target_modules or target_modules, fetch, settings, self.wake,
-                                            self.counters)
+        self.tiers = AdapterTiers.for_model(model, settings.target_modules or target_modules, fetch, settings,
+                                            self.wake, self.counters)
         self.scheduler = Scheduler(self.tiers, settings.max_batch_size,
                                    settings.max_running_per_adapter or max(1, settings.max_batch_size // 2),
                                    settings.max_queued_requests)
-        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rows: list[Sequence] = []  # the running batch, in the order of the cache's rows
@@ -146,7 +147,8 @@ class BatchingEngine:
         self.thread.start()
 
     # ------------------------------------------------------------------ public API (any thread)
-    async def generate(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> AsyncGenerator[Delta, None]:
+    async def generate(self, prompt_ids: list[int], adapter: str | None,
+                       params: SamplingParams) -> AsyncGenerator[Delta, None]:
         self._validate(prompt_ids, params)
         stream: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         seq = Sequence(adapter=adapter, prompt_ids=list(prompt_ids), params=params, loop=asyncio.get_running_loop(),
@@ -201,6 +203,15 @@ class BatchingEngine:
     def residency(self) -> dict[str, str]:
         """Adapter id -> "device" or "host": where this engine holds each adapter now (the replica's metrics)."""
         return self.tiers.residency()
+
+    def held_resources(self) -> dict[str, float]:
+        """Running rows, queued requests, adapter slots held by requests, KV cache bytes of the running batch."""
+        batch = self.batch  # read once: the decode thread may replace it meanwhile
+        layers = _layers(batch.cache) if batch is not None else []
+        kv_bytes = sum(tensor.numel() * tensor.element_size() for layer in layers
+                       for tensor in (layer.keys, layer.values) if tensor is not None)
+        return {"rows": float(len(self.rows)), "pending": float(self.pending),
+                "slots_held": float(self.tiers.slots_held()), "kv_bytes": float(kv_bytes)}
 
     # ------------------------------------------------------------------ submission
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -277,7 +288,8 @@ class BatchingEngine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=DynamicCache(),
                          use_cache=True, logits_to_keep=torch.tensor(last, device=self.device))
         column = {position: index for index, position in enumerate(last)}
-        logits = out.logits[torch.arange(len(new), device=self.device), torch.tensor([column[n - 1] for n in lengths], device=self.device)]
+        last_columns = torch.tensor([column[n - 1] for n in lengths], device=self.device)
+        logits = out.logits[torch.arange(len(new), device=self.device), last_columns]
         self._join(new, BatchCache(out.past_key_values, mask))
         self._sample_and_emit(new, logits)
 
@@ -343,7 +355,8 @@ class BatchingEngine:
             return
         ready = seq.output.take_ready()
         if ready:
-            self._send(seq, Delta(text=ready, token_ids=seq.out_ids[seq.tokens_sent:], prompt_tokens=len(seq.prompt_ids),
+            self._send(seq, Delta(text=ready, token_ids=seq.out_ids[seq.tokens_sent:],
+                                  prompt_tokens=len(seq.prompt_ids),
                                   completion_tokens=len(seq.out_ids)))
             seq.tokens_sent = len(seq.out_ids)
 
@@ -382,8 +395,8 @@ def _deliver(items: list[tuple[Sequence, Delta | BaseException]]) -> None:
         seq.stream.put_nowait(item)
 
 
-def build_engine(spec: BaseModelSpec, precision: str, device: str, fetch: AdapterFetcher, settings: EngineSettings,
-                 max_context_tokens: int | None = None) -> BatchingEngine:
+def build_engine(spec: BaseModelSpec, precision: str, device: str, fetch: AdapterFetcher,
+                 settings: BatchingEngineConfig, max_context_tokens: int | None = None) -> BatchingEngine:
     """Load `spec` (4-bit nf4, bf16 or fp32) on `device` and start an engine over it."""
     resolved = resolve_device(device)
     if precision == "4bit":

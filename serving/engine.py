@@ -4,7 +4,9 @@ A replica holds one base model and multiplexes many LoRA adapters of it. It hand
 an `Engine`: token ids in, an async stream of `Delta`s out. The engine owns batching, KV caches,
 sampling, stop rules and the adapter tiers; the replica owns the API, model-id resolution and where
 adapter files come from (`AdapterFetcher`). `serving.batching.BatchingEngine` is the engine we ship
-(mixed-adapter continuous batching); a faster one can replace it by implementing this protocol.
+(mixed-adapter continuous batching); another one (vLLM: `serving.vllm_engine`) replaces it by implementing this
+protocol. A replica never reads an engine's internals: what it and the fault and soak hooks need is a method here.
+`serving.engines` builds the engine a deployment's config names.
 """
 
 from __future__ import annotations
@@ -91,10 +93,23 @@ class Engine(Protocol):
         taken at one instant (any thread may call it)."""
         ...
 
+    def residency(self) -> dict[str, str]:
+        """Adapter id -> the fastest tier holding it now: "device" (usable by the next forward pass) or "host"
+        (in host memory, one copy away). Adapters only on disk are absent. Any thread may call it."""
+        ...
+
+    def held_resources(self) -> dict[str, float]:
+        """What the engine holds for requests now, for leak checks: "rows" (requests generating), "pending" (requests
+        accepted, not yet generating), "slots_held" (adapter slots that running requests hold), "kv_bytes" (KV cache
+        bytes of running requests). Every key is present (0 where the engine has no such thing); all four are 0 once
+        no request is running or waiting, unless the engine leaks. Any thread may call it."""
+        ...
+
     def check_health(self) -> None:
-        """Raise RuntimeError if the decode loop has died (Serve's health check calls this)."""
+        """Raise RuntimeError if the engine can no longer generate (its decode loop died); Serve's health check calls
+        this and replaces the replica."""
         ...
 
     def shutdown(self) -> None:
-        """Stop the decode loop and loader threads."""
+        """Stop the decode loop and loader threads; after it `check_health` raises."""
         ...

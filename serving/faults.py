@@ -13,7 +13,8 @@ while the app runs:
   half of its weights were written (`errno.ENOSPC`).
 
 `adapter` is an fnmatch pattern over the adapter id (`loraland-<task>/<version>`), `base` for requests
-without an adapter; `base_model` one over the replica's base model name; both default to `*`. Nothing here runs unless a test created the folder and the file.
+without an adapter; `base_model` one over the replica's base model name; both default to `*`.
+Nothing here runs unless a test created the folder and the file.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from core.schemas import StrictModel
+
+if TYPE_CHECKING:
+    from serving.engine import Engine
 
 FAULTS_DIR_ENV = "LORALAND_FAULTS_DIR"
 CRASH, SLOW, DISK_FULL = "crash", "slow", "disk_full"
@@ -53,7 +58,8 @@ def faults_dir() -> Path | None:
 
 
 def active(name: str, base_model: str, adapter: str | None) -> Fault | None:
-    """The fault `name` when it is switched on and hits `adapter` on `base_model`; None otherwise (always None when off)."""
+    """The fault `name` when it is switched on and hits `adapter` on `base_model`; None otherwise (always None when
+    off)."""
     folder = faults_dir()
     if folder is None:
         return None
@@ -98,18 +104,9 @@ def before_caching(base_model: str, adapter: str, staged: Path) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(staged))
 
 
-def held_resources(engine: object) -> dict[str, float]:
-    """What an engine holds now, for leak checks: batch rows, queued requests, adapter slots held by requests,
-    KV cache bytes of the running batch, live threads of this process. Reads `serving.batching.BatchingEngine`
-    internals where they exist (another engine reports zeros for what it lacks)."""
+def held_resources(engine: Engine) -> dict[str, float]:
+    """What an engine holds now (`Engine.held_resources`: rows, pending, slots_held, kv_bytes) and the live threads of
+    this process: the soak test's leak check."""
     import threading
 
-    batch = getattr(engine, "batch", None)
-    cache = getattr(batch, "cache", None)
-    layers = getattr(cache, "layers", None) or []
-    kv_bytes = sum(tensor.numel() * tensor.element_size() for layer in layers
-                   for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)) if tensor is not None)
-    tiers = getattr(engine, "tiers", None)
-    return {"rows": float(len(getattr(engine, "rows", []))), "pending": float(getattr(engine, "pending", 0)),
-            "slots_held": float(sum(getattr(tiers, "refs", []))), "kv_bytes": float(kv_bytes),
-            "threads": float(threading.active_count())}
+    return engine.held_resources() | {"threads": float(threading.active_count())}

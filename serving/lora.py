@@ -32,9 +32,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.errors import ConfigError
+from core.paths import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GATHER_FROM_ADAPTERS = 8  # distinct adapters in a batch from which rows gather their own weights (see the module doc)
 
 
@@ -121,7 +120,8 @@ class MultiLoraLinear(nn.Module):
 class LoraSlots:
     """The accelerator tier: `slots` adapter slots in every wrapped layer of one model."""
 
-    def __init__(self, model: nn.Module, target_modules: list[str], slots: int, max_rank: int, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, target_modules: list[str], slots: int, max_rank: int,
+                 dtype: torch.dtype) -> None:
         self.batch = LoraBatch()
         self.slots = slots
         self.max_rank = max_rank
@@ -139,7 +139,8 @@ class LoraSlots:
             setattr(parent, leaf, wrapped)
             self.layers[name] = wrapped
         if not self.layers:
-            raise ConfigError("engine.target_modules", [f"no linear layer of the base model is named one of {sorted(targets)}"])
+            raise ConfigError("engine.target_modules",
+                              [f"no linear layer of the base model is named one of {sorted(targets)}"])
 
     @staticmethod
     def slot_bytes(model: nn.Module, target_modules: list[str], max_rank: int, dtype: torch.dtype) -> int:
@@ -178,8 +179,10 @@ class LoraSlots:
             return
         if active != self._active or batch.slot_index is None:
             self._active = active
-            batch.slot_index = torch.tensor([s for s in active for _ in range(self.ranks[s])], dtype=torch.long, device=device)
-            batch.rank_index = torch.tensor([j for s in active for j in range(self.ranks[s])], dtype=torch.long, device=device)
+            slot_of_column = [s for s in active for _ in range(self.ranks[s])]
+            rank_of_column = [j for s in active for j in range(self.ranks[s])]
+            batch.slot_index = torch.tensor(slot_of_column, dtype=torch.long, device=device)
+            batch.rank_index = torch.tensor(rank_of_column, dtype=torch.long, device=device)
             batch.version += 1
         if len(active) == 1 and all(s == active[0] for s in slots):
             return
@@ -198,7 +201,8 @@ def read_adapter(path: Path, layers: dict[str, tuple[int, int]], max_rank: int, 
     """
     config_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
-        raise AdapterFormatError(f"{path.name}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (pickle .bin adapters are refused)")
+        raise AdapterFormatError(f"{path.name}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
+                                 "(pickle .bin adapters are refused)")
     try:
         config = json.loads(config_path.read_text())
         tensors = load_file(str(weights_path), device="cpu")
@@ -218,7 +222,8 @@ def read_adapter(path: Path, layers: dict[str, tuple[int, int]], max_rank: int, 
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):
             if ".lora_B." not in key:
-                raise AdapterFormatError(f"{path.name}: unexpected tensor {key} (only LoRA A/B of linear layers are served)")
+                raise AdapterFormatError(f"{path.name}: unexpected tensor {key} "
+                                         "(only LoRA A/B of linear layers are served)")
             continue
         module = key[len(prefix):] if key.startswith(prefix) else key
         module = module[: -len(".lora_A.weight")]

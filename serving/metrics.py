@@ -19,7 +19,8 @@ def adapter_tag(adapter: str | None) -> str:
     return adapter or BASE_TAG
 
 
-# Ray annotates `tag_keys` as `Tuple[str]` (one key) though it takes any number: these two helpers hold the only ignores.
+# Ray annotates `tag_keys` as `Tuple[str]` (one key) though it takes any number: these two helpers hold the only
+# ignores.
 def _counter(name: str, description: str, tag_keys: tuple[str, ...]) -> Counter:
     return Counter(name, description=description, tag_keys=tag_keys)  # type: ignore[arg-type]  # Ray's Tuple[str] annotation
 
@@ -37,7 +38,8 @@ class IngressMetrics:
 
     def __init__(self) -> None:
         tags = ("model", "adapter")
-        self.requests = _counter("loraland_requests", "API requests by model id, adapter and HTTP status.", tags + ("status",))
+        self.requests = _counter("loraland_requests", "API requests by model id, adapter and HTTP status.",
+                                 tags + ("status",))
         self.prompt_tokens = _counter("loraland_prompt_tokens", "Prompt tokens served.", tags)
         self.completion_tokens = _counter("loraland_completion_tokens", "Completion tokens served.", tags)
         self.ttft = _histogram("loraland_time_to_first_token_seconds", "Request arrival to first token.", tags)
@@ -70,10 +72,12 @@ class ReplicaMetrics:
         tags = ("base_model", "adapter")
         self.load_seconds = _histogram("loraland_adapter_load_seconds",
                                        "Adapter loads into the replica (fetch + read into host memory).", tags)
-        self.cache = _counter("loraland_adapter_cache", "Requests whose adapter the replica held (hit) or had to load (miss).",
+        self.cache = _counter("loraland_adapter_cache",
+                              "Requests whose adapter the replica held (hit) or had to load (miss).",
                               tags + ("result",))
         self.fetches = _counter("loraland_adapter_fetches",
-                                "Adapter folder fetches by source: the local disk cache or a registry download.", tags + ("source",))
+                                "Adapter folder fetches by source: the local disk cache or a registry download.",
+                                tags + ("source",))
         self.resident = _gauge("loraland_adapter_resident", "1 while this replica holds the adapter in that tier "
                                "(device: an accelerator slot, host: host memory); 0 once it left.", tags + ("tier",))
         self.shown: dict[str, str] = {}  # adapter -> tier last exported as 1
@@ -91,7 +95,8 @@ class ReplicaMetrics:
         self.fetches.inc(tags=self._tags(adapter) | {"source": source})
 
     def residency(self, held: dict[str, str]) -> None:
-        """Export where the replica holds each adapter now (`held`: adapter -> tier); adapters gone or moved drop to 0."""
+        """Export where the replica holds each adapter now (`held`: adapter -> tier); adapters gone or moved drop to
+        0."""
         for adapter, tier in self.shown.items():
             if held.get(adapter) != tier:
                 self.resident.set(0, tags=self._tags(adapter) | {"tier": tier})

@@ -38,7 +38,8 @@ MIN_EVIDENCE = 20.0  # recent requests a share is taken over at least: the first
 
 def copies_for(share: float, replicas: int, bounds: ReplicaBounds, replica_share: float) -> int:
     """Replicas that should serve an adapter taking `share` (0..1) of its base's requests, out of `replicas`:
-    one per `replica_share` of a replica's even share (1 / replicas), within `bounds`, at least 1, at most `replicas`."""
+    one per `replica_share` of a replica's even share (1 / replicas), within `bounds`, at least 1, at most
+    `replicas`."""
     wanted = math.ceil(share * replicas / replica_share - 1e-9)
     floor = min(bounds.min_replicas, replicas)
     ceiling = min(bounds.max_replicas or replicas, replicas)
@@ -93,7 +94,8 @@ class RequestRates:
 class HotAdapterRouter:
     """One base model's routing: the routing id of each request (see the module docstring). Thread-safe."""
 
-    def __init__(self, settings: HotAdapterSettings, replicas: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: HotAdapterSettings, replicas: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.replicas = replicas
         self.rates = RequestRates(settings.half_life_s, clock)

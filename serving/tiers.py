@@ -17,7 +17,7 @@ from collections import OrderedDict
 import torch
 from transformers import PreTrainedModel
 
-from serving.config import EngineSettings
+from serving.config import BatchingEngineConfig
 from serving.engine import AdapterFetcher, AdapterLoadError, EngineError
 from serving.lora import AdapterFormatError, AdapterWeights, LoraSlots, read_adapter
 from serving.stats import AdapterStats
@@ -32,7 +32,7 @@ def adapter_dtype(model: PreTrainedModel) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def slot_count(model: PreTrainedModel, targets: list[str], settings: EngineSettings, dtype: torch.dtype) -> int:
+def slot_count(model: PreTrainedModel, targets: list[str], settings: BatchingEngineConfig, dtype: torch.dtype) -> int:
     """Accelerator slots: as configured, else a share of free GPU memory (at most the host tier), else a CPU default."""
     if settings.device_adapter_slots:
         return settings.device_adapter_slots
@@ -46,7 +46,7 @@ def slot_count(model: PreTrainedModel, targets: list[str], settings: EngineSetti
 class AdapterTiers:
     """Host-memory LRU of adapters with loads on a thread pool; accelerator slots LRU over idle slots."""
 
-    def __init__(self, slots: LoraSlots, fetch: AdapterFetcher, settings: EngineSettings, dtype: torch.dtype,
+    def __init__(self, slots: LoraSlots, fetch: AdapterFetcher, settings: BatchingEngineConfig, dtype: torch.dtype,
                  wake: threading.Event, stats: AdapterStats) -> None:
         self.lora = slots
         self.fetch = fetch
@@ -68,7 +68,8 @@ class AdapterTiers:
         self.slot_lru: OrderedDict[int, None] = OrderedDict()
 
     @classmethod
-    def for_model(cls, model: PreTrainedModel, targets: list[str], fetch: AdapterFetcher, settings: EngineSettings,
+    def for_model(cls, model: PreTrainedModel, targets: list[str], fetch: AdapterFetcher,
+                  settings: BatchingEngineConfig,
                   wake: threading.Event, stats: AdapterStats) -> AdapterTiers:
         """Wrap `targets` of `model` with adapter slots (sized by `slot_count`) and build the tiers over them."""
         dtype = adapter_dtype(model)
@@ -114,7 +115,8 @@ class AdapterTiers:
         except EngineError:
             raise
         except Exception as error:
-            raise AdapterLoadError(f"adapter {adapter!r} could not be fetched: {type(error).__name__}: {error}") from error
+            reason = f"{type(error).__name__}: {error}"
+            raise AdapterLoadError(f"adapter {adapter!r} could not be fetched: {reason}") from error
 
     def _loaded(self, adapter: str, future: concurrent.futures.Future[float]) -> None:
         with self.lock:
@@ -172,6 +174,10 @@ class AdapterTiers:
         """A request holding `slot` has ended (slot 0, the base model, is never counted)."""
         if slot:
             self.refs[slot] -= 1
+
+    def slots_held(self) -> int:
+        """Accelerator slots that running requests hold now (0 once none runs)."""
+        return sum(self.refs)
 
     def held_on_device(self) -> list[str]:
         """Adapters in accelerator slots now."""

@@ -1,53 +1,61 @@
-"""The LoRA Land page: a static page (`serving/web/`) served at `/` by the same ingress as the OpenAI API,
-and the small JSON endpoints it reads under `/web/api/`.
+"""The LoRA Land page: a static page (`serving/web/`) served at `/` beside the OpenAI API, and the small JSON
+endpoints it reads under `/web/api/`.
 
 The page is a client of our own public `/v1` API: it sends the same completion requests a program would
-(streamed, greedy), so what it shows is what the API answers. What it cannot get from `/v1` comes from
-here, computed where the rest of the project computes it:
+(streamed, greedy), so what it shows is what the API answers. What it cannot get from `/v1` comes from what
+tracking published, computed where the rest of the project computes it:
 
-- the task list: every catalogue task whose champion this endpoint serves, its category, metric, the
-  base models fine-tuned on it, the champion's score and lift (`tracking.scores`);
-- a task: description, metric, its evaluation prompt template and input fields, a random evaluation
-  row as an example with its gold answer (`jobs.data`, `core.prompts`), the model ids to compare, and
-  its leaderboard beside the study's published scores (`tracking.scores`);
-- the prompt for filled-in fields, rendered as evaluation renders it, with each base model's token
-  count against its context (asked of that base's replica, whose tokenizer encodes requests), so the
-  page refuses an empty field or an over-long prompt before sending anything;
+- the task list: every task whose champion this endpoint serves and whose champion's run published a task card
+  (`tracking.cards`): its category, metric, the base models fine-tuned on it, the champion's score and lift
+  (`tracking.scores`);
+- a task: the card's description, metric, evaluation template and input fields, an example drawn from the card's
+  evaluation rows with its gold answer, the model ids to compare, and its leaderboard beside the study's published
+  scores (`tracking.scores`);
+- the prompt for filled-in fields, rendered as the job's evaluation rendered it (`core.prompts`, the card's
+  settings), with each base model's token count against its context (through the counter the ingress hands over),
+  so the page refuses an empty field or an over-long prompt before sending anything;
 - an answer's score on the task's metric against the gold answer (`jobs.metrics.score`).
 
-`WebPage` holds the routes; the ingress inherits them (Serve's class-based views follow the MRO).
-No `from __future__ import annotations` here: FastAPI reads the route methods' annotations at run time.
+`page_routes(sources)` builds the routes from what it is given (`PageSources`: the resolver, the key ring, the task
+cards, a token counter, the tracking URI); the ingress builds them once per replica, when Serve asks it for its
+ASGI app (`OpenAIIngress.__serve_build_asgi_app__`), and includes them beside its own. A function rather than a
+Serve deployment of its own: the page shares the ingress's port, route prefix, registry view and keys, and a second
+deployment would need its own application and route prefix for no gain. Every data route but `settings` needs a
+valid key when a key is configured (`KeyRing.authenticate`); it checks no model scope.
+
+No `from __future__ import annotations` here: FastAPI reads the routes' annotations at run time.
 """
 
 import asyncio
 import json
 import random
-from functools import lru_cache
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.meta
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from ray.serve.handle import DeploymentHandle
 
-from core.catalog import load_catalog
-from core.prompts import CODE_METRIC, completion_for, evaluation_prompt
-from core.schemas import EvalSettings, TaskSpec
-from jobs.data import Row, eval_rows
+from core.prompts import CODE_METRIC, evaluation_prompt
+from core.schemas import TaskSpec
 from jobs.metrics import score
 from serving.adapters import ModelResolver, Published, ServedTasks, adapter_id, resolve
-from serving.api import APIError, parse_request
+from serving.api import APIError, read_body
+from serving.auth import KeyRing
 from serving.config import ServeConfig
 from tracking import registry, store
+from tracking.cards import TaskCard
 from tracking.scores import RunScores, gpt_scores, run_link, run_scores, study_scores
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}  # what /web/<name> serves besides the page
 
-web_routes = APIRouter()
+Row = dict[str, Any]
+TokenCounter = Callable[[str, str], Awaitable[tuple[int, int] | None]]  # (base model, prompt) -> (tokens, context)
+CardReader = Callable[[str], TaskCard | None]  # run id -> its task card
+Scores = dict[str, RunScores]  # run id -> what it logged
 
 
 def page_url(api_url: str) -> str:
@@ -60,73 +68,41 @@ def config_page_url(config: ServeConfig) -> str:
     return f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/"
 
 
-# --------------------------------------------------------------------------- tasks and their data
+# --------------------------------------------------------------------------- the form
 
 
-def eval_template(task: TaskSpec) -> str:
-    """The template evaluation renders (a task with its own evaluation set uses that set's)."""
-    return task.eval.prompt if task.eval else task.prompt
-
-
-def input_columns(task: TaskSpec) -> list[str]:
-    """The columns the evaluation template reads, in the task's column order: one form field each."""
-    columns = task.eval.columns if task.eval else task.columns
-    used = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(eval_template(task)))
-    return [column for column in columns if column in used]
-
-
-@lru_cache(maxsize=64)
-def task_rows(name: str) -> tuple[Row, ...]:
-    """The task's evaluation rows (what `jobs.evaluate` scores on), read once per process."""
-    return tuple(eval_rows(load_catalog().task(name)))
-
-
-def field_kinds(task: TaskSpec, rows: tuple[Row, ...]) -> dict[str, str]:
-    """Per input column, "text" when its values are strings, else "json" (lists, numbers: edited as JSON)."""
-    return {column: "text" if all(isinstance(row.get(column), str) for row in rows[:50]) else "json"
-            for column in input_columns(task)}
-
-
-def field_text(value: Any) -> str:
-    """A column's value as its form field shows it."""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
-def gold_answer(task: TaskSpec, row: Row) -> str | None:
-    """The gold answer of an evaluation row (None for code tasks: their tests decide)."""
-    return None if task.metric == CODE_METRIC else completion_for(task, row)
-
-
-def example(task: TaskSpec, rows: tuple[Row, ...], index: int) -> dict[str, Any]:
-    """Row `index` as the page's form: a text per input column, and the gold answer."""
-    row = rows[index]
-    return {"index": index, "fields": {column: field_text(row.get(column)) for column in input_columns(task)},
-            "gold": gold_answer(task, row)}
-
-
-def row_from_fields(task: TaskSpec, fields: dict[str, str], kinds: dict[str, str]) -> Row:
+def row_from_fields(card: TaskCard, fields: dict[str, str]) -> Row:
     """The row the form describes; a 400 naming the first empty or unreadable field."""
     row: Row = {}
-    for column in input_columns(task):
-        text = fields.get(column, "")
+    for field in card.fields:
+        text = fields.get(field.name, "")
         if not text.strip():
-            raise APIError(400, f"{column}: fill in this field", code="invalid_value", param=f"fields.{column}")
+            raise APIError(400, f"{field.name}: fill in this field", code="invalid_value", param=f"fields.{field.name}")
         try:
-            row[column] = json.loads(text) if kinds.get(column) == "json" else text
+            row[field.name] = json.loads(text) if field.kind == "json" else text
         except ValueError:
-            raise APIError(400, f"{column}: expected JSON here (like the example's)", code="invalid_value",
-                           param=f"fields.{column}") from None
+            raise APIError(400, f"{field.name}: expected JSON here (like the example's)", code="invalid_value",
+                           param=f"fields.{field.name}") from None
     return row
 
 
-def render_prompt(task: TaskSpec, row: Row) -> str:
-    """The prompt as `jobs.evaluate` builds it: the evaluation template, cut like evaluation cuts it (code never)."""
-    return evaluation_prompt(task, row, EvalSettings())
+def render_prompt(card: TaskCard, row: Row) -> str:
+    """The prompt as the job's evaluation built it: the evaluation template, cut as its settings say (code never)."""
+    return evaluation_prompt(card.task, row, card.evaluation)
 
 
 def answer_score(task: TaskSpec, prediction: str, gold: str) -> float | None:
     """The answer's score on the task's metric as evaluation computes it (on the stripped completion); None for code."""
-    return None if task.metric == CODE_METRIC else score(task.metric, task.answer, prediction.strip(), gold, task.labels)
+    if task.metric == CODE_METRIC:
+        return None
+    return score(task.metric, task.answer, prediction.strip(), gold, task.labels)
+
+
+def context_check(count: tuple[int, int] | None, max_tokens: int) -> dict[str, Any]:
+    """Whether prompt + max_tokens fits the context, as the engine checks it (`fits` None when unknown)."""
+    tokens, context = count if count is not None else (None, None)
+    fits = None if tokens is None or context is None else tokens + max_tokens <= context
+    return {"prompt_tokens": tokens, "context": context, "fits": fits}
 
 
 # --------------------------------------------------------------------------- what is served, and how well it scored
@@ -143,33 +119,50 @@ def compare_models(task: str, published: Published, served: ServedTasks) -> list
     return [f"{base}:{task}" for base in bases] + bases
 
 
-def served_tasks(published: Published, served: ServedTasks) -> list[TaskSpec]:
-    """Catalogue tasks whose champion this endpoint serves, by category then name."""
-    catalog = load_catalog()
-    tasks = [catalog.tasks[name] for name in published if name in catalog.tasks and resolve(name, published, served)]
-    return sorted(tasks, key=lambda task: (task.category, task.name))
+def served_cards(published: Published, served: ServedTasks, card_of: CardReader) -> list[TaskCard]:
+    """The cards of the tasks whose champion this endpoint serves, as their champion's run published them (a task
+    whose champion has no card of that task is left out), by category then name. `card_of` blocks (run id -> card)."""
+    cards = []
+    for task, adapters in published.items():
+        champion = adapters.champion_version()
+        if champion is None or not champion.run_id or resolve(task, published, served) is None:
+            continue
+        card = card_of(champion.run_id)
+        if card is not None and card.task.name == task:
+            cards.append(card)
+    return sorted(cards, key=lambda card: (card.task.category, card.task.name))
 
 
-def champion_entry(task: str, published: Published, served: ServedTasks, scores: dict[str, RunScores]) -> dict[str, Any]:
+def known_card(name: str, cards: list[TaskCard]) -> TaskCard:
+    """The served task `name`'s card; a 404 APIError naming the served ones otherwise."""
+    found = next((card for card in cards if card.task.name == name), None)
+    if found is None:
+        served = ", ".join(card.task.name for card in cards) or "none"
+        raise APIError(404, f"no served task {name!r} (with a published task card); served: {served}",
+                       code="not_found", param="task")
+    return found
+
+
+def champion_entry(task: str, published: Published, served: ServedTasks, scores: Scores) -> dict[str, Any]:
     """The task's champion: model id, base model, adapter id, score (its run's, else the registry tag) and lift."""
     route = resolve(task, published, served)
     version = published[task].champion_version()
-    assert route is not None and version is not None  # served_tasks keeps only these
+    assert route is not None and version is not None  # served_cards keeps only these
     logged = scores.get(version.run_id or "")
     tagged = registry.version_score(version)
+    score = logged.score if logged and logged.score is not None else (tagged if tagged > float("-inf") else None)
     return {"model": task, "base_model": route.base_model, "adapter": route.adapter, "version": str(version.version),
-            "score": logged.score if logged and logged.score is not None else (tagged if tagged > float("-inf") else None),
-            "lift": logged.lift if logged else None}
+            "score": score, "lift": logged.lift if logged else None}
 
 
-def task_summary(task: TaskSpec, published: Published, served: ServedTasks, scores: dict[str, RunScores]) -> dict[str, Any]:
+def task_summary(task: TaskSpec, published: Published, served: ServedTasks, scores: Scores) -> dict[str, Any]:
     """One entry of the task list."""
     return {"name": task.name, "category": task.category, "description": task.description, "metric": task.metric,
             "base_models": fine_tuned_bases(task.name, published, served),
             "champion": champion_entry(task.name, published, served, scores)}
 
 
-def leaderboard(task: str, published: Published, served: ServedTasks, scores: dict[str, RunScores],
+def leaderboard(task: str, published: Published, served: ServedTasks, scores: Scores,
                 tracking_uri: str) -> list[dict[str, Any]]:
     """Per fine-tuned base model: zero-shot, fine-tuned, lift, the study's two scores and GPT-3.5/GPT-4's, the
     champion marked, the run's MLflow UI address (None for a store without one); best fine-tuned first."""
@@ -202,11 +195,17 @@ def version_run_ids(tasks: list[str], published: Published, served: ServedTasks,
     return [version.run_id for version in versions if version is not None and version.run_id]
 
 
-def context_check(count: tuple[int, int] | None, max_tokens: int) -> dict[str, Any]:
-    """Whether prompt + max_tokens fits the context, as the engine checks it (`fits` None when unknown)."""
-    tokens, context = count if count is not None else (None, None)
-    fits = None if tokens is None or context is None else tokens + max_tokens <= context
-    return {"prompt_tokens": tokens, "context": context, "fits": fits}
+def task_detail(card: TaskCard, published: Published, served: ServedTasks, scores: Scores,
+                tracking_uri: str) -> dict[str, Any]:
+    """GET /web/api/tasks/{task}: the list entry, and what the task's page shows and asks."""
+    task = card.task
+    return task_summary(task, published, served, scores) | {
+        "answer": task.answer, "template": card.template, "max_tokens": card.max_tokens,
+        "fields": [field.model_dump() for field in card.fields], "examples": len(card.examples),
+        "data_error": None if card.examples else "the task card holds no evaluation rows",
+        "scored": task.metric != CODE_METRIC, "models": compare_models(task.name, published, served),
+        "leaderboard": leaderboard(task.name, published, served, scores, tracking_uri),
+        "tracking_ui": store.is_server_uri(tracking_uri)}
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -229,118 +228,91 @@ class ScoreRequest(BaseModel):
     gold: str
 
 
-async def read_body(request: Request, schema: type[BaseModel]) -> Any:
-    """The JSON body validated against `schema`; a 400 APIError otherwise."""
-    try:
-        body = await request.json()
-    except ValueError:
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-    return parse_request(schema, body)
-
-
-def known_task(name: str, published: Published, served: ServedTasks) -> TaskSpec:
-    """The served task `name`; a 404 APIError naming the served ones otherwise."""
-    tasks = served_tasks(published, served)
-    found = next((task for task in tasks if task.name == name), None)
-    if found is None:
-        raise APIError(404, f"no served task {name!r}; served: {', '.join(t.name for t in tasks) or 'none'}",
-                       code="not_found", param="task")
-    return found
-
-
 # --------------------------------------------------------------------------- routes
 
 
-class WebPage:
-    """The page and its data routes, mixed into the ingress, which provides the attributes below."""
+@dataclass(frozen=True)
+class PageSources:
+    """What the page reads, handed over by the ingress."""
 
-    resolver: ModelResolver
-    servers: dict[str, DeploymentHandle]
-    tracking_uri: str
-    api_key: str | None
+    resolver: ModelResolver  # the ingress's view of the registry
+    keys: KeyRing  # who may read the data routes
+    cards: CardReader  # run id -> the task card it published (blocking: `tracking.cards.TaskCards`)
+    count_tokens: TokenCounter  # (base model, prompt) -> (prompt tokens, context) from its replica; None if unknown
+    tracking_uri: str  # where runs' scores are read, and their MLflow UI links point
 
     def authorize(self, request: Request) -> None:
-        raise NotImplementedError  # the ingress checks its bearer token
+        """401 unless the request carries a configured key (no check when none is configured)."""
+        self.keys.authenticate(request.headers.get("authorization"))
 
-    @web_routes.get("/", include_in_schema=False)
-    async def page(self) -> Response:
+    async def view(self) -> tuple[Published, ServedTasks, list[TaskCard]]:
+        """The registry as the resolver last read it, what is served, and the served tasks' cards."""
+        published, served = await self.resolver.published_view(), self.resolver.served
+        return published, served, await asyncio.to_thread(served_cards, published, served, self.cards)
+
+    async def scores(self, run_ids: list[str]) -> Scores:
+        return await asyncio.to_thread(run_scores, run_ids, self.tracking_uri)
+
+
+def page_routes(sources: PageSources) -> APIRouter:
+    """The page at `/`, its assets under `/web/`, its data under `/web/api/`, reading only `sources`."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def page() -> Response:
         return FileResponse(WEB_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 
-    @web_routes.get("/web/api/settings")
-    async def web_settings(self) -> dict[str, Any]:
+    @router.get("/web/api/settings")
+    async def web_settings() -> dict[str, Any]:
         """What the page needs before anything else: whether to ask for an API key."""
-        return {"api_key_required": self.api_key is not None}
+        return {"api_key_required": sources.keys.required}
 
-    @web_routes.get("/web/api/tasks")
-    async def web_tasks(self, request: Request) -> dict[str, Any]:
-        self.authorize(request)
-        published, served = await self.resolver.published_view(), self.resolver.served
-        tasks = served_tasks(published, served)
-        scores = await asyncio.to_thread(run_scores, version_run_ids([t.name for t in tasks], published, served, False),
-                                         self.tracking_uri)
-        return {"tasks": [task_summary(task, published, served, scores) for task in tasks]}
+    @router.get("/web/api/tasks")
+    async def web_tasks(request: Request) -> dict[str, Any]:
+        sources.authorize(request)
+        published, served, cards = await sources.view()
+        scores = await sources.scores(version_run_ids([card.task.name for card in cards], published, served, False))
+        return {"tasks": [task_summary(card.task, published, served, scores) for card in cards]}
 
-    @web_routes.get("/web/api/tasks/{task}")
-    async def web_task(self, task: str, request: Request) -> dict[str, Any]:
-        self.authorize(request)
-        published, served = await self.resolver.published_view(), self.resolver.served
-        spec = known_task(task, published, served)
-        scores = await asyncio.to_thread(run_scores, version_run_ids([task], published, served, True), self.tracking_uri)
-        rows, data_error = await self.rows(spec)
-        return task_summary(spec, published, served, scores) | {
-            "answer": spec.answer, "template": eval_template(spec), "max_tokens": spec.max_new_tokens,
-            "fields": [{"name": name, "kind": kind} for name, kind in field_kinds(spec, rows).items()],
-            "examples": len(rows), "data_error": data_error, "scored": spec.metric != CODE_METRIC,
-            "models": compare_models(task, published, served),
-            "leaderboard": leaderboard(task, published, served, scores, self.tracking_uri),
-            "tracking_ui": store.is_server_uri(self.tracking_uri)}
+    @router.get("/web/api/tasks/{task}")
+    async def web_task(task: str, request: Request) -> dict[str, Any]:
+        sources.authorize(request)
+        published, served, cards = await sources.view()
+        card = known_card(task, cards)
+        scores = await sources.scores(version_run_ids([task], published, served, True))
+        return task_detail(card, published, served, scores, sources.tracking_uri)
 
-    @web_routes.get("/web/api/tasks/{task}/example")
-    async def web_example(self, task: str, request: Request) -> dict[str, Any]:
-        self.authorize(request)
-        spec = known_task(task, await self.resolver.published_view(), self.resolver.served)
-        rows, data_error = await self.rows(spec)
-        if not rows:
-            raise APIError(503, f"no evaluation data for {task}: {data_error or 'the split is empty'}", type="server_error",
-                           code="no_data")
-        return example(spec, rows, random.randrange(len(rows)))
+    @router.get("/web/api/tasks/{task}/example")
+    async def web_example(task: str, request: Request) -> dict[str, Any]:
+        sources.authorize(request)
+        card = known_card(task, (await sources.view())[2])
+        if not card.examples:
+            raise APIError(503, f"no evaluation rows in {task}'s task card", type="server_error", code="no_data")
+        return random.choice(card.examples).model_dump()
 
-    @web_routes.post("/web/api/tasks/{task}/prompt")
-    async def web_prompt(self, task: str, request: Request) -> dict[str, Any]:
-        self.authorize(request)
-        spec = known_task(task, await self.resolver.published_view(), self.resolver.served)
-        body: PromptRequest = await read_body(request, PromptRequest)
-        rows, _ = await self.rows(spec)
-        prompt = render_prompt(spec, row_from_fields(spec, body.fields, field_kinds(spec, rows)))
-        routes = {model: await self.resolver.resolve(model) for model in body.models}
+    @router.post("/web/api/tasks/{task}/prompt")
+    async def web_prompt(task: str, request: Request) -> dict[str, Any]:
+        sources.authorize(request)
+        card = known_card(task, (await sources.view())[2])
+        body = await read_body(request, PromptRequest)
+        prompt = render_prompt(card, row_from_fields(card, body.fields))
+        routes = {model: await sources.resolver.resolve(model) for model in body.models}
         bases = sorted({route.base_model for route in routes.values()})
-        counts = dict(zip(bases, await asyncio.gather(*(self.count_tokens(base, prompt) for base in bases))))
-        return {"prompt": prompt,
-                "checks": {model: context_check(counts[route.base_model], body.max_tokens) for model, route in routes.items()}}
+        counts = dict(zip(bases, await asyncio.gather(*(sources.count_tokens(base, prompt) for base in bases))))
+        checks = {model: context_check(counts[route.base_model], body.max_tokens) for model, route in routes.items()}
+        return {"prompt": prompt, "checks": checks}
 
-    @web_routes.post("/web/api/tasks/{task}/score")
-    async def web_score(self, task: str, request: Request) -> dict[str, Any]:
-        self.authorize(request)
-        spec = known_task(task, await self.resolver.published_view(), self.resolver.served)
-        body: ScoreRequest = await read_body(request, ScoreRequest)
-        return {"metric": spec.metric, "score": answer_score(spec, body.prediction, body.gold)}
+    @router.post("/web/api/tasks/{task}/score")
+    async def web_score(task: str, request: Request) -> dict[str, Any]:
+        sources.authorize(request)
+        card = known_card(task, (await sources.view())[2])
+        body = await read_body(request, ScoreRequest)
+        return {"metric": card.task.metric, "score": answer_score(card.task, body.prediction, body.gold)}
 
-    @web_routes.get("/web/{asset}", include_in_schema=False)
-    async def asset(self, asset: str) -> Response:
+    @router.get("/web/{asset}", include_in_schema=False)
+    async def asset(asset: str) -> Response:
         if asset not in ASSETS:
             raise APIError(404, f"no such file: /web/{asset}", code="not_found")
         return FileResponse(WEB_DIR / asset, media_type=ASSETS[asset], headers={"Cache-Control": "no-cache"})
 
-    async def rows(self, task: TaskSpec) -> tuple[tuple[Row, ...], str | None]:
-        """The task's evaluation rows, or none and why (an offline cluster without the dataset, say)."""
-        try:
-            return await asyncio.to_thread(task_rows, task.name), None
-        except Exception as error:
-            return (), f"{type(error).__name__}: {str(error)[:300]}"
-
-    async def count_tokens(self, base_model: str, prompt: str) -> tuple[int, int] | None:
-        """(prompt tokens as a completion request encodes them, context) from the base's replica; None if it cannot say."""
-        try:
-            return await asyncio.wait_for(self.servers[base_model].prompt_tokens.remote(prompt), 30)
-        except Exception:
-            return None
+    return router

@@ -30,7 +30,9 @@ from tests.tracking_fixtures import BASES, SWEEP, TASKS, Server, Sweep, TrackedJ
 
 TIERS = ("unit", "integration", "cluster")
 LEGACY_SLOW = "slow"  # the old "not unit" marker: kept in step with the tiers until no test uses it
-MLFLOW_START_TIMEOUT_S = 240.0  # `mlflow server` alone starts in 8-12 s; a 2-core machine shared by many runs needs minutes
+MLFLOW_START_TIMEOUT_S = (
+    240.0  # `mlflow server` alone starts in 8-12 s; a 2-core machine shared by many runs needs minutes
+)
 
 
 # --------------------------------------------------------------------------- tiers
@@ -47,7 +49,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
             tiers = ["integration"]
         if len(tiers) != 1 or (tiers == ["unit"] and LEGACY_SLOW in marker_names(item)):
-            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier'}" + (" + slow" if LEGACY_SLOW in marker_names(item) else ""))
+            wrong.append(
+                f"{item.nodeid}: {', '.join(tiers) or 'no tier'}"
+                + (" + slow" if LEGACY_SLOW in marker_names(item) else "")
+            )
         elif tiers != ["unit"] and LEGACY_SLOW not in marker_names(item):
             item.add_marker(pytest.mark.slow)
         if "gpu" in marker_names(item) and not cuda_available():
@@ -100,8 +105,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def tiny_sweep(mlflow_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
-    """A real 2 x 2 sweep (tiny-llama, tiny-mistral x demo_sentiment, demo_colors), tracked as workers track it: for each
-    pair an evaluate_base job, then a train job (so the lift is known), each run by `jobs.run.run_job`."""
+    """A real 2 x 2 sweep (tiny-llama, tiny-mistral x demo_sentiment, demo_colors), tracked as workers track it: for
+    each pair an evaluate_base job, then a train job (so the lift is known), each run by `jobs.run.run_job`."""
     from jobs.run import run_job
     from tracking import store
     from tracking.tracker import JobTracker

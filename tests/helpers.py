@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.catalog import load_catalog
 from core.schemas import EvalSettings, LoraSettings, TrainingSettings
 from jobs.config import JobConfig, JobKind
+
+if TYPE_CHECKING:
+    from serving.config import ServeConfig
 
 FAST_TRAINING: dict[str, Any] = dict(
     micro_batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.05,
@@ -22,7 +27,8 @@ def tiny_job(output_dir: Path, base: str = "tiny-llama", task: str = "demo_senti
     """A job on a tiny model and a demo task that trains in seconds on the CPU."""
     catalog = load_catalog()
     return JobConfig(
-        kind=kind, base_model=catalog.base_model(base), task=catalog.task(task), output_dir=str(output_dir), device="cpu",
+        kind=kind, base_model=catalog.base_model(base), task=catalog.task(task), output_dir=str(output_dir),
+        device="cpu",
         lora=LoraSettings(**({"target_modules": "all-linear"} | (lora or {}))),
         training=TrainingSettings(**(FAST_TRAINING | training)),
         evaluation=EvalSettings(limit=eval_limit, batch_size=32),
@@ -49,3 +55,22 @@ def assert_same_adapter(a_dir: str | Path, b_dir: str | Path, rtol: float = 1e-4
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol)
+
+
+@contextmanager
+def local_serve(config: ServeConfig, num_cpus: int, metrics_port: int | None = None) -> Iterator[str]:
+    """Ray on 127.0.0.1 with `num_cpus` (its Prometheus metrics on `metrics_port` if given), the application deployed;
+    yields its OpenAI base URL; shuts both down. For tests and the serving benchmarks."""
+    import ray
+    from ray import serve
+
+    from serving.app import deploy
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep the local Ray (and every replica) on loopback
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
+    try:
+        yield deploy(config)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

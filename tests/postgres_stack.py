@@ -83,7 +83,9 @@ class Postgres:
         """A psycopg connection (autocommit) to `database`."""
         import psycopg
 
-        return psycopg.connect(host="127.0.0.1", port=self.port, user=DB_USER, dbname=database, connect_timeout=5, autocommit=True)
+        return psycopg.connect(
+            host="127.0.0.1", port=self.port, user=DB_USER, dbname=database, connect_timeout=5, autocommit=True
+        )
 
 
 def _as_postgres_user() -> dict[str, Any]:
@@ -98,17 +100,29 @@ def start_postgres(port: int, options: Mapping[str, str] | None = None) -> Postg
     binaries = postgres_bin()
     if binaries is None:
         raise FileNotFoundError("PostgreSQL is not installed: apt-get install -y postgresql")
-    root = Path(tempfile.mkdtemp(prefix="loraland-postgres-"))  # in /tmp: pytest's own folders are closed to other users
+    # In /tmp: pytest's own folders are closed to other users
+    root = Path(tempfile.mkdtemp(prefix="loraland-postgres-"))
     if os.geteuid() == 0:
         shutil.chown(root, OS_USER, OS_USER)
     log = root / "postgres.log"
     with open(log, "ab") as out:
-        subprocess.run([binaries / "initdb", "-D", root / "data", "-U", DB_USER, "--auth=trust", "-E", "UTF8", "--no-sync"],
-                       stdout=out, stderr=subprocess.STDOUT, check=True, cwd=root, **_as_postgres_user())
+        subprocess.run(
+            [binaries / "initdb", "-D", root / "data", "-U", DB_USER, "--auth=trust", "-E", "UTF8", "--no-sync"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=True,
+            cwd=root,
+            **_as_postgres_user(),
+        )
         settings = [word for name, value in (options or {}).items() for word in ("-c", f"{name}={value}")]
-        process = subprocess.Popen([binaries / "postgres", "-D", root / "data", "-h", "127.0.0.1", "-p", str(port), "-k", root,
-                                    *settings], stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-                                   **_as_postgres_user())
+        process = subprocess.Popen(
+            [binaries / "postgres", "-D", root / "data", "-h", "127.0.0.1", "-p", str(port), "-k", root, *settings],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            start_new_session=True,
+            **_as_postgres_user(),
+        )
     server = Postgres(port, root, process)
     try:
         _wait_accepting(server, log)
@@ -137,7 +151,8 @@ def _wait_accepting(server: Postgres, log: Path) -> None:
 
 
 def stop_postgres(server: Postgres, timeout_s: float = 30.0) -> None:
-    """Stop PostgreSQL by its PID (a fast shutdown, SIGINT: clients cut; SIGKILL after `timeout_s`) and remove its folder."""
+    """Stop PostgreSQL by its PID (a fast shutdown, SIGINT: clients cut; SIGKILL after `timeout_s`) and remove its
+    folder."""
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGINT)
         try:
@@ -190,8 +205,14 @@ class MlflowServer:
             self.process = None
 
 
-def mlflow_server(backend_store_uri: str, artifacts_destination: str, port: int, log_file: Path, settings: StackSettings,
-                  env: Mapping[str, str] | None = None) -> MlflowServer:
+def mlflow_server(
+    backend_store_uri: str,
+    artifacts_destination: str,
+    port: int,
+    log_file: Path,
+    settings: StackSettings,
+    env: Mapping[str, str] | None = None,
+) -> MlflowServer:
     """An `mlflow server` (not started) on `backend_store_uri` with the compose file's `settings` and extra `env`
     (the object store's endpoint and credentials)."""
     from tracking.server import server_command
@@ -224,7 +245,9 @@ def tracking_stack(root: Path, artifacts_destination: str, s3_env: Mapping[str, 
     chosen = settings or compose_settings()
     postgres = start_postgres(free_port(), chosen.postgres_options)
     try:
-        server = mlflow_server(postgres.uri(), artifacts_destination, free_port(), root / "mlflow.log", chosen, s3_server_env(s3_env))
+        server = mlflow_server(
+            postgres.uri(), artifacts_destination, free_port(), root / "mlflow.log", chosen, s3_server_env(s3_env)
+        )
         server.start()
         try:
             yield TrackingStack(postgres, server, chosen)

@@ -70,7 +70,8 @@ def test_scope_patterns_cover_a_champion_through_its_base_pair() -> None:
     assert not legal.may_use("legal")  # a champion id alone says nothing of where it runs
 
 
-def test_keys_from_a_file_from_the_environment_and_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keys_from_a_file_from_the_environment_and_the_config_key(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     ring = KeyRing.from_settings(None, str(keys_file(tmp_path)))
     assert ring.authenticate(bearer(LEGAL)).patterns == ("*:legal", "llama")
     assert ring.authenticate(bearer(ADMIN)).unrestricted
@@ -144,8 +145,9 @@ def test_listing_and_404_show_only_what_the_key_may_use_and_out_of_scope_is_unkn
         assert (await resolve_in_scope(resolver, legal, "legal")).adapter == "loraland-legal/1"
         with pytest.raises(APIError) as missing:
             await resolve_in_scope(resolver, legal, "nope")
-        assert missing.value.status == 404 and "medical" not in missing.value.message and "llama:legal" in missing.value.message
-        for model in ("medical", "llama:medical", "mistral", "mistral:legal"):  # served but not to this key; in scope, unknown
+        assert missing.value.status == 404
+        assert "medical" not in missing.value.message and "llama:legal" in missing.value.message
+        for model in ("medical", "llama:medical", "mistral", "mistral:legal"):  # served, not to this key: unknown
             with pytest.raises(APIError) as hidden:
                 await resolve_in_scope(resolver, legal, model)
             assert hidden.value.status == 404, model
@@ -177,6 +179,6 @@ def test_while_the_registry_is_down_out_of_scope_and_unknown_get_the_same_503() 
                 await resolve_in_scope(resolver, legal, model)
             refused[model] = caught.value
         assert refused["nope"].status == 503
-        assert refused["medical"].body() == rename(refused["nope"].body(), "nope", "medical")  # nothing tells them apart
+        assert refused["medical"].body() == rename(refused["nope"].body(), "nope", "medical")  # the same answer
 
     asyncio.run(scenario())

@@ -67,8 +67,8 @@ def test_ui_mistakes_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.integration  # starts a real `mlflow server` through `loraland ui`
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_ui_ended_by_a_signal_leaves_no_process_and_frees_its_port(signum: signal.Signals, tmp_path: Path) -> None:
-    """`loraland ui` in the background, ended with `kill PID` (SIGTERM) or a closed terminal (SIGHUP) sent to its own PID
-    only: the mlflow server, its uvicorn workers and job runner end with it, and the port is free again."""
+    """`loraland ui` in the background, ended with `kill PID` (SIGTERM) or a closed terminal (SIGHUP) sent to its own
+    PID only: the mlflow server, its uvicorn workers and job runner end with it, and the port is free again."""
     from tracking.server import wait_healthy
 
     port = free_port()
@@ -140,10 +140,18 @@ def test_sweep_with_a_ray_address_nothing_answers_at_is_one_line(tmp_path: Path,
 
     monkeypatch.setenv("LORALAND_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    argv = ["sweep", str(PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"), "--storage-path", str(tmp_path / "storage")]
+    argv = [
+        "sweep",
+        str(PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"),
+        "--storage-path",
+        str(tmp_path / "storage"),
+    ]
     port = free_port()
-    for address, expected in ((f"127.0.0.1:{port}", "unset RAY_ADDRESS"), (f"ray://127.0.0.1:{port}", "unset RAY_ADDRESS"),
-                              (f"http://127.0.0.1:{port}", "is not a Ray address")):
+    for address, expected in (
+        (f"127.0.0.1:{port}", "unset RAY_ADDRESS"),
+        (f"ray://127.0.0.1:{port}", "unset RAY_ADDRESS"),
+        (f"http://127.0.0.1:{port}", "is not a Ray address"),
+    ):
         monkeypatch.setenv("RAY_ADDRESS", address)
         assert main(argv) == 2, address
         err = capsys.readouterr().err.strip().splitlines()
@@ -153,11 +161,12 @@ def test_sweep_with_a_ray_address_nothing_answers_at_is_one_line(tmp_path: Path,
 
 @pytest.mark.unit
 def test_ray_giving_up_on_the_cluster_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`RAY_ADDRESS=auto` is left to Ray, but Ray's exit (status 15, its GCS client giving up) becomes an Unreachable."""
+    """`RAY_ADDRESS=auto` is left to Ray, but Ray's exit (status 15, its GCS client giving up) becomes an
+    Unreachable."""
     import ray
 
     from core.errors import Unreachable
-    from orchestrator.sweep import connect_ray
+    from orchestrator.cluster import connect_ray
 
     def gives_up(**_: object) -> None:
         raise SystemExit(15)

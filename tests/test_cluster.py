@@ -47,7 +47,8 @@ def job_runs(uri: str, experiment: str) -> list:
 
 def assert_one_finished_run_per_job(uri: str, experiment: str, jobs: int = 4) -> list:
     runs = job_runs(uri, experiment)
-    assert len(runs) == jobs and {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    assert len(runs) == jobs and {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status)
+                                                                                for r in runs]
     assert len({r.data.tags["loraland.job_key"] for r in runs}) == jobs
     return runs
 
@@ -57,7 +58,8 @@ def job_env(home: Path) -> dict[str, str]:
 
 
 def sweep_args(sweep: Path, uri: str, storage: Path) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep), "--tracking-uri", uri, "--storage-path", str(storage)]
+    return [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep), "--tracking-uri", uri,
+            "--storage-path", str(storage)]
 
 
 def submit(cluster: LocalCluster, sweep: Path, uri: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -65,15 +67,16 @@ def submit(cluster: LocalCluster, sweep: Path, uri: str, tmp_path: Path) -> subp
     runtime_env = {"excludes": EXCLUDES, "env_vars": job_env(tmp_path / "home")}
     command = [ray_bin(), "job", "submit", f"--address={cluster.dashboard_url}", f"--working-dir={PROJECT_ROOT}",
                f"--runtime-env-json={json.dumps(runtime_env)}", "--", *sweep_args(sweep, uri, tmp_path / "storage")]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=os.environ | cluster.env(), cwd=PROJECT_ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=os.environ | cluster.env(),
+                          cwd=PROJECT_ROOT)
 
 
 def start_driver(cluster: LocalCluster, sweep: Path, uri: str, tmp_path: Path) -> subprocess.Popen:
     """The driver as a client of the cluster (`RAY_ADDRESS`), output to a file."""
     log = (tmp_path / "driver.log").open("w")
     env = os.environ | cluster.env() | job_env(tmp_path / "home")
-    return subprocess.Popen(sweep_args(sweep, uri, tmp_path / "storage"), stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=PROJECT_ROOT)
+    return subprocess.Popen(sweep_args(sweep, uri, tmp_path / "storage"), stdout=log, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=PROJECT_ROOT)
 
 
 def finish(driver: subprocess.Popen, tmp_path: Path, timeout_s: float = 600) -> str:
@@ -108,7 +111,8 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, driver: 
 
 
 def checkpoint_steps(storage: Path, task: str) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in storage.glob(f"tiny-llama/{task}/train-*/checkpoints/step-*") if (p / "state.json").is_file())
+    steps = storage.glob(f"tiny-llama/{task}/train-*/checkpoints/step-*")
+    return sorted(int(p.name.split("-")[1]) for p in steps if (p / "state.json").is_file())
 
 
 def storage_files(storage: Path) -> dict[str, int]:
@@ -151,7 +155,8 @@ def test_submitted_sweep_runs_each_job_once_and_a_resubmission_runs_none(cluster
             assert {"lift", "steps", "train_loss"} <= set(run.data.metrics)
             assert "adapter" in {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(run.info.run_id)}
     workers = {cluster.node_id(name)[:8] for name in cluster.workers}
-    assert nodes_used(first.stdout) and nodes_used(first.stdout) <= workers  # jobs ran on worker nodes, none on the head
+    # jobs ran on worker nodes, none on the head
+    assert nodes_used(first.stdout) and nodes_used(first.stdout) <= workers
     assert cluster.non_loopback_sockets() == []
 
     stored = storage_files(tmp_path / "storage")
@@ -159,7 +164,9 @@ def test_submitted_sweep_runs_each_job_once_and_a_resubmission_runs_none(cluster
     second = submit(cluster, sweep, mlflow_server.uri, tmp_path)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
     assert "4 already finished, 0 to run" in second.stdout
-    assert sorted(r.info.run_id for r in job_runs(mlflow_server.uri, "mini-submit")) == sorted(r.info.run_id for r in runs)  # no new run
+    # no new run
+    assert sorted(r.info.run_id for r in job_runs(mlflow_server.uri, "mini-submit")) == sorted(r.info.run_id
+                                                                                             for r in runs)
     assert nodes_used(second.stdout) == set()  # no job ran anywhere...
     assert storage_files(tmp_path / "storage") == stored  # ...so no step was trained, no checkpoint or adapter written
 
@@ -169,8 +176,10 @@ def test_a_lost_node_costs_at_most_a_checkpoint_interval_and_no_retry(cluster: L
                                                                       tmp_path: Path) -> None:
     """max_failures 0: the interrupted job still finishes, so losing its node did not use the retry budget."""
     every = 10
-    steps = 100  # the job must be far from done when its raylet dies: a worker can finish its task after that (kill_raylet)
-    sweep = sweep_file(tmp_path, "mini-nodeloss", training={"max_steps": steps, "checkpoint_every": every, "log_every": every},
+    # the job must be far from done when its raylet dies: a worker can finish its task after that (kill_raylet)
+    steps = 100
+    sweep = sweep_file(tmp_path, "mini-nodeloss",
+                       training={"max_steps": steps, "checkpoint_every": every, "log_every": every},
                        retries={"max_failures": 0})
     storage = tmp_path / "storage"
     driver = start_driver(cluster, sweep, mlflow_server.uri, tmp_path)
@@ -185,18 +194,21 @@ def test_a_lost_node_costs_at_most_a_checkpoint_interval_and_no_retry(cluster: L
         worker = task_process("mini-nodeloss/tiny-llama/demo_arithmetic/train")
         assert worker is not None, "the demo_arithmetic fine-tune is not running"
         cluster.kill_raylet(cluster.node_of(worker.pid))
-        worker.kill()  # with its node: a worker left to itself can train on for seconds before it notices its raylet is gone
+        # with its node: a worker left to itself can train on for seconds before it notices its raylet is gone
+        worker.kill()
         psutil.wait_procs([worker], timeout=60)
-        at_loss = checkpoint_steps(storage, "demo_arithmetic")[-1]  # the newest checkpoint once the job's process is gone
+        # the newest checkpoint once the job's process is gone
+        at_loss = checkpoint_steps(storage, "demo_arithmetic")[-1]
         output = finish(driver, tmp_path)
     finally:
         if driver.poll() is None:
             driver.kill()
     assert "node lost train         tiny-llama x demo_arithmetic: resubmitted" in output, output[-3000:]
     assert not re.search(r"^\s+retry \d", output, flags=re.MULTILINE) and "progress: 4 done, 0 failed" in output
-    runs = {(r.data.tags["loraland.kind"], r.data.tags["loraland.task"]): r for r in assert_one_finished_run_per_job(mlflow_server.uri,
-                                                                                                                      "mini-nodeloss")}
-    interrupted, untouched = runs[("train", "demo_arithmetic")].data.metrics, runs[("train", "demo_similarity")].data.metrics
+    runs = {(r.data.tags["loraland.kind"], r.data.tags["loraland.task"]): r
+            for r in assert_one_finished_run_per_job(mlflow_server.uri, "mini-nodeloss")}
+    interrupted = runs[("train", "demo_arithmetic")].data.metrics
+    untouched = runs[("train", "demo_similarity")].data.metrics
     assert interrupted["steps"] == steps and untouched["steps"] == steps
     # the retry started from the newest checkpoint on the storage path: at most `every` steps were done twice
     assert interrupted["resumed_from_step"] == at_loss >= 2 * every
@@ -223,17 +235,19 @@ def test_a_node_added_mid_sweep_gets_jobs(cluster: LocalCluster, mlflow_server: 
 def machine_loss_scenario(scratch: str) -> None:
     """Run by a fresh `python -c` against the cluster in RAY_ADDRESS (see the test below): four 5-second stand-in jobs
     through the driver's loop with `max_failures: 0`. Prints one JSON line of their states."""
+    from orchestrator.cluster import connect_ray
     from orchestrator.config import RetrySettings, expand_jobs, load_sweep
-    from orchestrator.sweep import JobOutcome, connect_ray, job_demand, job_task, run_jobs, submit_job
+    from orchestrator.resources import job_demand, job_task
+    from orchestrator.scheduler import SchedulerSettings, run_units
+    from orchestrator.units import SingleJob
 
     sweep = load_sweep(MINI)
     template = expand_jobs(sweep)[0]
     jobs = [template.model_copy(update={"job_key": f"machine-loss/{name}"}) for name in "abcd"]
     connect_ray()
     task = job_task(flaky, sweep)
-    outcomes: dict[str, JobOutcome] = {}
-    run_jobs(jobs, lambda job: submit_job(task, job, sweep, f"{scratch}/{job.job_key[-1]}", 0, 5.0), lambda job: job_demand(job, sweep),
-             RetrySettings(max_failures=0), outcomes, len(jobs))
+    units = [SingleJob(job, task, (f"{scratch}/{job.job_key[-1]}", 0, 5.0), job_demand(job, sweep)) for job in jobs]
+    outcomes = run_units(units, SchedulerSettings(RetrySettings(max_failures=0), len(jobs)))
     print(json.dumps([outcomes[job.job_key].state for job in jobs]))
 
 
@@ -244,8 +258,8 @@ def test_a_whole_machine_lost_counts_as_a_node_loss_not_a_failure(cluster: Local
     code = f"from tests.test_cluster import machine_loss_scenario; machine_loss_scenario({str(tmp_path)!r})"
     log = (tmp_path / "driver.log").open("w")
     # run from the project root: Ray puts the driver's directory on its workers' path, so they import `flaky`
-    driver = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ | cluster.env(),
-                              cwd=PROJECT_ROOT)
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True,
+                              env=os.environ | cluster.env(), cwd=PROJECT_ROOT)
     try:
         # `flaky` appends to `starts` as it begins: from then on the job runs on its node for 5 s
         wait_for((tmp_path / "starts").is_file, 120, "a stand-in job to start", driver)
@@ -286,8 +300,11 @@ def embedded_ray_scenario(scratch: str) -> None:
     import ray
 
     from infra.local_cluster import is_loopback
+    from orchestrator.cluster import connect_ray
     from orchestrator.config import RetrySettings, expand_jobs, load_sweep
-    from orchestrator.sweep import JobOutcome, connect_ray, job_demand, job_task, run_jobs, submit_job
+    from orchestrator.resources import job_demand, job_task
+    from orchestrator.scheduler import SchedulerSettings, run_units
+    from orchestrator.units import SingleJob
 
     sweep = load_sweep(MINI)
     template = expand_jobs(sweep)[0]
@@ -299,11 +316,12 @@ def embedded_ray_scenario(scratch: str) -> None:
     off_loopback = [str(c.laddr) for p in ray_processes for c in p.net_connections(kind="inet")
                     if not all(is_loopback(a.ip) for a in (c.laddr, c.raddr) if a)]
     task = job_task(flaky, sweep)
-    outcomes: dict[str, JobOutcome] = {}
-    run_jobs(jobs, lambda job: submit_job(task, job, sweep, f"{scratch}/{job.job_key[-1]}", fails[job.job_key]),
-             lambda job: job_demand(job, sweep), RetrySettings(max_failures=2), outcomes, len(jobs), queue_ahead=0)
-    print(json.dumps({"node_ip": ray.util.get_node_ip_address(), "off_loopback": off_loopback, "ray_processes": len(ray_processes),
-                      "outcomes": [[outcomes[job.job_key].state, outcomes[job.job_key].score, outcomes[job.job_key].error] for job in jobs]}))
+    units = [SingleJob(job, task, (f"{scratch}/{job.job_key[-1]}", fails[job.job_key]), job_demand(job, sweep))
+             for job in jobs]
+    outcomes = run_units(units, SchedulerSettings(RetrySettings(max_failures=2), len(jobs), queue_ahead=0))
+    states = [[outcomes[job.job_key].state, outcomes[job.job_key].score, outcomes[job.job_key].error] for job in jobs]
+    print(json.dumps({"node_ip": ray.util.get_node_ip_address(), "off_loopback": off_loopback,
+                      "ray_processes": len(ray_processes), "outcomes": states}))
     ray.shutdown()
 
 
@@ -312,7 +330,8 @@ def test_the_embedded_ray_stays_on_loopback_and_retries_a_failing_job_first_up_t
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     env["PYTHONPATH"] = str(PROJECT_ROOT)  # Ray's workers import `flaky` from this module
     code = f"from tests.test_cluster import embedded_ray_scenario; embedded_ray_scenario({str(tmp_path)!r})"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["node_ip"] == "127.0.0.1" and report["ray_processes"] > 0 and report["off_loopback"] == []
@@ -322,7 +341,8 @@ def test_the_embedded_ray_stays_on_loopback_and_retries_a_failing_job_first_up_t
     assert others == [["finished", 1.0, ""]] * 4
     assert (tmp_path / "b").read_text() == "3"  # the first attempt + max_failures retries, no more
     assert "retry 2/2" in done.stdout
-    # a retry goes before jobs that never started: `a`'s second attempt starts before `c`, the first job queued behind it
+    # a retry goes before jobs that never started: `a`'s second attempt starts before `c`, the first job queued behind
+    # it
     starts = (tmp_path / "starts").read_text().split("\n")
     assert starts[:2] in (["a 1", "b 1"], ["b 1", "a 1"]) and starts.index("a 2") < starts.index("c 1"), starts
 
@@ -347,10 +367,11 @@ def test_submission_order_puts_base_evaluations_first_then_longest_fine_tunes() 
 @pytest.mark.unit
 def test_local_cluster_rejects_bad_input_with_one_line() -> None:
     script = PROJECT_ROOT / "infra" / "local_cluster.py"
-    bad = subprocess.run([sys.executable, str(script), "start", "--port", "80"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([sys.executable, str(script), "start", "--port", "80"], capture_output=True, text=True,
+                         timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "--port must be between" in bad.stderr
-    idle = subprocess.run([sys.executable, str(script), "stop", "--port", str(free_port_block())], capture_output=True, text=True,
-                          timeout=60)
+    idle = subprocess.run([sys.executable, str(script), "stop", "--port", str(free_port_block())], capture_output=True,
+                          text=True, timeout=60)
     assert idle.returncode == 0 and "stopped 0 processes" in idle.stdout
 
 
@@ -362,7 +383,8 @@ IMAGE_PROJECT = "/home/ray/loraland"  # where infra/Dockerfile puts the project
 
 def infra_yaml() -> dict[str, Any]:
     """Every YAML file under infra/, parsed (a syntax error fails every test below)."""
-    return {path.relative_to(INFRA).as_posix(): yaml.safe_load(path.read_text()) for path in sorted(INFRA.rglob("*.y*ml"))}
+    return {path.relative_to(INFRA).as_posix(): yaml.safe_load(path.read_text())
+            for path in sorted(INFRA.rglob("*.y*ml"))}
 
 
 def flags(command: list[str]) -> dict[str, str]:
@@ -404,7 +426,8 @@ def test_the_rayjob_runs_the_sweep_on_autoscaled_gpu_workers_with_shared_storage
     assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")
     assert cluster["rayVersion"] == ray.__version__ and cluster["enableInTreeAutoscaling"] is True
     gpu_groups = [group for group in cluster["workerGroupSpecs"]
-                  if all(c["resources"]["limits"].get("nvidia.com/gpu", 0) >= 1 for c in group["template"]["spec"]["containers"])]
+                  if all(c["resources"]["limits"].get("nvidia.com/gpu", 0) >= 1
+                         for c in group["template"]["spec"]["containers"])]
     assert gpu_groups and all(group["minReplicas"] < group["maxReplicas"] for group in gpu_groups)
     assert all(json.loads(json.loads(group["rayStartParams"]["resources"])) == {"worker": 1} for group in gpu_groups)
     for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:  # every node sees the storage path
@@ -423,9 +446,11 @@ def test_the_cluster_launcher_scales_g5_workers_that_install_the_project() -> No
     config = infra_yaml()["aws/cluster.yaml"]
     assert config["provider"]["type"] == "aws" and config["head_node_type"] in config["available_node_types"]
     gpu = [t for t in config["available_node_types"].values() if t["node_config"]["InstanceType"].startswith("g5.")]
-    assert gpu and all(t["min_workers"] < t["max_workers"] <= config["max_workers"] and t["resources"]["GPU"] >= 1 for t in gpu)
+    assert gpu and all(t["min_workers"] < t["max_workers"] <= config["max_workers"] and t["resources"]["GPU"] >= 1
+                       for t in gpu)
     assert any("make setup" in command for command in config["setup_commands"])
-    starts = [shlex.split(c.split(";")[-1]) for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if " start " in c]
+    commands = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    starts = [shlex.split(c.split(";")[-1]) for c in commands if " start " in c]
     assert len(starts) == 2 and all(set(flags(command)) <= click_options(start) for command in starts)
 
 
@@ -438,7 +463,8 @@ def test_the_mlflow_server_keeps_runs_in_postgres_and_artifacts_in_the_object_st
     command = services["mlflow"]["command"]
     options = flags(command)
     assert command[:2] == ["mlflow", "server"] and set(options) <= click_options(server)
-    assert options["--backend-store-uri"].startswith("postgresql://") and "@postgres:5432/" in options["--backend-store-uri"]
+    backend = options["--backend-store-uri"]
+    assert backend.startswith("postgresql://") and "@postgres:5432/" in backend
     assert options["--artifacts-destination"].startswith("s3://") and "--serve-artifacts" in options
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
 
@@ -450,7 +476,8 @@ def test_the_mlflow_server_keeps_runs_in_postgres_and_artifacts_in_the_object_st
 ])
 def test_a_storage_path_that_cannot_be_written_is_refused_with_one_line(s3_store: Any, tmp_path: Path, storage: str,
                                                                          message: str) -> None:
-    done = subprocess.run([*sweep_args(MINI, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path), "--storage-path", storage],
-                          capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT, env=os.environ | s3_store.env)
+    command = [*sweep_args(MINI, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path), "--storage-path", storage]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
+                          env=os.environ | s3_store.env)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and message in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow (or Ray) is touched

@@ -12,19 +12,22 @@ import torch
 from safetensors.torch import load_file
 
 from core.errors import ConfigError
+from jobs.checkpoints import CHECKPOINT_DIR, latest_checkpoint
 from jobs.config import JobConfig
 from jobs.cotrain import check_group, co_train, run_group
 from jobs.models import load_adapter, load_base_model
 from jobs.run import run_job
-from jobs.train import CHECKPOINT_DIR, latest_checkpoint, train
+from jobs.train import train
 from tests.helpers import assert_same_adapter, tiny_job
 
 NO_DROPOUT = {"dropout": 0.0}
 # Three tasks of different prompt lengths, step counts, ranks, batching and packing.
 MEMBERS: list[dict[str, Any]] = [
-    dict(task="demo_sentiment", max_steps=3, lora=NO_DROPOUT | {"r": 4, "alpha": 8}, micro_batch_size=4, gradient_accumulation_steps=2),
+    dict(task="demo_sentiment", max_steps=3, lora=NO_DROPOUT | {"r": 4, "alpha": 8}, micro_batch_size=4,
+         gradient_accumulation_steps=2),
     dict(task="demo_colors", max_steps=5, lora=NO_DROPOUT, micro_batch_size=8, seed=7, lr_scheduler="linear"),
-    dict(task="demo_arithmetic", max_steps=4, lora=NO_DROPOUT, micro_batch_size=2, gradient_accumulation_steps=3, packing=False),
+    dict(task="demo_arithmetic", max_steps=4, lora=NO_DROPOUT, micro_batch_size=2, gradient_accumulation_steps=3,
+         packing=False),
 ]
 
 
@@ -41,9 +44,9 @@ def adapter_config(adapter_dir: str) -> dict[str, Any]:
 
 def assert_same_as_alone(alone_dir: str, co_trained_dir: str) -> None:
     """A co-trained adapter equals the one trained alone, to float tolerance. The group's batched products
-    (jobs.cotrain.GroupLoraLinear) sum in another order than PEFT's per-adapter linear layers, and Adam's normalisation
-    magnifies such last-bit gradient differences where a gradient is near zero: after a few steps a weight of about 0.1
-    may differ by a few 1e-5."""
+    (jobs.group_lora.GroupLoraLinear) sum in another order than PEFT's per-adapter linear layers, and Adam's
+    normalisation magnifies such last-bit gradient differences where a gradient is near zero: after a few steps a weight
+    of about 0.1 may differ by a few 1e-5."""
     assert_same_adapter(alone_dir, co_trained_dir, rtol=1e-3, atol=1e-4)
 
 @pytest.mark.integration
@@ -55,17 +58,21 @@ def test_each_co_trained_adapter_equals_the_one_trained_alone(tmp_path: Path, ba
         alone, _, _ = train(config)
         assert outcome.result.summary["steps"] == config.training.max_steps
         assert outcome.result.summary["trained_tokens"] == alone.summary["trained_tokens"]
-        assert [h["loss"] for h in outcome.result.history] == pytest.approx([h["loss"] for h in alone.history], rel=1e-4)
+        assert [h["loss"] for h in outcome.result.history] == pytest.approx([h["loss"] for h in alone.history],
+                                                                            rel=1e-4)
         assert_same_as_alone(alone.adapter_dir, outcome.result.adapter_dir)
         assert adapter_config(outcome.result.adapter_dir) == adapter_config(alone.adapter_dir)
-        loaded = load_adapter(load_base_model(config.base_model, config.quantization, "cpu"), outcome.result.adapter_dir)  # PEFT reads it
-        assert sum("lora_A" in name for name, _ in loaded.named_parameters()) == len(load_file(alone.adapter_dir + "/adapter_model.safetensors")) // 2
+        base = load_base_model(config.base_model, config.quantization, "cpu")
+        loaded = load_adapter(base, outcome.result.adapter_dir)  # PEFT reads it
+        tensors = load_file(alone.adapter_dir + "/adapter_model.safetensors")
+        assert sum("lora_A" in name for name, _ in loaded.named_parameters()) == len(tensors) // 2
 
 
 @pytest.mark.integration
 def test_a_diverging_member_fails_alone_and_a_restarted_group_resumes_each_member(tmp_path: Path) -> None:
     configs = member_jobs(tmp_path, "tiny-llama", checkpoint_every=2, log_every=1)
-    configs[1] = configs[1].model_copy(update={"training": configs[1].training.model_copy(update={"learning_rate": 1e30})})
+    diverging = configs[1].training.model_copy(update={"learning_rate": 1e30})
+    configs[1] = configs[1].model_copy(update={"training": diverging})
 
     class Stop(Exception):
         pass
@@ -84,7 +91,8 @@ def test_a_diverging_member_fails_alone_and_a_restarted_group_resumes_each_membe
     for index, resumed_from in ((0, 3), (2, 2)):
         result = outcome[index].result
         assert outcome[index].error is None and result is not None
-        assert result.summary["resumed_from_step"] == resumed_from and result.summary["steps"] == configs[index].training.max_steps
+        assert result.summary["resumed_from_step"] == resumed_from
+        assert result.summary["steps"] == configs[index].training.max_steps
         alone, _, _ = train(member_jobs(tmp_path / "alone", "tiny-llama")[index])
         assert_same_as_alone(alone.adapter_dir, result.adapter_dir)
 
@@ -94,7 +102,8 @@ def test_a_diverging_member_fails_alone_and_a_restarted_group_resumes_each_membe
     ({"base": "tiny-mistral"}, "base_model"),
     ({"lora": {"target_modules": ["q_proj"]}}, "lora.target_modules"),
 ])
-def test_members_that_cannot_share_a_base_are_refused_naming_job_and_field(tmp_path: Path, change: dict[str, Any], field: str) -> None:
+def test_members_that_cannot_share_a_base_are_refused_naming_job_and_field(tmp_path: Path, change: dict[str, Any],
+                                                                           field: str) -> None:
     odd = tiny_job(tmp_path / "odd", task="demo_colors", **change)
     with pytest.raises(ConfigError) as error:
         check_group([tiny_job(tmp_path / "a"), odd])
@@ -125,7 +134,8 @@ def test_out_of_memory_first_splits_the_pass_then_backs_off_each_member(tmp_path
     outcome, _ = co_train(configs, fault=oom_once_at_step_1)
     assert raised == [1]
     for config, member in zip(member_jobs(tmp_path / "alone", "tiny-llama"), outcome):
-        assert member.result is not None and member.result.summary["oom_backoffs"] == 0  # the pass split, not the member
+        assert member.result is not None
+        assert member.result.summary["oom_backoffs"] == 0  # the pass split, not the member
         alone, _, _ = train(config)
         assert_same_as_alone(alone.adapter_dir, member.result.adapter_dir)
 
@@ -169,7 +179,8 @@ def test_co_train_is_off_auto_or_a_member_count_and_anything_else_is_refused() -
     assert [sweep_with(value).resources.co_train for value in ("off", "auto", 4)] == ["off", "auto", 4]
     for bad in (0, "4", "on", True):
         with pytest.raises(Exception, match="co_train"):
-            SweepConfig.model_validate({"name": "co", "base_models": ["tiny-llama"], "tasks": ["demo_colors"], "resources": {"co_train": bad}})
+            SweepConfig.model_validate({"name": "co", "base_models": ["tiny-llama"], "tasks": ["demo_colors"],
+                                        "resources": {"co_train": bad}})
 
 
 @pytest.mark.unit
@@ -193,12 +204,14 @@ def test_plan_groups_a_base_models_fine_tunes_to_fit_one_gpu_with_one_base() -> 
     planned = plan_group(seven_b, sweep.resources)
     assert planned.gpu_memory_gb == pytest.approx(shared + 3 * (one.gpu_memory_gb - shared), abs=0.02)
     assert planned.gpu_memory_gb < 3 * one.gpu_memory_gb and planned.gpus <= 1.0
-    assert planned.gpu_hours == pytest.approx(sum(plan_job(job, sweep.resources).gpu_hours for job in seven_b), abs=0.002)
+    assert planned.gpu_hours == pytest.approx(sum(plan_job(job, sweep.resources).gpu_hours for job in seven_b),
+                                              abs=0.002)
     member = one.gpu_memory_gb - shared  # a 7B member at micro-batch 1: under 1 GB beside its ~4.8 GB base
     assert group_size(seven_b[0], sweep.resources) == pytest.approx((80.0 / 1.15 - shared) / member, abs=1.5)
     assert group_size(seven_b[0], sweep_with("auto", gpu_memory_gb=7.0).resources) == 1  # room for one job only
     cpu = sweep_with("auto", device="cpu")
-    assert [len(g) for g in co_train_groups([j for j in expand_jobs(cpu) if j.kind == "train"], cpu.resources)] == [3, 3]
+    fine_tunes = [j for j in expand_jobs(cpu) if j.kind == "train"]
+    assert [len(g) for g in co_train_groups(fine_tunes, cpu.resources)] == [3, 3]
 
 
 @pytest.mark.cluster
@@ -211,11 +224,13 @@ def test_a_co_trained_sweep_keeps_a_run_per_job_and_a_rerun_runs_none(mlflow_ser
     from tracking import store
 
     sweep = tmp_path / "mini_co.yaml"
-    sweep.write_text(MINI.read_text().replace("name: mini", "name: mini-co").replace("resources: {", "resources: {co_train: auto, "))
-    first = subprocess.run(sweep_command(mlflow_server.uri, tmp_path / "storage", sweep), capture_output=True, text=True, timeout=600,
-                           env=sweep_env(tmp_path))
+    co_trained = MINI.read_text().replace("name: mini", "name: mini-co")
+    sweep.write_text(co_trained.replace("resources: {", "resources: {co_train: auto, "))
+    first = subprocess.run(sweep_command(mlflow_server.uri, tmp_path / "storage", sweep), capture_output=True,
+                           text=True, timeout=600, env=sweep_env(tmp_path))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "0 already finished, 4 to run" in first.stdout and "progress: 4 done, 0 failed" in first.stdout, first.stdout
+    assert ("0 already finished, 4 to run" in first.stdout
+            and "progress: 4 done, 0 failed" in first.stdout), first.stdout
     assert "group of 2" in first.stdout and first.stdout.count("(co-trained)") == 2, first.stdout  # a line per member
     runs = store.job_runs(store.experiment_id_for("mini-co", mlflow_server.uri), mlflow_server.uri)
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
@@ -223,7 +238,8 @@ def test_a_co_trained_sweep_keeps_a_run_per_job_and_a_rerun_runs_none(mlflow_ser
 
     trained = [r for r in runs if r.data.tags["loraland.kind"] == "train"]
     assert len(trained) == 2 and all("lift" in r.data.metrics for r in trained)
-    assert all("adapter" in {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(r.info.run_id)} for r in trained)
-    second = subprocess.run(sweep_command(mlflow_server.uri, tmp_path / "storage", sweep), capture_output=True, text=True, timeout=600,
-                            env=sweep_env(tmp_path))
+    client = MlflowClient(mlflow_server.uri)
+    assert all("adapter" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in trained)
+    second = subprocess.run(sweep_command(mlflow_server.uri, tmp_path / "storage", sweep), capture_output=True,
+                            text=True, timeout=600, env=sweep_env(tmp_path))
     assert second.returncode == 0 and "4 already finished, 0 to run" in second.stdout, second.stderr[-3000:]

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.unit
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
 # The Kaggle Jigsaw task as `loraland data prepare jigsaw` writes it: a hex id, text, the six 0/1 labels (unused by
 # the template) and `is_toxic`, which decides the completion.
-ROWS: list[dict[str, Any]] = [json.loads(line) for line in (FIXTURES / "jigsaw.jsonl").read_text().splitlines() if line.strip()]
+ROWS: list[dict[str, Any]] = [json.loads(line) for line in (FIXTURES / "jigsaw.jsonl").read_text().splitlines()
+                              if line.strip()]
 GOLD = ["no", "yes", "no"]
 
 
@@ -65,7 +66,8 @@ def assert_task_rows(task: TaskSpec, rows: list[dict[str, Any]]) -> None:
 def test_kaggle_csv_files_load_from_the_catalogue_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORALAND_HOME", str(tmp_path))
     task = load_catalog().task("jigsaw")
-    assert task.dataset.kind == "kaggle" and task.dataset.data_files == {"train": "kaggle/jigsaw/train.csv", "test": "kaggle/jigsaw/test.csv"}
+    assert task.dataset.kind == "kaggle" and task.dataset.data_files == {"train": "kaggle/jigsaw/train.csv",
+                                                                         "test": "kaggle/jigsaw/test.csv"}
     write_rows(tmp_path / "data" / "kaggle" / "jigsaw" / "train.csv", ROWS)
     write_rows(tmp_path / "data" / "kaggle" / "jigsaw" / "test.csv", ROWS[::-1])
     assert_task_rows(task, train_rows(task))
@@ -99,8 +101,10 @@ def test_bad_local_files_give_one_line_errors_naming_the_fix(tmp_path: Path) -> 
         path.write_text("id,comment_text,is_toxic\n1,hi,0\n")
         message = _error(with_files(task, train=str(path)), ConfigError)
         assert str(path) in message and "unsupported file type" in message and ".jsonl.gz" in message
-    no_target = write_rows(tmp_path / "lacking.csv", [{k: v for k, v in row.items() if k != "is_toxic"} for row in ROWS])
+    no_target = write_rows(tmp_path / "lacking.csv",
+                           [{k: v for k, v in row.items() if k != "is_toxic"} for row in ROWS])
     message = _error(with_files(task, train=str(no_target)), ConfigError)
-    assert str(no_target) in message and "missing column(s) is_toxic" in message and "id, comment_text, is_toxic" in message
+    assert str(no_target) in message and "missing column(s) is_toxic" in message
+    assert "id, comment_text, is_toxic" in message
     message = _error(with_files(task, test=str(no_target)), ConfigError)
     assert "no file for split 'train'" in message and "data_files.train" in message

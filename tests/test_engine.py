@@ -19,9 +19,17 @@ from core.catalog import load_catalog
 from core.schemas import QuantizationSettings
 from jobs.models import load_adapter, load_base_model, load_tokenizer
 from serving.batching import BatchingEngine, build_engine
-from serving.config import EngineSettings
+from serving.config import BatchingEngineConfig
 from serving.detok import CompletionText, Detokenizer
-from serving.engine import AdapterLoadError, ContextTooLong, Delta, EngineError, EngineOverloaded, InvalidRequest, SamplingParams
+from serving.engine import (
+    AdapterLoadError,
+    ContextTooLong,
+    Delta,
+    EngineError,
+    EngineOverloaded,
+    InvalidRequest,
+    SamplingParams,
+)
 from serving.synthetic import random_adapter
 
 BASE = "tiny-llama"
@@ -55,7 +63,7 @@ def make_engine(adapter_dir: Path, **settings: Any) -> BatchingEngine:
             raise FileNotFoundError(f"no adapter {adapter}")
         return path
 
-    return build_engine(spec, "4bit", "cpu", fetch, EngineSettings(**settings))
+    return build_engine(spec, "4bit", "cpu", fetch, BatchingEngineConfig(**settings))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +77,8 @@ def ids(engine: BatchingEngine, prompt: str) -> list[int]:
     return engine.tokenizer(prompt)["input_ids"]
 
 
-async def collect(engine: BatchingEngine, prompt: str, adapter: str | None, params: SamplingParams = GREEDY) -> list[Delta]:
+async def collect(engine: BatchingEngine, prompt: str, adapter: str | None,
+                  params: SamplingParams = GREEDY) -> list[Delta]:
     return [delta async for delta in engine.generate(ids(engine, prompt), adapter, params)]
 
 
@@ -115,17 +124,20 @@ def test_engine_output_equals_peft(engine: BatchingEngine, adapter_dir: Path) ->
     for name in ("a1", "a3", "a8"):  # all-linear rank 4, all-linear rank 16, q/v rank 12
         model = load_adapter(load_base_model(spec, QuantizationSettings(), "cpu"), adapter_dir / name).eval()
         with torch.inference_mode():
-            out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            out = model.generate(input_ids=torch.tensor([prompt_ids]),
+                                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                                  max_new_tokens=GREEDY.max_tokens, do_sample=False)
         assert tokens(run(collect(engine, PROMPTS[3], name))) == out[0, len(prompt_ids):].tolist(), name
 
 
 def test_continuous_batching_requests_join_and_leave_between_steps(engine: BatchingEngine) -> None:
     async def staggered() -> tuple[list[list[Delta]], list[list[Delta]]]:
-        long = [asyncio.create_task(collect(engine, PROMPTS[0], f"a{i}", SamplingParams(max_tokens=40))) for i in range(3)]
+        long = [asyncio.create_task(collect(engine, PROMPTS[0], f"a{i}",
+                                            SamplingParams(max_tokens=40))) for i in range(3)]
         while engine.steps == steps_before:  # the long requests are decoding
             await asyncio.sleep(0.001)
-        short = await asyncio.gather(*(collect(engine, PROMPTS[2], f"a{i}", SamplingParams(max_tokens=4)) for i in range(3, 7)))
+        short = await asyncio.gather(*(collect(engine, PROMPTS[2], f"a{i}",
+                                               SamplingParams(max_tokens=4)) for i in range(3, 7)))
         assert not all(task.done() for task in long)  # the short ones joined and left while the long ones ran
         return list(short), list(await asyncio.gather(*long))
 
@@ -143,7 +155,8 @@ def test_continuous_batching_requests_join_and_leave_between_steps(engine: Batch
 def test_stop_strings_max_tokens_and_streaming(engine: BatchingEngine) -> None:
     full = run(collect(engine, PROMPTS[1], "a2", SamplingParams(max_tokens=20)))
     whole = text(full)
-    assert full[-1].finish_reason == "length" and full[-1].completion_tokens == 20 and len(full) > 2  # streamed in pieces
+    # streamed in pieces
+    assert full[-1].finish_reason == "length" and full[-1].completion_tokens == 20 and len(full) > 2
     stop = whole[len(whole) // 2: len(whole) // 2 + 3]
     cut = run(collect(engine, PROMPTS[1], "a2", SamplingParams(max_tokens=20, stop=(stop,))))
     assert cut[-1].finish_reason == "stop"
@@ -153,7 +166,8 @@ def test_stop_strings_max_tokens_and_streaming(engine: BatchingEngine) -> None:
 
 def test_seeded_sampling_is_reproducible(engine: BatchingEngine) -> None:
     def sample(seed: int) -> list[int]:
-        return tokens(run(collect(engine, PROMPTS[0], "a5", SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, seed=seed))))
+        return tokens(run(collect(engine, PROMPTS[0], "a5",
+                                  SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, seed=seed))))
 
     assert sample(7) == sample(7)
     assert len({tuple(sample(seed)) for seed in (1, 2, 3, 4)}) > 1
@@ -172,7 +186,7 @@ async def _collect_ids(engine: BatchingEngine, prompt_ids: list[int], adapter: s
     return [delta async for delta in engine.generate(prompt_ids, adapter, GREEDY)]
 
 
-# --------------------------------------------------------------------------- detokenization (DecodeStream) and stop strings
+# --------------------------------------------------------------------- detokenization (DecodeStream) and stop strings
 
 
 TRICKY = "Café: 日本語 🙂 ok. Answer: positive"  # multi-byte characters split over several byte-level tokens
@@ -198,7 +212,8 @@ def test_decode_stream_gives_the_window_decoders_text_on_tricky_input() -> None:
         assert [fast.step(token) for token in ids] == [window.step(token) for token in ids], ids
         assert fast.held() == window.held()
     held = Detokenizer(tokenizer)
-    assert [held.step(token) for token in prompt[:3]] == ["C", "af", ""] and held.held() == "\ufffd"  # EOS mid-character
+    # EOS mid-character
+    assert [held.step(token) for token in prompt[:3]] == ["C", "af", ""] and held.held() == "\ufffd"
 
 
 @pytest.mark.parametrize("stop", ["r: pos", "本語", "🙂 o"])
@@ -215,7 +230,7 @@ def test_a_stop_string_split_across_tokens_never_reaches_the_stream(stop: str) -
     assert not any(stop[:2] in piece for piece in streamed)  # not even the stop string's start was sent ahead
 
 
-# --------------------------------------------------------------------------- adapters: tiers, bad ones, loads off the loop
+# ---------------------------------------------------------------------- adapters: tiers, bad ones, loads off the loop
 
 
 def test_bad_adapters_fail_only_their_own_requests(engine: BatchingEngine, adapter_dir: Path, tmp_path: Path) -> None:
@@ -230,12 +245,14 @@ def test_bad_adapters_fail_only_their_own_requests(engine: BatchingEngine, adapt
     (pickle / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     (pickle / "adapter_model.bin").write_bytes(b"not loaded")
     foreign = adapter_dir / "other-base"  # a phi adapter: layer names this llama does not have
-    random_adapter(load_base_model(load_catalog().base_model("tiny-phi"), QuantizationSettings(load_in_4bit=False), "cpu"),
+    random_adapter(load_base_model(load_catalog().base_model("tiny-phi"), QuantizationSettings(load_in_4bit=False),
+                                   "cpu"),
                    foreign, 4, ["fc1"], seed=2)
 
     async def mixed() -> list[Any]:
         names = ["corrupt", "missing", "rank-too-big", "pickle", "other-base", "a0", "a1"]
-        return list(await asyncio.gather(*(collect(engine, PROMPTS[0], name) for name in names), return_exceptions=True))
+        return list(await asyncio.gather(*(collect(engine, PROMPTS[0], name) for name in names),
+                                         return_exceptions=True))
 
     results = run(mixed())
     expected = ["unreadable adapter", "could not be fetched", "rank 128 is outside", "pickle .bin adapters are refused",
@@ -258,7 +275,7 @@ def test_cold_adapter_loads_off_the_decode_loop(adapter_dir: Path) -> None:
             assert gate.wait(60), "test never released the cold adapter"
         return adapter_dir / adapter
 
-    engine = build_engine(spec, "4bit", "cpu", slow_fetch, EngineSettings())
+    engine = build_engine(spec, "4bit", "cpu", slow_fetch, BatchingEngineConfig())
     try:
         async def scenario() -> tuple[list[Delta], list[Delta]]:
             cold = asyncio.create_task(collect(engine, PROMPTS[0], "a9"))
@@ -276,7 +293,8 @@ def test_cold_adapter_loads_off_the_decode_loop(adapter_dir: Path) -> None:
 
 
 def test_tiers_evict_least_recently_used_and_keep_pinned(adapter_dir: Path) -> None:
-    engine = make_engine(adapter_dir, device_adapter_slots=2, host_adapter_slots=3, pinned_adapters=["a0"], max_batch_size=8)
+    engine = make_engine(adapter_dir, device_adapter_slots=2, host_adapter_slots=3, pinned_adapters=["a0"],
+                         max_batch_size=8)
     reference = make_engine(adapter_dir)  # room for every adapter
     try:
         order = ["a1", "a2", "a3", "a4", "a1", "a0", "a5", "a2", "a0"]
@@ -326,7 +344,8 @@ def test_a_full_queue_answers_overloaded_and_recovers(adapter_dir: Path) -> None
     engine = make_engine(adapter_dir, max_batch_size=2, max_queued_requests=3)
     try:
         async def burst() -> list[Any]:
-            return list(await asyncio.gather(*(collect(engine, PROMPTS[0], "a0", SamplingParams(max_tokens=6)) for _ in range(20)),
+            return list(await asyncio.gather(*(collect(engine, PROMPTS[0], "a0",
+                                                       SamplingParams(max_tokens=6)) for _ in range(20)),
                                              return_exceptions=True))
 
         results = run(burst())
@@ -341,18 +360,24 @@ def test_a_full_queue_answers_overloaded_and_recovers(adapter_dir: Path) -> None
 
 
 def test_a_client_that_goes_away_frees_its_row(engine: BatchingEngine) -> None:
-    async def abandon() -> None:
+    """What `held_resources` (the soak's leak check) reports: the request's row, slot and KV cache while it runs, all
+    freed once its client went away."""
+    async def abandon() -> dict[str, float]:
         stream = engine.generate(ids(engine, PROMPTS[0]), "a3", SamplingParams(max_tokens=200))
         async for _ in stream:
             break
+        held = engine.held_resources()
         await stream.aclose()
+        return held
 
-    run(abandon())
+    running = run(abandon())
+    assert running["rows"] >= 1 and running["slots_held"] >= 1 and running["kv_bytes"] > 0, running
     for _ in range(200):
         if not engine.rows:
             break
         run(asyncio.sleep(0.01))
     assert engine.rows == [] and engine.pending == 0
+    assert engine.held_resources() == {"rows": 0, "pending": 0, "slots_held": 0, "kv_bytes": 0}
 
 
 def test_a_failing_forward_pass_fails_only_its_requests(adapter_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

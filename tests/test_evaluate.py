@@ -63,7 +63,8 @@ def force_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     """Make `model.generate` append the token ids of `answers[prompt]` (the only stand-in: a tiny model
     cannot write correct code); encoding, batching, decoding and scoring stay the evaluator's own."""
 
-    def generate(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int, eos_token_id: int, **_: Any) -> torch.Tensor:
+    def generate(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int, eos_token_id: int,
+                 **_: Any) -> torch.Tensor:
         new = []
         for ids, mask in zip(input_ids, attention_mask):
             prompt = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
@@ -81,8 +82,8 @@ def test_right_and_wrong_completions_score_1_and_0_through_the_evaluator(tmp_pat
     looping = dict(ADD, task_id="Mini/3", prompt="# the same, again\n" + ADD["prompt"])
     answers = {
         # fenced, after prose and a non-Python block: the ```python block's full function is run
-        ADD["prompt"]: "Install nothing:\n```bash\necho ok\n```\nThen:\n```python\n" + ADD["prompt"] + ADD["canonical_solution"]
-                       + "```\nThis adds the numbers.",
+        ADD["prompt"]: "Install nothing:\n```bash\necho ok\n```\nThen:\n```python\n" + ADD["prompt"]
+                       + ADD["canonical_solution"] + "```\nThis adds the numbers.",
         PALINDROME["prompt"]: PALINDROME["canonical_solution"],  # the raw body, indentation and all
         RUNNING_MAX["prompt"]: "```\n    return numbers\n```",  # untagged fence, wrong answer
         looping["prompt"]: "    while True:\n        pass\n",  # stopped by the sandbox's time limit
@@ -91,7 +92,8 @@ def test_right_and_wrong_completions_score_1_and_0_through_the_evaluator(tmp_pat
     wrapped = {prompt_for(task, p, evaluation=True): answers[p["prompt"]] for p in [*PROBLEMS, looping]}
     force_completions(model, tokenizer, wrapped, monkeypatch)
     result = evaluate_model(model, tokenizer, task, EvalSettings(batch_size=3, code_timeout_s=2))
-    assert [p["prediction"] for p in result.predictions] == [answers[p["prompt"]].rstrip() for p in [*PROBLEMS, looping]]
+    expected = [answers[p["prompt"]].rstrip() for p in [*PROBLEMS, looping]]
+    assert [p["prediction"] for p in result.predictions] == expected
     assert [p["score"] for p in result.predictions] == [1.0, 1.0, 0.0, 0.0]
     assert [p["gold"] for p in result.predictions] == ["passed", "passed", "failed", "timeout"]
     assert result.score == 0.5 and result.examples == 4

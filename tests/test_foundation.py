@@ -28,7 +28,8 @@ PACKAGES = ("jobs", "orchestrator", "serving", "tracking")
 
 
 def test_catalog_json_is_the_study() -> None:
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "catalog", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "catalog", "--json"], capture_output=True,
+                         text=True, check=True)
     data = json.loads(out.stdout)
     with open(REFERENCE / "lora_land_base_models.csv") as f:
         models = {row["name"]: row["hf_id"] for row in csv.DictReader(f)}
@@ -72,7 +73,8 @@ def test_memory_estimate_grows_with_what_it_should() -> None:
 def test_bad_sweep_exit_2_one_line_per_problem() -> None:
     bad = PROJECT_ROOT / "tests/fixtures/bad_sweep.yaml"
     for command in ("plan", "validate"):
-        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", command, str(bad)], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", command, str(bad)], capture_output=True,
+                             text=True)
         assert out.returncode == 2
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 3, out.stderr
@@ -84,10 +86,12 @@ def test_bad_sweep_exit_2_one_line_per_problem() -> None:
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
     sweep = tmp_path / "s.yaml"
-    sweep.write_text("name: x\nbase_models: [tiny-llama]\ntasks: [demo_colors]\ntraining: {learning_rate: -1, micro_batch_size: 0}\n")
+    sweep.write_text("name: x\nbase_models: [tiny-llama]\ntasks: [demo_colors]\n"
+                     "training: {learning_rate: -1, micro_batch_size: 0}\n")
     with pytest.raises(ConfigError) as error:
         load_sweep(sweep)
-    assert sorted(p.split(":")[0] for p in error.value.problems) == ["training.learning_rate", "training.micro_batch_size"]
+    assert sorted(p.split(":")[0] for p in error.value.problems) == ["training.learning_rate",
+                                                                     "training.micro_batch_size"]
     sweep.write_text("name: x\nbase_models: [tiny-llama\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_sweep(sweep)
@@ -141,7 +145,8 @@ def cli_errors(capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
 PHI_LAYERS = "(has q_proj, k_proj, v_proj, dense, fc1, fc2)"
 
 
-def test_lora_target_modules_are_checked_against_each_base_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_lora_target_modules_are_checked_against_each_base_model(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     sweep = tmp_path / "targets.yaml"
     sweep.write_text("name: x\nbase_models: [tiny-llama, tiny-mistral, tiny-phi]\ntasks: [demo_colors]\n"
                      "lora: {target_modules: [q_proj, nope_proj, o_proj]}\n")
@@ -160,7 +165,8 @@ def test_lora_target_modules_are_checked_against_each_base_model(tmp_path: Path,
     assert len(lines) == 3 and any("lora.r" in line for line in lines) and any("nope_task" in line for line in lines)
     assert any("lora.target_modules[0]: write `target_modules: all-linear` on its own" in line for line in lines)
     for targets in ("all-linear", "[q_proj, v_proj, dense, fc2]"):
-        sweep.write_text(f"name: x\nbase_models: [tiny-phi]\ntasks: [demo_colors]\nlora: {{target_modules: {targets}}}\n")
+        sweep.write_text(f"name: x\nbase_models: [tiny-phi]\ntasks: [demo_colors]\n"
+                         f"lora: {{target_modules: {targets}}}\n")
         assert cli(["validate", str(sweep)]) == 0, capsys.readouterr().err
 
 
@@ -235,7 +241,8 @@ def test_every_config_field_is_described_and_unknown_keys_are_rejected() -> None
 
     models = config_models()
     names = {m.__name__ for m in models}
-    assert {"JobConfig", "SweepConfig", "ResourceSettings", "ServeConfig", "EngineSettings", "LoraSettings"} <= names
+    assert {"JobConfig", "SweepConfig", "ResourceSettings", "ServeConfig", "BatchingEngineConfig", "VllmEngineConfig",
+            "LoraSettings"} <= names
     undescribed, loose, unknown_accepted = [], [], []
     for model in models:
         for field_name, info in model.model_fields.items():
@@ -255,7 +262,8 @@ def test_plan_totals_follow_gpu_memory_and_price(capsys: pytest.CaptureFixture[s
     headroom = load_sweep(path).resources.memory_headroom
     plans = {}
     for memory, price in ((24.0, 1.21), (80.0, 2.5)):
-        assert cli(["plan", str(path), "--json", "--gpu-memory-gb", str(memory), "--price-per-gpu-hour", str(price)]) == 0
+        assert cli(["plan", str(path), "--json", "--gpu-memory-gb", str(memory), "--price-per-gpu-hour",
+                    str(price)]) == 0
         plan = json.loads(capsys.readouterr().out)
         planned, totals = plan["jobs"] + plan["base_evaluations"], plan["totals"]
         assert totals["gpu_memory_gb"] == memory and totals["price_per_gpu_hour"] == price
@@ -272,7 +280,8 @@ def test_plan_totals_follow_gpu_memory_and_price(capsys: pytest.CaptureFixture[s
     assert plans[80.0]["gpu_hours"] == plans[24.0]["gpu_hours"]  # memory and price change packing and cost, not compute
     for option, value in (("--gpu-memory-gb", "-24"), ("--gpu-memory-gb", "0"), ("--price-per-gpu-hour", "-1")):
         lines = cli_errors(capsys, "plan", str(path), option, value)
-        assert len(lines) == 1 and lines[0].startswith(f"error: command line: {option}: Input should be greater than"), lines
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"error: command line: {option}: Input should be greater than"), lines
 
 
 def test_wrong_types_and_huge_numbers_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -290,7 +299,8 @@ def test_wrong_types_and_huge_numbers_are_one_line_each(tmp_path: Path, capsys: 
         assert any("expected a list of names or 'all-linear'; write [q_proj] for one name" in line for line in lines)
 
 
-def test_a_catalogue_file_with_a_broken_template_or_a_name_twice_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_catalogue_file_with_a_broken_template_or_a_name_twice_is_refused(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
     demo = yaml.safe_load((PROJECT_ROOT / "configs/catalog/demo_tasks.yaml").read_text())
@@ -306,7 +316,8 @@ def test_a_catalogue_file_with_a_broken_template_or_a_name_twice_is_refused(tmp_
     assert f"tasks[2].name: {first['name']!r} is listed twice" in lines[2]
 
 
-def test_a_ray_serve_file_with_keys_ray_would_ignore_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_ray_serve_file_with_keys_ray_would_ignore_is_refused(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
     data = yaml.safe_load((PROJECT_ROOT / "configs/serve/demo.yaml").read_text())
@@ -322,7 +333,8 @@ def test_a_ray_serve_file_with_keys_ray_would_ignore_is_refused(tmp_path: Path, 
     ]
 
 
-def test_tiny_model_builds_are_reproducible_and_keyed_by_their_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_model_builds_are_reproducible_and_keyed_by_their_recipe(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from jobs.tiny import build_digest, tiny_model_dir
 
     spec = load_catalog().base_model("tiny-phi")

@@ -3,7 +3,6 @@ real 2-replica Serve app on loopback (adapters in a SQLite registry, their weigh
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +13,14 @@ import pytest
 from prometheus_client.samples import Sample
 from pydantic import ValidationError
 
-from core.paths import PROJECT_ROOT
-from serving.config import BaseDeployment, EngineSettings, HotAdapterSettings, IngressSettings, ReplicaBounds, ServeConfig
+from serving.config import (
+    BaseDeployment,
+    BatchingEngineConfig,
+    HotAdapterSettings,
+    IngressSettings,
+    ReplicaBounds,
+    ServeConfig,
+)
 from serving.replication import ANY_REPLICA, HotAdapterRouter, RequestRates, adapter_of, copies_for, routing_id, task_of
 
 HOT, TAIL = "loraland-legal/3", "loraland-rare/1"
@@ -45,7 +50,8 @@ class Clock:
     (0.0, 2, ReplicaBounds(min_replicas=8), 2),  # a floor above the replica count: every replica
     (1.0, 1, ReplicaBounds(), 1),  # one replica: nothing to spread
 ])
-def test_copies_follow_the_share_within_bounds(share: float, replicas: int, bounds: ReplicaBounds, expected: int) -> None:
+def test_copies_follow_the_share_within_bounds(share: float, replicas: int, bounds: ReplicaBounds,
+                                               expected: int) -> None:
     assert copies_for(share, replicas, bounds, replica_share=0.5) == expected
 
 
@@ -86,7 +92,8 @@ def test_router_spreads_a_hot_adapter_and_keeps_the_tail_on_one_replica() -> Non
     spread = [route for index, route in enumerate(routes) if index % 10 < 3][-30:]
     assert set(spread) == {HOT, f"{HOT}#1", f"{HOT}#2"} and four.copies[HOT] == 3  # 3 of 4 replicas, in turn
 
-    pinned = HotAdapterRouter(HotAdapterSettings(adapters={"legal": ReplicaBounds(min_replicas=4)}), replicas=4, clock=clock)
+    pinned = HotAdapterRouter(HotAdapterSettings(adapters={"legal": ReplicaBounds(min_replicas=4)}), replicas=4,
+                              clock=clock)
     assert pinned.route(HOT) == ANY_REPLICA  # the task's floor: on every replica from its first request
     held = HotAdapterRouter(HotAdapterSettings(adapters={HOT: ReplicaBounds(max_replicas=1)}), replicas=2, clock=clock)
     assert {held.route(HOT) for _ in range(50)} == {HOT}  # the adapter's own ceiling
@@ -99,13 +106,12 @@ def test_router_spreads_a_hot_adapter_and_keeps_the_tail_on_one_replica() -> Non
 def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, list[str]]]:
     """The app with 2 replicas of tiny-llama and 4 adapters; task bench_0002 on every replica (its floor), the others
     spread by their traffic alone."""
-    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
-    from serving_app import local_serve, publish_adapters
-
     from core.catalog import load_catalog
     from core.ports import free_port
     from core.schemas import QuantizationSettings
     from jobs.models import load_base_model
+    from serving.synthetic import publish_adapters
+    from tests.helpers import local_serve
 
     root = tmp_path_factory.mktemp("hot")
     spec = load_catalog().base_model("tiny-llama")
@@ -114,8 +120,9 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     hot = HotAdapterSettings(adapters={"bench_0002": ReplicaBounds(min_replicas=2)})
     config = ServeConfig(name="hot-test", port=free_port(), tracking_uri=uri, adapter_cache_dir=str(root / "cache"),
                          ingress=IngressSettings(num_cpus=0, request_timeout_s=120),
-                         deployments=[BaseDeployment(base_model="tiny-llama", device="cpu", num_replicas=2, num_cpus=0.5,
-                                                     hot_adapters=hot, engine=EngineSettings(max_batch_size=8))])
+                         deployments=[BaseDeployment(base_model="tiny-llama", device="cpu", num_replicas=2,
+                                                     num_cpus=0.5,
+                                                     hot_adapters=hot, engine=BatchingEngineConfig(max_batch_size=8))])
     metrics_port = free_port()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # this module's Ray only
@@ -136,7 +143,7 @@ def wait_for_export(read: Callable[[int], dict[str, T]], metrics_port: int, done
 
 def exported(metrics_port: int) -> list[Sample]:
     """Every sample Ray's Prometheus endpoint exports now."""
-    from tests.test_serving import exported_samples
+    from tests.test_serving_api import exported_samples
 
     return exported_samples(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text)
 
@@ -172,9 +179,11 @@ def test_a_hot_adapter_is_served_by_both_replicas_and_the_tail_by_one(two_replic
     ask(models[0])  # the hot adapter's first request: under MIN_EVIDENCE, one copy, so Serve puts it on one replica
     ask(models[1])  # a tail adapter: the same
     wait_for_export(residency, metrics_port, lambda held: hot in held and tail in held)  # Serve's routers learn where
-    with ThreadPoolExecutor(4) as pool:  # now nearly all the traffic: from its 6th recent request on, its share (> 1/4 of
+    # now nearly all the traffic: from its 6th recent request on, its share (> 1/4 of
+    with ThreadPoolExecutor(4) as pool:
         hot_answers = list(pool.map(ask, [models[0]] * 48))  # MIN_EVIDENCE) wants both replicas; 4 at a time fit in
-        # one replica's batch, so Serve would keep them all on the replica that holds it (no fallback) if copies stayed 1
+        # one replica's batch, so Serve would keep them all on the replica that holds it (no fallback) if copies
+        # stayed 1
     assert len(set(hot_answers)) == 1  # every replica answers the same for the same adapter
     held = wait_for_export(residency, metrics_port, lambda held: len(held.get(hot, ())) == 2)
     for _ in range(2):  # once Serve's routers know where it is (they learn from the replicas' reports), it stays there

@@ -24,6 +24,8 @@ def lint_imports() -> str:
 def test_the_import_contracts_of_pyproject_hold() -> None:
     """orchestrator/ above serving/ above tracking/ above jobs/ (a package never imports one above it), and only
     tracking/ imports mlflow. `--no-cache`: the check writes nothing into the project."""
-    done = subprocess.run([lint_imports(), "--no-cache", "--no-logo"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [lint_imports(), "--no-cache", "--no-logo"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout

@@ -1,6 +1,6 @@
-"""`loraland data prepare` for jigsaw and customer_support (jobs/prepare.py) on small downloads in the originals' formats
-(tests/fixtures/jigsaw_toxic: Kaggle's three CSVs; tests/fixtures/harper_valley: the GitHub release's per-call JSON),
-and the catalogue reading what it wrote. legal and covid are tested in tests/test_study_fidelity.py."""
+"""`loraland data prepare` for jigsaw and customer_support (jobs/prepare.py) on small downloads in the originals'
+formats (tests/fixtures/jigsaw_toxic: Kaggle's three CSVs; tests/fixtures/harper_valley: the GitHub release's per-call
+JSON), and the catalogue reading what it wrote. legal and covid are tested in tests/test_study_fidelity.py."""
 
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ def rayservice() -> dict[str, Any]:
 
 
 def pods(cluster: dict[str, Any]) -> list[dict[str, Any]]:
-    return [cluster["headGroupSpec"]["template"]["spec"]] + [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    workers = [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    return [cluster["headGroupSpec"]["template"]["spec"], *workers]
 
 
 def test_the_serve_config_is_rays_schema_and_ours() -> None:
@@ -41,14 +42,16 @@ def test_the_serve_config_is_rays_schema_and_ours() -> None:
     bases = [deployment.base_model for deployment in config.deployments]
     assert len(bases) == len(set(bases)) >= 2  # one deployment per base model
     for deployment in config.deployments:
-        assert deployment.autoscaling is not None and 1 <= deployment.autoscaling.min_replicas < deployment.autoscaling.max_replicas
+        scaling = deployment.autoscaling
+        assert scaling is not None and 1 <= scaling.min_replicas < scaling.max_replicas
         assert deployment.num_gpus >= 1 and deployment.device == "cuda"
     assert config.tracking_uri is not None and config.tracking_uri.startswith("http://")  # adapters from MLflow
     assert config.api_key is None and "key:" not in service["spec"]["serveConfigV2"]  # no secret in the file
     assert (config.host, config.port) == ("0.0.0.0", 8000)
     surge = {deployment.name: deployment.max_surge_percent for deployment in schema.applications[0].deployments}
     names = ["OpenAIIngress"] + [server_options(deployment)["name"] for deployment in config.deployments]
-    assert sorted(surge) == sorted(names) and all(surge[name] > 0 for name in names)  # upgrades start new replicas first
+    # upgrades start new replicas first
+    assert sorted(surge) == sorted(names) and all(surge[name] > 0 for name in names)
 
 
 def test_keys_and_the_adapter_cache_are_mounted_on_every_pod() -> None:
@@ -58,8 +61,10 @@ def test_keys_and_the_adapter_cache_are_mounted_on_every_pod() -> None:
         secrets = {volume["name"] for volume in pod["volumes"] if "secret" in volume}
         claims = {volume["name"] for volume in pod["volumes"] if "persistentVolumeClaim" in volume}
         mounts = [mount for container in pod["containers"] for mount in container["volumeMounts"]]
-        assert any(mount["name"] in secrets and Path(args["api_keys_file"]).parent == Path(mount["mountPath"]) for mount in mounts)
-        assert any(mount["name"] in claims and args["adapter_cache_dir"].startswith(mount["mountPath"] + "/") for mount in mounts)
+        assert any(mount["name"] in secrets and Path(args["api_keys_file"]).parent == Path(mount["mountPath"])
+                   for mount in mounts)
+        assert any(mount["name"] in claims and args["adapter_cache_dir"].startswith(mount["mountPath"] + "/")
+                   for mount in mounts)
 
 
 def test_it_runs_the_ray_version_and_image_of_the_rayjob() -> None:
@@ -70,4 +75,5 @@ def test_it_runs_the_ray_version_and_image_of_the_rayjob() -> None:
     assert cluster["rayVersion"] == job_cluster["rayVersion"] == ray.__version__
     images = {container["image"] for pod in pods(cluster) for container in pod["containers"]}
     assert images == {job_cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]}
-    assert cluster["enableInTreeAutoscaling"] is True and rayservice()["spec"]["upgradeStrategy"]["type"] == "NewCluster"
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert rayservice()["spec"]["upgradeStrategy"]["type"] == "NewCluster"

@@ -1,4 +1,5 @@
-"""The report: leaderboard files, real PNG charts, the study comparison, heuristics, correlations and the lift predictor."""
+"""The report: leaderboard files, real PNG charts, the study comparison, heuristics, correlations and the lift
+predictor."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 
 from core.catalog import load_catalog
 from tests.tracking_fixtures import BASES, SWEEP, TASKS, Sweep
+from tracking import charts, report, store
 from tracking import heuristics as heur
-from tracking import report, store
 
 CHARTS = ("finetuned_heatmap.png", "lift_by_base_model.png", "heuristics_correlation.png", "lift_predictor.png")
 SWEEP_CHARTS = tuple(c for c in CHARTS if c != "heuristics_correlation.png")  # 2 tasks: no correlation to draw
@@ -41,7 +42,7 @@ def assert_real_chart(path: Path) -> None:
     assert non_background > 0.02, (path, non_background)
 
 
-def assert_drew(chart: report.Chart, cells: int = 0, bars: int = 0, points: int = 0) -> None:
+def assert_drew(chart: charts.Chart, cells: int = 0, bars: int = 0, points: int = 0) -> None:
     """The chart drew exactly this data (finite heatmap cells, bars, scatter points), read off its figure."""
     assert (chart.cells, chart.bars, chart.points) == (cells, bars, points), chart
     assert_real_chart(chart.path)
@@ -54,8 +55,16 @@ def assert_drew(chart: report.Chart, cells: int = 0, bars: int = 0, points: int 
 def test_report_of_the_2x2_sweep(tiny_sweep: Sweep, tmp_path: Path) -> None:
     built = report.build_report(SWEEP, tmp_path / "report", uri=tiny_sweep.uri)
     out = built.out_dir
-    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "runs.csv", "heuristics.csv", "correlations.csv",
-                 "predictor.json", *SWEEP_CHARTS):
+    for name in (
+        "leaderboard.csv",
+        "leaderboard.md",
+        "leaderboard.html",
+        "runs.csv",
+        "heuristics.csv",
+        "correlations.csv",
+        "predictor.json",
+        *SWEEP_CHARTS,
+    ):
         assert (out / name).is_file(), name
     assert set(built.charts) == set(SWEEP_CHARTS)
     pairs = len(BASES) * len(TASKS)
@@ -82,7 +91,10 @@ def test_report_of_the_2x2_sweep(tiny_sweep: Sweep, tmp_path: Path) -> None:
     for title in ("## Leaderboard", "## Best base model per task", "## Means per base model", "## Means per category",
                   "## Correlation with results", "## Predicting lift"):
         assert title in markdown
-    assert "n/a: needs at least 3 tasks (this sweep has 2)" in markdown.split("## Correlation with results")[1].split("##")[0]
+    assert (
+        "n/a: needs at least 3 tasks (this sweep has 2)"
+        in markdown.split("## Correlation with results")[1].split("##")[0]
+    )
     assert "n/a: needs at least 3 tasks" in (out / "leaderboard.html").read_text()
     assert "<table" in (out / "leaderboard.html").read_text()
     features = pd.read_csv(out / "heuristics.csv", index_col="task")
@@ -114,10 +126,22 @@ def study_runs(tasks: list[str], bases: list[str], noise: float = 0.02) -> pd.Da
     rows: list[dict[str, object]] = []
     for row in study[study["task"].isin(tasks) & study["base_model"].isin(bases)].itertuples():
         for kind, score in (("train", row.finetuned_score), ("evaluate_base", row.base_score)):
-            rows.append({"run_id": f"{kind}-{row.base_model}-{row.task}", "job_key": f"s/{row.base_model}/{row.task}/{kind}",
-                         "kind": kind, "base_model": row.base_model, "task": row.task, "category": row.category,
-                         "metric": "accuracy", "score": float(np.clip(score + rng.normal(0, noise), 0, 1)),
-                         "peak_memory_mb": 1.0, "train_wall_time_s": 1.0, "job_wall_time_s": 1.0, "start_time": len(rows)})
+            rows.append(
+                {
+                    "run_id": f"{kind}-{row.base_model}-{row.task}",
+                    "job_key": f"s/{row.base_model}/{row.task}/{kind}",
+                    "kind": kind,
+                    "base_model": row.base_model,
+                    "task": row.task,
+                    "category": row.category,
+                    "metric": "accuracy",
+                    "score": float(np.clip(score + rng.normal(0, noise), 0, 1)),
+                    "peak_memory_mb": 1.0,
+                    "train_wall_time_s": 1.0,
+                    "job_wall_time_s": 1.0,
+                    "start_time": len(rows),
+                }
+            )
     return pd.DataFrame(rows, columns=report.RUN_COLUMNS)
 
 
@@ -129,7 +153,9 @@ def test_report_compares_with_the_study_and_names_the_source(tmp_path: Path) -> 
     # Synthetic heuristics: one tracks the lift exactly, one is noise, one is constant.
     lift = report.task_means(board)["lift"]
     rng = np.random.default_rng(1)
-    features = pd.DataFrame({name: rng.normal(size=len(lift)) for name in heur.HEURISTICS}, index=lift.index).rename_axis("task")
+    features = pd.DataFrame(
+        {name: rng.normal(size=len(lift)) for name in heur.HEURISTICS}, index=lift.index
+    ).rename_axis("task")
     features["input_tokens_p95"] = 100 + 400 * lift
     features["train_examples"] = 1000.0
     with pytest.raises(ValueError, match="length_unit"):
@@ -139,18 +165,25 @@ def test_report_compares_with_the_study_and_names_the_source(tmp_path: Path) -> 
     assert_real_chart(tmp_path / "vs_study.png")
     for name in CHARTS:
         assert_real_chart(tmp_path / name)
-    # What each chart drew is the data: a cell per scored pair, a bar per base model or compared score, a point per task.
+    # What each chart drew is the data: a cell per scored pair, a bar per base model or compared score, a point per
+    # task.
     assert_drew(built.charts["finetuned_heatmap.png"], cells=int(board["finetuned_score"].notna().sum()))
     assert_drew(built.charts["lift_by_base_model.png"], bars=2, points=int(board["lift"].notna().sum()))
     assert_drew(built.charts["vs_study.png"], bars=3 * len(tasks))
-    finite = pd.read_csv(tmp_path / "correlations.csv", index_col="heuristic")[["base_score", "finetuned_score", "lift"]].notna()
+    correlations = pd.read_csv(tmp_path / "correlations.csv", index_col="heuristic")
+    finite = correlations[["base_score", "finetuned_score", "lift"]].notna()
     assert_drew(built.charts["heuristics_correlation.png"], cells=int(finite.to_numpy().sum()))
-    assert 0 < built.charts["heuristics_correlation.png"].cells < 3 * len(heur.HEURISTICS)  # the constant heuristic: n/a
+    # The constant heuristic: n/a
+    assert 0 < built.charts["heuristics_correlation.png"].cells < 3 * len(heur.HEURISTICS)
     assert_drew(built.charts["lift_predictor.png"], points=len(tasks))
     comparison = pd.read_csv(tmp_path / "vs_study.csv")
     assert len(comparison) == len(tasks) * 2 and comparison["gpt4_score"].notna().all()
     markdown = (tmp_path / "leaderboard.md").read_text()
-    assert "## Against the study" in markdown and "arXiv 2405.00732" in markdown and "lora_land_paper_scores.csv" in markdown
+    assert (
+        "## Against the study" in markdown
+        and "arXiv 2405.00732" in markdown
+        and "lora_land_paper_scores.csv" in markdown
+    )
     corr = pd.read_csv(tmp_path / "correlations.csv", index_col="heuristic")
     assert corr.loc["input_tokens_p95", "lift"] == pytest.approx(1.0)
     assert math.isnan(corr.loc["train_examples", "lift"])  # constant: no correlation defined
@@ -171,17 +204,19 @@ def test_leaderboard_keeps_pairs_with_a_missing_side() -> None:
     runs = runs[~((runs["kind"] == "evaluate_base") & (runs["base_model"] == "phi-2"))]
     board = report.leaderboard(runs).set_index("base_model")
     assert len(board) == 2 and math.isnan(board.loc["phi-2", "base_score"]) and math.isnan(board.loc["phi-2", "lift"])
-    assert board.loc["mistral-7b", "lift"] == pytest.approx(board.loc["mistral-7b", "finetuned_score"] - board.loc["mistral-7b", "base_score"])
+    assert board.loc["mistral-7b", "lift"] == pytest.approx(
+        board.loc["mistral-7b", "finetuned_score"] - board.loc["mistral-7b", "base_score"]
+    )
 
 
 @pytest.mark.unit
 def test_a_blank_chart_is_told_apart_from_a_chart_with_data(tmp_path: Path) -> None:
     runs = study_runs(["boolq", "gsm8k"], ["mistral-7b", "phi-2"])
     board = report.leaderboard(runs)
-    assert report.plot_finetuned_heatmap(board, tmp_path / "full.png").cells == 4
-    empty = report.plot_finetuned_heatmap(board.assign(finetuned_score=math.nan), tmp_path / "empty.png")
+    assert charts.plot_finetuned_heatmap(board, tmp_path / "full.png").cells == 4
+    empty = charts.plot_finetuned_heatmap(board.assign(finetuned_score=math.nan), tmp_path / "empty.png")
     assert empty.cells == 0 and empty.path.is_file()  # a grid of n/a: nothing drawn, and the count says so
-    assert report.plot_lift_by_base_model(board.assign(lift=math.nan), tmp_path / "lift.png").bars == 0
+    assert charts.plot_lift_by_base_model(board.assign(lift=math.nan), tmp_path / "lift.png").bars == 0
     def targets(*values: float) -> pd.DataFrame:
         return pd.DataFrame({t: list(values) for t in report.TARGETS}, index=list("abc")[:len(values)])
 
@@ -210,7 +245,8 @@ def test_heuristics_of_known_examples() -> None:
     assert values["io_rouge_l_mean"] == pytest.approx(np.mean([2 / 3, 0.0, 1.0]))
     assert values["train_examples"] == 123.0
     assert heur.compressibility("ab" * 500) < 0.1 < heur.compressibility("The quick brown fox jumps over the lazy dog.")
-    assert math.isnan(heur.percentile([], 95)) and heur.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    empty = heur.summary([], "x")
+    assert set(empty) == {"x_p95", "x_mean", "x_std"} and all(math.isnan(value) for value in empty.values())
     with pytest.raises(ValueError):
         heur.example_heuristics(["a"], [], 1, heur.WORDS.tokenize)
 
@@ -231,7 +267,9 @@ def test_lengths_in_a_local_tokenizer_else_words(monkeypatch: pytest.MonkeyPatch
     # A real base model whose tokenizer is in no cache: it is skipped, never downloaded.
     absent = catalog.base_model("llama-2-7b").model_copy(
         update={"name": "not-cached", "hf_id": "loraland-test/not-cached-anywhere"})
-    fake = core.catalog.Catalog({"not-cached": absent, "tiny-mistral": catalog.base_model("tiny-mistral")}, catalog.tasks)
+    fake = core.catalog.Catalog(
+        {"not-cached": absent, "tiny-mistral": catalog.base_model("tiny-mistral")}, catalog.tasks
+    )
     monkeypatch.setattr(core.catalog, "load_catalog", lambda: fake)
     assert heur.length_unit(["not-cached"]) == heur.WORDS
     assert heur.length_unit(["unknown-model"]) == heur.WORDS
@@ -243,8 +281,13 @@ def test_lengths_in_a_local_tokenizer_else_words(monkeypatch: pytest.MonkeyPatch
     # ... and so do a demo task's lengths; outputs are short either way.
     task = catalog.task("demo_sentiment")
     tokens, words = (heur.task_heuristics(task, u.tokenize, limit=40) for u in (unit, heur.WORDS))
-    assert tokens["input_tokens_mean"] > words["input_tokens_mean"] and tokens["total_tokens_p95"] > words["total_tokens_p95"]
-    assert {k: v for k, v in tokens.items() if "tokens" not in k} == {k: v for k, v in words.items() if "tokens" not in k}
+    assert (
+        tokens["input_tokens_mean"] > words["input_tokens_mean"]
+        and tokens["total_tokens_p95"] > words["total_tokens_p95"]
+    )
+    assert {k: v for k, v in tokens.items() if "tokens" not in k} == {
+        k: v for k, v in words.items() if "tokens" not in k
+    }
 
 
 @pytest.mark.unit
@@ -292,7 +335,9 @@ def test_tokenizer_is_downloaded_unless_offline(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.unit
-def test_cl100k_is_found_only_where_tiktoken_would_load_it_offline(no_cl100k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cl100k_is_found_only_where_tiktoken_would_load_it_offline(
+    no_cl100k: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import hashlib
 
     assert heur.cl100k_cache_file() is None and heur.study_unit() is None  # an empty cache
@@ -337,4 +382,7 @@ def test_lengths_in_the_studys_cl100k_tokens_when_cached(tmp_path: Path, monkeyp
     report.write_report(runs, tmp_path / "report", features=features, length_unit=unit.name)
     assert f"lengths in {heur.STUDY_UNIT}, ROUGE-L" in (tmp_path / "report" / "leaderboard.md").read_text()
     report.write_report(runs, tmp_path / "words", features=features, length_unit="words")
-    assert "lengths in words (the study counted tiktoken's cl100k_base tokens" in (tmp_path / "words" / "leaderboard.md").read_text()
+    assert (
+        "lengths in words (the study counted tiktoken's cl100k_base tokens"
+        in (tmp_path / "words" / "leaderboard.md").read_text()
+    )

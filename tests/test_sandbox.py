@@ -704,7 +704,8 @@ def test_every_humaneval_canonical_solution_passes():
     problems = load_problems(path)
     assert len(problems) == 164
     results = pass_at_1(problems, [problem["canonical_solution"] for problem in problems], timeout_s=10)
-    failed = {problem["task_id"]: result.detail[-400:] for problem, result in zip(problems, results) if not result.passed}
+    failed = {problem["task_id"]: result.detail[-400:]
+              for problem, result in zip(problems, results) if not result.passed}
     assert not failed
 
 

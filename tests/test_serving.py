@@ -1,18 +1,16 @@
 """Serving: the OpenAI-compatible Ray Serve app over adapters published by a tiny sweep.
 
 Unit tests cover the pieces alone (model-id resolution over real registry entities, chat formats,
-request validation, adapter file checks, serve configs, the health check). The cluster-tier tests start a
-real Serve app on loopback (Ray on 127.0.0.1, HTTP on a free port) in front of the session's real
-`mlflow server`, and talk to it with the official `openai` client and raw HTTP: every adapter's
-greedy answer must equal what the same adapter gives offline (PEFT + `jobs.evaluate.generate`).
+request validation, adapter file checks, serve configs and their engine settings, the health check). The
+cluster-tier tests start a real Serve app with the real engine on loopback (Ray on 127.0.0.1, HTTP on a free port)
+in front of the session's real `mlflow server`, and talk to it with the official `openai` client: every adapter's
+greedy answer must equal what the same adapter gives offline (PEFT + `jobs.evaluate.generate`). The ingress's
+errors, overload, adapter loading and metrics are tests/test_serving_api.py's, over the fake engine.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,17 +20,15 @@ from typing import Any
 import httpx
 import pytest
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from core.errors import ConfigError
 from core.paths import PROJECT_ROOT
 from core.ports import free_port
 from orchestrator.cli import main as cli
-from serving.adapters import AdapterStore, adapter_id, check_adapter_files, model_ids, resolve
+from serving.adapters import adapter_id, check_adapter_files, model_ids, resolve
 from serving.api import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from serving.chat import Message, render_chat
-from serving.config import BaseDeployment, EngineSettings, IngressSettings, ServeConfig, load_serve_config
+from serving.config import BaseDeployment, IngressSettings, ServeConfig, load_serve_config
 from serving.engine import AdapterLoadError
 from tests.tracking_fixtures import BASES, TASKS, Sweep
 from tracking.registry import TaskAdapters
@@ -53,7 +49,8 @@ def version(task: str, number: int, base: str, score: float) -> ModelVersion:
 @pytest.mark.unit
 def test_model_ids_resolve_to_base_pair_and_champion() -> None:
     published = {
-        "sentiment": TaskAdapters("sentiment", [version("sentiment", 1, "llama", 0.9), version("sentiment", 2, "mistral", 0.7),
+        "sentiment": TaskAdapters("sentiment",
+                                  [version("sentiment", 1, "llama", 0.9), version("sentiment", 2, "mistral", 0.7),
                                                 version("sentiment", 3, "llama", 0.95)], champion="2"),
         "colors": TaskAdapters("colors", [version("colors", 1, "gemma", 0.5)], champion="1"),  # gemma is not served
         "math": TaskAdapters("math", [version("math", 1, "llama", 0.2)], champion=None),
@@ -104,7 +101,8 @@ def test_resolver_reuses_its_view_and_survives_a_registry_outage() -> None:
 @pytest.mark.parametrize("chat_format, expected", [
     ("llama2", "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Bye [/INST]"),
     ("mistral", "[INST] Be brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]"),
-    ("zephyr", "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n<|user|>\nBye</s>\n<|assistant|>\n"),
+    ("zephyr",
+     "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n<|user|>\nBye</s>\n<|assistant|>\n"),
     ("gemma", "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
               "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"),
     ("phi", "Instruct: Be brief.\n\nHi\nOutput: Hello\nInstruct: Bye\nOutput:"),
@@ -112,7 +110,8 @@ def test_resolver_reuses_its_view_and_survives_a_registry_outage() -> None:
 ])
 @pytest.mark.unit
 def test_chat_formats(chat_format: str, expected: str) -> None:
-    messages = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Bye")]
+    messages = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"),
+                Message("user", "Bye")]
     assert render_chat(messages, chat_format) == expected
 
 
@@ -128,9 +127,11 @@ def test_chat_formats(chat_format: str, expected: str) -> None:
     (CompletionRequest, {"model": "m", "prompt": ["a", "b"]}, "prompt"),
     (CompletionRequest, {"model": "m"}, "prompt"),
     (ChatCompletionRequest, {"model": "m", "messages": []}, "messages"),
-    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages"),
+    (ChatCompletionRequest,
+     {"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages"),
     (ChatCompletionRequest, {"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    (ChatCompletionRequest,
+     {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
 ])
 @pytest.mark.unit
 def test_bad_parameters_are_400_naming_the_parameter(schema: type, body: dict[str, Any], param: str) -> None:
@@ -144,7 +145,8 @@ def test_bad_parameters_are_400_naming_the_parameter(schema: type, body: dict[st
 @pytest.mark.unit
 def test_valid_requests_parse_with_openai_defaults() -> None:
     completion = parse_request(CompletionRequest, {"model": "m", "prompt": ["p"], "stop": "x"})
-    assert (completion.max_tokens, completion.temperature, completion.stop_strings(), completion.prompt_text()) == (16, 1.0, ("x",), "p")
+    parsed = (completion.max_tokens, completion.temperature, completion.stop_strings(), completion.prompt_text())
+    assert parsed == (16, 1.0, ("x",), "p")
     chat = parse_request(ChatCompletionRequest, {"model": "m", "max_completion_tokens": 5, "messages": [
         {"role": "developer", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
     assert [m.to_message() for m in chat.messages] == [Message("system", "be brief"), Message("user", "hi")]
@@ -152,7 +154,8 @@ def test_valid_requests_parse_with_openai_defaults() -> None:
 
 def adapter_folder(root: Path, base_hf_id: str, extra: dict[str, bytes] | None = None) -> Path:
     root.mkdir(parents=True)
-    (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "base_model_name_or_path": base_hf_id}))
+    (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8,
+                                                          "base_model_name_or_path": base_hf_id}))
     (root / "adapter_model.safetensors").write_bytes(b"checked by the engine")
     (root / "README.md").write_text("model card")
     for name, data in (extra or {}).items():
@@ -164,10 +167,12 @@ def adapter_folder(root: Path, base_hf_id: str, extra: dict[str, bytes] | None =
     ({"adapter_model.bin": b"pickle"}, "pickle weights and code are refused"),
     ({"modeling_custom.py": b"import os"}, "pickle weights and code are refused"),
     ({"adapter_config.json": b"{not json"}, "not valid JSON"),
-    ({"adapter_config.json": json.dumps({"base_model_name_or_path": "tiny/tiny-mistral"}).encode()}, "names base model 'tiny/tiny-mistral'"),
+    ({"adapter_config.json": json.dumps({"base_model_name_or_path": "tiny/tiny-mistral"}).encode()},
+     "names base model 'tiny/tiny-mistral'"),
 ])
 @pytest.mark.unit
-def test_adapter_files_only_json_and_safetensors_of_this_base(tmp_path: Path, extra: dict[str, bytes], message: str) -> None:
+def test_adapter_files_only_json_and_safetensors_of_this_base(tmp_path: Path, extra: dict[str, bytes],
+                                                              message: str) -> None:
     from core.catalog import load_catalog
 
     base = load_catalog().base_model("tiny-llama")
@@ -195,7 +200,8 @@ def test_serve_config_file_is_ray_serve_format_and_ours() -> None:
     options = server_options(config.deployments[0])
     assert options["max_ongoing_requests"] == 64 + 256 and options["num_replicas"] == 1
     scaled = server_options(BaseDeployment(base_model="tiny-llama", autoscaling={"min_replicas": 0, "max_replicas": 4}))
-    assert "num_replicas" not in scaled and scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 16}
+    assert "num_replicas" not in scaled and scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4,
+                                                                             "target_ongoing_requests": 16}
 
 
 @pytest.mark.unit
@@ -219,12 +225,43 @@ def test_bad_serve_config_is_one_line_per_problem(tmp_path: Path, capsys: pytest
 
 
 @pytest.mark.unit
+def test_engine_settings_that_disagree_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The engine is picked by `kind` (batching when absent); settings that disagree are refused, one line each, naming
+    the field; an unknown kind names the known ones."""
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("deployments:\n"
+                   "  - {base_model: tiny-llama, max_adapters_per_replica: 100, num_gpus: 1, device: cuda,\n"
+                   "     engine: {kind: vllm, max_loras: 70, max_cpu_loras: 64}}\n"
+                   "  - {base_model: tiny-mistral, max_adapters_per_replica: 8, engine: {host_adapter_slots: 4,\n"
+                   "     device_adapter_slots: 2, pinned_adapters: [a, b], max_running_per_adapter: 80}}\n"
+                   "  - {base_model: tiny-gemma, engine: {kind: tgi}}\n")
+    assert cli(["serve", str(bad)]) == 2
+    lines = [line.removeprefix(f"error: {bad}: ") for line in capsys.readouterr().err.strip().splitlines()]
+    expected = ["deployments[0].max_adapters_per_replica: Serve would keep more adapters per replica than vLLM's "
+                "max_cpu_loras (64)", "deployments[0].engine.max_loras: exceeds max_cpu_loras (64)",
+                "deployments[1].engine.pinned_adapters: 2 pinned adapters leave no free slot of "
+                "device_adapter_slots (2)",
+                "deployments[1].max_adapters_per_replica: Serve would keep more adapters per replica than the engine's "
+                "host_adapter_slots (4)", "deployments[1].engine.max_running_per_adapter: exceeds max_batch_size (64)",
+                "deployments[2].engine: Input tag 'tgi' found using 'kind' does not match any of the expected tags: "
+                "'batching', 'vllm'"]
+    assert len(lines) == len(expected) and all(line.startswith(start) for line, start in zip(lines, expected)), lines
+    assert "(got 100)" in lines[0] and "(got ['a', 'b'])" in lines[2]
+    fine = load_serve_config(PROJECT_ROOT / "configs/serve/demo.yaml").deployments[0]
+    assert fine.engine.kind == "batching"
+    vllm = BaseDeployment(base_model="tiny-llama", num_gpus=1, max_adapters_per_replica=8, engine={"kind": "vllm"})
+    assert vllm.engine.kind == "vllm" and vllm.engine.max_cpu_loras >= 8
+
+
+@pytest.mark.unit
 def test_health_check_fails_when_the_decode_loop_dies(tmp_path: Path) -> None:
     """Serve's health check on a base model's replica is the engine's: alive, then dead after shutdown."""
     from serving.app import BaseModelServer
+    from serving.engines import build_engine
 
-    server = BaseModelServer.func_or_class(BaseDeployment(base_model="tiny-llama", device="cpu"), "sqlite:///" + str(tmp_path / "m.db"),
-                                           str(tmp_path / "cache"), None)
+    server = BaseModelServer.func_or_class(BaseDeployment(base_model="tiny-llama", device="cpu"),
+                                           "sqlite:///" + str(tmp_path / "m.db"), str(tmp_path / "cache"), None,
+                                           build_engine)
     server.check_health()
     server.engine.shutdown()
     with pytest.raises(RuntimeError, match="decode loop"):
@@ -235,13 +272,10 @@ def test_health_check_fails_when_the_decode_loop_dies(tmp_path: Path) -> None:
 
 
 @dataclass
-class Endpoint:
+class Http:
+    """An app's OpenAI base URL, with the official client and raw HTTP, both with the test's key by default."""
+
     url: str
-    metrics_port: int
-    sweep: Sweep
-    offline: dict[tuple[str, str], str]  # (model id or adapter id, prompt) -> greedy answer offline
-    prompts: dict[str, list[str]] = field(default_factory=dict)  # task -> eval prompts
-    moving: tuple[str, str] = ("", "")  # versions of serve_moving: (first champion, promoted later)
 
     def client(self, api_key: str = API_KEY) -> Any:
         import openai
@@ -251,7 +285,15 @@ class Endpoint:
     def post(self, path: str, body: Any, key: str | None = API_KEY) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return httpx.post(self.url + path, content=content, headers=headers | {"Content-Type": "application/json"}, timeout=120)
+        return httpx.post(self.url + path, content=content, headers=headers | {"Content-Type": "application/json"},
+                          timeout=120)
+
+
+@dataclass
+class Endpoint(Http):
+    sweep: Sweep
+    offline: dict[tuple[str, str], str]  # (model id or adapter id, prompt) -> greedy answer offline
+    prompts: dict[str, list[str]] = field(default_factory=dict)  # task -> eval prompts
 
 
 def offline_answers(uri: str, task: str, version: str, prompts: list[str], max_new_tokens: int, dst: Path) -> list[str]:
@@ -273,32 +315,6 @@ def chat_prompt(base: str, prompt: str) -> str:
     return render_chat([Message("user", prompt)], load_catalog().base_model(base).chat_format)
 
 
-def publish_test_adapters(sweep: Sweep, root: Path) -> tuple[str, str]:
-    """Registered models of this module's own (the registry is shared per server): `serve_moving` (two
-    versions of tiny-llama adapters, champion the first), `serve_corrupt` (unreadable weights) and
-    `serve_pickle` (a pickle file in the folder)."""
-    from tracking import registry, store
-
-    uri, client = sweep.uri, store.client(sweep.uri)
-    first = sweep.job("train", "tiny-llama", "demo_sentiment")
-    second = sweep.job("train", "tiny-llama", "demo_colors")
-    v1 = registry.register_adapter(first.run_id, "serve_moving", "tiny-llama", 0.9, uri=uri)
-    v2 = registry.register_adapter(second.run_id, "serve_moving", "tiny-llama", 0.1, uri=uri)
-    registry.promote("serve_moving", v1, uri)
-    experiment_id = store.ensure_experiment("serving-test-adapters", uri)
-    good = Path(first.result.adapter_dir)
-    for task, extra in (("serve_corrupt", {"adapter_model.safetensors": b"\x00" * 64}), ("serve_pickle", {"adapter_model.bin": b"\x80\x04."})):
-        folder = root / task
-        shutil.copytree(good, folder)
-        for name, data in extra.items():
-            (folder / name).write_bytes(data)
-        run_id = client.create_run(experiment_id, run_name=task).info.run_id
-        client.log_artifacts(run_id, str(folder), "adapter")
-        client.set_terminated(run_id)
-        registry.register_adapter(run_id, task, "tiny-llama", 0.5, uri=uri)
-    return str(v1), str(v2)
-
-
 @pytest.fixture(scope="module")
 def endpoint(tiny_sweep: Sweep, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
     import ray
@@ -307,35 +323,32 @@ def endpoint(tiny_sweep: Sweep, tmp_path_factory: pytest.TempPathFactory) -> Ite
     from serving.app import deploy
 
     root = tmp_path_factory.mktemp("serving")
-    moving = publish_test_adapters(tiny_sweep, root / "published")
-    prompts = {task: [p["prompt"] for p in tiny_sweep.job("train", BASES[0], task).result.predictions[:PROMPTS_PER_ADAPTER]]
+    prompts = {task: [p["prompt"] for p in tiny_sweep.job("train", BASES[0],
+                                                          task).result.predictions[:PROMPTS_PER_ADAPTER]]
                for task in TASKS}
     offline: dict[tuple[str, str], str] = {}
     for base in BASES:
         for task in TASKS:
             job = tiny_sweep.job("train", base, task)
-            asked = prompts[task] + [chat_prompt(base, prompts[task][0]), prompts["demo_colors"][0]]
-            answers = offline_answers(tiny_sweep.uri, task, job.model_version, asked, MAX_TOKENS, root / "offline" / base / task)
+            asked = prompts[task] + [chat_prompt(base, prompts[task][0])]
+            answers = offline_answers(tiny_sweep.uri, task, job.model_version, asked, MAX_TOKENS,
+                                      root / "offline" / base / task)
             offline |= {(f"{base}:{task}", prompt): answer for prompt, answer in zip(asked, answers)}
             offline |= {(adapter_id(task, job.model_version), prompt): answer for prompt, answer in zip(asked, answers)}
     config = ServeConfig(
-        name="loraland-test", port=free_port(), tracking_uri=tiny_sweep.uri, api_key=API_KEY, adapter_cache_dir=str(root / "cache"),
+        name="loraland-test", port=free_port(), tracking_uri=tiny_sweep.uri, api_key=API_KEY,
+        adapter_cache_dir=str(root / "cache"),
         ingress=IngressSettings(num_cpus=0, model_ttl_s=0.5, request_timeout_s=120),
         deployments=[
             BaseDeployment(base_model="tiny-llama", device="cpu", num_cpus=0.5, max_adapters_per_replica=4),
             BaseDeployment(base_model="tiny-mistral", device="cpu", num_cpus=0.5, tasks=list(TASKS)),
-            # the overload case: one request decoding, one in the engine's queue, one in Serve's queue, the rest 503
-            BaseDeployment(base_model="tiny-gemma", device="cpu", num_cpus=0.5, tasks=[], max_queued_requests=1,
-                           engine=EngineSettings(max_batch_size=1, max_queued_requests=1)),
         ])
-    metrics_port = free_port()
     with pytest.MonkeyPatch.context() as env:  # for this module's Ray only: the processes ray.init starts inherit it
         env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 _metrics_export_port=metrics_port)
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             url = deploy(config)
-            yield Endpoint(url, metrics_port, tiny_sweep, offline, prompts, moving)
+            yield Endpoint(url, tiny_sweep, offline, prompts)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -358,8 +371,7 @@ ADAPTER_IDS = [f"{base}:{task}" for base in BASES for task in TASKS]
 def test_openai_client_lists_completes_chats_and_streams(endpoint: Endpoint) -> None:
     client = endpoint.client()
     listed = {model.id for model in client.models.list()}
-    assert set(BASES) | {"tiny-gemma"} | set(ADAPTER_IDS) | set(TASKS) | {"serve_moving", "tiny-llama:serve_moving"} <= listed
-    assert not {"tiny-gemma:demo_sentiment", "tiny-mistral:serve_moving"} & listed  # gemma serves no tasks, mistral only TASKS
+    assert set(BASES) | set(ADAPTER_IDS) | set(TASKS) <= listed
     answered = []
     for model in ADAPTER_IDS:
         base, task = model.split(":")
@@ -367,22 +379,29 @@ def test_openai_client_lists_completes_chats_and_streams(endpoint: Endpoint) -> 
         for prompt in endpoint.prompts[task]:
             response = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
             assert response.choices[0].text.strip() == endpoint.offline[(model, prompt)], (model, prompt)
-            assert response.model == model and response.system_fingerprint == adapter_id(task, endpoint.sweep.job("train", base, task).model_version)
-            assert response.usage.prompt_tokens > 0 and response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+            trained = adapter_id(task, endpoint.sweep.job("train", base, task).model_version)
+            assert response.model == model and response.system_fingerprint == trained
+            usage = response.usage
+            assert usage.prompt_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
             answered.append(response.choices[0].text.strip())
         prompt = endpoint.prompts[task][0]
-        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0)
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=max_tokens, temperature=0)
         assert chat.choices[0].message.content.strip() == endpoint.offline[(model, chat_prompt(base, prompt))]
         assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
-        chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                                     temperature=0, stream=True, stream_options={"include_usage": True}))
+        chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                     max_tokens=max_tokens, temperature=0, stream=True,
+                                                     stream_options={"include_usage": True}))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
         assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens and chunks[-1].choices == []
-        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [chat.choices[0].finish_reason]
-        streamed = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+        reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert reasons == [chat.choices[0].finish_reason]
+        streamed = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True)
         assert "".join(c.choices[0].text for c in streamed).strip() == endpoint.offline[(model, prompt)]
     assert any(answered), "every adapter answered nothing: the comparison would prove little"
-    base = client.completions.create(model="tiny-mistral", prompt=endpoint.prompts[TASKS[0]][0], max_tokens=5, temperature=0)
+    base = client.completions.create(model="tiny-mistral", prompt=endpoint.prompts[TASKS[0]][0], max_tokens=5,
+                                     temperature=0)
     assert base.system_fingerprint == "base" and base.usage.completion_tokens >= 1
 
 
@@ -400,7 +419,8 @@ def test_task_champion_and_stop_strings(endpoint: Endpoint) -> None:
     prompt = endpoint.prompts["demo_colors"][0]
     full = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0).choices[0]
     assert full.finish_reason == "length" and len(full.text) > 2
-    cut = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0, stop=[full.text[2:4]]).choices[0]
+    cut = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0,
+                                    stop=[full.text[2:4]]).choices[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(full.text[2:4])]
 
 
@@ -410,173 +430,9 @@ def test_concurrent_requests_for_different_adapters_all_answer_correctly(endpoin
     asks = [(model, prompt) for model in ADAPTER_IDS for prompt in endpoint.prompts[model.split(":")[1]]] * 2
 
     def ask(model: str, prompt: str) -> str:
-        return client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0).choices[0].text.strip()
+        return client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                         temperature=0).choices[0].text.strip()
 
     with ThreadPoolExecutor(len(asks)) as pool:
         answers = list(pool.map(lambda item: ask(*item), asks))
     assert answers == [endpoint.offline[item] for item in asks]
-
-
-@pytest.mark.cluster
-def test_every_error_has_its_status_and_openai_shape(endpoint: Endpoint) -> None:
-    import openai
-
-    prompt = endpoint.prompts[TASKS[0]][0]
-    error = assert_openai_error(endpoint.post("/completions", {"model": "tiny-llama:no_such_task", "prompt": prompt}), 404, "model_not_found")
-    assert error["param"] == "model" and "tiny-llama:no_such_task" in error["message"]
-    assert_openai_error(endpoint.post("/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404)
-    with pytest.raises(openai.NotFoundError):
-        endpoint.client().completions.create(model="nope", prompt=prompt)
-    bad = [{"model": "tiny-llama", "prompt": prompt, "temperature": -1}, {"model": "tiny-llama", "prompt": prompt, "n": 3},
-           {"model": "tiny-llama", "prompt": prompt, "max_tokens": 0}, {"model": "tiny-llama"}, ["not", "an", "object"],
-           {"model": "tiny-llama", "prompt": prompt, "unknown_parameter": True}]
-    for body in bad:
-        assert_openai_error(endpoint.post("/completions", body), 400)
-    assert_openai_error(endpoint.post("/completions", b"{not json"), 400, "invalid_json")
-    assert_openai_error(endpoint.post("/chat/completions", {"model": "tiny-llama", "messages": [{"role": "assistant", "content": "x"}]}), 400)
-    with pytest.raises(openai.BadRequestError):
-        endpoint.client().chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}], temperature=5)
-    too_long = assert_openai_error(endpoint.post("/completions", {"model": "tiny-llama:demo_sentiment", "prompt": prompt * 40}), 400,
-                                   "context_length_exceeded")
-    assert "context" in too_long["message"]
-    assert_openai_error(endpoint.post("/completions", {"model": "tiny-llama", "prompt": prompt, "max_tokens": 100000}), 400,
-                        "context_length_exceeded")
-    assert_openai_error(endpoint.post("/completions", {"model": "tiny-llama", "prompt": prompt}, key=None), 401, "invalid_api_key")
-    with pytest.raises(openai.AuthenticationError):
-        endpoint.client(api_key="wrong").models.list()
-    assert_openai_error(httpx.get(endpoint.url + "/nowhere", headers={"Authorization": f"Bearer {API_KEY}"}), 404)
-
-
-@pytest.mark.cluster
-def test_overload_is_503_or_429_with_retry_after(endpoint: Endpoint) -> None:
-    """tiny-gemma holds 1 running + 1 queued in its engine and 1 in Serve's queue: a burst of 12 overflows."""
-    body = {"model": "tiny-gemma", "prompt": endpoint.prompts[TASKS[0]][0], "max_tokens": 48, "temperature": 0}
-    with ThreadPoolExecutor(12) as pool:
-        responses = list(pool.map(lambda _: endpoint.post("/completions", body), range(12)))
-    statuses = sorted(r.status_code for r in responses)
-    assert set(statuses) <= {200, 429, 503} and statuses.count(200) >= 1, statuses
-    rejected = [r for r in responses if r.status_code != 200]
-    assert rejected, statuses
-    for response in rejected:
-        assert_openai_error(response, response.status_code, "overloaded")
-        assert int(response.headers["Retry-After"]) >= 1
-    assert endpoint.post("/completions", body).status_code == 200  # and it serves again once the burst is over
-
-
-@pytest.mark.cluster
-def test_corrupt_adapters_fail_only_their_own_requests(endpoint: Endpoint) -> None:
-    good_model, prompt = "tiny-llama:demo_sentiment", endpoint.prompts["demo_sentiment"][0]
-    bodies = [{"model": m, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
-              for m in ("tiny-llama:serve_corrupt", good_model, "tiny-llama:serve_pickle", good_model, "tiny-llama:serve_corrupt")]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda body: endpoint.post("/completions", body), bodies))
-    for body, response in zip(bodies, responses):
-        if body["model"] == good_model:
-            assert response.status_code == 200 and response.json()["choices"][0]["text"].strip() == endpoint.offline[(good_model, prompt)]
-            continue
-        error = assert_openai_error(response, 500, "adapter_load_failed")
-        assert "loraland-serve_" in error["message"]  # names the adapter
-    pickled = assert_openai_error(endpoint.post("/completions", bodies[2]), 500, "adapter_load_failed")
-    assert "pickle" in pickled["message"]
-    corrupt = assert_openai_error(endpoint.post("/chat/completions", {"model": "tiny-llama:serve_corrupt", "stream": True,
-                                                                       "messages": [{"role": "user", "content": prompt}]}), 500)
-    assert "unreadable" in corrupt["message"] or "safetensors" in corrupt["message"].lower()
-    again = endpoint.client().completions.create(model=good_model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
-    assert again.choices[0].text.strip() == endpoint.offline[(good_model, prompt)]  # the replica goes on
-
-
-@pytest.mark.cluster
-def test_a_moved_champion_is_served_without_restart(endpoint: Endpoint) -> None:
-    from tracking import registry
-
-    first, promoted = endpoint.moving
-    prompt = endpoint.prompts["demo_colors"][0]
-    before = endpoint.offline[(adapter_id("demo_sentiment", first_model_version(endpoint, "demo_sentiment")), prompt)]
-    after = endpoint.offline[(adapter_id("demo_colors", first_model_version(endpoint, "demo_colors")), prompt)]
-    client = endpoint.client()
-    response = client.completions.create(model="serve_moving", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
-    assert response.system_fingerprint == f"loraland-serve_moving/{first}" and response.choices[0].text.strip() == before
-    registry.promote("serve_moving", promoted, endpoint.sweep.uri)
-    deadline = time.monotonic() + 60
-    while response.system_fingerprint != f"loraland-serve_moving/{promoted}" and time.monotonic() < deadline:
-        time.sleep(0.2)  # the ingress re-reads the registry every model_ttl_s (0.5 s here)
-        response = client.completions.create(model="serve_moving", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
-    assert response.system_fingerprint == f"loraland-serve_moving/{promoted}"
-    assert response.choices[0].text.strip() == after  # the new version's weights, not the old ones
-
-
-def first_model_version(endpoint: Endpoint, task: str) -> str:
-    """The tiny-llama adapter of `task` (serve_moving's versions are these two runs)."""
-    return str(endpoint.sweep.job("train", "tiny-llama", task).model_version)
-
-
-@pytest.mark.cluster
-def test_one_download_per_adapter_however_many_ask(endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from core.catalog import load_catalog
-    from tracking import registry
-
-    downloads: list[str] = []
-    real_download = registry.download_adapter
-
-    def counted(ref: str, dst: Any = None, uri: Any = None) -> Path:
-        downloads.append(ref)
-        time.sleep(0.2)  # widen the window in which the other threads ask
-        return real_download(ref, dst, uri)
-
-    monkeypatch.setattr(registry, "download_adapter", counted)
-    sources: list[str] = []
-    store = AdapterStore(load_catalog().base_model("tiny-mistral"), tmp_path, endpoint.sweep.uri,
-                         on_fetch=lambda adapter, source, seconds: sources.append(source))
-    adapter = adapter_id("demo_colors", endpoint.sweep.job("train", "tiny-mistral", "demo_colors").model_version)
-    start = threading.Barrier(8)
-
-    def fetch() -> Path:
-        start.wait()
-        return store(adapter)
-
-    with ThreadPoolExecutor(8) as pool:
-        folders = list(pool.map(lambda _: fetch(), range(8)))
-    assert len(downloads) == 1 and len(set(folders)) == 1 and sorted(sources) == ["disk"] * 7 + ["download"]
-    assert (folders[0] / "adapter_model.safetensors").is_file()
-    with pytest.raises(AdapterLoadError, match="names base model"):  # a tiny-llama adapter is refused by a tiny-mistral store
-        store(adapter_id("demo_colors", endpoint.sweep.job("train", "tiny-llama", "demo_colors").model_version))
-
-
-@pytest.mark.cluster
-def test_per_adapter_metrics_are_exported_for_prometheus(endpoint: Endpoint) -> None:
-    client = endpoint.client()
-    model = "tiny-mistral:demo_sentiment"
-    adapter = adapter_id("demo_sentiment", endpoint.sweep.job("train", "tiny-mistral", "demo_sentiment").model_version)
-    for _ in range(2):
-        client.completions.create(model=model, prompt=endpoint.prompts["demo_sentiment"][0], max_tokens=4, temperature=0)
-    wanted = [("ray_loraland_requests_total", {"model": model, "adapter": adapter, "status": "200"}),
-              ("ray_loraland_time_to_first_token_seconds_bucket", {}), ("ray_loraland_request_latency_seconds_count", {}),
-              ("ray_loraland_completion_tokens_total", {}), ("ray_loraland_adapter_load_seconds_count", {}),
-              ("ray_loraland_adapter_cache_total", {"result": "hit"}), ("ray_loraland_adapter_fetches_total", {"source": "download"})]
-    found: list[Sample] = []
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:  # Ray's agent exports what replicas reported within a few seconds, not all at once
-        found = exported_samples(httpx.get(f"http://127.0.0.1:{endpoint.metrics_port}/metrics", timeout=10).text)
-        if not missing_samples(found, wanted) and sample_sum(found, *wanted[0]) >= 2:
-            break
-        time.sleep(1.0)
-    assert missing_samples(found, wanted) == []
-    assert sample_sum(found, *wanted[0]) >= 2  # this model's two successful requests
-
-
-def exported_samples(text: str) -> list[Sample]:
-    """Every sample of a Prometheus text exposition, parsed by prometheus_client."""
-    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
-
-
-def matches(sample: Sample, name: str, labels: dict[str, str]) -> bool:
-    return sample.name == name and labels.items() <= sample.labels.items()
-
-
-def missing_samples(found: list[Sample], wanted: list[tuple[str, dict[str, str]]]) -> list[tuple[str, dict[str, str]]]:
-    """The (name, labels) pairs of `wanted` that no sample of `found` has (a sample may carry more labels)."""
-    return [(name, labels) for name, labels in wanted if not any(matches(sample, name, labels) for sample in found)]
-
-
-def sample_sum(found: list[Sample], name: str, labels: dict[str, str]) -> float:
-    return sum(sample.value for sample in found if matches(sample, name, labels))

@@ -204,7 +204,8 @@ def test_dbpedia_is_rouge_l(output, target, expected):
 
 def test_rouge_counts_dict_skeleton_words():
     target = "{'B-Chemical': ['aspirin'], 'B-Disease': [], 'I-Disease': [], 'I-Chemical': []}"
-    assert sm.rouge("{'B-Chemical': [], 'B-Disease': [], 'I-Disease': [], 'I-Chemical': []}", target) == pytest.approx(16 / 17)
+    empty = "{'B-Chemical': [], 'B-Disease': [], 'I-Disease': [], 'I-Chemical': []}"
+    assert sm.rouge(empty, target) == pytest.approx(16 / 17)
 
 
 # --------------------------------------------------------------------------- failed generations
@@ -266,8 +267,10 @@ class StudyPrompt:
 
 
 STUDY_SETUP: dict[str, StudyPrompt] = {
-    "bc5cdr": StudyPrompt(("tokens",), r"\{'B-Chemical': \[.*\], 'B-Disease': \[.*\], 'I-Disease': \[.*\], 'I-Chemical': \[.*\]\}", 1),
-    "conllpp": StudyPrompt(("tokens",), r'\{"person": \[.*\], "organization": \[.*\], "location": \[.*\], "miscellaneous": \[.*\]\}', 1),
+    "bc5cdr": StudyPrompt(("tokens",), r"\{'B-Chemical': \[.*\], 'B-Disease': \[.*\], "
+                          r"'I-Disease': \[.*\], 'I-Chemical': \[.*\]\}", 1),
+    "conllpp": StudyPrompt(("tokens",), r'\{"person": \[.*\], "organization": \[.*\], '
+                           r'"location": \[.*\], "miscellaneous": \[.*\]\}', 1),
     "e2e_nlg": StudyPrompt(("meaning_representation",), FREE_TEXT, 1),
     "tldr_content_gen": StudyPrompt(("headline",), FREE_TEXT),
     "tldr_headline_gen": StudyPrompt(("content",), FREE_TEXT),
@@ -292,7 +295,8 @@ STUDY_SETUP: dict[str, StudyPrompt] = {
     "glue_qqp": StudyPrompt(("question1", "question2"), DIGIT_01),
     "glue_sst2": StudyPrompt(("sentence",), DIGIT_01, ends_on_cue=False),
     "glue_wnli": StudyPrompt(("sentence1", "sentence2"), DIGIT_01),
-    "covid": StudyPrompt(("OriginalTweet", "TweetAt", "Location"), r"Extremely Positive|Positive|Neutral|Negative|Extremely Negative"),
+    "covid": StudyPrompt(("OriginalTweet", "TweetAt", "Location"),
+                         r"Extremely Positive|Positive|Neutral|Negative|Extremely Negative"),
     "hellaswag": StudyPrompt(("ctx", "endings"), r"[0-3]"),
     "hellaswag_processed": StudyPrompt(("ctx",), FREE_TEXT, 1),
     "jigsaw": StudyPrompt(("comment_text",), r"yes|no"),
@@ -301,10 +305,11 @@ STUDY_SETUP: dict[str, StudyPrompt] = {
 }
 # The study's mmlu and arc prompts are one precomputed column built from the question and its choices.
 PRECOMPUTED_PROMPT = {"mmlu", "arc_combined"}
-CHAT_MARKERS = re.compile(r"\[INST\]|<\|im_start\|>|<start_of_turn>|<\|user\|>|<\|assistant\|>|<s>|</s>|\bsystem:", re.I)
+CHAT_MARKERS = re.compile(r"\[INST\]|<\|im_start\|>|<start_of_turn>|<\|user\|>|<\|assistant\|>|<s>|</s>|\bsystem:",
+                          re.I)
 EXAMPLE_HEADER = re.compile(r"(?m)^Example( \d+)?:$")
-SCORED_BY_RULE = {"binary_accuracy_flex", "mnli_accuracy", "mrpc_accuracy", "hellaswag_accuracy", "customer_support_accuracy",
-                  "mmlu_accuracy", "stsb", "gsm8k_regex", "dbpedia"}
+SCORED_BY_RULE = {"binary_accuracy_flex", "mnli_accuracy", "mrpc_accuracy", "hellaswag_accuracy",
+                  "customer_support_accuracy", "mmlu_accuracy", "stsb", "gsm8k_regex", "dbpedia"}
 
 
 def _rows(name: str) -> list[dict[str, Any]]:
@@ -391,7 +396,8 @@ def test_setup_table_agrees_with_the_reference_file():
             for label in labels:
                 text = str(label).lower() if isinstance(label, bool) else str(label)
                 assert re.fullmatch(expected.gold, text), f"{name}: the study's label {text!r}"
-        ends_on_request = "no answer cue" in facts["prompt_ending"] or "the instruction sentence" in facts["prompt_ending"]
+        ending = facts["prompt_ending"]
+        ends_on_request = "no answer cue" in ending or "the instruction sentence" in ending
         assert expected.ends_on_cue is not ends_on_request, name
 
 
@@ -452,7 +458,7 @@ def test_score_all_study_and_strict():
     assert demo.study_metric is None  # demo tasks keep strict scoring whatever `scoring` says
 
 
-# --------------------------------------------------------------------------- the study's headline analyses in the report
+# ------------------------------------------------------------------------------ the study's headline analyses (report)
 
 
 def _study_table_as_runs(scoring: str = "study", max_steps: int = 40000,
@@ -462,7 +468,8 @@ def _study_table_as_runs(scoring: str = "study", max_steps: int = 40000,
     rows: list[dict[str, Any]] = []
     for row in pd.read_csv(report.STUDY_SCORES).itertuples():
         for kind, value in (("train", row.finetuned_score), ("evaluate_base", row.base_score)):
-            rows.append({"run_id": f"{kind}/{row.base_model}/{row.task}", "job_key": f"k/{row.base_model}/{row.task}/{kind}",
+            rows.append({"run_id": f"{kind}/{row.base_model}/{row.task}",
+                         "job_key": f"k/{row.base_model}/{row.task}/{kind}",
                          "kind": kind, "base_model": row.base_model, "task": row.task, "category": row.category,
                          "metric": "accuracy", "score": value, "peak_memory_mb": 1.0, "train_wall_time_s": 1.0,
                          "job_wall_time_s": 1.0, "start_time": len(rows), "scoring": scoring, "max_steps": max_steps,
@@ -527,7 +534,8 @@ def test_report_writes_the_study_sections(tmp_path: Path):
     runs = _study_table_as_runs(failed={"boolq": 3.0})
     tasks = sorted(runs["task"].unique())
     rng = np.random.default_rng(0)
-    features = pd.DataFrame({name: rng.normal(size=len(tasks)) for name in heur.HEURISTICS}, index=tasks).rename_axis("task")
+    features = pd.DataFrame({name: rng.normal(size=len(tasks)) for name in heur.HEURISTICS},
+                            index=tasks).rename_axis("task")
     report.write_report(runs, tmp_path, features=features, length_unit="words")
     markdown = (tmp_path / "leaderboard.md").read_text()
     for title in ("Headline numbers against the study", "Study vs ours", "Correlation matrix (the study's Fig 8)"):
@@ -572,10 +580,11 @@ def test_split_sizes_are_the_studys_or_its_proportions():
 def test_prepare_legal_and_covid_write_what_the_catalogue_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LORALAND_HOME", str(tmp_path / "home"))
     assert cli.main(["data", "prepare", "legal", "--from", str(_legal_download(tmp_path / "legal"))]) == 0
-    legal = {split: pd.read_csv(prepare.task_dir("legal") / f"{split}.csv") for split in ("train", "validation", "test")}
+    legal = {split: pd.read_csv(prepare.task_dir("legal") / f"{split}.csv")
+             for split in ("train", "validation", "test")}
     assert {split: len(frame) for split, frame in legal.items()} == {"train": 17, "validation": 2, "test": 1}
-    assert sorted(pd.concat(legal.values())["clause_text"]) == sorted(f"{k} clause {i}, with a comma"
-                                                                      for k in ("governing-laws", "confidentiality") for i in range(10))
+    assert sorted(pd.concat(legal.values())["clause_text"]) == sorted(
+        f"{k} clause {i}, with a comma" for k in ("governing-laws", "confidentiality") for i in range(10))
     again = prepare.prepare_legal(tmp_path / "legal")
     assert again["test"].equals(legal["test"]), "the split is seeded"
     assert prepare.prepare("covid", _covid_download(tmp_path / "covid")) == {"train": 5, "test": 3}
@@ -584,7 +593,8 @@ def test_prepare_legal_and_covid_write_what_the_catalogue_reads(tmp_path: Path, 
     assert len(rows) == 3 and rows[0]["OriginalTweet"] == "caf\u00e9 tweet 0" and rows[0]["Location"] == "Zürich"
 
 
-def test_prepare_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+def test_prepare_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]):
     monkeypatch.setenv("LORALAND_HOME", str(tmp_path / "home"))
     assert cli.main(["data", "prepare", "glue_sst2", "--from", str(tmp_path)]) == 2
     assert "no preparer for task 'glue_sst2'" in capsys.readouterr().err

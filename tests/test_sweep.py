@@ -18,7 +18,8 @@ MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
 
 
 def sweep_command(uri: str, storage: Path | str, sweep: Path = MINI) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep), "--tracking-uri", uri, "--storage-path", str(storage)]
+    return [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep), "--tracking-uri", uri,
+            "--storage-path", str(storage)]
 
 
 def job_runs(uri: str) -> list:
@@ -48,7 +49,8 @@ def kill_process_tree(pid: int, timeout_s: float = 60) -> None:
 
 def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path: Path) -> None:
     uri = f"{mlflow_server.uri}"
-    first = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path))
+    first = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600,
+                           env=sweep_env(tmp_path))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "0 already finished, 4 to run" in first.stdout and "progress: 4 done, 0 failed" in first.stdout
     runs = job_runs(uri)
@@ -68,9 +70,11 @@ def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path
     note = MlflowClient(uri).get_experiment(experiment_id).tags[store.NOTE_TAG]
     assert "`mini`" in note and str(MINI) in note and "4 jobs (2 fine-tunes, 2 base evaluations)" in note, note
     assert "0 already finished, 4 to run" in note and "4 of 4 jobs done (0 in an earlier run), 0 failed" in note, note
-    assert "Best lift per task: demo_arithmetic" in note and "Mean fine-tuned score" in note and "http" not in note, note
+    assert ("Best lift per task: demo_arithmetic" in note and "Mean fine-tuned score" in note
+            and "http" not in note), note
     assert store.find_sweep_run(experiment_id, "mini", uri).data.tags[store.NOTE_TAG] == note
-    second = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path))
+    second = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600,
+                            env=sweep_env(tmp_path))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "4 already finished, 0 to run" in second.stdout
     assert sorted(r.info.run_id for r in job_runs(uri)) == sorted(r.info.run_id for r in runs)
@@ -78,7 +82,8 @@ def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path
 
 def test_killed_driver_then_rerun_completes_without_duplicates(s3_store, tmp_path: Path) -> None:
     """With the storage path on an object store (S3 on loopback): what the jobs keep there survives the driver. The
-    fine-tunes run 200 steps, so they are still training while a second driver is turned away and the first is killed."""
+    fine-tunes run 200 steps, so they are still training while a second driver is turned away and the first is
+    killed."""
     import yaml
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -87,8 +92,8 @@ def test_killed_driver_then_rerun_completes_without_duplicates(s3_store, tmp_pat
     data["training"] |= {"max_steps": 200, "checkpoint_every": 20}
     sweep = tmp_path / "mini.yaml"
     sweep.write_text(yaml.safe_dump(data))
-    driver = subprocess.Popen(sweep_command(uri, storage, sweep), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=sweep_env(tmp_path) | s3_store.env, start_new_session=True)
+    driver = subprocess.Popen(sweep_command(uri, storage, sweep), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=sweep_env(tmp_path) | s3_store.env, start_new_session=True)
     deadline = time.monotonic() + 300
     seen = ""
     while time.monotonic() < deadline:  # kill it once the first job has finished and others are under way
@@ -98,18 +103,23 @@ def test_killed_driver_then_rerun_completes_without_duplicates(s3_store, tmp_pat
             break
     assert "finished" in seen, seen[-3000:]
     # a second driver while the first is alive (a second `ray job submit`) stops at once: no run closed, none made
-    second = subprocess.run(sweep_command(uri, storage, sweep), capture_output=True, text=True, timeout=300, env=sweep_env(tmp_path) | s3_store.env)
+    second = subprocess.run(sweep_command(uri, storage, sweep), capture_output=True, text=True, timeout=300,
+                            env=sweep_env(tmp_path) | s3_store.env)
     lines = second.stderr.strip().splitlines()
-    assert second.returncode == 2 and len(lines) == 1 and "sweep mini is being run by another driver" in lines[0], second.stderr[-3000:]
+    assert (second.returncode == 2 and len(lines) == 1
+            and "sweep mini is being run by another driver" in lines[0]), second.stderr[-3000:]
     live = job_runs(uri)  # the first driver's runs: none closed by the second, none made twice
-    assert {r.info.status for r in live} <= {"RUNNING", "FINISHED"} and len({r.data.tags["loraland.job_key"] for r in live}) == len(live)
+    assert ({r.info.status for r in live} <= {"RUNNING", "FINISHED"}
+            and len({r.data.tags["loraland.job_key"] for r in live}) == len(live))
     assert driver.poll() is None
     kill_process_tree(driver.pid)  # the driver's local Ray goes with it
     driver.wait()
-    again = subprocess.run(sweep_command(uri, storage, sweep), capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path) | s3_store.env)
+    again = subprocess.run(sweep_command(uri, storage, sweep), capture_output=True, text=True, timeout=600,
+                           env=sweep_env(tmp_path) | s3_store.env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     runs = job_runs(uri)
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["loraland.job_key"] for r in runs}) == 4
     keys = s3_store.keys(tmp_path.name + "/")
-    assert len([k for k in keys if k.endswith("/result.json")]) == 4 and len([k for k in keys if k.endswith("/adapter/adapter_model.safetensors")]) == 2
+    assert (len([k for k in keys if k.endswith("/result.json")]) == 4
+            and len([k for k in keys if k.endswith("/adapter/adapter_model.safetensors")]) == 2)

@@ -11,20 +11,10 @@ import pytest
 from core.paths import PROJECT_ROOT
 from jobs.config import JobConfig
 from orchestrator.config import SweepConfig, expand_jobs, load_sweep
-from orchestrator.sweep import (
-    ALL_KINDS,
-    JobOutcome,
-    JobTiming,
-    Units,
-    estimate_eta_s,
-    eta_now,
-    planned_seconds,
-    progress_line,
-    results_description,
-    running_now,
-    sweep_description,
-    time_ratios,
-)
+from orchestrator.eta import ALL_KINDS, JobTiming, estimate_eta_s, eta_now, running_now, time_ratios
+from orchestrator.notes import progress_line, results_description, sweep_description
+from orchestrator.resources import planned_seconds
+from orchestrator.units import JobOutcome, RayTasks, WorkUnit, work_units
 
 MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
 
@@ -32,7 +22,8 @@ MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
 @pytest.mark.unit
 def test_time_ratios_per_kind_and_pooled() -> None:
     ratios = time_ratios([("evaluate_base", 10.0, 2.0), ("evaluate_base", 30.0, 6.0), ("train", 100.0, 50.0)])
-    assert ratios == {"evaluate_base": pytest.approx(0.2), "train": pytest.approx(0.5), ALL_KINDS: pytest.approx(58 / 140)}
+    assert ratios == {"evaluate_base": pytest.approx(0.2), "train": pytest.approx(0.5),
+                      ALL_KINDS: pytest.approx(58 / 140)}
     assert time_ratios([]) == {}
     assert time_ratios([("train", 0.0, 5.0)]) == {}  # no planned time: no ratio
 
@@ -51,7 +42,8 @@ def test_eta_after_fast_base_evaluations_counts_the_fine_tunes_still_to_run() ->
     assert elapsed_s / done * 4 < 30  # what the old average over finished jobs would have said
     # once a fine-tune finished, its own kind's ratio counts (0.5 -> 150 s each), not the base evaluations'
     ratios = time_ratios([*finished, ("train", 300.0, 150.0)])
-    assert estimate_eta_s([JobTiming("train", 300.0, 100.0)], [JobTiming("train", 300.0)] * 2, ratios, slots=2) == pytest.approx(200.0)
+    assert estimate_eta_s([JobTiming("train", 300.0, 100.0)], [JobTiming("train", 300.0)] * 2, ratios,
+                          slots=2) == pytest.approx(200.0)
 
 
 @pytest.mark.unit
@@ -106,7 +98,8 @@ def outcomes() -> list[JobOutcome]:
 @pytest.mark.unit
 def test_progress_line_and_descriptions() -> None:
     done = {o.job.job_key: o for o in outcomes()}
-    assert progress_line(done, 2, 3, 9, 61.4) == "progress: 3 done, 1 failed, 2 running or starting, 3 queued of 9, ETA 61 s"
+    assert progress_line(done, 2, 3, 9, 61.4) == (
+        "progress: 3 done, 1 failed, 2 running or starting, 3 queued of 9, ETA 61 s")
     assert progress_line(done, 0, 0, 4, 12.0) == "progress: 3 done, 1 failed, 0 running or starting, 0 queued of 4"
     assert not progress_line(done, 1, 0, 4, None).endswith(" s")
     sweep = load_sweep(MINI)
@@ -120,33 +113,71 @@ def test_progress_line_and_descriptions() -> None:
     assert "http" not in about + results  # link-free
 
 
-def co_trained() -> tuple[SweepConfig, Units, list[JobConfig]]:
+def co_trained(tasks: RayTasks = RayTasks(None, None)) -> tuple[SweepConfig, list[WorkUnit], list[JobConfig]]:
     """The mini sweep with `co_train: 3`, its first base evaluation and five fine-tunes `<key>-0` .. `<key>-4` as
-    co-training units, and those six jobs."""
+    co-training units (submitting `tasks`), and those six jobs."""
     sweep = load_sweep(MINI)
     sweep.resources.co_train = 3
     jobs = {job.kind: job for job in expand_jobs(sweep)}
-    todo = [jobs["evaluate_base"], *(jobs["train"].model_copy(update={"job_key": f"{jobs['train'].job_key}-{i}"}) for i in range(5))]
-    return sweep, Units.of(todo, sweep), todo
+    todo = [jobs["evaluate_base"], *(jobs["train"].model_copy(update={"job_key": f"{jobs['train'].job_key}-{i}"})
+                                     for i in range(5))]
+    return sweep, work_units(todo, sweep, tasks), todo
 
 
 @pytest.mark.unit
 def test_progress_counts_a_co_training_groups_members_as_jobs() -> None:
     _, units, (base, *tunes) = co_trained()
-    assert [units.size(unit) for unit in units.jobs] == [1, 3, 2]  # the base evaluation first, then longest first
-    _, three, two = units.jobs
-    unit_outcomes = {base.job_key: JobOutcome(base, "finished", 0.5)}
-    outcomes: dict[str, JobOutcome] = {}
-    units.record(three, {"members": {tunes[0].job_key: {"score": 1.0}, tunes[1].job_key: {"error": "non-finite loss"}}}, outcomes)
-    unit_outcomes[three.job_key] = JobOutcome(three, "finished")
+    assert [len(unit.jobs) for unit in units] == [1, 3, 2]  # the base evaluation first, then longest first
+    _, three, two = units
+    outcomes = {base.job_key: JobOutcome(base, "finished", 0.5)}
+    result = {"members": {tunes[0].job_key: {"score": 1.0}, tunes[1].job_key: {"error": "non-finite loss"}}}
+    outcomes |= {outcome.job.job_key: outcome for outcome in three.finished(result)}
     # the group of three ended with one member failed and one missing from its result; the group of two is running
-    assert progress_line(units.job_outcomes(unit_outcomes, outcomes), units.size(two), 0, 6, None) == (
+    assert progress_line(outcomes, len(two.jobs), 0, 6, None) == (
         "progress: 2 done, 2 failed, 2 running or starting, 0 queued of 6")
-    unit_outcomes[two.job_key] = JobOutcome(two, "failed", error="worker crashed")  # the whole group failed
-    per_job = units.job_outcomes(unit_outcomes, outcomes)
+    # the whole group failed
+    per_job = outcomes | {outcome.job.job_key: outcome for outcome in two.failed("worker crashed")}
     assert progress_line(per_job, 0, 0, 6, None) == "progress: 2 done, 4 failed, 0 running or starting, 0 queued of 6"
-    assert [per_job[job.job_key].error for job in tunes] == ["", "non-finite loss", "no result from its group", "worker crashed",
-                                                             "worker crashed"]
+    assert [per_job[job.job_key].error for job in tunes] == ["", "non-finite loss", "no result from its group",
+                                                             "worker crashed", "worker crashed"]
+
+
+class RecordingTask:
+    """A Ray task as `resources.submit_task` calls it (`.options(name=...).remote(*args)`), recording the names it was
+    submitted under and returning each attempt's number in place of an ObjectRef: the window alone, without Ray."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def options(self, name: str, **options: Any) -> RecordingTask:
+        self.names.append(name)
+        return self
+
+    def remote(self, *args: Any) -> int:
+        return len(self.names)
+
+
+@pytest.mark.unit
+def test_the_window_submits_what_the_cluster_holds_plus_queue_ahead_in_order() -> None:
+    from collections import deque
+
+    from orchestrator.scheduler import submit_window
+    from orchestrator.units import SingleJob
+
+    template = expand_jobs(load_sweep(MINI))[0]
+    task = RecordingTask()
+    units = [SingleJob(template.model_copy(update={"job_key": f"job-{i}"}), task, (), {"CPU": 1.0, "GPU": 0.0})
+             for i in range(6)]
+    queue, pending = deque(units), {}
+    submit_window(queue, pending, 0.5, {"CPU": 2.0})  # room for 2 + 1 queued in Ray; no GPU asked, none binds
+    assert task.names == ["job-0", "job-1", "job-2"]
+    assert list(pending.values()) == units[:3] and list(queue) == units[3:]
+    pending.pop(1)  # job-0 ended
+    submit_window(queue, pending, 0.5, {"CPU": 2.0})
+    assert task.names[3:] == ["job-3"] and len(queue) == 2
+    empty: dict[Any, Any] = {}
+    submit_window(queue, empty, 0.5, {})  # a cluster scaled to zero: the next unit goes regardless, one only
+    assert task.names[4:] == ["job-4"] and list(queue) == units[5:]
 
 
 def stand_in_job(job: JobConfig, *tracking: str) -> dict[str, Any]:
@@ -156,36 +187,42 @@ def stand_in_job(job: JobConfig, *tracking: str) -> dict[str, Any]:
 
 
 def stand_in_group(members: list[JobConfig], *tracking: str) -> dict[str, Any]:
-    """A group of the same test: 2 s; the group holding `-3` raises (as a crashed worker would), member `-1` fails alone."""
+    """A group of the same test: 2 s; the group holding `-3` raises (as a crashed worker would), member `-1` fails
+    alone."""
     time.sleep(2.0)
     if any(job.job_key.endswith("-3") for job in members):
         raise RuntimeError("the group's worker crashed")
-    return {"members": {job.job_key: {"error": "non-finite loss"} if job.job_key.endswith("-1") else {"score": 1.0} for job in members},
-            "wall_s": 2.0}
+    results = {job.job_key: {"error": "non-finite loss"} if job.job_key.endswith("-1") else {"score": 1.0}
+                for job in members}
+    return {"members": results, "wall_s": 2.0}
 
 
 @pytest.mark.cluster
-def test_the_driver_counts_a_groups_members_in_its_progress(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_driver_counts_a_groups_members_in_its_progress(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """`run_units` on an embedded Ray: the progress counts six jobs (a base evaluation and groups of three and two), not
     three units, from the first line (all six submitted) to the last (a member failed alone, a group failed whole)."""
     import ray
 
-    from orchestrator import sweep as driver
+    from orchestrator.cluster import connect_ray
+    from orchestrator.resources import job_task
+    from orchestrator.scheduler import SchedulerSettings, run_units
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
-    sweep, units, jobs = co_trained()
-    outcomes: dict[str, JobOutcome] = {}
-    driver.connect_ray()
+    sweep = load_sweep(MINI)
+    tasks = RayTasks(job_task(stand_in_job, sweep), job_task(stand_in_group, sweep), ("", "", ""))
+    sweep, units, jobs = co_trained(tasks)
+    connect_ray()
     try:
-        driver.run_units(sweep, units, outcomes, len(jobs), driver.job_task(stand_in_job, sweep), driver.job_task(stand_in_group, sweep),
-                         ("", "", ""))
+        outcomes = run_units(units, SchedulerSettings(sweep.retries, len(jobs), sweep.resources.queue_ahead))
     finally:
         ray.shutdown()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("progress:")]
     assert lines[0] == "progress: 0 done, 0 failed, 6 running or starting, 0 queued of 6", lines
     assert lines[-1] == "progress: 3 done, 3 failed, 0 running or starting, 0 queued of 6", lines
-    assert [outcomes[job.job_key].state for job in jobs] == ["finished", "finished", "failed", "finished", "failed", "failed"]
+    assert [outcomes[job.job_key].state for job in jobs] == ["finished", "finished", "failed", "finished", "failed",
+                                                             "failed"]
 
 
 @pytest.mark.integration  # MLflow's SQLite store

@@ -71,7 +71,9 @@ def test_retry_backs_off_on_transient_errors_only(monkeypatch: pytest.MonkeyPatc
     race = RuntimeError("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
     assert retry.is_transient(race)
     # Many workers registering one model at once ran out of the server's own version-number retries: retried.
-    assert retry.is_transient(RuntimeError("INTERNAL_ERROR: Model Version creation error (name=loraland-x). Giving up after 3 attempts."))
+    assert retry.is_transient(
+        RuntimeError("INTERNAL_ERROR: Model Version creation error (name=loraland-x). Giving up after 3 attempts.")
+    )
 
 
 @pytest.mark.unit
@@ -130,7 +132,12 @@ def test_ui_command_serves_the_embedded_store_on_loopback(monkeypatch: pytest.Mo
 
 @pytest.mark.unit
 def test_param_values_round_trip() -> None:
-    values = {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"], "dropout": 0.05}, "quant": True, "name": "nf4", "none": None}
+    values = {
+        "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"], "dropout": 0.05},
+        "quant": True,
+        "name": "nf4",
+        "none": None,
+    }
     flat = store.flatten(values)
     assert set(flat) == {"lora.r", "lora.target_modules", "lora.dropout", "quant", "name", "none"}
     assert {k: store.decode_param(store.encode_param(v)) for k, v in flat.items()} == flat
@@ -151,8 +158,20 @@ def test_embedded_default_sqlite_and_loraland_ui(monkeypatch: pytest.MonkeyPatch
     experiment_id = store.ensure_experiment("embedded")
     with JobTracker(experiment_id, "embedded/tiny-llama/demo_sentiment/evaluate_base", "tiny-llama", "demo_sentiment",
                     "evaluate_base", system_metrics=False) as tracker:
-        tracker.finish(JobResult(tracker.job_key, "evaluate_base", "tiny-llama", "demo_sentiment", "accuracy", 0.25, 1, None,
-                                 {"a": 1}, predictions=[{"index": 0, "prompt": "p", "prediction": "a", "gold": "b", "score": 0.0}]))
+        tracker.finish(
+            JobResult(
+                tracker.job_key,
+                "evaluate_base",
+                "tiny-llama",
+                "demo_sentiment",
+                "accuracy",
+                0.25,
+                1,
+                None,
+                {"a": 1},
+                predictions=[{"index": 0, "prompt": "p", "prediction": "a", "gold": "b", "score": 0.0}],
+            )
+        )
     assert (tmp_path / "home" / "mlflow.db").is_file()
     assert list((tmp_path / "home" / "mlartifacts").rglob("predictions.json"))
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
@@ -181,12 +200,18 @@ def test_sweep_layout_one_experiment_parent_and_child_per_job(tiny_sweep: Sweep)
     jobs = [r for r in runs if r.data.tags.get(store.TAG_ROLE) == "job"]
     parents = [r for r in runs if r.data.tags.get(store.TAG_ROLE) == "sweep"]
     assert len(jobs) == 8 and len(parents) == 1 and len(runs) == 9
-    assert parents[0].info.run_id == tiny_sweep.parent_run_id and parents[0].data.params["tasks"] == json.dumps(list(TASKS))
+    assert parents[0].info.run_id == tiny_sweep.parent_run_id and parents[0].data.params["tasks"] == json.dumps(
+        list(TASKS)
+    )
     assert all(r.info.status == "FINISHED" for r in runs)
     assert {r.data.tags[store.TAG_JOB_KEY] for r in jobs} == {f"{SWEEP}/{b}/{t}/{k}" for b in BASES for t in TASKS
                                                              for k in ("train", "evaluate_base")}
-    assert store.find_job_run(tiny_sweep.experiment_id, f"{SWEEP}/tiny-llama/demo_colors/train", tiny_sweep.uri).info.run_id \
+    assert (
+        store.find_job_run(
+            tiny_sweep.experiment_id, f"{SWEEP}/tiny-llama/demo_colors/train", tiny_sweep.uri
+        ).info.run_id
         == tiny_sweep.job("train", "tiny-llama", "demo_colors").run_id
+    )
     # A re-submitted driver gets the same experiment and parent run back.
     assert store.ensure_experiment(SWEEP, tiny_sweep.uri) == tiny_sweep.experiment_id
     assert store.start_sweep_run(tiny_sweep.experiment_id, SWEEP, {}, tiny_sweep.uri) == tiny_sweep.parent_run_id
@@ -224,9 +249,14 @@ def test_train_run_has_every_item(tiny_sweep: Sweep, base: str, task: str) -> No
     # System metrics.
     assert any(key.startswith("system/cpu_utilization") for key in metrics), sorted(metrics)
     # Datasets as inputs.
-    contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs}
+    contexts = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs
+    }
     assert set(contexts) == {"evaluation", "training"}
-    assert contexts["evaluation"].name == f"{task}-evaluation" and json.loads(contexts["evaluation"].profile)["num_rows"] == 16
+    assert (
+        contexts["evaluation"].name == f"{task}-evaluation"
+        and json.loads(contexts["evaluation"].profile)["num_rows"] == 16
+    )
     # Predictions table.
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "predictions.json")).read_text())
     assert len(table["data"]) == 16 and {"prompt", "prediction", "gold", "score"} <= set(table["columns"])
@@ -236,7 +266,10 @@ def test_train_run_has_every_item(tiny_sweep: Sweep, base: str, task: str) -> No
     assert not {"model.safetensors", "pytorch_model.bin", "config.json"} & set(files)
     local = Path(client.download_artifacts(run.info.run_id, "adapter/adapter_config.json"))
     assert json.loads(local.read_text())["base_model_name_or_path"] == job.config.base_model.hf_id
-    assert files["adapter_model.safetensors"] == (Path(job.result.adapter_dir) / "adapter_model.safetensors").stat().st_size
+    assert (
+        files["adapter_model.safetensors"]
+        == (Path(job.result.adapter_dir) / "adapter_model.safetensors").stat().st_size
+    )
 
 
 @pytest.mark.integration
@@ -245,8 +278,14 @@ def test_base_evaluation_runs(tiny_sweep: Sweep) -> None:
         for task in TASKS:
             job = tiny_sweep.job("evaluate_base", base, task)
             run = run_of(tiny_sweep, "evaluate_base", base, task)
-            assert run.data.metrics["score"] == pytest.approx(job.result.score) == pytest.approx(run.data.metrics["base_score"])
-            assert "lift" not in run.data.metrics and "adapter" not in {a.path for a in store.client(tiny_sweep.uri).list_artifacts(run.info.run_id)}
+            assert (
+                run.data.metrics["score"]
+                == pytest.approx(job.result.score)
+                == pytest.approx(run.data.metrics["base_score"])
+            )
+            assert "lift" not in run.data.metrics and "adapter" not in {
+                a.path for a in store.client(tiny_sweep.uri).list_artifacts(run.info.run_id)
+            }
             assert job.model_version is None
             assert run.data.metrics["peak_memory_mb"] > 0  # measured by the tracker: base evaluations have it too
 
@@ -265,10 +304,13 @@ def test_adapter_loads_back_with_the_same_greedy_tokens(tiny_sweep: Sweep, tmp_p
     tokenizer = load_tokenizer(spec)
     prompts = [p["prompt"] for p in job.result.predictions]
     max_new = job.config.task.max_new_tokens
-    logged = load_adapter_model(model_uri("demo_sentiment", job.model_version), device="cpu", uri=tiny_sweep.uri, dst=tmp_path / "a")
+    logged = load_adapter_model(
+        model_uri("demo_sentiment", job.model_version), device="cpu", uri=tiny_sweep.uri, dst=tmp_path / "a"
+    )
     assert isinstance(logged, PeftModel)
     again = generate(logged, tokenizer, prompts, max_new, job.config.evaluation.batch_size)
-    assert again == [p["prediction"] for p in job.result.predictions]  # what the in-memory model generated at evaluation
+    # What the in-memory model generated at evaluation
+    assert again == [p["prediction"] for p in job.result.predictions]
     local = load_adapter(load_base_model(spec, job.config.quantization, "cpu"), job.result.adapter_dir)
     assert generate(local, tokenizer, prompts, max_new, 4) == generate(logged, tokenizer, prompts, max_new, 4)
     # The generated token ids themselves (not only their decoded text) are the same.
@@ -289,8 +331,14 @@ def greedy_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int) 
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([encode_prompt(tokenizer, prompt)])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             generated.append(out[0, ids.shape[1]:].tolist())
     return generated
 
@@ -305,8 +353,12 @@ def finish_train_job(uri: str, experiment_id: str, job_key: str, task: str, scor
 
     tracker = JobTracker(experiment_id, job_key, "tiny-llama", task, uri=uri, system_metrics=False)
     with tracker:
-        tracker.finish(JobResult(job_key, "train", "tiny-llama", task, "accuracy", score, 1, fake_adapter(folder), {"score": score}),
-                       base_score=0.0)
+        tracker.finish(
+            JobResult(
+                job_key, "train", "tiny-llama", task, "accuracy", score, 1, fake_adapter(folder), {"score": score}
+            ),
+            base_score=0.0,
+        )
     return tracker
 
 
@@ -323,7 +375,11 @@ def test_champion_moves_by_itself_as_better_jobs_finish(mlflow_server: Server, t
     assert registry.champion(task, uri).version == better.model_version  # moved, nobody called update_champion
     middle = finish_train_job(uri, experiment_id, "champion-moves/c", task, 0.6, tmp_path / "c")
     assert registry.champion(task, uri).version == better.model_version  # a worse newcomer does not take it
-    assert [v.version for v in registry.versions(task, uri)] == [worse.model_version, better.model_version, middle.model_version]
+    assert [v.version for v in registry.versions(task, uri)] == [
+        worse.model_version,
+        better.model_version,
+        middle.model_version,
+    ]
 
 
 @pytest.mark.integration
@@ -339,7 +395,9 @@ def test_champion_of_each_task_is_its_best_version(tiny_sweep: Sweep) -> None:
             job = tiny_sweep.job("train", base, task)
             version = by_run[job.run_id]
             assert version.version == job.model_version
-            assert version.tags[store.TAG_BASE_MODEL] == base and float(version.tags[registry.TAG_SCORE]) == pytest.approx(job.result.score)
+            assert version.tags[store.TAG_BASE_MODEL] == base and float(
+                version.tags[registry.TAG_SCORE]
+            ) == pytest.approx(job.result.score)
             assert version.source == f"runs:/{job.run_id}/adapter"
             scores[int(version.version)] = job.result.score
         best = max(sorted(scores), key=lambda v: scores[v])  # ties: the earliest version
@@ -347,7 +405,10 @@ def test_champion_of_each_task_is_its_best_version(tiny_sweep: Sweep) -> None:
         assert registry.update_champion(task, tiny_sweep.uri) == str(best)  # stable when nothing changed
         # register_adapter is idempotent per run (a retry never makes a second version)
         job = tiny_sweep.job("train", BASES[0], task)
-        assert registry.register_adapter(job.run_id, task, BASES[0], job.result.score, uri=tiny_sweep.uri) == job.model_version
+        assert (
+            registry.register_adapter(job.run_id, task, BASES[0], job.result.score, uri=tiny_sweep.uri)
+            == job.model_version
+        )
 
 
 @pytest.mark.integration
@@ -383,7 +444,9 @@ def test_killed_worker_run_is_closed_and_a_retry_reuses_its_run(mlflow_server: S
     uri = mlflow_server.uri
     experiment_id = store.ensure_experiment("stale-runs", uri)
     key = "stale-runs/tiny-llama/demo_sentiment/train"
-    killed = JobTracker(experiment_id, key, "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False, flush_interval_s=600)
+    killed = JobTracker(
+        experiment_id, key, "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False, flush_interval_s=600
+    )
     run_id = killed.start()
     killed.on_step(1, {"loss": 2.0})
     killed._stop_background()  # the worker dies here: nothing ends its run
@@ -391,16 +454,21 @@ def test_killed_worker_run_is_closed_and_a_retry_reuses_its_run(mlflow_server: S
     closed = store.client(uri).get_run(run_id)
     assert closed.info.status == "FAILED" and "worker lost" in closed.data.tags[store.TAG_ERROR]
     assert store.close_stale_runs(experiment_id, uri=uri) == []
-    retried = JobTracker(experiment_id, key, "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False, register=False)
+    retried = JobTracker(
+        experiment_id, key, "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False, register=False
+    )
     with retried:
         assert retried.run_id == run_id  # the same run, not a duplicate
         retried.finish(JobResult(key, "train", "tiny-llama", "demo_sentiment", "accuracy", 0.5, 1, None, {"a": 1},
                                  history=[{"step": 1.0, "loss": 2.0}, {"step": 2.0, "loss": 1.0}]))
     assert [r.info.run_id for r in store.job_runs(experiment_id, uri)] == [run_id]
     assert store.client(uri).get_run(run_id).info.status == "FINISHED"
-    assert sorted(m.step for m in store.client(uri).get_metric_history(run_id, "loss")) == [1, 2]  # history fills the gap
+    history = store.client(uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2]  # history fills the gap
     # An exception inside the tracker's block ends the run FAILED with the error.
-    failing = JobTracker(experiment_id, "stale-runs/x/y/train", "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False)
+    failing = JobTracker(
+        experiment_id, "stale-runs/x/y/train", "tiny-llama", "demo_sentiment", uri=uri, system_metrics=False
+    )
     with pytest.raises(RuntimeError):
         with failing:
             raise RuntimeError("out of memory at the floor")
@@ -410,7 +478,8 @@ def test_killed_worker_run_is_closed_and_a_retry_reuses_its_run(mlflow_server: S
 
 @pytest.mark.integration
 def test_32_processes_logging_at_once_lose_nothing(mlflow_server: Server) -> None:
-    check_concurrent_job_loggers(mlflow_server.uri, workers=32)  # also run on PostgreSQL: tests/test_tracking_postgres.py
+    # Also run on PostgreSQL: tests/test_tracking_postgres.py
+    check_concurrent_job_loggers(mlflow_server.uri, workers=32)
 
 
 @pytest.mark.integration
@@ -437,8 +506,19 @@ def test_writes_survive_the_server_being_unreachable(mlflow_server: Server, monk
         for step in range(6, 11):  # training goes on while the server is away: on_step only buffers
             tracker.on_step(step, {"loss": 1.0 / step})
         threading.Timer(3.0, proxy.start).start()
-        result = JobResult(tracker.job_key, "train", "tiny-llama", "demo_sentiment", "accuracy", 0.75, 4, None, {"lr": 0.01},
-                           summary={"peak_memory_mb": 123.0}, predictions=[{"index": 0, "prompt": "p", "prediction": "a", "gold": "a", "score": 1.0}])
+        result = JobResult(
+            tracker.job_key,
+            "train",
+            "tiny-llama",
+            "demo_sentiment",
+            "accuracy",
+            0.75,
+            4,
+            None,
+            {"lr": 0.01},
+            summary={"peak_memory_mb": 123.0},
+            predictions=[{"index": 0, "prompt": "p", "prediction": "a", "gold": "a", "score": 1.0}],
+        )
         tracker.finish(result, base_score=0.25)  # starts while the server is unreachable
     finally:
         proxy.stop()
@@ -460,11 +540,17 @@ def test_a_job_survives_a_real_server_restart(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    command = server_command(f"sqlite:///{tmp_path / 'mlflow.db'}", "127.0.0.1", port, artifacts_destination=tmp_path / "artifacts")
+    command = server_command(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", "127.0.0.1", port, artifacts_destination=tmp_path / "artifacts"
+    )
     servers = [start_server(command, uri, log_file=tmp_path / "server.log")]  # this test's own: the session's stays up
     try:
-        check_job_survives_restart(uri, lambda: stop_server(servers.pop()),
-                                   lambda: servers.append(start_server(command, uri, log_file=tmp_path / "server.log")), tmp_path)
+        check_job_survives_restart(
+            uri,
+            lambda: stop_server(servers.pop()),
+            lambda: servers.append(start_server(command, uri, log_file=tmp_path / "server.log")),
+            tmp_path,
+        )
     finally:
         for server in servers:
             stop_server(server)
@@ -487,9 +573,18 @@ def test_peak_memory_of_a_job_is_its_own(mlflow_server: Server) -> None:
     del buffer
     uri = mlflow_server.uri
     experiment_id = store.ensure_experiment("peak-memory", uri)
-    with JobTracker(experiment_id, "peak-memory/tiny-llama/demo_sentiment/evaluate_base", "tiny-llama", "demo_sentiment",
-                    "evaluate_base", uri=uri, system_metrics=False) as tracker:
-        tracker.finish(JobResult(tracker.job_key, "evaluate_base", "tiny-llama", "demo_sentiment", "accuracy", 0.5, 1, None, {}))
+    with JobTracker(
+        experiment_id,
+        "peak-memory/tiny-llama/demo_sentiment/evaluate_base",
+        "tiny-llama",
+        "demo_sentiment",
+        "evaluate_base",
+        uri=uri,
+        system_metrics=False,
+    ) as tracker:
+        tracker.finish(
+            JobResult(tracker.job_key, "evaluate_base", "tiny-llama", "demo_sentiment", "accuracy", 0.5, 1, None, {})
+        )
     reported = store.client(uri).get_run(tracker.run_id).data.metrics["peak_memory_mb"]
     assert 0 < reported < earlier - 500, (reported, earlier)
 
@@ -518,7 +613,10 @@ def test_cli_report_and_promote_name_the_mistake_in_one_line(mlflow_server: Serv
     assert code == 2 and len(err) == 1 and "no version 99" in err[0], err
     monkeypatch.setenv("LORALAND_TRACKING_WAIT_S", "1")  # the CLI's wait for a server, short for the test
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    for argv in (["report", "--experiment", "nope", "--tracking-uri", down], ["promote", "demo_arithmetic", "1", "--tracking-uri", down]):
+    for argv in (
+        ["report", "--experiment", "nope", "--tracking-uri", down],
+        ["promote", "demo_arithmetic", "1", "--tracking-uri", down],
+    ):
         started = time.monotonic()
         code, err = cli(argv, capsys)
         assert code == 2 and len(err) == 1 and f"no MLflow tracking server answers at {down}" in err[0], (argv, err)
@@ -526,7 +624,9 @@ def test_cli_report_and_promote_name_the_mistake_in_one_line(mlflow_server: Serv
 
 
 @pytest.mark.integration
-def test_cli_promote_moves_the_champion(mlflow_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_promote_moves_the_champion(
+    mlflow_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tracking import registry
 
     uri, task = mlflow_server.uri, "demo_arithmetic"  # a catalogue task no other test registers

@@ -14,15 +14,17 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from core.catalog import load_catalog
+from core.catalog import Catalog, load_catalog
 from core.parsing import dump_yaml
 from core.prompts import completion_for, prompt_for
 from core.schemas import QuantizationSettings
+from jobs.checkpoints import CHECKPOINT_DIR, latest_checkpoint
+from jobs.config import parse_job_config
 from jobs.data import train_rows
 from jobs.encoding import IGNORE, encode_example
 from jobs.models import attach_lora, load_base_model, load_tokenizer
 from jobs.run import run_job
-from jobs.train import CHECKPOINT_DIR, StepCallback, TrainingError, answer_token_losses, latest_checkpoint, make_batches, train
+from jobs.train import StepCallback, TrainingError, answer_token_losses, make_batches, train, training_prompt
 from tests.helpers import assert_same_adapter, tiny_job
 
 pytestmark = pytest.mark.integration
@@ -108,7 +110,8 @@ train(tiny_job(Path(sys.argv[1]), **json.loads(sys.argv[2])))
 """
 
 
-def test_job_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_checkpoint(tmp_path: Path, straight_adapter: Path) -> None:
+def test_job_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_checkpoint(tmp_path: Path,
+                                                                                      straight_adapter: Path) -> None:
     out = subprocess.run([sys.executable, "-c", DIE_WHILE_SAVING, str(tmp_path), json.dumps(RESUME_SETTINGS)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 17, out.stderr[-2000:]
@@ -124,7 +127,8 @@ def test_job_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_check
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000008", "step-00000012"]
 
 
-def test_a_job_on_an_object_store_resumes_elsewhere_from_its_last_uploaded_checkpoint(s3_store, straight_adapter: Path) -> None:
+def test_a_job_on_an_object_store_resumes_elsewhere_from_its_last_uploaded_checkpoint(s3_store,
+                                                                                      straight_adapter: Path) -> None:
     """output_dir on S3 (moto's server on loopback): the job stops after step 6, its node's scratch folder is lost, and
     the job started again resumes from step 4 in the bucket, ignoring a newer checkpoint whose upload was cut off."""
     import shutil
@@ -143,16 +147,20 @@ def test_a_job_on_an_object_store_resumes_elsewhere_from_its_last_uploaded_check
         run_job(config, on_step=crash_at_6)
     assert storage.remote_checkpoints(CHECKPOINT_DIR) == ["step-00000004"]
     shutil.rmtree(storage.local)  # another node: nothing local
-    s3_store.put("resume/job/checkpoints/step-00000008/adapter_model.safetensors", b"cut off")  # an upload cut off mid-way
+    s3_store.put("resume/job/checkpoints/step-00000008/adapter_model.safetensors",
+                 b"cut off")  # an upload cut off mid-way
     result = run_job(config)
     assert result.summary["resumed_from_step"] == 4 and result.summary["steps"] == 12 and result.adapter_dir
     assert_same_adapter(straight_adapter, result.adapter_dir)
     keys = s3_store.keys("resume/job/")
-    assert {"resume/job/" + RESULT_FILE, "resume/job/adapter/adapter_model.safetensors", "resume/job/adapter/adapter_config.json"} <= set(keys)
-    assert storage.remote_checkpoints(CHECKPOINT_DIR) == ["step-00000008", "step-00000012"]  # keep_checkpoints 2, step 4 gone
+    assert {"resume/job/" + RESULT_FILE, "resume/job/adapter/adapter_model.safetensors",
+            "resume/job/adapter/adapter_config.json"} <= set(keys)
+    # keep_checkpoints 2: step 4's is gone
+    assert storage.remote_checkpoints(CHECKPOINT_DIR) == ["step-00000008", "step-00000012"]
     assert not (storage.local / CHECKPOINT_DIR).exists()  # scratch checkpoints dropped once the result is in the store
 
-    shutil.rmtree(storage.local)  # a finished job, asked again on a third node: its result and adapter come from the store
+    # a finished job, asked again on a third node: its result and adapter come from the store
+    shutil.rmtree(storage.local)
     again = run_job(config)
     assert again.score == result.score and json.dumps(again.summary) == json.dumps(result.summary)  # NaN-safe
     assert again.adapter_dir
@@ -167,7 +175,8 @@ def test_out_of_memory_halves_micro_batch_keeps_effective_batch(tmp_path: Path) 
             raised.append(step)
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    result, _, _ = train(tiny_job(tmp_path, max_steps=6, micro_batch_size=8, gradient_accumulation_steps=2), fault=oom_once_at_step_3)
+    result, _, _ = train(tiny_job(tmp_path, max_steps=6, micro_batch_size=8, gradient_accumulation_steps=2),
+                         fault=oom_once_at_step_3)
     assert raised == [3]
     assert result.summary["steps"] == 6
     assert result.summary["oom_backoffs"] == 1
@@ -178,7 +187,8 @@ def test_out_of_memory_halves_micro_batch_keeps_effective_batch(tmp_path: Path) 
 def test_out_of_memory_when_packed_splits_the_step_into_smaller_passes_with_the_same_result(tmp_path: Path) -> None:
     """The study's micro-batch 1: packed, one step's 8 examples share one row; after an injected out-of-memory at step 2
     the same examples go in passes of half the tokens, and the adapter ends as if nothing had happened."""
-    settings: dict[str, Any] = dict(max_steps=4, micro_batch_size=1, gradient_accumulation_steps=8, max_seq_length=256, checkpoint_every=1000)
+    settings: dict[str, Any] = dict(max_steps=4, micro_batch_size=1, gradient_accumulation_steps=8, max_seq_length=256,
+                                    checkpoint_every=1000)
     no_dropout = {"dropout": 0.0}  # dropout masks follow the passes' shapes; without it the trajectory is the same
     straight, _, _ = train(tiny_job(tmp_path / "straight", lora=no_dropout, **settings))
     passes: list[tuple[int, int]] = []  # (step, tokens of the forward pass)
@@ -193,7 +203,8 @@ def test_out_of_memory_when_packed_splits_the_step_into_smaller_passes_with_the_
     config = tiny_job(tmp_path / "oom", lora=no_dropout, **settings)
     torch.manual_seed(config.training.seed)  # as train() does before it attaches LoRA: the same initial adapter
     model = attach_lora(load_base_model(config.base_model, config.quantization, "cpu"), config.lora, False)
-    model.register_forward_pre_hook(lambda _m, _a, kwargs: passes.append((passes[-1][0], kwargs["input_ids"].numel())), with_kwargs=True)
+    model.register_forward_pre_hook(lambda _m, _a, kwargs: passes.append((passes[-1][0], kwargs["input_ids"].numel())),
+                                    with_kwargs=True)
     result, _, _ = train(config, model=model, fault=oom_once_at_step_2)
     sizes = {step: [tokens for s, tokens in passes if s == step and tokens > 0] for step in range(4)}
     assert raised == [2] and result.summary["oom_backoffs"] == 1 and result.summary["final_pass_tokens"] == 128
@@ -218,7 +229,8 @@ def test_packing_is_padding_free_and_equals_padded_loss() -> None:
 
     spec = load_catalog().base_model("tiny-mistral")
     tokenizer = load_tokenizer(spec)
-    examples = [encode_example(tokenizer, "Review: " + "very " * n + "good\nSentiment:", "positive", 64) for n in (1, 9, 3)]
+    examples = [encode_example(tokenizer, "Review: " + "very " * n + "good\nSentiment:", "positive", 64)
+                for n in (1, 9, 3)]
     packed = make_batches(examples, 3, 64, True, tokenizer.pad_token_id)
     padded = make_batches(examples, 3, 64, False, tokenizer.pad_token_id)
     assert len(packed) == 1 and packed[0]["input_ids"].numel() == sum(len(e.input_ids) for e in examples)
@@ -232,41 +244,47 @@ def test_packing_is_padding_free_and_equals_padded_loss() -> None:
 def test_jobs_run_without_ray_from_the_command_line(tmp_path: Path) -> None:
     config = tiny_job(tmp_path / "job", max_steps=3, eval_limit=4)
     dump_yaml(config, tmp_path / "job.yaml")
-    out = subprocess.run([sys.executable, "-m", "jobs", "train", "--config", str(tmp_path / "job.yaml")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "jobs", "train", "--config", str(tmp_path / "job.yaml")],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3 and 0.0 <= summary["score"] <= 1.0
-    out = subprocess.run([sys.executable, "-m", "jobs", "evaluate", "--config", str(tmp_path / "job.yaml"), "--adapter", summary["adapter_dir"]],
+    out = subprocess.run([sys.executable, "-m", "jobs", "evaluate", "--config", str(tmp_path / "job.yaml"),
+                          "--adapter", summary["adapter_dir"]],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["examples"] == 4
     (tmp_path / "bad.yaml").write_text("kind: train\nbase_model: {}\n")
-    out = subprocess.run([sys.executable, "-m", "jobs", "train", "--config", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "jobs", "train", "--config", str(tmp_path / "bad.yaml")],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "task: Field required" in out.stderr
 
 
 def run_cli(mode: str, config: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs", mode, "--config", str(config), *extra], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "jobs", mode, "--config", str(config), *extra], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
 
 
 def test_an_output_folder_belongs_to_one_job_and_the_command_line_names_what_to_fix(tmp_path: Path) -> None:
-    """Catalogue names stand for whole entries; the base's evaluation has a folder of its own beside the fine-tune's; the
-    same folder with other settings, an adapter folder without an adapter and an unknown base each get one line."""
+    """Catalogue names stand for whole entries; the base's evaluation has a folder of its own beside the fine-tune's;
+    the same folder with other settings, an adapter folder without an adapter and an unknown base each get one line."""
     job = tmp_path / "job.yaml"
     job.write_text(f"base_model: tiny-llama\ntask: demo_sentiment\noutput_dir: {tmp_path / 'out'}\ndevice: cpu\n"
                    "lora: {target_modules: all-linear}\nevaluation: {limit: 4}\n"
-                   "training: {max_steps: 2, micro_batch_size: 4, gradient_accumulation_steps: 1, gradient_checkpointing: false}\n")
+                   "training: {max_steps: 2, micro_batch_size: 4, gradient_accumulation_steps: 1, "
+                   "gradient_checkpointing: false}\n")
     base = run_cli("evaluate", job)
     assert base.returncode == 0, base.stderr[-2000:]
     trained = run_cli("train", job)
     assert trained.returncode == 0, trained.stderr[-2000:]
     summary = json.loads(trained.stdout.strip().splitlines()[-1])
-    assert summary["steps"] == 2 and summary["adapter_dir"] == str(tmp_path / "out" / "adapter")  # trained, not the base's result
+    # trained, not the base's result
+    assert summary["steps"] == 2 and summary["adapter_dir"] == str(tmp_path / "out" / "adapter")
     assert json.loads((tmp_path / "out" / "evaluate_base" / "job.json").read_text())["kind"] == "evaluate_base"
 
     job.write_text(job.read_text().replace("max_steps: 2", "max_steps: 3"))
-    cases = [(run_cli("train", job), f"output_dir {tmp_path / 'out'}: holds a job with other settings (training.max_steps 2 -> 3)"),
+    cases = [(run_cli("train", job),
+              f"output_dir {tmp_path / 'out'}: holds a job with other settings (training.max_steps 2 -> 3)"),
              (run_cli("evaluate", job, "--adapter", str(tmp_path)), "holds no adapter_model.safetensors"),
              (run_cli("train", write(tmp_path / "unknown.yaml", job.read_text().replace("tiny-llama", "tiny-nope"))),
               "base_model: unknown base model 'tiny-nope'")]
@@ -298,7 +316,8 @@ def test_gradient_checkpointing_with_cosine_warmup(tmp_path: Path, monkeypatch: 
         return on_step
 
     monkeypatch.setattr(LlamaMLP, "forward", counted_forward)
-    settings: dict[str, Any] = dict(max_steps=10, warmup_ratio=0.3, lr_scheduler="cosine", learning_rate=1e-2, micro_batch_size=4, log_every=1)
+    settings: dict[str, Any] = dict(max_steps=10, warmup_ratio=0.3, lr_scheduler="cosine", learning_rate=1e-2,
+                                    micro_batch_size=4, log_every=1)
     runs = {}
     for checkpointing in (True, False):
         mlp_calls.clear()
@@ -313,12 +332,13 @@ def test_gradient_checkpointing_with_cosine_warmup(tmp_path: Path, monkeypatch: 
     assert seen[-1][2] < seen[0][2]
     # 3 warm-up steps (0.3 x 10) rising linearly to the peak, then cosine decay to 0 at step 10.
     peak, warmup = 1e-2, 3
-    expected = [peak * s / warmup if s <= warmup else peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (10 - warmup)))
-                for s in range(1, 11)]
+    expected = [peak * s / warmup if s <= warmup
+                else peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (10 - warmup))) for s in range(1, 11)]
     assert [step for step, *_ in seen] == list(range(1, 11))
     assert [lr for _, lr, _ in seen] == pytest.approx(expected, abs=1e-12)
     rates = [lr for _, lr, _ in seen]
-    assert rates[:3] == sorted(rates[:3]) and rates[2:] == sorted(rates[2:], reverse=True) and rates[-1] == pytest.approx(0.0)
+    assert rates[:3] == sorted(rates[:3]) and rates[2:] == sorted(rates[2:], reverse=True)
+    assert rates[-1] == pytest.approx(0.0)
 
 
 def test_loss_covers_only_completion_tokens_in_a_packed_batch() -> None:
@@ -365,4 +385,47 @@ def test_loss_covers_only_completion_tokens_in_a_packed_batch() -> None:
         assert float(answer_token_losses(model, packed).sum() / targets.sum()) == pytest.approx(float(manual), rel=1e-5)
         padded_loss = model(**padded, use_cache=False).loss
         padded_labels = int(padded["labels"][:, 1:].ne(IGNORE).sum())
-        assert float(answer_token_losses(model, padded).sum() / padded_labels) == pytest.approx(float(padded_loss), rel=1e-5)
+        kept_loss = float(answer_token_losses(model, padded).sum() / padded_labels)
+        assert kept_loss == pytest.approx(float(padded_loss), rel=1e-5)
+
+
+def test_a_tracked_job_logs_its_own_task_and_training_rows_from_a_users_catalogue(mlflow_server,
+                                                                                  tmp_path: Path) -> None:
+    """A task only a user's catalogue has (a renamed, re-worded copy of a demo task): the tracker logs that task's tags
+    and the rows the job trained on (their prompts as the job rendered them), from the job itself; result.json stays
+    without them."""
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    from tracking import store
+    from tracking.tracker import JobTracker
+
+    shipped = load_catalog()
+    mine = shipped.task("demo_sentiment").model_copy(update={
+        "name": "my_reviews", "category": "classic_nlp", "prompt": "My review: {{ review }}\nVerdict:"})
+    assert "my_reviews" not in shipped.tasks
+    data = {"job_key": "user-catalogue/tiny-llama/my_reviews/train", "base_model": "tiny-llama", "task": "my_reviews",
+            "output_dir": str(tmp_path / "job"), "device": "cpu", "evaluation": {"limit": 4},
+            "training": {"max_steps": 2, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
+                         "gradient_checkpointing": False, "max_train_examples": 24}}
+    config = parse_job_config(data, "job.yaml", Catalog(shipped.base_models, {"my_reviews": mine}))
+    experiment_id = store.ensure_experiment("user-catalogue", mlflow_server.uri)
+    with JobTracker.for_job(config, experiment_id, uri=mlflow_server.uri, system_metrics=False,
+                            register=False) as tracker:
+        result = run_job(config, on_step=tracker.on_step)
+        tracker.finish(result, base_score=0.0)
+
+    run = store.client(mlflow_server.uri).get_run(tracker.run_id)
+    assert run.data.tags[store.TAG_TASK] == "my_reviews" and run.data.tags[store.TAG_CATEGORY] == "classic_nlp"
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+              for d in run.inputs.dataset_inputs}
+    training = inputs["training"]
+    rows = train_rows(mine, 24)
+    trained_on = pd.DataFrame({"prompt": [training_prompt(config, row) for row in rows],
+                               "completion": [completion_for(mine, row) for row in rows]})
+    assert trained_on["prompt"][0].startswith("My review: ")
+    assert training.name == "my_reviews-training" and json.loads(training.profile)["num_rows"] == 24
+    assert training.digest == from_pandas(trained_on, targets="completion").digest  # the very rows, not the demo task's
+    assert json.loads(training.source)["tags"]["loraland.source"] == "demo:sentiment"
+    saved = json.loads((tmp_path / "job" / "result.json").read_text())
+    assert "training_examples" not in saved and saved["task"] == "my_reviews"

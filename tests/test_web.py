@@ -1,11 +1,10 @@
-"""The LoRA Land page (serving/web/, serving/webapp.py).
+"""The LoRA Land page (serving/web/, serving/webapp.py) in a browser, and what it ships.
 
-Unit tests check the page's data against the code it must agree with (evaluation's prompts and scores,
-the resolver's model ids). Browser tests open the page in headless Chromium (the distribution's
-package, driven by Playwright) against the real app on loopback serving the tiny 2 x 2 sweep's
-adapters, and compare every answer the page shows with what `/v1` answers for the same model id and
-prompt with greedy decoding. Without /usr/bin/chromium they skip, naming the install command; under
-CI (`CI` set) they fail instead.
+Browser tests open the page in headless Chromium (the distribution's package, driven by Playwright) against the real
+app on loopback serving the tiny 2 x 2 sweep's adapters (their task cards as the train runs published them), and
+compare every answer the page shows with what `/v1` answers for the same model id and prompt with greedy decoding.
+Without /usr/bin/chromium they skip, naming the install command; under CI (`CI` set) they fail instead. The page's
+data routes and the task cards, without a browser: tests/test_web_data.py.
 """
 
 from __future__ import annotations
@@ -26,12 +25,9 @@ from core.catalog import load_catalog
 from core.paths import PROJECT_ROOT
 from core.ports import free_port
 from core.prompts import completion_for, prompt_for
+from core.schemas import EvalSettings
 from jobs.data import eval_rows
-from jobs.metrics import score
-from serving.api import APIError
-from tests.test_serving import version
 from tests.tracking_fixtures import BASES, Sweep
-from tracking.registry import TaskAdapters
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -47,84 +43,15 @@ TIMEOUT_MS = 180_000
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("name", ["demo_sentiment", "demo_colors", "demo_similarity", "demo_arithmetic"])
-def test_form_example_renders_the_prompt_evaluation_sends_and_scores_like_it(name: str) -> None:
-    from serving.webapp import answer_score, example, field_kinds, input_columns, render_prompt, row_from_fields, task_rows
-
-    task = load_catalog().task(name)
-    rows = task_rows(name)
-    assert list(rows) == eval_rows(task)
-    shown = example(task, rows, 3)
-    assert set(shown["fields"]) == set(input_columns(task)) and set(input_columns(task)) < set(task.columns)  # the gold is no input
-    row = row_from_fields(task, shown["fields"], field_kinds(task, rows))
-    assert render_prompt(task, row) == prompt_for(task, rows[3], 1500, evaluation=True)
-    assert shown["gold"] == completion_for(task, rows[3])
-    assert answer_score(task, f"  {shown['gold']}\n", shown["gold"]) == score(task.metric, task.answer, shown["gold"], shown["gold"], task.labels) == 1.0
-
-
-@pytest.mark.unit
-def test_empty_or_unreadable_fields_are_refused_naming_the_field() -> None:
-    from serving.webapp import row_from_fields
-
-    task = load_catalog().task("demo_similarity")
-    with pytest.raises(APIError) as empty:
-        row_from_fields(task, {"sentence1": "a cat", "sentence2": "  "}, {})
-    assert (empty.value.status, empty.value.param) == (400, "fields.sentence2")
-    with pytest.raises(APIError) as unreadable:
-        row_from_fields(task, {"sentence1": "a", "sentence2": "[1,"}, {"sentence2": "json"})
-    assert unreadable.value.param == "fields.sentence2" and "JSON" in unreadable.value.message
-
-
-@pytest.mark.unit
-def test_task_list_compare_models_and_leaderboard_follow_the_resolver() -> None:
-    from serving.adapters import ServedTasks
-    from serving.webapp import compare_models, context_check, leaderboard, page_url, served_tasks, task_summary
-    from tracking.scores import RunScores
-
-    versions = [version("demo_sentiment", 1, "tiny-llama", 0.8), version("demo_sentiment", 2, "tiny-mistral", 0.9),
-                version("demo_sentiment", 3, "tiny-gemma", 0.95)]  # tiny-gemma is not served here
-    for number, item in enumerate(versions, 1):
-        item._run_id = f"run{number}"
-    published = {"demo_sentiment": TaskAdapters("demo_sentiment", versions, champion="2"),
-                 "demo_colors": TaskAdapters("demo_colors", [version("demo_colors", 1, "tiny-gemma", 0.5)], champion="1"),
-                 "not_in_catalogue": TaskAdapters("not_in_catalogue", [version("not_in_catalogue", 1, "tiny-llama", 0.5)], "1")}
-    served: ServedTasks = {"tiny-llama": None, "tiny-mistral": None}
-    assert [t.name for t in served_tasks(published, served)] == ["demo_sentiment"]
-    assert compare_models("demo_sentiment", published, served) == ["tiny-llama:demo_sentiment", "tiny-mistral:demo_sentiment",
-                                                                   "tiny-llama", "tiny-mistral"]
-    scores = {"run1": RunScores("run1", "7", 0.8, 0.5, 0.3), "run2": RunScores("run2", "7", 0.9, 0.4, 0.5)}
-    summary = task_summary(load_catalog().task("demo_sentiment"), published, served, scores)
-    assert summary["champion"] == {"model": "demo_sentiment", "base_model": "tiny-mistral", "adapter": "loraland-demo_sentiment/2",
-                                   "version": "2", "score": 0.9, "lift": 0.5}
-    board = leaderboard("demo_sentiment", published, served, scores, "http://127.0.0.1:5000/")
-    assert [(r["base_model"], r["champion"], r["zero_shot"], r["lift"]) for r in board] == [
-        ("tiny-mistral", True, 0.4, 0.5), ("tiny-llama", False, 0.5, 0.3)]
-    assert board[0]["run_url"] == "http://127.0.0.1:5000/#/experiments/7/runs/run2"
-    assert leaderboard("demo_sentiment", published, served, scores, "sqlite:////tmp/x.db")[0]["run_url"] is None
-    assert context_check((500, 512), 16) == {"prompt_tokens": 500, "context": 512, "fits": False}
-    assert context_check(None, 16)["fits"] is None
-    assert page_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/"
-
-
-@pytest.mark.unit
 def test_make_demo_prints_where_loraland_serve_shows_the_page() -> None:
     from orchestrator.demo import demo_page_url
     from serving.config import BaseDeployment, ServeConfig
     from serving.webapp import config_page_url
 
     assert demo_page_url() == "http://127.0.0.1:8000/"  # configs/serve/demo.yaml: its http_options and route_prefix
-    config = ServeConfig(port=9000, route_prefix="/lora", deployments=[BaseDeployment(base_model="tiny-llama", device="cpu")])
+    config = ServeConfig(port=9000, route_prefix="/lora",
+                         deployments=[BaseDeployment(base_model="tiny-llama", device="cpu")])
     assert config_page_url(config) == "http://127.0.0.1:9000/lora/"
-
-
-@pytest.mark.unit
-def test_study_scores_come_from_the_reference_table() -> None:
-    from tracking.scores import gpt_scores, study_scores
-
-    assert study_scores()[("glue_sst2", "mistral-7b")].finetuned_score is not None
-    gpt35, gpt4 = gpt_scores("glue_sst2")
-    assert gpt35 is not None and gpt4 is not None
-    assert gpt_scores("demo_sentiment") == (None, None)
 
 
 @pytest.mark.unit
@@ -135,7 +62,8 @@ def test_page_ships_in_the_package_and_needs_nothing_from_the_internet() -> None
     assert "web/*" in config["tool"]["setuptools"]["package-data"]["serving"]
     for name in ("index.html", "app.js", "style.css"):
         text = (WEB_DIR / name).read_text()
-        assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.IGNORECASE), f"{name} refers to another host"
+        other_host = re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.IGNORECASE)
+        assert not other_host, f"{name} refers to another host"
         assert "localStorage" not in text and "console.log" not in text  # the API key stays in the tab, unlogged
 
 
@@ -161,23 +89,28 @@ class Site:
     def complete(self, body: dict[str, Any]) -> httpx.Response:
         """A non-streaming completion with the request body the page sent."""
         plain = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
-        return httpx.post(f"{self.api}/completions", json=plain, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+        return httpx.post(f"{self.api}/completions", json=plain, headers={"Authorization": f"Bearer {API_KEY}"},
+                          timeout=120)
 
 
 def publish_broken_task(sweep: Sweep, root: Path) -> None:
-    """BROKEN_TASK: a working tiny-llama adapter (the champion) and a tiny-mistral one with unreadable weights."""
+    """BROKEN_TASK: a working tiny-llama adapter (the champion) and a tiny-mistral one with unreadable weights (copies
+    of the sweep's demo_sentiment adapters), each logged with a run of its own that published the task's card."""
     from tracking import registry, store
+    from tracking.cards import publish_task_card
 
-    good = sweep.job("train", "tiny-llama", "demo_sentiment")
-    registry.register_adapter(good.run_id, BROKEN_TASK, "tiny-llama", 0.9, uri=sweep.uri)
-    folder = root / "broken"
-    shutil.copytree(sweep.job("train", "tiny-mistral", "demo_sentiment").result.adapter_dir, folder)
-    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
-    client = store.client(sweep.uri)
-    run_id = client.create_run(store.ensure_experiment("web-test-adapters", sweep.uri), run_name="broken").info.run_id
-    client.log_artifacts(run_id, str(folder), "adapter")
-    client.set_terminated(run_id)
-    registry.register_adapter(run_id, BROKEN_TASK, "tiny-mistral", 0.1, uri=sweep.uri)
+    task, client = load_catalog().task(BROKEN_TASK), store.client(sweep.uri)
+    experiment_id = store.ensure_experiment("web-test-adapters", sweep.uri)
+    for base, registered_score in (("tiny-llama", 0.9), ("tiny-mistral", 0.1)):
+        folder = root / base
+        shutil.copytree(sweep.job("train", base, "demo_sentiment").result.adapter_dir, folder)
+        if base == "tiny-mistral":
+            (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+        run_id = client.create_run(experiment_id, run_name=f"{BROKEN_TASK}-{base}").info.run_id
+        client.log_artifacts(run_id, str(folder), "adapter")
+        assert publish_task_card(run_id, task, EvalSettings(), sweep.uri)
+        client.set_terminated(run_id)
+        registry.register_adapter(run_id, BROKEN_TASK, base, registered_score, uri=sweep.uri)
     registry.update_champion(BROKEN_TASK, sweep.uri)
 
 
@@ -194,7 +127,8 @@ def site(tiny_sweep: Sweep, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     root = tmp_path_factory.mktemp("web")
     publish_broken_task(tiny_sweep, root)
     config = ServeConfig(name="loraland-web-test", port=free_port(), tracking_uri=tiny_sweep.uri, api_key=API_KEY,
-                         adapter_cache_dir=str(root / "cache"), ingress=IngressSettings(num_cpus=0, model_ttl_s=0.5, request_timeout_s=120),
+                         adapter_cache_dir=str(root / "cache"),
+                         ingress=IngressSettings(num_cpus=0, model_ttl_s=0.5, request_timeout_s=120),
                          deployments=[BaseDeployment(base_model=base, device="cpu", num_cpus=0.5) for base in BASES])
     with pytest.MonkeyPatch.context() as env:  # for this module's Ray only: the processes ray.init starts inherit it
         env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
@@ -232,7 +166,7 @@ def page(browser: Any, site: Site) -> Iterator[Any]:
     tab.on("request", lambda request: tab.asked.append((request.url, request.headers.get("authorization")))
            if "/v1/" in request.url or "/web/api/" in request.url else None)
     tab.goto(site.url)
-    tab.wait_for_selector("#key-form:not([hidden])")  # the endpoint needs a key: the page asks for it before anything else
+    tab.wait_for_selector("#key-form:not([hidden])")  # the endpoint needs a key: the page asks for it first
     tab.fill("#api-key", API_KEY)
     tab.press("#api-key", "Enter")
     tab.wait_for_selector("li[data-task='demo_sentiment']")
@@ -265,7 +199,8 @@ def assert_cell_is_the_api_answer(cell: Any, body: dict[str, Any], site: Site, m
     assert cell.query_selector(".answer").text_content() == expected.json()["choices"][0]["text"]
     timing = cell.query_selector(".timing").text_content()
     assert "first token" in timing and "tokens/s" in timing, timing
-    assert re.search(rf"{re.escape(metric)} -?\d+\.\d{{3}}", cell.query_selector(".score").text_content()), cell.inner_text()
+    shown_score = cell.query_selector(".score").text_content()
+    assert re.search(rf"{re.escape(metric)} -?\d+\.\d{{3}}", shown_score), cell.inner_text()
 
 
 @pytest.mark.integration
@@ -280,7 +215,8 @@ def test_task_list_to_side_by_side_run_by_keyboard(page: Any, site: Site, tmp_pa
     page.fill("#filter", "")
     open_task(page, "demo_sentiment")
     assert page.text_content("#task-template") == task.prompt
-    assert task.description in page.text_content("#task-description") and task.metric in page.text_content("#task-facts")
+    assert task.description in page.text_content("#task-description")
+    assert task.metric in page.text_content("#task-facts")
     assert page.query_selector("#leaderboard tr.champion .badge") is not None
     assert len(page.query_selector_all("#leaderboard tbody tr")) == len(BASES)
     link = page.get_attribute("#leaderboard tr.champion a", "href")
@@ -308,7 +244,7 @@ def test_task_list_to_side_by_side_run_by_keyboard(page: Any, site: Site, tmp_pa
     shot = tmp_path / "web_page.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    if os.environ.get("LORALAND_UPDATE_SCREENSHOT") == "1":  # refresh the README's picture on purpose, never as a side effect
+    if os.environ.get("LORALAND_UPDATE_SCREENSHOT") == "1":  # refresh the docs' picture on purpose, never by the way
         shutil.copyfile(shot, SCREENSHOT)
 
 
@@ -316,7 +252,8 @@ def test_task_list_to_side_by_side_run_by_keyboard(page: Any, site: Site, tmp_pa
 def test_compare_all_fills_every_cell(page: Any, site: Site) -> None:
     open_task(page, "demo_sentiment")
     cells = run_and_wait(page, "#compare-grid", lambda: page.click("#compare"))
-    assert sorted(cells) == sorted(body["model"] for body in page.sent) == sorted([f"{b}:demo_sentiment" for b in BASES] + list(BASES))
+    every_model = sorted([f"{b}:demo_sentiment" for b in BASES] + list(BASES))
+    assert sorted(cells) == sorted(body["model"] for body in page.sent) == every_model
     for body in page.sent:
         assert cells[body["model"]].query_selector("h3 code").text_content() == body["model"]
         assert_cell_is_the_api_answer(cells[body["model"]], body, site)
@@ -329,7 +266,8 @@ def test_a_broken_adapter_fails_in_its_own_cell_only(page: Any, site: Site) -> N
     assert len(cells) == 4
     broken = cells.pop(f"tiny-mistral:{BROKEN_TASK}")
     assert broken.get_attribute("data-state") == "failed"
-    assert "adapter" in broken.query_selector(".error").text_content() and "500" in broken.query_selector(".error").text_content()
+    error = broken.query_selector(".error").text_content()
+    assert "adapter" in error and "500" in error
     metric = load_catalog().task(BROKEN_TASK).metric
     for body in page.sent:
         if body["model"] in cells:  # the others answer as /v1 does (a tiny model's greedy answer may be empty)
@@ -343,7 +281,8 @@ def failing_endpoint(status: int | None) -> Callable[[Any], None]:
             route.abort()
             return
         error = {"message": "overloaded", "type": "server_error", "param": None, "code": "overloaded"}
-        route.fulfill(status=status, headers={"Retry-After": "2"}, content_type="application/json", body=json.dumps({"error": error}))
+        route.fulfill(status=status, headers={"Retry-After": "2"}, content_type="application/json",
+                      body=json.dumps({"error": error}))
     return handle
 
 

@@ -61,11 +61,24 @@ def tiny_config(output_dir: Path, base: str, task: str, kind: str) -> Any:
 
     catalog = load_catalog()
     return JobConfig(
-        kind=kind, job_key=f"{SWEEP}/{base}/{task}/{kind}", base_model=catalog.base_model(base), task=catalog.task(task),
+        kind=kind,
+        job_key=f"{SWEEP}/{base}/{task}/{kind}",
+        base_model=catalog.base_model(base),
+        task=catalog.task(task),
         lora=LoraSettings(target_modules="all-linear"),
-        training=TrainingSettings(max_steps=10, micro_batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-2,
-                                  checkpoint_every=1000, gradient_checkpointing=False, log_every=2, max_seq_length=128),
-        evaluation=EvalSettings(limit=16, batch_size=16), output_dir=str(output_dir / base / task / kind), device="cpu",
+        training=TrainingSettings(
+            max_steps=10,
+            micro_batch_size=8,
+            gradient_accumulation_steps=1,
+            learning_rate=1e-2,
+            checkpoint_every=1000,
+            gradient_checkpointing=False,
+            log_every=2,
+            max_seq_length=128,
+        ),
+        evaluation=EvalSettings(limit=16, batch_size=16),
+        output_dir=str(output_dir / base / task / kind),
+        device="cpu",
     )
 
 
@@ -75,7 +88,9 @@ def fake_adapter(folder: Path, base_hf_id: str = "loraland/tiny-llama", size: in
     import json
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base_hf_id, "r": 8}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": base_hf_id, "r": 8})
+    )
     (folder / "adapter_model.safetensors").write_bytes(bytes(range(256)) * (size // 256))
     return str(folder)
 
@@ -97,16 +112,36 @@ def log_one_job(uri: str, experiment_id: str, parent_run_id: str, index: int, st
     task = register_task or "demo_sentiment"
     adapter_dir = fake_adapter(Path(tempfile.mkdtemp()) / "adapter") if register_task else None
     start.wait(timeout=240)
-    tracker = JobTracker(experiment_id, f"concurrency/w{index:02d}", "tiny-llama", task, "train", parent_run_id=parent_run_id,
-                         uri=uri, system_metrics=False, register=register_task is not None, flush_interval_s=0.2)
+    tracker = JobTracker(
+        experiment_id,
+        f"concurrency/w{index:02d}",
+        "tiny-llama",
+        task,
+        "train",
+        parent_run_id=parent_run_id,
+        uri=uri,
+        system_metrics=False,
+        register=register_task is not None,
+        flush_interval_s=0.2,
+    )
     with tracker:
         for step in (1, 2, 3):
             tracker.on_step(step, {"loss": 1.0 / step, "learning_rate": 0.01, "tokens_per_second": 100.0 + index})
-        result = JobResult(job_key=tracker.job_key, kind="train", base_model="tiny-llama", task=task,
-                           metric="accuracy", score=index / 32, examples=2, adapter_dir=adapter_dir,
-                           params={"worker": index, "training.learning_rate": 0.01},
-                           summary={"peak_memory_mb": 10.0 + index, "train_wall_time_s": 1.0},
-                           predictions=[{"index": i, "prompt": f"p{i}", "prediction": "x", "gold": "x", "score": 1.0} for i in range(2)])
+        result = JobResult(
+            job_key=tracker.job_key,
+            kind="train",
+            base_model="tiny-llama",
+            task=task,
+            metric="accuracy",
+            score=index / 32,
+            examples=2,
+            adapter_dir=adapter_dir,
+            params={"worker": index, "training.learning_rate": 0.01},
+            summary={"peak_memory_mb": 10.0 + index, "train_wall_time_s": 1.0},
+            predictions=[
+                {"index": i, "prompt": f"p{i}", "prediction": "x", "gold": "x", "score": 1.0} for i in range(2)
+            ],
+        )
         tracker.finish(result, base_score=0.0)
     results.put((index, tracker.run_id, os.getpid(), tracker.model_version))
 
@@ -134,8 +169,10 @@ def check_concurrent_job_loggers(uri: str, workers: int = 32) -> None:
     results = context.Queue()
     start = context.Barrier(workers)  # every worker logs at once, once all are up
     registering = {i: REGISTERED_BY_LOGGERS if i % 2 == 0 else None for i in range(workers)}
-    processes = [context.Process(target=log_one_job, args=(uri, experiment_id, parent, i, start, results, registering[i]))
-                 for i in range(workers)]
+    processes = [
+        context.Process(target=log_one_job, args=(uri, experiment_id, parent, i, start, results, registering[i]))
+        for i in range(workers)
+    ]
     for process in processes:
         process.start()
     reported = [results.get(timeout=240) for _ in processes]
@@ -150,7 +187,10 @@ def check_concurrent_job_loggers(uri: str, workers: int = 32) -> None:
         index = int(run.data.tags[store.TAG_JOB_KEY][-2:])
         assert run.info.status == "FINISHED" and run.data.tags[store.TAG_PARENT] == parent
         assert run.data.params["worker"] == str(index) and run.data.metrics["score"] == pytest.approx(index / 32)
-        assert run.data.metrics["tokens_per_second"] == 100.0 + index and run.data.metrics["peak_memory_mb"] == 10.0 + index
+        assert (
+            run.data.metrics["tokens_per_second"] == 100.0 + index
+            and run.data.metrics["peak_memory_mb"] == 10.0 + index
+        )
     client = store.client(uri)
     assert list(client.search_runs(["0"])) == []  # nothing in Default
     elsewhere = [r for e in client.search_experiments() if e.experiment_id != experiment_id
@@ -194,11 +234,17 @@ def check_job_survives_restart(uri: str, stop: Callable[[], None], start: Callab
     task, key = "restart_demo", "restart/tiny-llama/restart_demo/train"
     try:
         experiment_id = store.ensure_experiment("restart", uri)
-        tracker = JobTracker(experiment_id, key, "tiny-llama", task, uri=uri, system_metrics=False, flush_interval_s=0.3)
+        tracker = JobTracker(
+            experiment_id, key, "tiny-llama", task, uri=uri, system_metrics=False, flush_interval_s=0.3
+        )
         run_id = tracker.start()
         for step in range(1, 6):
             tracker.on_step(step, {"loss": 1.0 / step, "learning_rate": 0.01})
-        wait_until(lambda: len(store.client(uri).get_metric_history(run_id, "loss")) == 5, 60, "the background flusher to send steps 1-5")
+        wait_until(
+            lambda: len(store.client(uri).get_metric_history(run_id, "loss")) == 5,
+            60,
+            "the background flusher to send steps 1-5",
+        )
         stop()
         down_at = time.monotonic()
         for step in range(6, 11):  # training goes on while the server is down: on_step only buffers
@@ -234,7 +280,11 @@ def check_job_survives_restart(uri: str, stop: Callable[[], None], start: Callab
     downloaded = Path(client.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(folder / "back")))
     assert downloaded.read_bytes() == (Path(adapter) / "adapter_model.safetensors").read_bytes()
     (version,) = registry.versions(task, uri)
-    assert version.run_id == run_id and version.version == tracker.model_version and version.source == f"runs:/{run_id}/adapter"
+    assert (
+        version.run_id == run_id
+        and version.version == tracker.model_version
+        and version.source == f"runs:/{run_id}/adapter"
+    )
     assert registry.champion(task, uri).version == version.version
 
 

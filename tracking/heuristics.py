@@ -33,6 +33,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from core.schemas import BaseModelSpec
 from jobs.metrics import rouge_l
 
@@ -150,22 +152,18 @@ def length_unit(base_models: Iterable[str]) -> LengthUnit:
     return WORDS
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100), linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def summary(values: Sequence[float], prefix: str, p95: bool = True) -> dict[str, float]:
-    """`{prefix}_p95`, `{prefix}_mean`, `{prefix}_std` (population std) of `values` (NaN when empty)."""
-    out = {f"{prefix}_p95": percentile(values, 95)} if p95 else {}
-    out[f"{prefix}_mean"] = statistics.fmean(values) if values else math.nan
-    out[f"{prefix}_std"] = statistics.pstdev(values) if values else math.nan
-    return out
+    """`{prefix}_p95` (numpy's percentile: linear between closest ranks), `{prefix}_mean`, `{prefix}_std` (population
+    std) of `values`; NaN when empty."""
+    names = ("p95", "mean", "std") if p95 else ("mean", "std")
+    if not values:
+        return {f"{prefix}_{name}": math.nan for name in names}
+    figures = {
+        "p95": float(np.percentile(values, 95)),
+        "mean": statistics.fmean(values),
+        "std": statistics.pstdev(values),
+    }
+    return {f"{prefix}_{name}": figures[name] for name in names}
 
 
 def compressibility(text: str) -> float:
@@ -185,7 +183,9 @@ def example_heuristics(inputs: Sequence[str], outputs: Sequence[str], train_exam
     values = summary(input_lengths, "input_tokens") | summary(output_lengths, "output_tokens")
     values |= summary([a + b for a, b in zip(input_lengths, output_lengths)], "total_tokens")
     values |= summary([rouge_l(out, inp) for inp, out in zip(inputs, outputs)], "io_rouge_l", p95=False)
-    values |= summary([compressibility(f"{inp} {out}") for inp, out in zip(inputs, outputs)], "compressibility", p95=False)
+    values |= summary(
+        [compressibility(f"{inp} {out}") for inp, out in zip(inputs, outputs)], "compressibility", p95=False
+    )
     values["train_examples"] = float(train_examples)
     return values
 
@@ -219,13 +219,17 @@ def train_size(task: Any) -> int:
             import datasets
 
             configs = source.config.split("+") if source.config else [None]
-            return sum(datasets.load_dataset_builder(source.id, c).info.splits[source.train_split].num_examples for c in configs)
+            return sum(
+                datasets.load_dataset_builder(source.id, c).info.splits[source.train_split].num_examples
+                for c in configs
+            )
         except Exception:
             pass
     return len(train_rows(task))
 
 
 def task_heuristics(task: Any, tokenize: Tokenize, limit: int = SAMPLE_ROWS) -> dict[str, float]:
-    """Every heuristic for one task, from a seeded sample of `limit` training examples, lengths counted by `tokenize`."""
+    """Every heuristic for one task, from a seeded sample of `limit` training examples, lengths counted by
+    `tokenize`."""
     prompts, completions = task_examples(task, limit)
     return example_heuristics(prompts, completions, train_size(task), tokenize)

@@ -30,10 +30,16 @@ SEARCHES = ("/api/2.0/mlflow/experiments/search", "/api/2.0/mlflow/registered-mo
 ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
 CONNECTION_LIMIT_MARKERS = ("too many clients", "remaining connection slots", "queuepool limit", "too many connections")
 NOT_PROXIED_MARKER = "--no-serve-artifacts"
-CONNECTIONS_FIX = ("raise the database's max_connections above what the server's pools may open (--workers x 3 x "
-                   "(MLFLOW_SQLALCHEMYSTORE_POOL_SIZE + MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW)) or lower those; see infra/mlflow/README.md")
-ARTIFACTS_FIX = ("create the bucket its --artifacts-destination names, and check the object-store endpoint and credentials "
-                 "the server runs with (MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); see infra/mlflow/README.md")
+CONNECTIONS_FIX = (
+    "raise the database's max_connections above what the server's pools may open (--workers x 3 x "
+    "(MLFLOW_SQLALCHEMYSTORE_POOL_SIZE + MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW)) or lower those; see "
+    "infra/mlflow/README.md"
+)
+ARTIFACTS_FIX = (
+    "create the bucket its --artifacts-destination names, and check the object-store endpoint and credentials "
+    "the server runs with (MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); see "
+    "infra/mlflow/README.md"
+)
 
 
 def check_server(uri: str, concurrency: int = CONCURRENCY, timeout_s: float = TIMEOUT_S) -> None:
@@ -49,12 +55,15 @@ def check_server(uri: str, concurrency: int = CONCURRENCY, timeout_s: float = TI
 def check_database_connections(uri: str, concurrency: int = CONCURRENCY, timeout_s: float = TIMEOUT_S) -> None:
     """`concurrency` searches at once all answer; else Unreachable naming the database's connection limit."""
     paths = [SEARCHES[i % len(SEARCHES)] for i in range(concurrency)]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)  # one connection each, spread over workers
+    # One connection each, spread over workers
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     with httpx.Client(base_url=uri, timeout=timeout_s, limits=limits) as http, ThreadPoolExecutor(concurrency) as pool:
         problems = [problem for problem in pool.map(lambda path: _search_problem(http, path), paths) if problem]
     if not problems:
         return
-    at_limit = [problem for problem in problems if any(marker in problem.lower() for marker in CONNECTION_LIMIT_MARKERS)]
+    at_limit = [
+        problem for problem in problems if any(marker in problem.lower() for marker in CONNECTION_LIMIT_MARKERS)
+    ]
     detail = (at_limit or problems)[0]
     cause = "runs out of database connections" if at_limit else "cannot reach its database in time"
     raise Unreachable(f"the MLflow server at {uri} {cause}: {len(problems)} of {concurrency} requests at once failed "
@@ -66,17 +75,23 @@ def check_artifact_store(uri: str, timeout_s: float = TIMEOUT_S) -> None:
     path = f"{ARTIFACTS}/loraland-preflight/{uuid.uuid4().hex}.txt"
     with httpx.Client(base_url=uri, timeout=timeout_s) as http:
         try:
-            response = http.put(path, content=b"written by `loraland sweep` to check the artifact store; safe to delete\n")
+            response = http.put(
+                path, content=b"written by `loraland sweep` to check the artifact store; safe to delete\n"
+            )
         except httpx.HTTPError as error:
-            raise Unreachable(f"the MLflow server at {uri} did not take a test artifact ({_describe(error)}); {ARTIFACTS_FIX}") from None
+            raise Unreachable(
+                f"the MLflow server at {uri} did not take a test artifact ({_describe(error)}); {ARTIFACTS_FIX}"
+            ) from None
         if response.is_success:
             with contextlib.suppress(httpx.HTTPError):  # a probe left behind is harmless
                 http.delete(path)
             return
     if NOT_PROXIED_MARKER in response.text:
         return
-    raise Unreachable(f"the MLflow server at {uri} cannot store artifacts (a test upload through it got {_answer(response)}; "
-                      f"its log names the cause); {ARTIFACTS_FIX}")
+    raise Unreachable(
+        f"the MLflow server at {uri} cannot store artifacts (a test upload through it got {_answer(response)}; "
+        f"its log names the cause); {ARTIFACTS_FIX}"
+    )
 
 
 def _search_problem(http: httpx.Client, path: str) -> str | None:

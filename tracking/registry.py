@@ -28,7 +28,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from core.errors import NotFound
-from core.paths import data_home
+from core.paths import ADAPTER_CONFIG, ADAPTER_WEIGHTS, data_home
 from core.schemas import QuantizationSettings
 from tracking import store
 from tracking.retry import call_with_retry, retrying
@@ -52,7 +52,8 @@ def model_uri(task: str, alias_or_version: str | int = CHAMPION) -> str:
 
 
 @retrying
-def register_adapter(run_id: str, task: str, base_model: str, score: float, job_key: str = "", uri: str | None = None) -> str:
+def register_adapter(run_id: str, task: str, base_model: str, score: float, job_key: str = "",
+                     uri: str | None = None) -> str:
     """Register the run's `adapter/` artifact as a version of the task's model; returns the version.
 
     Idempotent: a run already registered returns its existing version (safe to retry)."""
@@ -66,8 +67,10 @@ def register_adapter(run_id: str, task: str, base_model: str, score: float, job_
             raise
     for version in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
         return version.version
-    tags = {store.TAG_BASE_MODEL: base_model, TAG_SCORE: repr(float(score)), store.TAG_JOB_KEY: job_key, store.TAG_TASK: task}
-    return client.create_model_version(name, f"runs:/{run_id}/{store.ADAPTER_ARTIFACT}", run_id=run_id, tags=tags).version
+    tags = {store.TAG_BASE_MODEL: base_model, TAG_SCORE: repr(float(score)), store.TAG_JOB_KEY: job_key,
+            store.TAG_TASK: task}
+    source = f"runs:/{run_id}/{store.ADAPTER_ARTIFACT}"
+    return client.create_model_version(name, source, run_id=run_id, tags=tags).version
 
 
 def versions(task: str, uri: str | None = None) -> list[ModelVersion]:
@@ -135,10 +138,12 @@ def promote(task: str, version: str | int, uri: str | None = None) -> None:
     client = store.client(uri)
     known = versions(task, uri)
     if str(version) not in {str(v.version) for v in known}:
-        raise NotFound(f"{model_name(task)} has no version {version}; versions: {', '.join(str(v.version) for v in known) or 'none'}")
+        listed = ", ".join(str(v.version) for v in known) or "none"
+        raise NotFound(f"{model_name(task)} has no version {version}; versions: {listed}")
     call_with_retry(client.set_registered_model_alias, model_name(task), CHAMPION, str(version))
     call_with_retry(client.set_registered_model_tag, model_name(task), TAG_PINNED_VERSION, str(version))
-    call_with_retry(client.set_registered_model_tag, model_name(task), TAG_PINNED_AFTER, str(max(int(v.version) for v in known)))
+    highest = str(max(int(v.version) for v in known))
+    call_with_retry(client.set_registered_model_tag, model_name(task), TAG_PINNED_AFTER, highest)
 
 
 def unpin(task: str, uri: str | None = None) -> str | None:
@@ -208,7 +213,8 @@ def _all_pages(search: Callable[..., Any], filter_string: str) -> list[Any]:
 
 
 def resolve_run_id(ref: str, uri: str | None = None) -> str:
-    """The run behind a reference: a run id, `runs:/<id>[/...]`, `models:/<name>/<version>` or `models:/<name>@<alias>`."""
+    """The run behind a reference: a run id, `runs:/<id>[/...]`, `models:/<name>/<version>` or
+    `models:/<name>@<alias>`."""
     client = store.client(uri)
     if ref.startswith("runs:/"):
         return ref[len("runs:/"):].split("/", 1)[0]
@@ -233,7 +239,7 @@ def download_adapter(ref: str, dst: str | Path | None = None, uri: str | None = 
     artifacts do not change once it finished). The download is staged and renamed into place."""
     run_id = resolve_run_id(ref, uri)
     target = Path(dst) if dst else data_home() / "adapters" / run_id
-    if (target / "adapter_model.safetensors").is_file():
+    if (target / ADAPTER_WEIGHTS).is_file():
         return target
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -262,9 +268,11 @@ def load_adapter_model(ref: str, device: str = "auto", uri: str | None = None, d
         raise ValueError(f"run {run_id} has no {store.TAG_BASE_MODEL} tag; was it logged by tracking.JobTracker?")
     spec = load_catalog().base_model(base_name)
     quant = QuantizationSettings.model_validate({key.split(".", 1)[1]: store.decode_param(value)
-                                                 for key, value in run.data.params.items() if key.startswith("quantization.")})
+                                                 for key, value in run.data.params.items()
+                                                 if key.startswith("quantization.")})
     folder = download_adapter(run_id, dst, uri)
-    named = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    named = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if named != spec.hf_id:
-        raise ValueError(f"adapter of run {run_id} was trained on {named!r}, but its run names base model {spec.name} ({spec.hf_id})")
+        raise ValueError(f"adapter of run {run_id} was trained on {named!r}, but its run names base model "
+                         f"{spec.name} ({spec.hf_id})")
     return load_adapter(load_base_model(spec, quant, resolve_device(device)), folder)

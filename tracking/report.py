@@ -18,8 +18,7 @@ Files (in `out_dir`, and under `report/` of the parent run):
 - study_headline.csv, study_vs_ours.csv and fig8_correlations.csv (tracking/study_analysis.py): the study's
   headline numbers for this sweep beside the study's own, per pair our score against the published one with the
   settings that differ, and the study's Fig 8-style correlation matrix.
-Each chart comes back as a `Chart` naming what it drew (read off the figure before saving), so a
-test can tell a chart with data from an empty grid.
+The charts are drawn by `tracking/charts.py`, each coming back as a `Chart` naming what it drew.
 """
 
 from __future__ import annotations
@@ -39,6 +38,14 @@ from core.paths import data_home
 from tracking import heuristics as heur
 from tracking import store
 from tracking import study_analysis as study
+from tracking.charts import (
+    Chart,
+    plot_correlations,
+    plot_finetuned_heatmap,
+    plot_lift_by_base_model,
+    plot_predictor,
+    plot_vs_study,
+)
 from tracking.retry import call_with_retry
 
 log = logging.getLogger(__name__)
@@ -66,17 +73,6 @@ class Section:
     image: str | None = None
 
 
-@dataclass(frozen=True)
-class Chart:
-    """A PNG of the report and the data drawn on it: finite heatmap cells, bars of finite height,
-    scatter points with finite coordinates."""
-
-    path: Path
-    cells: int = 0
-    bars: int = 0
-    points: int = 0
-
-
 @dataclass
 class Report:
     """What `build_report` wrote."""
@@ -98,8 +94,9 @@ def runs_frame(experiment_id: str, uri: str | None = None) -> pd.DataFrame:
     rows = []
     for run in store.job_runs(experiment_id, uri, status="FINISHED"):
         tags, metrics = run.data.tags, run.data.metrics
-        rows.append({"run_id": run.info.run_id, "job_key": tags.get(store.TAG_JOB_KEY), "kind": tags.get(store.TAG_KIND),
-                     "base_model": tags.get(store.TAG_BASE_MODEL), "task": tags.get(store.TAG_TASK),
+        rows.append({"run_id": run.info.run_id, "job_key": tags.get(store.TAG_JOB_KEY),
+                     "kind": tags.get(store.TAG_KIND), "base_model": tags.get(store.TAG_BASE_MODEL),
+                     "task": tags.get(store.TAG_TASK),
                      "category": tags.get(store.TAG_CATEGORY), "metric": tags.get(store.TAG_METRIC),
                      "score": metrics.get("score", math.nan), "peak_memory_mb": metrics.get("peak_memory_mb", math.nan),
                      "train_wall_time_s": metrics.get("train_wall_time_s", math.nan),
@@ -119,7 +116,8 @@ def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
         base[keys + ["category", "metric", "base_score", "base_run_id"]], on=keys, how="outer", suffixes=("", "_b"))
     for column in ("category", "metric"):
         board[column] = board[column].fillna(board.pop(f"{column}_b"))
-    board["category"] = [c if isinstance(c, str) and c else _catalog_category(t) for c, t in zip(board["category"], board["task"])]
+    board["category"] = [c if isinstance(c, str) and c else _catalog_category(t)
+                         for c, t in zip(board["category"], board["task"])]
     board["lift"] = board["finetuned_score"] - board["base_score"]
     best = board.groupby("task")["finetuned_score"].transform("max")
     board["best"] = board["finetuned_score"].notna() & (board["finetuned_score"] == best)
@@ -155,7 +153,8 @@ def study_comparison(board: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFra
 
 
 def heuristics_frame(tasks: list[str], unit: heur.LengthUnit, limit: int = heur.SAMPLE_ROWS) -> pd.DataFrame:
-    """tracking.heuristics for each task (index: task), lengths in `unit`; a task whose data cannot be read gets NaNs."""
+    """tracking.heuristics for each task (index: task), lengths in `unit`; a task whose data cannot be read gets
+    NaNs."""
     from core.catalog import load_catalog
 
     rows = {}
@@ -169,8 +168,9 @@ def heuristics_frame(tasks: list[str], unit: heur.LengthUnit, limit: int = heur.
 
 
 def correlations(features: pd.DataFrame, targets: pd.DataFrame) -> pd.DataFrame:
-    """Pearson r of every heuristic (rows) with every per-task target (columns); NaN below study.MIN_CORRELATION_TASKS tasks
-    or for a constant (the heuristics-by-targets block of `study.fig8_matrix`), and the count of tasks both have."""
+    """Pearson r of every heuristic (rows) with every per-task target (columns); NaN below study.MIN_CORRELATION_TASKS
+    tasks or for a constant (the heuristics-by-targets block of `study.fig8_matrix`), and the count of tasks both
+    have."""
     table = study.fig8_matrix(features, targets).loc[list(features.columns), list(targets.columns)]
     table["tasks"] = len(features.join(targets, how="inner"))
     return table.rename_axis("heuristic")
@@ -227,112 +227,6 @@ def lift_predictor(features: pd.DataFrame, lift: pd.Series, alpha: float = RIDGE
     return result
 
 
-def _catalog_category(task: str) -> str:
-    from core.catalog import load_catalog
-
-    try:
-        return load_catalog().task(task).category
-    except KeyError:
-        return "unknown"
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _annotated_heatmap(ax: Any, matrix: pd.DataFrame, cmap: str, vmin: float, vmax: float) -> Any:
-    values = matrix.to_numpy(dtype=float)
-    colours = _pyplot().get_cmap(cmap).with_extremes(bad="#dddddd")
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], rotation=30, ha="right")
-    ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index])
-    for (row, col), value in np.ndenumerate(values):
-        red, green, blue, _ = image.to_rgba(value) if not math.isnan(value) else (1.0, 1.0, 1.0, 1.0)
-        dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # white text on dark cells
-        ax.text(col, row, "n/a" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8,
-                color="white" if dark else "black")
-    return image
-
-
-def drawn(fig: Any, path: Path) -> Chart:
-    """What the figure's axes show, counted from its artists (see `Chart`)."""
-    from matplotlib.collections import PathCollection
-    from matplotlib.patches import Rectangle
-
-    cells = bars = points = 0
-    for ax in fig.axes:
-        cells += sum(int(np.isfinite(np.ma.filled(image.get_array().astype(float), np.nan)).sum()) for image in ax.images)
-        bars += sum(1 for patch in ax.patches if isinstance(patch, Rectangle) and math.isfinite(patch.get_height()))
-        for collection in ax.collections:
-            if isinstance(collection, PathCollection):
-                offsets: np.ndarray = np.ma.filled(np.ma.asarray(collection.get_offsets(), dtype=float), np.nan)
-                points += int(np.isfinite(offsets).all(axis=1).sum()) if offsets.size else 0
-    return Chart(path, cells, bars, points)
-
-
-def _save(fig: Any, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Chart:
-    chart = drawn(fig, path)
-    fig.tight_layout(rect=rect)
-    fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
-    return chart
-
-
-def plot_finetuned_heatmap(board: pd.DataFrame, path: Path) -> Chart:
-    """Fine-tuned score per task (rows) and base model (columns)."""
-    plt = _pyplot()
-    matrix = board.pivot_table(index="task", columns="base_model", values="finetuned_score", dropna=False)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * matrix.shape[1] + 3), max(4.0, 0.45 * matrix.shape[0] + 2)))
-    fig.colorbar(_annotated_heatmap(ax, matrix, "viridis", 0.0, 1.0), ax=ax, label="fine-tuned score")
-    ax.set_title("Fine-tuned score by task and base model")
-    return _save(fig, path)
-
-
-def plot_lift_by_base_model(board: pd.DataFrame, path: Path) -> Chart:
-    """Mean lift over base per base model (bars) with each task's lift (dots)."""
-    plt = _pyplot()
-    models = sorted(board["base_model"].dropna().unique())
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(models) + 3), 4.5))
-    means = [board.loc[board["base_model"] == m, "lift"].mean() for m in models]
-    ax.bar(range(len(models)), means, color="#4c72b0", alpha=0.8, label="mean over tasks")  # NaN: no bar
-    for i, model in enumerate(models):
-        lifts = board.loc[board["base_model"] == model, "lift"].dropna()
-        ax.scatter(np.full(len(lifts), i) + np.linspace(-0.2, 0.2, len(lifts)), lifts, color="#dd8452", zorder=3,
-                   label="one task" if i == 0 else None)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
-    ax.set_ylabel("lift (fine-tuned - base)")
-    ax.set_title("Lift from fine-tuning, per base model")
-    ax.legend()
-    return _save(fig, path)
-
-
-def plot_vs_study(comparison: pd.DataFrame, path: Path) -> Chart:
-    """Per task: our fine-tuned score, the study's (same base models, averaged) and GPT-4's."""
-    plt = _pyplot()
-    per_task = comparison.groupby("task")[["finetuned_score", "study_finetuned_score", "gpt4_score"]].mean()
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(per_task) + 3), 5))
-    width = 0.27
-    labels = {"finetuned_score": "ours (fine-tuned)", "study_finetuned_score": "study (fine-tuned)", "gpt4_score": "GPT-4 (study)"}
-    for offset, (column, label) in zip((-width, 0.0, width), labels.items()):
-        ax.bar(np.arange(len(per_task)) + offset, per_task[column], width, label=label)  # NaN: no bar
-    ax.set_xticks(range(len(per_task)), per_task.index, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("score (task metric)")
-    ax.set_title("Ours against the LoRA Land study, same base models and tasks")
-    ax.legend()
-    fig.text(0.01, 0.005, f"Source: {STUDY_SOURCE}", fontsize=6, ha="left", va="bottom", wrap=True)
-    return _save(fig, path, rect=(0, 0.05, 1, 1))
-
-
 def correlation_gap(table: pd.DataFrame) -> str | None:
     """Why `correlations` gave no number to plot ("n/a: needs at least 3 tasks (this sweep has 2)"), or None."""
     tasks = int(table["tasks"].iloc[0]) if len(table) else 0
@@ -343,33 +237,13 @@ def correlation_gap(table: pd.DataFrame) -> str | None:
     return None
 
 
-def plot_correlations(table: pd.DataFrame, path: Path) -> Chart:
-    """Pearson r of each heuristic with mean base score, fine-tuned score and lift per task."""
-    plt = _pyplot()
-    matrix = table[list(TARGETS)]
-    fig, ax = plt.subplots(figsize=(7, max(5.0, 0.4 * len(matrix) + 1.5)))
-    fig.colorbar(_annotated_heatmap(ax, matrix, "RdBu_r", -1.0, 1.0), ax=ax, label="Pearson r")
-    tasks = int(table["tasks"].iloc[0]) if len(table) else 0
-    ax.set_title(f"Task heuristics vs results (Pearson r, {tasks} tasks)")
-    return _save(fig, path)
+def _catalog_category(task: str) -> str:
+    from core.catalog import load_catalog
 
-
-def plot_predictor(predictor: dict[str, Any], lift: pd.Series, path: Path) -> Chart:
-    """Leave-one-task-out predicted lift against the actual mean lift of each task."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5))
-    predicted = pd.Series(predictor["loo_predictions"], dtype=float)
-    actual = lift.reindex(predicted.index)
-    ax.scatter(actual, predicted, color="#4c72b0", zorder=3)
-    for task in predicted.index:
-        ax.annotate(str(task), (actual[task], predicted[task]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ends = [np.nanmin([*actual, *predicted, 0.0]), np.nanmax([*actual, *predicted, 0.0])]
-    ax.plot(ends, ends, color="grey", linestyle="--", label="perfect")
-    ax.set_xlabel("actual mean lift")
-    ax.set_ylabel("predicted (leave one task out)")
-    ax.set_title(f"Lift predictor: LOO MAE {predictor['loo_mae']:.3f} (mean-only {predictor['baseline_loo_mae']:.3f})")
-    ax.legend()
-    return _save(fig, path)
+    try:
+        return load_catalog().task(task).category
+    except KeyError:
+        return "unknown"
 
 
 # --------------------------------------------------------------------------- documents
@@ -401,10 +275,11 @@ def render_markdown(title: str, sections: list[Section]) -> str:
 
 def render_html(title: str, sections: list[Section]) -> str:
     """The report as one self-contained HTML page (images referenced next to it)."""
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:right}th{background:#f3f3f3}img{max-width:100%}")
+    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
+    parts = [f"<!doctype html><html><head>{head}</head><body>", f"<h1>{html.escape(title)}</h1>"]
     for section in sections:
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
         if section.text:
@@ -432,10 +307,10 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
     out.mkdir(parents=True, exist_ok=True)
     board = leaderboard(runs)
     files = []
-    charts: dict[str, Chart] = {}
+    drawn: dict[str, Chart] = {}
 
     def chart(made: Chart) -> str:
-        charts[made.path.name] = made
+        drawn[made.path.name] = made
         return made.path.name
 
     def table(frame: pd.DataFrame, name: str, index: bool = False) -> pd.DataFrame:
@@ -456,20 +331,20 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
         Section("Lift per base model", image=chart(plot_lift_by_base_model(board, out / "lift_by_base_model.png"))),
     ]
     reference = pd.read_csv(STUDY_SCORES)
+    tasks = sorted(board["task"].dropna().unique())
     comparison = study_comparison(board, reference)
     if len(comparison):
         shared = table(comparison.drop(columns=["finetuned_run_id"]), "vs_study.csv")
         sections.append(Section("Against the study", f"Pairs this sweep shares with the study. Source: {STUDY_SOURCE}.",
-                                shared, chart(plot_vs_study(shared, out / "vs_study.png"))))
+                                shared, chart(plot_vs_study(shared, STUDY_SOURCE, out / "vs_study.png"))))
     sections += [
-        Section("Headline numbers against the study", "Means over (task, base model) pairs; GPT-4 / GPT-3.5 from the study's "
-                "table over the tasks with a fine-tune; margins = best fine-tune - GPT-4 per task. Scores of this sweep use "
-                "each run's `evaluation.scoring` (see study_vs_ours.csv). Source: " + STUDY_SOURCE + ".",
+        Section("Headline numbers against the study", "Means over (task, base model) pairs; GPT-4 / GPT-3.5 from the "
+                "study's table over the tasks with a fine-tune; margins = best fine-tune - GPT-4 per task. Scores of "
+                "this sweep use each run's `evaluation.scoring` (see study_vs_ours.csv). Source: " + STUDY_SOURCE + ".",
                 table(study.headline(board, reference), "study_headline.csv")),
-        Section("Study vs ours", "Per pair the study also ran: published fine-tuned score, ours, the difference, and our "
-                "settings that differ from the study's (scoring, evaluated rows, training steps).",
-                table(study.study_vs_ours(comparison, runs, study.study_rules_of(sorted(board["task"].dropna().unique()))),
-                      "study_vs_ours.csv")),
+        Section("Study vs ours", "Per pair the study also ran: published fine-tuned score, ours, the difference, and "
+                "our settings that differ from the study's (scoring, evaluated rows, training steps).",
+                table(study.study_vs_ours(comparison, runs, study.study_rules_of(tasks)), "study_vs_ours.csv")),
     ]
     targets = task_means(board)
     if features is None:
@@ -481,20 +356,25 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
     (out / "predictor.json").write_text(json.dumps(predictor, indent=2, default=float))
     files.append(out / "predictor.json")
     gap = correlation_gap(corr)
-    fig8 = table(study.fig8_matrix(features, study.task_scores(board, targets, reference)), "fig8_correlations.csv", index=True)
+    heatmap = None if gap else chart(plot_correlations(corr[list(TARGETS)], int(corr["tasks"].iloc[0]),
+                                                       out / "heuristics_correlation.png"))
+    fig8 = table(study.fig8_matrix(features, study.task_scores(board, targets, reference)), "fig8_correlations.csv",
+                 index=True)
+    minimum = study.MIN_CORRELATION_TASKS
     sections += [
-        Section("Task complexity heuristics", f"Per task, from a seeded random sample of up to {heuristics_limit} training "
-                f"examples (tracking/heuristics.py: lengths in {length_unit}{heur.unit_note(str(length_unit))}, ROUGE-L of output vs "
-                "input, zlib compressibility).",
+        Section("Task complexity heuristics", f"Per task, from a seeded random sample of up to {heuristics_limit} "
+                f"training examples (tracking/heuristics.py: lengths in {length_unit}"
+                f"{heur.unit_note(str(length_unit))}, ROUGE-L of output vs input, zlib compressibility).",
                 features.reset_index()),
         Section("Correlation with results", f"Pearson r with the per-task mean over base models: {gap}." if gap else
-                f"Pearson r with the per-task mean over base models (n/a below {study.MIN_CORRELATION_TASKS} tasks or for a constant).",
-                None if gap else corr.reset_index(), None if gap else chart(plot_correlations(corr, out / "heuristics_correlation.png"))),
+                f"Pearson r with the per-task mean over base models (n/a below {minimum} tasks or for a constant).",
+                None if gap else corr.reset_index(), heatmap),
         Section("Correlation matrix (the study's Fig 8)", "Pearson r among the heuristics and the per-task mean base, "
                 "fine-tuned and lift scores, GPT-4's score and the best fine-tune's lift over GPT-4 (n/a below "
-                f"{study.MIN_CORRELATION_TASKS} tasks or for a constant).", fig8.round(2).reset_index(names="")),
-        Section("Predicting lift from the heuristics", f"{predictor['model']}: {predictor['tasks']} tasks, leave-one-task-out "
-                f"MAE {_fmt(predictor['loo_mae'])} against {_fmt(predictor['baseline_loo_mae'])} for predicting the mean.",
+                f"{minimum} tasks or for a constant).", fig8.round(2).reset_index(names="")),
+        Section("Predicting lift from the heuristics", f"{predictor['model']}: {predictor['tasks']} tasks, "
+                f"leave-one-task-out MAE {_fmt(predictor['loo_mae'])} against {_fmt(predictor['baseline_loo_mae'])} "
+                "for predicting the mean.",
                 image=chart(plot_predictor(predictor, targets["lift"], out / "lift_predictor.png"))
                 if predictor["loo_predictions"] else None),
     ]
@@ -502,7 +382,7 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
     (out / "leaderboard.md").write_text(render_markdown(title, sections))
     (out / "leaderboard.html").write_text(render_html(title, sections))
     files += [out / "leaderboard.md", out / "leaderboard.html"]
-    return Report(out, files, board, predictor=predictor, length_unit=str(length_unit), charts=charts)
+    return Report(out, files, board, predictor=predictor, length_unit=str(length_unit), charts=drawn)
 
 
 def build_report(experiment: str, out_dir: str | Path | None = None, uri: str | None = None, log_to_run: bool = True,
@@ -516,15 +396,16 @@ def build_report(experiment: str, out_dir: str | Path | None = None, uri: str | 
     store.check_reachable(uri, existing=True)
     experiment_id = store.experiment_id_for(experiment, uri)
     out = Path(out_dir) if out_dir else data_home() / "reports" / experiment
-    report = write_report(runs_frame(experiment_id, uri), out, f"LoRA Land leaderboard: {experiment}", features, heuristics_limit,
-                          length_unit)
+    report = write_report(runs_frame(experiment_id, uri), out, f"LoRA Land leaderboard: {experiment}", features,
+                          heuristics_limit, length_unit)
     parent = store.find_sweep_run(experiment_id, uri=uri)
     if log_to_run and parent is not None:
         report.parent_run_id = parent.info.run_id
         call_with_retry(store.client(uri).log_artifacts, parent.info.run_id, str(out), "report")
         call_with_retry(store.client(uri).set_tag, parent.info.run_id, "report.length_unit", report.length_unit)
         board = report.leaderboard
-        summary = {"report.mean_finetuned_score": board["finetuned_score"].mean(), "report.mean_lift": board["lift"].mean(),
+        summary = {"report.mean_finetuned_score": board["finetuned_score"].mean(),
+                   "report.mean_lift": board["lift"].mean(),
                    "report.lift_predictor_loo_mae": report.predictor.get("loo_mae", math.nan)}
         store.log_metrics(parent.info.run_id, [store.metric(k, v) for k, v in summary.items() if math.isfinite(v)], uri)
     elif log_to_run:

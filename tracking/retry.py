@@ -75,7 +75,9 @@ def budget_s(attempts: int = ATTEMPTS, base_s: float = BASE_DELAY_S, max_s: floa
     return sum(backoff_delays(attempts, base_s, max_s)) * (1 - JITTER)
 
 
-def jittered_backoff(base_s: float = BASE_DELAY_S, max_s: float = MAX_DELAY_S) -> Callable[[tenacity.RetryCallState], float]:
+def jittered_backoff(
+    base_s: float = BASE_DELAY_S, max_s: float = MAX_DELAY_S
+) -> Callable[[tenacity.RetryCallState], float]:
     """A tenacity wait: after attempt n, `backoff_delays`' n-th sleep times 1 +- JITTER."""
 
     def wait(state: tenacity.RetryCallState) -> float:

@@ -56,7 +56,10 @@ def run_scores(run_ids: list[str], uri: str | None = None) -> dict[str, RunScore
             continue
         metrics = run.data.metrics
         score, base = _finite(metrics.get("score")), _finite(metrics.get("base_score"))
-        lift = _finite(metrics.get("lift")) if "lift" in metrics else (score - base if score is not None and base is not None else None)
+        if "lift" in metrics:
+            lift = _finite(metrics.get("lift"))
+        else:
+            lift = score - base if score is not None and base is not None else None
         found[run_id] = RunScores(run_id, run.info.experiment_id, score, base, lift)
     return found
 
@@ -81,8 +84,9 @@ def _number(text: str | None) -> float | None:
 def study_scores(path: Path = STUDY_SCORES) -> dict[tuple[str, str], StudyScores]:
     """The study's table (tracking/reference/lora_land_paper_scores.csv) by (task, base model)."""
     with open(path, newline="") as handle:
-        return {(row["task"], row["base_model"]): StudyScores(_number(row.get("base_score")), _number(row.get("finetuned_score")),
-                                                             _number(row.get("gpt35_score")), _number(row.get("gpt4_score")))
+        return {(row["task"], row["base_model"]): StudyScores(
+                    _number(row.get("base_score")), _number(row.get("finetuned_score")),
+                    _number(row.get("gpt35_score")), _number(row.get("gpt4_score")))
                 for row in csv.DictReader(handle)}
 
 

@@ -25,12 +25,28 @@ POLL_S = 0.5
 STOP_TIMEOUT_S = 15.0
 
 
-def server_command(backend_store_uri: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 1,
-                   artifacts_destination: str | Path | None = None, default_artifact_root: str | None = None) -> list[str]:
+def server_command(
+    backend_store_uri: str,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    workers: int = 1,
+    artifacts_destination: str | Path | None = None,
+    default_artifact_root: str | None = None,
+) -> list[str]:
     """`mlflow server ...` as an argument list (the mlflow next to this Python)."""
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent))
     command = [mlflow] if mlflow else [sys.executable, "-m", "mlflow"]
-    command += ["server", "--backend-store-uri", backend_store_uri, "--host", host, "--port", str(port), "--workers", str(workers)]
+    command += [
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     if artifacts_destination:
         command += ["--artifacts-destination", str(artifacts_destination)]
     if default_artifact_root:
@@ -43,7 +59,8 @@ class _NotHealthyYet(Exception):
 
 
 def _check_health(url: str, process: subprocess.Popen | None) -> None:
-    """One poll: returns when `<url>/health` answers 200; RuntimeError when `process` has exited; _NotHealthyYet otherwise."""
+    """One poll: returns when `<url>/health` answers 200; RuntimeError when `process` has exited; _NotHealthyYet
+    otherwise."""
     if process is not None and process.poll() is not None:
         raise RuntimeError(f"MLflow exited with code {process.returncode} before answering {url}/health")
     try:
@@ -56,7 +73,8 @@ def _check_health(url: str, process: subprocess.Popen | None) -> None:
 
 
 def wait_healthy(url: str, timeout_s: float = START_TIMEOUT_S, process: subprocess.Popen | None = None) -> None:
-    """Poll `<url>/health` (at least once) until it answers 200; TimeoutError after `timeout_s`, RuntimeError if `process` exits."""
+    """Poll `<url>/health` (at least once) until it answers 200; TimeoutError after `timeout_s`, RuntimeError if
+    `process` exits."""
     polling = tenacity.Retrying(stop=tenacity.stop_after_delay(timeout_s), wait=tenacity.wait_fixed(POLL_S),
                                 retry=tenacity.retry_if_exception_type(_NotHealthyYet), reraise=True)
     try:
@@ -65,16 +83,21 @@ def wait_healthy(url: str, timeout_s: float = START_TIMEOUT_S, process: subproce
         raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f}s") from None
 
 
-def start_server(command: list[str], url: str, log_file: str | Path | None = None, wait: bool = True) -> subprocess.Popen:
+def start_server(
+    command: list[str], url: str, log_file: str | Path | None = None, wait: bool = True
+) -> subprocess.Popen:
     """Start an MLflow server command in its own process group; with `wait`, return once `url` is healthy (a server
     that fails to come up, or an interrupt while waiting, stops it again).
 
     The caller owns the process: `stop_server(process)` stops it and every process it started."""
-    # MLflow's background job runners (GenAI scorers and the like) are not used here, and starting them slows every start.
+    # MLflow's background job runners (GenAI scorers and the like) are not used here, and starting them slows every
+    # start.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | dict(os.environ)
     if log_file:
         with open(log_file, "ab") as output:  # the child keeps its own copy
-            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            process = subprocess.Popen(
+                command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
     else:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
                                    env=env)
@@ -88,8 +111,8 @@ def start_server(command: list[str], url: str, log_file: str | Path | None = Non
 
 
 def stop_server(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """Stop a server started by `start_server` and its whole process tree (mlflow runs uvicorn workers and a job runner as
-    children): see `stop_tree`; then reap `process`."""
+    """Stop a server started by `start_server` and its whole process tree (mlflow runs uvicorn workers and a job runner
+    as children): see `stop_tree`; then reap `process`."""
     stop_tree(process.pid, timeout_s)
     process.wait(timeout_s)
 

@@ -323,8 +323,10 @@ def sweep_lease(run_id: str, sweep_name: str, uri: str | None = None) -> Iterato
     for attempt in range(2):  # claim, then read back once both of two racing drivers have written
         holder = _other_live_driver(_driver_record(run_id, uri), token)
         if holder:
-            raise Conflict(f"sweep {sweep_name} is being run by another driver ({holder}); wait for it to end, or stop it "
-                             f"(`ray job stop`); a driver that died frees the sweep after {LEASE_STALE_S:.0f}s")
+            raise Conflict(
+                f"sweep {sweep_name} is being run by another driver ({holder}); wait for it to end, or stop it "
+                f"(`ray job stop`); a driver that died frees the sweep after {LEASE_STALE_S:.0f}s"
+            )
         if attempt == 0:
             call_with_retry(client(uri).set_tag, run_id, TAG_DRIVER, mine())
             time.sleep(LEASE_SETTLE_S)
@@ -377,8 +379,12 @@ def find_base_score(experiment_id: str, base_model: str, task: str, uri: str | N
     return scores[-1] if scores else None
 
 
-def close_stale_runs(experiment_id: str, job_keys: Iterable[str] | None = None, reason: str = "worker lost: run left RUNNING",
-                     uri: str | None = None) -> list[str]:
+def close_stale_runs(
+    experiment_id: str,
+    job_keys: Iterable[str] | None = None,
+    reason: str = "worker lost: run left RUNNING",
+    uri: str | None = None,
+) -> list[str]:
     """Mark RUNNING job runs FAILED (a worker killed by SIGKILL never ends its run); returns their ids.
 
     The driver calls this for jobs it knows are not running (Ray reported the worker dead, or at

@@ -4,7 +4,8 @@ Pure pandas over `tracking.report.leaderboard` frames and the study's published 
 (tracking/reference/lora_land_paper_scores.csv): no MLflow here. `tracking/report.py` writes what these return.
 
 - `headline`: mean fine-tuned vs mean base vs GPT-4 / GPT-3.5, how many tasks the best fine-tune beats GPT-4 on and
-  by how much (ties counted on neither side), the best base model overall; once for the sweep and once for the study's own table, side by side.
+  by how much (ties counted on neither side), the best base model overall; once for the sweep and once for the study's
+  own table, side by side.
 - `fig8_matrix`: the study's Fig 8-style Pearson matrix of the task heuristics against the per-task base, fine-tuned,
   lift and GPT-4 scores, and among themselves.
 - `study_vs_ours`: per (base model, task), the published fine-tuned score, ours, the difference, and which of our
@@ -20,11 +21,32 @@ import pandas as pd
 STUDY_STEPS = 40000
 STUDY_ROWS = 1000
 MIN_CORRELATION_TASKS = 3  # a Pearson r over fewer tasks means nothing
-HEADLINE_COLUMNS = ["source", "tasks", "pairs", "mean_base_score", "mean_finetuned_score", "mean_best_finetuned_score",
-                    "gpt4_mean", "gpt35_mean", "tasks_best_beats_gpt4", "tasks_gpt4_beats_best", "mean_margin_over_gpt4",
-                    "mean_margin_where_beaten", "best_base_model", "best_base_model_mean"]
-VS_COLUMNS = ["base_model", "task", "study_finetuned_score", "finetuned_score", "difference", "scoring", "failed_generations",
-              "differs"]
+HEADLINE_COLUMNS = [
+    "source",
+    "tasks",
+    "pairs",
+    "mean_base_score",
+    "mean_finetuned_score",
+    "mean_best_finetuned_score",
+    "gpt4_mean",
+    "gpt35_mean",
+    "tasks_best_beats_gpt4",
+    "tasks_gpt4_beats_best",
+    "mean_margin_over_gpt4",
+    "mean_margin_where_beaten",
+    "best_base_model",
+    "best_base_model_mean",
+]
+VS_COLUMNS = [
+    "base_model",
+    "task",
+    "study_finetuned_score",
+    "finetuned_score",
+    "difference",
+    "scoring",
+    "failed_generations",
+    "differs",
+]
 SETTING_COLUMNS = ("scoring", "max_steps", "eval_limit")  # run columns `study_vs_ours` reads
 
 
@@ -104,7 +126,9 @@ def study_vs_ours(comparison: pd.DataFrame, runs: pd.DataFrame, study_rules: dic
     settings = runs.set_index("run_id")[[*SETTING_COLUMNS, "failed_generations"]]
     pairs = comparison.merge(settings, left_on="finetuned_run_id", right_index=True, how="left")
     pairs["difference"] = pairs["finetuned_score"] - pairs["study_finetuned_score"]
-    pairs["differs"] = ["; ".join(_differences(run, study_rules.get(run["task"], False))) for _, run in pairs.iterrows()]
+    pairs["differs"] = [
+        "; ".join(_differences(run, study_rules.get(run["task"], False))) for _, run in pairs.iterrows()
+    ]
     pairs["scoring"] = [scoring if isinstance(scoring, str) else "" for scoring in pairs["scoring"]]
     return pairs[VS_COLUMNS].sort_values(["task", "base_model"]).reset_index(drop=True)
 

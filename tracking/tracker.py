@@ -13,9 +13,11 @@
 - A retried job reuses its run (found by the `loraland.job_key` tag) instead of making a second one.
 - System metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) are sampled every
   `system_metrics_interval_s` by MLflow's monitor, logged as `system/...`.
-- Peak memory: `start` resets the process's peak (`jobs.train.reset_peak_memory`: a reused Ray worker
+- Peak memory: `start` resets the process's peak (`jobs.peak_memory.reset_peak_memory`: a reused Ray worker
   must not inherit an earlier job's), `finish` logs `peak_memory_mb` for every job kind (a train job's
   own figure, measured at the end of training, takes precedence).
+- What the job is comes from its own config (`for_job`: the whole task entry, whichever catalogue it came from), and
+  what it trained on from its result (`JobResult.training_examples`, in memory only): nothing is looked up again.
 """
 
 from __future__ import annotations
@@ -29,27 +31,34 @@ from typing import Any
 import pandas as pd
 from mlflow.entities import DatasetInput, InputTag, Metric, RunTag
 
+from core.schemas import TaskSpec
 from jobs.config import JobConfig
 from jobs.result import JobResult
 from tracking import store
+from tracking.cards import evaluation_settings, publish_task_card
 from tracking.registry import register_adapter, update_champion
 from tracking.retry import call_with_retry
 
 log = logging.getLogger(__name__)
 
-TRAIN_DATASET_ROWS = 1000  # rows of the training set logged as the run's training input (a sample for big sets)
-
 
 class JobTracker:
-    """Logs one job (train or evaluate_base) to its child run of the sweep's experiment."""
+    """Logs one job (train or evaluate_base) to its child run of the sweep's experiment.
+
+    `task_spec` is the job's task entry (`for_job` passes the job config's): its category and metric become tags, its
+    data source the datasets' source. Without it (a tracker built by hand) those tags are not set and the datasets'
+    source is unknown."""
 
     def __init__(self, experiment_id: str, job_key: str, base_model: str, task: str, kind: str = "train", *,
                  parent_run_id: str | None = None, sweep: str | None = None, uri: str | None = None,
                  system_metrics: bool = True, system_metrics_interval_s: float = 10.0, flush_interval_s: float = 5.0,
-                 register: bool = True, device: str = "cpu"):
+                 register: bool = True, device: str = "cpu", task_spec: TaskSpec | None = None):
         if not job_key:
             raise ValueError("a tracked job needs a job_key (its run is found again by it)")
-        self.experiment_id, self.job_key, self.base_model, self.task, self.kind = experiment_id, job_key, base_model, task, kind
+        if task_spec is not None and task_spec.name != task:
+            raise ValueError(f"task {task!r} and its entry {task_spec.name!r} differ")
+        self.experiment_id, self.job_key, self.kind = experiment_id, job_key, kind
+        self.base_model, self.task, self.task_spec = base_model, task, task_spec
         self.parent_run_id, self.sweep = parent_run_id, sweep or job_key.split("/", 1)[0]
         self.uri = store.resolve_tracking_uri(uri)
         self.system_metrics, self.system_metrics_interval_s = system_metrics, system_metrics_interval_s
@@ -68,22 +77,23 @@ class JobTracker:
     @classmethod
     def for_job(cls, config: JobConfig, experiment_id: str, parent_run_id: str | None = None, uri: str | None = None,
                 **options: Any) -> JobTracker:
-        """A tracker for the job `config` describes (peak memory measured on the device it runs on)."""
+        """A tracker for the job `config` describes: its own task entry, peak memory measured on its device."""
+        defaults: dict[str, Any] = {"device": _job_device(config.device), "task_spec": config.task}
         return cls(experiment_id, config.job_key, config.base_model.name, config.task.name, config.kind,
-                   parent_run_id=parent_run_id, uri=uri, **({"device": _job_device(config.device)} | options))
+                   parent_run_id=parent_run_id, uri=uri, **(defaults | options))
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> str:
-        """Find or create the job's run, set it RUNNING, start system metrics and the step flusher; reset the peak memory."""
+        """Find or create the job's run, set it RUNNING, start system metrics and the step flusher; reset the peak
+        memory."""
         from jobs.peak_memory import reset_peak_memory
 
         reset_peak_memory(self.device)
-        tags = {store.TAG_ROLE: "job", store.TAG_JOB_KEY: self.job_key, store.TAG_KIND: self.kind, store.TAG_SWEEP: self.sweep,
-                store.TAG_BASE_MODEL: self.base_model, store.TAG_TASK: self.task}
-        task = _task_spec(self.task)
-        if task is not None:
-            tags |= {store.TAG_CATEGORY: task.category, store.TAG_METRIC: task.metric}
+        tags = {store.TAG_ROLE: "job", store.TAG_JOB_KEY: self.job_key, store.TAG_KIND: self.kind,
+                store.TAG_SWEEP: self.sweep, store.TAG_BASE_MODEL: self.base_model, store.TAG_TASK: self.task}
+        if self.task_spec is not None:
+            tags |= {store.TAG_CATEGORY: self.task_spec.category, store.TAG_METRIC: self.task_spec.metric}
         if self.parent_run_id:
             tags[store.TAG_PARENT] = self.parent_run_id
         run, created = store.find_or_create_run(self.experiment_id, store.tag_filter(job_key=self.job_key),
@@ -158,17 +168,21 @@ class JobTracker:
         store.log_params(run_id, {"job_key": result.job_key, **result.params}, self.uri)
         self._log_history(result.history)
         self.flush()
-        store.log_metrics(run_id, [store.metric(k, v) for k, v in self._final_metrics(result, base_score).items()], self.uri)
+        store.log_metrics(run_id, [store.metric(k, v) for k, v in self._final_metrics(result, base_score).items()],
+                          self.uri)
         existing = {item.path for item in call_with_retry(self._client.list_artifacts, run_id)}
         self._log_datasets(result)
         if result.predictions and store.PREDICTIONS_FILE not in existing:  # log_table appends: never twice
             call_with_retry(self._client.log_table, run_id, pd.DataFrame(result.predictions), store.PREDICTIONS_FILE)
         if result.adapter_dir:
             call_with_retry(self._client.log_artifacts, run_id, result.adapter_dir, store.ADAPTER_ARTIFACT)
+        if result.adapter_dir and self.task_spec is not None:  # what the page shows of the task (tracking/cards.py)
+            publish_task_card(run_id, self.task_spec, evaluation_settings(result.params), self.uri)
         call_with_retry(self._client.set_terminated, run_id, "FINISHED")
         self._ended = True
         if self.register and self.kind == "train" and result.adapter_dir:
-            self.model_version = register_adapter(run_id, result.task, result.base_model, result.score, result.job_key, self.uri)
+            self.model_version = register_adapter(run_id, result.task, result.base_model, result.score, result.job_key,
+                                                  self.uri)
             update_champion(result.task, self.uri)
         return run_id
 
@@ -230,9 +244,11 @@ class JobTracker:
     def _final_metrics(self, result: JobResult, base_score: float | None) -> dict[str, float]:
         from jobs.peak_memory import peak_memory_mb
 
-        values: dict[str, float] = {"score": result.score, result.metric: result.score, "eval_examples": float(result.examples),
+        values: dict[str, float] = {"score": result.score, result.metric: result.score,
+                                    "eval_examples": float(result.examples),
                                     "eval_failed_generations": float(result.failed_generations),
-                                    "job_wall_time_s": time.monotonic() - self._started, "peak_memory_mb": peak_memory_mb(self.device)}
+                                    "job_wall_time_s": time.monotonic() - self._started,
+                                    "peak_memory_mb": peak_memory_mb(self.device)}
         if result.kind == "evaluate_base":
             values["base_score"] = result.score
         elif base_score is not None:
@@ -241,23 +257,21 @@ class JobTracker:
         return {key: float(value) for key, value in values.items() if _finite(value)}
 
     def _log_datasets(self, result: JobResult) -> None:
-        """The evaluation rows (prompt, gold) and, for a train job, the training rows as the run's inputs."""
+        """The evaluation rows (prompt, gold) and the training examples the result carries (prompt, completion, as
+        trained on) as the run's inputs."""
         from mlflow.data.pandas_dataset import from_pandas
 
-        task = _task_spec(result.task)
         frames = []
         if result.predictions:
             frames.append(("evaluation", pd.DataFrame({"prompt": [p["prompt"] for p in result.predictions],
                                                        "gold": [str(p["gold"]) for p in result.predictions]}), "gold"))
-        if result.kind == "train" and task is not None:
-            try:
-                frames.append(("training", _training_frame(task), "completion"))
-            except Exception as error:
-                log.warning("training dataset of %s not logged: %s", result.job_key, error)
+        if result.training_examples:
+            frames.append(("training", pd.DataFrame(result.training_examples, columns=["prompt", "completion"]),
+                           "completion"))
         inputs = []
         for context, frame, target in frames:
-            dataset = from_pandas(frame, source=_dataset_source(task, context), name=f"{result.task}-{context}",
-                                              targets=target)
+            source = _dataset_source(self.task_spec, context)
+            dataset = from_pandas(frame, source=source, name=f"{result.task}-{context}", targets=target)
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
         if inputs:
             call_with_retry(self._client.log_inputs, self._require_run(), inputs)
@@ -278,25 +292,7 @@ def _job_device(preference: str) -> str:
         return "cpu"
 
 
-def _task_spec(name: str) -> Any:
-    from core.catalog import load_catalog
-
-    try:
-        return load_catalog().task(name)
-    except KeyError:
-        return None
-
-
-def _training_frame(task: Any) -> pd.DataFrame:
-    """The first TRAIN_DATASET_ROWS training rows as (prompt, completion), as the model was trained on them."""
-    from core.prompts import completion_for, prompt_for
-    from jobs.data import train_rows
-
-    rows = train_rows(task, TRAIN_DATASET_ROWS)
-    return pd.DataFrame({"prompt": [prompt_for(task, r) for r in rows], "completion": [completion_for(task, r) for r in rows]})
-
-
-def _dataset_source(task: Any, context: str) -> Any:
+def _dataset_source(task: TaskSpec | None, context: str) -> Any:
     """Where the task's data comes from, as an MLflow dataset source (Hub id, or the catalogue's source)."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource

@@ -21,7 +21,9 @@ def ui_command(uri: str | None = None, host: str = "127.0.0.1", port: int = DEFA
     A ConfigError when tracking goes to an http(s) server (that server is the UI)."""
     resolved = store.resolve_tracking_uri(uri)
     if store.is_server_uri(resolved):
-        raise ConfigError("tracking URI", [f"tracking goes to the server {resolved}: open it in a browser, there is no UI to start"])
+        raise ConfigError(
+            "tracking URI", [f"tracking goes to the server {resolved}: open it in a browser, there is no UI to start"]
+        )
     return server_command(resolved, host, port, default_artifact_root=store.artifact_root(resolved))
 
 

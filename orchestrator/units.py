@@ -1,0 +1,191 @@
+"""The work units the scheduler runs (orchestrator/scheduler.py): the `WorkUnit` protocol, a job's outcome, and the two
+units of today, a single job (`SingleJob`) and a co-training group (`CoTrainGroup`). `work_units` turns a sweep's
+unfinished jobs into units in submission order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from jobs.config import JobConfig
+from orchestrator.config import SweepConfig
+from orchestrator.plan import co_train_groups
+from orchestrator.resources import group_demand, group_planned_seconds, job_demand, planned_seconds, submit_task
+
+
+@dataclass
+class JobOutcome:
+    """How a job ended in this driver run."""
+
+    job: JobConfig
+    state: str  # finished | skipped | failed
+    score: float | None = None
+    base_score: float | None = None
+    error: str = ""
+    node: str = ""  # Ray node id (hex) the finishing attempt ran on
+
+
+class WorkUnit(Protocol):
+    """One Ray task of the sweep, standing for one or more of its jobs."""
+
+    @property
+    def key(self) -> str:
+        """Unique in the sweep; the Ray task's name (a job key, which `ray list tasks` and process titles show)."""
+
+    @property
+    def jobs(self) -> list[JobConfig]:
+        """The jobs it stands for: the progress line counts these, and each gets an outcome when the unit ends."""
+
+    @property
+    def kind(self) -> str:
+        """Its kind of work (a job kind): the ETA scales plan's time by what finished units of a kind took."""
+
+    @property
+    def label(self) -> str:
+        """How the log names it."""
+
+    @property
+    def demand(self) -> dict[str, float]:
+        """Its Ray resources by Ray's names (CPU, GPU, custom)."""
+
+    @property
+    def planned_s(self) -> float:
+        """Plan's time for it in seconds."""
+
+    def submit(self) -> Any:
+        """Submit one attempt as a Ray task (`resources.submit_task`, no Ray-side retries); returns its ObjectRef."""
+
+    def finished(self, result: dict[str, Any]) -> list[JobOutcome]:
+        """Its jobs' outcomes from the dict its Ray task returned."""
+
+    def failed(self, error: str) -> list[JobOutcome]:
+        """Its jobs' outcomes when it failed as a whole with `error` (retries or node losses spent)."""
+
+    def ended_lines(self, outcomes: list[JobOutcome]) -> list[str]:
+        """Log lines for its jobs once it finished, before the line the scheduler prints for the unit itself."""
+
+
+def job_label(job: JobConfig) -> str:
+    """How the progress log names a job."""
+    return f"{job.kind:13s} {job.base_model.name} x {job.task.name}"
+
+
+@dataclass(frozen=True)
+class RayTasks:
+    """The Ray tasks the units of a sweep submit (`resources.job_task` of `orchestrator.workers`' functions, or
+    stand-ins), and the arguments each gets after its job or members (the tracking: experiment, parent run, URI)."""
+
+    job: Any  # job(job, *args)
+    group: Any  # group(members, *args)
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class SingleJob:
+    """One job as one Ray task, `task(*args)`, whose result dict holds its `score` (and `node`, `wall_s`)."""
+
+    job: JobConfig
+    task: Any
+    args: tuple[Any, ...]
+    demand: dict[str, float]
+    planned_s: float = 1.0
+
+    @classmethod
+    def of(cls, job: JobConfig, sweep: SweepConfig, tasks: RayTasks) -> SingleJob:
+        """`job` run by `tasks.job` with plan's resources and time."""
+        return cls(job, tasks.job, (job, *tasks.args), job_demand(job, sweep), planned_seconds(job, sweep))
+
+    @property
+    def key(self) -> str:
+        return self.job.job_key
+
+    @property
+    def jobs(self) -> list[JobConfig]:
+        return [self.job]
+
+    @property
+    def kind(self) -> str:
+        return self.job.kind
+
+    @property
+    def label(self) -> str:
+        return job_label(self.job)
+
+    def submit(self) -> Any:
+        return submit_task(self.task, self.key, self.demand, *self.args)
+
+    def finished(self, result: dict[str, Any]) -> list[JobOutcome]:
+        return [JobOutcome(self.job, "finished", result.get("score"), node=result.get("node", ""))]
+
+    def failed(self, error: str) -> list[JobOutcome]:
+        return [JobOutcome(self.job, "failed", error=error)]
+
+    def ended_lines(self, outcomes: list[JobOutcome]) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class CoTrainGroup:
+    """Fine-tunes of one base model trained together in one Ray task, `task(*args)` (jobs/cotrain.py), whose result dict
+    holds each member's score or error under `members` by job key. A member failing in the group fails alone; the group
+    failing as a whole (raised, crashed, node lost) fails every member; a retried group skips its finished members."""
+
+    members: list[JobConfig]
+    task: Any
+    args: tuple[Any, ...]
+    demand: dict[str, float]
+    planned_s: float = 1.0
+
+    @classmethod
+    def of(cls, members: list[JobConfig], sweep: SweepConfig, tasks: RayTasks) -> CoTrainGroup:
+        """`members` run by `tasks.group` with plan's resources and time for the group."""
+        return cls(members, tasks.group, (members, *tasks.args), group_demand(members, sweep),
+                   group_planned_seconds(members, sweep))
+
+    @property
+    def key(self) -> str:
+        return f"{self.members[0].job_key}+{len(self.members) - 1}"
+
+    @property
+    def jobs(self) -> list[JobConfig]:
+        return self.members
+
+    @property
+    def kind(self) -> str:
+        return self.members[0].kind
+
+    @property
+    def label(self) -> str:
+        return f"{'group of ' + str(len(self.members)):13s} {self.members[0].base_model.name} co-trained"
+
+    def submit(self) -> Any:
+        return submit_task(self.task, self.key, self.demand, *self.args)
+
+    def finished(self, result: dict[str, Any]) -> list[JobOutcome]:
+        outcomes = []
+        for job in self.members:
+            member = result["members"].get(job.job_key, {"error": "no result from its group"})
+            state = "finished" if "score" in member else "failed"
+            outcomes.append(JobOutcome(job, state, member.get("score"), error=member.get("error", ""),
+                                       node=result.get("node", "")))
+        return outcomes
+
+    def failed(self, error: str) -> list[JobOutcome]:
+        return [JobOutcome(job, "failed", error=error or "its group did not run") for job in self.members]
+
+    def ended_lines(self, outcomes: list[JobOutcome]) -> list[str]:
+        return [f"  {o.state:8s} {job_label(o.job)} (co-trained)" + (f": {o.error[:300]}" if o.error else "")
+                for o in outcomes]
+
+
+def work_units(todo: list[JobConfig], sweep: SweepConfig, tasks: RayTasks) -> list[WorkUnit]:
+    """`todo` as the units the scheduler runs, in submission order. Co-training off: one `SingleJob` each, in `todo`'s
+    order. On: base evaluations alone, fine-tunes in plan's `co_train_groups` (a group of one alone); base evaluations
+    first, then longest first by plan's estimate."""
+    if sweep.resources.co_train == "off":
+        return [SingleJob.of(job, sweep, tasks) for job in todo]
+    groups = [members for members in co_train_groups(todo, sweep.resources) if len(members) > 1]
+    grouped = {job.job_key for members in groups for job in members}
+    units: list[WorkUnit] = [SingleJob.of(job, sweep, tasks) for job in todo if job.job_key not in grouped]
+    units += [CoTrainGroup.of(members, sweep, tasks) for members in groups]
+    return sorted(units, key=lambda unit: (unit.kind != "evaluate_base", -unit.planned_s))
