@@ -37,7 +37,15 @@ from core.schemas import BaseModelSpec, QuantizationSettings
 from jobs.models import load_base_model, load_tokenizer, resolve_device
 from serving.config import BatchingEngineConfig
 from serving.detok import CompletionText, Detokenizer
-from serving.engine import AdapterFetcher, ContextTooLong, Delta, EngineError, InvalidRequest, SamplingParams
+from serving.engine import (
+    AdapterFetcher,
+    ContextTooLong,
+    Delta,
+    DeltaStream,
+    EngineError,
+    InvalidRequest,
+    SamplingParams,
+)
 from serving.sampling import next_tokens, request_generator
 from serving.scheduler import Scheduler, Sequence
 from serving.stats import AdapterStats
@@ -150,24 +158,16 @@ class BatchingEngine:
     async def generate(self, prompt_ids: list[int], adapter: str | None,
                        params: SamplingParams) -> AsyncGenerator[Delta, None]:
         self._validate(prompt_ids, params)
-        stream: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        stream = DeltaStream()
         seq = Sequence(adapter=adapter, prompt_ids=list(prompt_ids), params=params, loop=asyncio.get_running_loop(),
-                       stream=stream, detok=Detokenizer(self.tokenizer), output=CompletionText(params.stop),
+                       stream=stream.queue, detok=Detokenizer(self.tokenizer), output=CompletionText(params.stop),
                        generator=request_generator(params, self.device))
         self._submit(seq)
-        done = False
         try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                done = item.finish_reason is not None
-                yield item
-                if done:
-                    return
+            async for delta in stream.deltas():
+                yield delta
         finally:
-            if not done:  # the client went away: free its batch row at the next step
+            if not stream.ended:  # the client went away: free its batch row at the next step
                 seq.cancelled = True
                 self.wake.set()
 

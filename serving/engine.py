@@ -11,6 +11,7 @@ protocol. A replica never reads an engine's internals: what it and the fault and
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,26 @@ class Delta:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" (max_tokens)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+class DeltaStream:
+    """One request's deltas on their way from an engine's loop thread to the client's event loop: the loop puts each
+    `Delta` (or the exception that ends the request) on `queue` through the client loop's `call_soon_threadsafe`, and
+    `generate` reads them with `deltas()`. `ended` tells `generate`'s `finally` whether the request ended on its own (a
+    finishing delta or an error), or its client went away mid-stream and the engine must free what it holds."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        self.ended = False
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The deltas until the one with a `finish_reason`; an exception put on the queue is raised here."""
+        while not self.ended:
+            item = await self.queue.get()
+            self.ended = isinstance(item, BaseException) or item.finish_reason is not None
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 class EngineError(Exception):

@@ -47,6 +47,7 @@ from serving.engine import (
     AdapterLoadError,
     ContextTooLong,
     Delta,
+    DeltaStream,
     EngineError,
     EngineOverloaded,
     InvalidRequest,
@@ -94,7 +95,7 @@ class _Request:
     adapter: str | None
     prompt_tokens: int
     loop: asyncio.AbstractEventLoop
-    stream: asyncio.Queue[Delta | BaseException] = field(default_factory=asyncio.Queue)
+    stream: DeltaStream = field(default_factory=DeltaStream)
     running: bool = False  # handed to vLLM (else waiting for its adapter or for the step thread)
     text: str = ""  # text not yet sent (vLLM's deltas may be empty: an unfinished multi-byte character)
     token_ids: list[int] = field(default_factory=list)  # tokens not yet sent
@@ -136,26 +137,18 @@ class VllmEngine:
                        params: SamplingParams) -> AsyncGenerator[Delta, None]:
         self._validate(prompt_ids, params)
         request_id, request = self._accept(adapter, len(prompt_ids))
-        done = False
         try:
             lora = await self._lora(adapter or BASE) if adapter or self.base_adapter else None
             sampling = self._sampling(params)
             await self._call(lambda: self._start(request_id, request, prompt_ids, sampling, lora))
             self.counters.add(adapter or BASE, requests=1)
-            while True:
-                item = await request.stream.get()
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                done = item.finish_reason is not None
-                yield item
-                if done:
-                    return
+            async for delta in request.stream.deltas():
+                yield delta
         finally:
             with self.lock:
                 self.requests.pop(request_id, None)
                 running = request.running
-            if not done and running:  # the client went away: vLLM frees its KV blocks at the next step
+            if not request.stream.ended and running:  # the client went away: vLLM frees its KV blocks at the next step
                 self.commands.put(lambda: self.llm.abort_request([request_id]))
                 self.wake.set()
 
@@ -360,7 +353,7 @@ class VllmEngine:
 
     def _send(self, request: _Request, item: Delta | BaseException) -> None:
         try:
-            request.loop.call_soon_threadsafe(request.stream.put_nowait, item)
+            request.loop.call_soon_threadsafe(request.stream.queue.put_nowait, item)
         except RuntimeError:  # "Event loop is closed": nobody is listening any more
             pass
 
