@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import JsonDict
 
 from core.errors import ConfigError
 
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def format_validation_error(error: ValidationError) -> list[str]:
-    """One line per pydantic error: `field.path: message (got value)`."""
+SECRET: JsonDict = {"secret": True}  # `Field(json_schema_extra=SECRET)`: errors about the field never show its value
+CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # the `user:pass@` of a URL
+
+
+def hide_credentials(text: str, mask: str = "***@") -> str:
+    """`text` with the `user:pass@` of every URL in it replaced by `mask` (a tracking URI in a message; "" for a
+    link, which the browser then asks credentials for itself)."""
+    return CREDENTIALS.sub(mask, text)
+
+
+def format_validation_error(error: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
+    """One line per pydantic error: `field.path: message (got value)`; never the value of a field of `model` marked
+    SECRET (nor, then, pydantic's message, which may quote it)."""
     lines = []
     for item in error.errors():
         parts = (f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"])
@@ -25,8 +39,31 @@ def format_validation_error(error: ValidationError) -> list[str]:
             message = "unknown key (remove it or check its spelling)"
         got = item.get("input")
         shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        if model is not None and is_secret(model, item["loc"]):
+            message, shown = f"{message.split(' (', 1)[0].split(',', 1)[0]} (the value is secret: not shown)", ""
         lines.append(f"{loc}: {message}{shown}")
     return lines
+
+
+def is_secret(model: type[BaseModel], loc: tuple[int | str, ...]) -> bool:
+    """Whether `loc` (a pydantic error's location) leads into a field marked SECRET."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return False
+        if field.json_schema_extra == SECRET:
+            return True
+        current = next((kind for kind in _types_in(field.annotation) if issubclass(kind, BaseModel)), None)
+    return False
+
+
+def _types_in(annotation: Any) -> list[type]:
+    """The classes an annotation names (`list[KeyEntry] | None` -> list, KeyEntry, NoneType)."""
+    found = [annotation] if isinstance(annotation, type) and not typing.get_args(annotation) else []
+    return found + [kind for arg in typing.get_args(annotation) for kind in _types_in(arg)]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -63,7 +100,7 @@ def parse_model(model: type[Model], data: Any, source: str, context: Mapping[str
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:
-        raise ConfigError(source, format_validation_error(exc)) from None
+        raise ConfigError(source, format_validation_error(exc, model)) from None
 
 
 def dump_yaml(model: BaseModel, path: str | Path) -> None:

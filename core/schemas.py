@@ -69,6 +69,8 @@ class BaseModelSpec(StrictModel):
     )
     architecture: Architecture = Field(description="Shape numbers for memory estimates.")
     tiny: bool = Field(default=False, description="A tiny offline counterpart built from config, not downloaded.")
+    gated: bool = Field(default=False, description="The Hub serves the weights only to accounts that accepted the "
+                        "model's terms: workers need `HF_TOKEN` of such an account.")
 
     @field_validator("all_linear_modules")
     @classmethod
@@ -105,6 +107,9 @@ class DatasetSource(StrictModel):
     )
     id: str = Field(description="HF dataset id, Kaggle slug, GitHub repository, local folder, or demo generator name.")
     config: str | None = Field(default=None, description="HF config name; `A+B` concatenates two configs.")
+    revision: str | None = Field(default=None, description="HF revision: a commit SHA (pinned), `main` (a maintained "
+                                 "parquet repository, to pin) or `refs/convert/parquet` (the Hub's parquet conversion "
+                                 "of a script dataset); the catalogue's Hub sources all set one (docs/data.md).")
     train_split: str = Field(default="train", description="Split used for fine-tuning.")
     eval_split: str = Field(description="Split used for evaluation (first `eval_limit` rows).")
     eval_split_size: int | None = Field(default=None, ge=0, description="Rows in the eval split, if known.")
@@ -197,6 +202,33 @@ class TrainingSettings(StrictModel):
     seed: int = Field(default=42, description="Seed for initialisation, data order and dropout.")
 
 
+EvalPath = Literal["evaluator", "generate"]
+
+
+class EvaluatorSettings(StrictModel):
+    """The multi-LoRA engine that evaluations go through under `evaluation.engine: evaluator` (one per base model,
+    rows of many adapters decoded in the same batches); serving/evaluation.py maps these onto the batching engine's
+    config. They change speed and memory, never a completion, so they are not part of a job's identity."""
+
+    max_batch_size: int = Field(default=256, gt=0, description="Rows decoded together in one forward pass, across "
+                                "every evaluation on the engine (their KV caches are held at once).")
+    max_queued_rows: int = Field(default=100_000, gt=0, description="Rows waiting for a batch place (every row of "
+                                 "every evaluation is submitted at once).")
+    device_adapter_slots: int = Field(default=0, ge=0, description="Adapters on the accelerator at once; 0: sized "
+                                      "from free memory.")
+    host_adapter_slots: int = Field(default=64, gt=0, description="Adapters kept in host memory (LRU beyond).")
+    max_lora_rank: int = Field(default=64, gt=0, description="Largest adapter rank the engine accepts (its slots are "
+                               "sized by it).")
+
+
+# EvalSettings fields that choose how completions are generated, not what they are: left out of a job's identity
+# (jobs/config.py outcome_settings), so switching the path re-uses finished jobs, and out of its logged params.
+EVAL_PATH_FIELDS = ("engine", "evaluator")
+# Left out of a job's identity too: where code runs changes no score's meaning for a finished job; the report marks
+# scores made with unconfined code from the run's logged `evaluation.unconfined_code`.
+EVAL_NOT_OUTCOME_FIELDS = (*EVAL_PATH_FIELDS, "unconfined_code")
+
+
 class EvalSettings(StrictModel):
     """Evaluation settings (the study's)."""
 
@@ -217,3 +249,15 @@ class EvalSettings(StrictModel):
     batch_size: int = Field(default=8, gt=0, description="Prompts generated per batch.")
     code_timeout_s: float = Field(default=10.0, gt=0, description="Time limit per HumanEval program.")
     code_memory_mb: int = Field(default=1024, gt=0, description="Memory limit per HumanEval program.")
+    unconfined_code: bool = Field(
+        default=False, description="Allow code tasks to run model-written programs without the kernel's confinement "
+        "(bubblewrap) where this machine cannot give it (bwrap missing, user namespaces off): they then run with "
+        "resource limits alone, as the evaluator's user, with its network. Off, such a machine refuses code tasks "
+        "before training. Runs that allow it are marked in the report.")
+    engine: EvalPath = Field(
+        default="evaluator", description="How completions are generated (greedy, the same text either way): "
+        "`evaluator`, the sweep's evaluations of one base model share one multi-LoRA engine (serving/evaluation.py; "
+        "continuous batching across adapters); `generate`, each job alone with transformers' generate "
+        "(jobs/evaluate.py; also what a job run without the driver uses).")
+    evaluator: EvaluatorSettings = Field(default_factory=EvaluatorSettings,
+                                         description="The evaluator's engine, under `engine: evaluator`.")

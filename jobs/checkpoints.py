@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from core.errors import Conflict
 from core.paths import ADAPTER_CONFIG
 from jobs.config import JobConfig
 
@@ -104,8 +106,13 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer,
                        scheduler: Any) -> tuple[TrainState, dict[str, Any]]:
     """Restore a checkpoint's optimizer and scheduler; return its saved state and RNG state (adapter weights are the
-    caller's: `adapter_model.safetensors` in the same folder)."""
-    saved = torch.load(path / "trainer_state.pt", weights_only=False)
+    caller's: `adapter_model.safetensors` in the same folder). `trainer_state.pt` is read with `weights_only=True`:
+    tensors and plain values only, never code; anything else is a one-line Conflict naming the checkpoint."""
+    try:
+        saved = torch.load(path / "trainer_state.pt", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise Conflict(f"checkpoint {path}: trainer_state.pt holds more than tensors and plain values "
+                       f"({str(error).strip().splitlines()[0][:200]}); delete that checkpoint folder") from None
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     return TrainState(**json.loads((path / "state.json").read_text())), saved["rng"]

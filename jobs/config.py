@@ -16,6 +16,7 @@ from core.catalog import Catalog, load_catalog
 from core.errors import ConfigError
 from core.parsing import parse_model, read_yaml
 from core.schemas import (
+    EVAL_NOT_OUTCOME_FIELDS,
     BaseModelSpec,
     EvalSettings,
     LoraSettings,
@@ -100,6 +101,9 @@ def load_job_config(path: str | Path, catalog: Catalog | None = None) -> JobConf
 def outcome_settings(config: Any, kind: str) -> dict[str, Any]:
     """The settings of a job (or a sweep's, for its jobs of `kind`) that change its outcome, by section: quantization
     and evaluation, plus LoRA and training for a fine-tune. The job key's hash and an output folder's record both use
-    it."""
+    it. The evaluation path (evaluator or generate) and `unconfined_code` are left out (`EVAL_NOT_OUTCOME_FIELDS`): both
+    paths give the same completions."""
     sections = ["quantization", "evaluation"] + (["lora", "training"] if kind == "train" else [])
-    return {section: getattr(config, section).model_dump(mode="json") for section in sections}
+    return {section: getattr(config, section).model_dump(mode="json", exclude=set(EVAL_NOT_OUTCOME_FIELDS)
+                                                         if section == "evaluation" else None)
+            for section in sections}

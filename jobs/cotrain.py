@@ -35,7 +35,8 @@ from jobs.evaluate import evaluate_model
 from jobs.group_lora import GroupLoraLinear, MemberAdapter, Routing, initial_adapter, wrap_member
 from jobs.models import load_base_model, load_tokenizer, prepare_for_training, resolve_device
 from jobs.result import JobResult
-from jobs.run import finished_result, record_result
+from jobs.run import claim_output, finished_result, record_result, save_training, saved_training
+from jobs.sandbox import check_code_task
 from jobs.storage import JobStorage
 from jobs.train import (
     Fault,
@@ -99,6 +100,8 @@ def check_group(configs: list[JobConfig], source: str = "co_train group") -> Non
     problems = group_problems(configs)
     if problems:
         raise ConfigError(source, problems)
+    for config in configs:  # before any training (jobs.sandbox)
+        check_code_task(config.task.metric, config.evaluation.unconfined_code)
 
 
 # --------------------------------------------------------------------------- the group
@@ -189,15 +192,19 @@ class Group:
                  fault: Fault | None) -> None:
         self.model, self.routing, self.members = model, routing, members
         self.pad_id, self.device, self.fault = pad_id, device, fault
-        self.members_per_pass = len(members)
-        self.by_index = {m.index: m for m in members}
+        self.members_per_pass = max(len(members), 1)
         self.batches: dict[int, list[dict[str, torch.Tensor]]] = {}  # each member's forward passes of the current step
         self.in_pass: list[int] = []  # the members of the pass running now
 
-    def step(self) -> None:
-        """One optimizer step of every member still training."""
+    @property
+    def by_index(self) -> dict[int, Member]:
+        return {m.index: m for m in self.members}
+
+    def step(self, members: list[Member] | None = None) -> None:
+        """One optimizer step of every member still training (of `members`, default all; jobs/trials.py steps those
+        whose trials asked for more steps)."""
         while True:
-            active = [m for m in self.members if m.training]
+            active = [m for m in (self.members if members is None else members) if m.training]
             if not active:
                 return
             try:
@@ -361,4 +368,28 @@ def run_group(configs: list[JobConfig], on_step: dict[int, StepCallback] | None 
             outcome.error = f"job {member_name(config, index)}: evaluation failed ({type(error).__name__}: {error})"
             continue
         outcome.job = record_result(config, storages[index], evaluation, outcome.result)
+    return outcomes
+
+
+def train_group(configs: list[JobConfig], on_step: dict[int, StepCallback] | None = None,
+                fault: Fault | None = None) -> list[MemberResult]:
+    """The members' training without their evaluation (a sweep that evaluates through its base's evaluator,
+    orchestrator/evaluator.py): the ones not trained before are co-trained, each saved with `trained.json` as
+    `jobs.run.train_step` saves a single job; a member trained before returns its saved training. A member failing
+    fails alone, its error in its outcome."""
+    check_group(configs)
+    storages = [JobStorage(config.output_dir) for config in configs]
+    outcomes = []
+    for config, storage in zip(configs, storages):
+        claim_output(storage, config)
+        outcomes.append(MemberResult(config, result=saved_training(storage)))
+    pending = [i for i, outcome in enumerate(outcomes) if outcome.result is None]
+    if not pending:
+        return outcomes
+    steps = {pending.index(i): step for i, step in (on_step or {}).items() if i in pending}
+    trained, _ = co_train([configs[i] for i in pending], on_step=steps, fault=fault)
+    for index, outcome in zip(pending, trained):
+        outcomes[index] = outcome
+        if outcome.result is not None:
+            save_training(storages[index], outcome.result)
     return outcomes

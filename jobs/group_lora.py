@@ -1,8 +1,10 @@
 """The mixed-adapter LoRA layer of co-training (jobs/cotrain.py), and each member's adapter inside it.
 
 Every targeted linear layer of the shared base is wrapped once by `GroupLoraLinear`, which holds one LoRA A/B per
-member and adds to each token its own member's delta (`y = base(x) + (x_k @ A_k^T @ B_k^T) * alpha_k / r_k` on member
-k's tokens): the training counterpart of the serving engine's mixed-adapter layer (serving/lora.py), differentiable.
+member that targets it and adds to each token its own member's delta (`y = base(x) + (x_k @ A_k^T @ B_k^T) * alpha_k /
+r_k` on member k's tokens, nothing for a member that does not target the layer): the training counterpart of the
+serving engine's mixed-adapter layer (serving/lora.py), differentiable. Members are keyed by index; a member's place can
+be freed (`unwrap_member`) and reused (jobs/trials.py).
 `Routing` says which member each row of the next forward pass belongs to. A member's weights are written and read in
 PEFT's format (`MemberAdapter`), so its checkpoints and adapter are a single job's.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,11 +50,15 @@ class Routing:
     row_dropout: list[float] = field(default_factory=list)  # [batch]: each row's member's LoRA dropout
     only: int | None = None  # every token through this member's adapter (evaluation, generation)
 
-    def add_member(self, scale: float, dropout: float) -> int:
-        """A new member's LoRA scale and dropout; returns its index."""
-        self.scales.append(scale)
-        self.dropouts.append(dropout)
-        return len(self.scales) - 1
+    def add_member(self, scale: float, dropout: float, index: int | None = None) -> int:
+        """A member's LoRA scale and dropout, at `index` (a freed member's place, jobs/trials.py) or a new one; returns
+        its index."""
+        if index is None or index == len(self.scales):
+            self.scales.append(scale)
+            self.dropouts.append(dropout)
+            return len(self.scales) - 1
+        self.scales[index], self.dropouts[index] = scale, dropout
+        return index
 
     def set_pass(self, members: list[int], row_members: list[int], device: str) -> None:
         """Route the next pass through the members' adapters: row i is member `row_members[i]`'s."""
@@ -71,37 +79,51 @@ class Routing:
 
 
 class GroupLoraLinear(nn.Module):
-    """A frozen base linear layer (plain or bitsandbytes 4-bit) plus one trainable LoRA A/B per member; each row gets
-    its own member's delta, B(A(dropout(x))) * alpha / r as PEFT's LoRA layer computes it, the members' A and B stacked
-    (zero-padded to the widest rank, which adds nothing and takes no gradient) into two batched products."""
+    """A frozen base linear layer (plain or bitsandbytes 4-bit) plus one trainable LoRA A/B per member that targets it;
+    each row gets its own member's delta, B(A(dropout(x))) * alpha / r as PEFT's LoRA layer computes it, the members' A
+    and B stacked (zero-padded to the widest rank, which adds nothing and takes no gradient) into two batched products.
+    A member that does not target the layer (other `target_modules`) adds nothing to its rows."""
 
     def __init__(self, base: nn.Module, routing: Routing) -> None:
         super().__init__()
         self.base = base
         self.routing = routing
-        self.lora_a = nn.ParameterList()
-        self.lora_b = nn.ParameterList()
+        self.lora_a = nn.ParameterDict()  # str(member index) -> A [r, in]
+        self.lora_b = nn.ParameterDict()  # str(member index) -> B [out, r]
 
-    def add_member(self, a: torch.Tensor, b: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
-        """Append a member's A [r, in] and B [out, r] (in member index order); returns them as its trainable
-        parameters."""
+    def add_member(self, member: int, a: torch.Tensor, b: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+        """Member `member`'s A [r, in] and B [out, r]; returns them as its trainable parameters."""
         pair = nn.Parameter(a.clone()), nn.Parameter(b.clone())
-        self.lora_a.append(pair[0])
-        self.lora_b.append(pair[1])
+        self.lora_a[str(member)], self.lora_b[str(member)] = pair
         return pair
+
+    def remove_member(self, member: int) -> None:
+        """Drop member `member`'s A and B, if it targets this layer."""
+        if str(member) in self.lora_a:
+            del self.lora_a[str(member)], self.lora_b[str(member)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.routing.only is not None:
+            if str(self.routing.only) not in self.lora_a:
+                return y
             return y + self._delta(x, self.routing.only, y.dtype)
+        if not any(str(m) in self.lora_a for m in self.routing.members):
+            return y
         return y + self._mixed_delta(x).to(y.dtype)
 
     def _mixed_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """Every row's delta through its own member's adapter: x [batch, seq, in] -> [batch, seq, out]."""
+        """Every row's delta through its own member's adapter (zero for a member without one here): x [batch, seq, in]
+        -> [batch, seq, out]."""
         routing, members = self.routing, self.routing.members
-        rank = max(self.lora_a[m].shape[0] for m in members)
-        a = torch.stack([_pad_rank(self.lora_a[m], rank, 0) for m in members])  # [members, r, in]
-        b = torch.stack([_pad_rank(self.lora_b[m], rank, 1) for m in members])  # [members, out, r]
+        present = [str(m) for m in members if str(m) in self.lora_a]
+        rank = max(self.lora_a[m].shape[0] for m in present)
+        zero_a = self.lora_a[present[0]].new_zeros(rank, self.lora_a[present[0]].shape[1])
+        zero_b = self.lora_b[present[0]].new_zeros(self.lora_b[present[0]].shape[0], rank)
+        a = torch.stack([_pad_rank(self.lora_a[str(m)], rank, 0) if str(m) in self.lora_a else zero_a
+                         for m in members])  # [members, r, in]
+        b = torch.stack([_pad_rank(self.lora_b[str(m)], rank, 1) if str(m) in self.lora_b else zero_b
+                         for m in members])  # [members, out, r]
         assert routing.row_slot is not None and routing.row_scale is not None, "a mixed pass needs set_pass first"
         if not routing.one_row_each:
             a, b = a.index_select(0, routing.row_slot), b.index_select(0, routing.row_slot)
@@ -111,7 +133,7 @@ class GroupLoraLinear(nn.Module):
 
     def _delta(self, x: torch.Tensor, member: int, dtype: torch.dtype) -> torch.Tensor:
         """The member's LoRA delta of `x`, as PEFT computes it: B(A(dropout(x))), cast back, times alpha / r."""
-        a, b = self.lora_a[member], self.lora_b[member]
+        a, b = self.lora_a[str(member)], self.lora_b[str(member)]
         x = x.to(a.dtype)
         if self.routing.dropouts[member] and self.training:
             x = nn.functional.dropout(x, self.routing.dropouts[member])
@@ -191,19 +213,44 @@ def _module_of(key: str) -> tuple[str, str]:
     return module, kind[-1]
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in place of `model`'s submodule `name`."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+@contextmanager
+def bare_layers(base: nn.Module, layers: dict[str, GroupLoraLinear]) -> Iterator[None]:
+    """The base's own layers in place of the wrappers for a while (e.g. for PEFT to draw a new member's
+    `initial_adapter` on an already wrapped base); the wrappers are back afterwards."""
+    for name, layer in layers.items():
+        set_module(base, name, layer.base)
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            set_module(base, name, layer)
+
+
 def wrap_member(base: PreTrainedModel, routing: Routing, layers: dict[str, GroupLoraLinear], config: JobConfig,
-                peft_config: PeftConfig, weights: dict[str, torch.Tensor]) -> MemberAdapter:
-    """Add a member's initial weights to the wrapped layers (wrapping a targeted layer the first time it is met)."""
-    routing.add_member(config.lora.alpha / config.lora.r, config.lora.dropout)
+                peft_config: PeftConfig, weights: dict[str, torch.Tensor], index: int | None = None) -> MemberAdapter:
+    """Add a member's initial weights to the wrapped layers (wrapping a targeted layer the first time it is met), as a
+    new member or at a freed member's `index`."""
+    index = routing.add_member(config.lora.alpha / config.lora.r, config.lora.dropout, index)
     params = {}
     for key in weights:
         module, kind = _module_of(key)
         if kind != "A":
             continue
         if module not in layers:
-            parent, _, leaf = module.rpartition(".")
             layers[module] = GroupLoraLinear(base.get_submodule(module), routing)
-            setattr(base.get_submodule(parent) if parent else base, leaf, layers[module])
+            set_module(base, module, layers[module])
         b_key = key.replace(".lora_A.", ".lora_B.")
-        params[key], params[b_key] = layers[module].add_member(weights[key], weights[b_key])
+        params[key], params[b_key] = layers[module].add_member(index, weights[key], weights[b_key])
     return MemberAdapter(peft_config, params)
+
+
+def unwrap_member(layers: dict[str, GroupLoraLinear], index: int) -> None:
+    """Take member `index`'s A and B out of every wrapped layer (its place can then be reused by `wrap_member`)."""
+    for layer in layers.values():
+        layer.remove_member(index)

@@ -26,17 +26,22 @@ published, the choice below is ours and says so):
   train 1,245, validation 245 and test 391 rows, or those proportions of a smaller download (the release holds
   1,446 calls).
 
-Every input is read and checked before anything is written; the files are written to a temporary folder next to the
-task's folder and only then moved into place, so a failed run leaves files prepared earlier as they were.
+Every input is read and checked before anything is written (a download that is not a readable CSV, a truncated or
+corrupt zip included, is one line naming the file); the files are written to a temporary folder next to the task's
+folder, which then takes the task folder's place in one atomic exchange (`swap_folders`), so a failed or killed run
+leaves the files prepared earlier as they were, and a reader never sees old and new split files mixed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
 import shutil
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +105,8 @@ def _read_csv(path: Path, columns: list[str], encoding: str = "utf-8") -> pd.Dat
     (unreadable, not `encoding`, missing columns)."""
     try:
         frame = pd.read_csv(path, encoding=encoding)
-    except (ValueError, pd.errors.ParserError) as error:  # UnicodeDecodeError, EmptyDataError, zips of several files
+    # UnicodeDecodeError, EmptyDataError, zips of several files; a truncated or corrupt zip (BadZipFile, zlib, EOF)
+    except (ValueError, pd.errors.ParserError, zipfile.BadZipFile, zlib.error, EOFError) as error:
         raise ConfigError(str(path), [f"not a readable {encoding} CSV with columns {', '.join(columns)}: "
                                       f"{str(error).splitlines()[0]}"]) from None
     missing = [c for c in columns if c not in frame.columns]
@@ -203,17 +209,39 @@ PREPARERS: dict[str, Preparer] = {
 
 
 def write_splits(splits: Splits, out: Path) -> None:
-    """Write each split as `out/<split>.csv`: all into a temporary folder beside `out` first, then moved into place."""
+    """Write the splits as the folder `out` (`<split>.csv` each, nothing else): all into a temporary folder beside `out`
+    first, which then takes `out`'s place at once (`swap_folders`); the old folder is deleted."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         for split, frame in splits.items():
             frame.to_csv(staging / f"{split}.csv", index=False)
-        out.mkdir(exist_ok=True)
-        for split in splits:
-            os.replace(staging / f"{split}.csv", out / f"{split}.csv")
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the prepared files from other users of the data folder
+        swap_folders(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths in one step
+
+
+def swap_folders(new: Path, target: Path) -> None:
+    """Put folder `new` at `target`, the old `target` (if any) at `new`, in one atomic step where the kernel offers it
+    (Linux's renameat2 RENAME_EXCHANGE). Elsewhere two renames: a crash between them leaves `target` missing (a re-run
+    writes it), never half old and half new."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    at_cwd = -100  # AT_FDCWD
+    if renameat2 is not None and renameat2(at_cwd, os.fsencode(new), at_cwd, os.fsencode(target), RENAME_EXCHANGE) == 0:
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+    os.rename(target, aside / target.name)
+    os.rename(new, target)
+    os.rename(aside / target.name, new)
+    aside.rmdir()
 
 
 def prepare(task: str, source: str | Path, root: Path | None = None) -> dict[str, int]:

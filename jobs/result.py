@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from core.schemas import EVAL_PATH_FIELDS
 from jobs.config import JobConfig
 
 RESULT_FILE = "result.json"
@@ -51,12 +52,21 @@ class JobResult:
 
 
 def job_params(config: JobConfig) -> dict[str, Any]:
-    """Every hyper-parameter of the job, flattened (`lora.r`, `training.learning_rate`, ...)."""
+    """Every hyper-parameter of the job, flattened (`lora.r`, `training.learning_rate`, ...). The evaluation path
+    (`evaluation.engine`, `evaluation.evaluator.*`) is left out: it changes no completion, and a job re-run on the other
+    path reuses its MLflow run, whose params cannot change value."""
     params: dict[str, Any] = {"kind": config.kind, "base_model": config.base_model.name,
                               "base_model.hf_id": config.base_model.hf_id,
-                              "task": config.task.name, "task.metric": config.task.metric}
+                              "task": config.task.name, "task.metric": config.task.metric,
+                              # what the report compares with the study (tracking/study_analysis.py), as this run had it
+                              "task.study_metric": config.task.study_metric,
+                              "task.max_new_tokens": config.task.max_new_tokens,
+                              "task.eval_split": (config.task.eval or config.task).dataset.eval_split,
+                              "task.dataset_revision": config.task.dataset.revision}
     sections = ("lora", "quantization", "training", "evaluation")
-    return params | flat({section: getattr(config, section).model_dump(mode="json") for section in sections})
+    path = set(EVAL_PATH_FIELDS)
+    return params | flat({section: getattr(config, section).model_dump(mode="json", exclude=path if section ==
+                                                                      "evaluation" else None) for section in sections})
 
 
 def flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,17 +7,24 @@ pyarrow's filesystems open: `s3://bucket/prefix` (credentials, region and endpoi
 a checkpoint is uploaded file by file with `state.json` last, so a remote checkpoint holding `state.json` is
 complete and one cut off mid-upload is ignored (object stores have no rename). Started again, on any node, the
 job first fetches its result (a finished job is not run again) or else its newest complete checkpoint.
+
+The store is the truth: a scratch file the store lacks is deleted, never read as the job's (`pull_file`). The scratch
+folder is `<tmp>/loraland-jobs-<uid>/<digest of output_dir>`, under a folder of this user only (0700, checked at each
+use), so another user of the node can plant neither a result nor a checkpoint there. A key of the store that would land
+outside the folder it is fetched into (`..`, a leading or doubled `/`) is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError, Unreachable
+from core.errors import ConfigError, Conflict, Unreachable
 
 COMPLETE_MARKER = "state.json"  # written last into a checkpoint, locally and remotely
 
@@ -69,6 +76,32 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
+def scratch_root() -> Path:
+    """This user's folder for the scratch folders of jobs with a remote `output_dir`: `<tmp>/loraland-jobs-<uid>`,
+    made 0700. One that is a link, another user's, or open to others is a one-line Conflict: another user of the node
+    could have planted a result or a checkpoint in it."""
+    root = Path(tempfile.gettempdir()) / f"loraland-jobs-{os.getuid()}"
+    try:
+        root.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(root)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise Conflict(f"scratch folder {root}: not a private folder of this user (a link, another user's, or open to "
+                       "others); remove it, or set TMPDIR to a folder only this user can reach")
+    return root
+
+
+def key_inside(key: str, source: str) -> str:
+    """The part of store key `key` below the folder `source`, refused (a one-line ConfigError) when it would land
+    outside the folder it is fetched into: `..`, a leading or doubled `/`."""
+    relative = key[len(source) + 1:]
+    if not key.startswith(f"{source}/") or any(part in ("", ".", "..") for part in relative.split("/")):
+        raise ConfigError(f"storage key {key!r}", [f"leads outside {source!r} (`..`, `.` or an empty part); remove "
+                                                   "it from the store"])
+    return relative
+
+
 class JobStorage:
     """A job's output location. `local` is the folder the job reads and writes; with a remote `output_dir` it is a
     scratch folder and `pull_*` / `push_*` copy to and from the store, otherwise they do nothing."""
@@ -80,7 +113,7 @@ class JobStorage:
             self.local = Path(output_dir)
         else:
             digest = hashlib.sha256(output_dir.encode()).hexdigest()[:16]
-            self.local = Path(tempfile.gettempdir()) / "loraland-jobs" / digest
+            self.local = scratch_root() / digest
 
     def _remote_path(self, relative: str) -> str:
         assert self.remote is not None
@@ -93,8 +126,11 @@ class JobStorage:
         return self.remote[0].get_file_info(self._remote_path(relative)).type != fs.FileType.NotFound
 
     def pull_file(self, relative: str) -> bool:
-        """Fetch `relative` from the store if it is there; returns whether it is now in `local`."""
-        if self.remote is not None and self._exists(relative):
+        """Fetch `relative` from the store if it is there; returns whether it is now in `local`. With a store, a scratch
+        copy the store lacks is deleted (the store is the truth)."""
+        if self.remote is not None and not self._exists(relative):
+            (self.local / relative).unlink(missing_ok=True)
+        elif self.remote is not None:
             target = self.local / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = target.with_name(f".{target.name}.part")
@@ -142,7 +178,7 @@ class JobStorage:
         shutil.rmtree(staging, ignore_errors=True)
         for entry in filesystem.get_file_info(fs.FileSelector(source, recursive=True)):
             if entry.type == fs.FileType.File:
-                path = staging / entry.path[len(source) + 1 :]
+                path = staging / key_inside(entry.path, source)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with filesystem.open_input_stream(entry.path) as src, path.open("wb") as dst:
                     shutil.copyfileobj(src, dst)

@@ -157,9 +157,10 @@ def training_prompt(config: JobConfig, row: dict[str, Any]) -> str:
     return prompt_for(config.task, row, max_chars, cut="keep_cue")
 
 
-def training_set(config: JobConfig, tokenizer: PreTrainedTokenizerBase) -> TrainingSet:
-    """Every training row of the job's task, tokenized (prompts from `training_prompt`), and the first rows as text."""
-    rows = train_rows(config.task, config.training.max_train_examples)
+def training_set(config: JobConfig, tokenizer: PreTrainedTokenizerBase, held_out: int = 0) -> TrainingSet:
+    """Every training row of the job's task (but a search's `held_out` validation rows), tokenized (prompts from
+    `training_prompt`), and the first rows as text."""
+    rows = train_rows(config.task, config.training.max_train_examples, held_out)
     if not rows:
         raise TrainingError(f"task {config.task.name}: the training split is empty")
     examples: list[Example] = []

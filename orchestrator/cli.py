@@ -100,11 +100,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     t = plan["totals"]
     table = Table(title=f"Sweep {sweep.name}: {t['jobs']} fine-tunes + {t['base_evaluations']} base evaluations")
-    for column in ("base model", "task", "GPU mem (GB)", "GPUs", "jobs/GPU", "GPU-hours", "hours"):
+    for column in ("base model", "task", "GPU mem (GB)", "GPUs", "jobs/GPU", "GPU-hours", "hours", "eval hours"):
         table.add_column(column, justify="right" if column not in ("base model", "task") else "left")
-    for job in plan["jobs"]:
+    for job in plan["jobs"]:  # eval hours: its evaluation through its base's evaluator (0 with engine: generate)
         table.add_row(job["base_model"], job["task"], f"{job['gpu_memory_gb']:.2f}", f"{job['gpus']:g}",
-                      str(job["jobs_per_gpu"]), f"{job['gpu_hours']:.2f}", f"{job['hours']:.2f}")
+                      str(job["jobs_per_gpu"]), f"{job['gpu_hours']:.2f}", f"{job['hours']:.2f}",
+                      f"{job['eval_hours']:.3f}")
     console.print(table)
     if plan["groups"]:
         groups = Table(title=f"Co-training groups (resources.co_train: {sweep.resources.co_train})")
@@ -115,10 +116,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            f"{group['gpu_memory_gb']:.2f}", f"{group['gpus']:g}", f"{group['gpu_hours']:.2f}",
                            f"{group['hours']:.2f}")
         console.print(groups)
+    if plan["searches"]:
+        searches = Table(title="LoRA searches (docs/search.md): trials run to their longest max_steps, an upper bound")
+        for column in ("base model", "task", "trials", "co-trained", "searched", "GPU mem (GB)", "GPUs", "GPU-hours",
+                       "cost"):
+            searches.add_column(column, justify="left" if column in ("base model", "task", "searched") else "right")
+        for row in plan["searches"]:
+            searches.add_row(row["base_model"], row["task"], str(row["trials"]), str(row["co_trained"]),
+                             ", ".join(row["searched"]), f"{row['gpu_memory_gb']:.2f}", f"{row['gpus']:g}",
+                             f"{row['gpu_hours']:.2f}", f"${row['cost']:,.2f}")
+        console.print(searches)
     console.print(f"Total: {t['jobs']} fine-tunes, {t['base_evaluations']} base evaluations, "
-                  f"{t['gpu_hours']:.1f} GPU-hours, ${t['cost']:,.2f} at ${t['price_per_gpu_hour']}/GPU-hour; "
+                  f"{t['gpu_hours']:.1f} GPU-hours ({t['eval_gpu_hours']:.1f} evaluating), "
+                  f"${t['cost']:,.2f} at ${t['price_per_gpu_hour']}/GPU-hour; "
                   f"up to {t['jobs_per_gpu']} jobs per {t['gpu_memory_gb']:g} GB GPU "
                   f"(largest job {t['max_gpu_memory_gb']:.1f} GB).")
+    if budget := plan["study_budget"]:
+        console.print(
+            f"Per fine-tune: {budget['gpu_hours_per_adapter']:.2f} GPU-hours, ${budget['cost_per_adapter']:.2f} "
+            f"({budget['examples_per_adapter']:,} examples of ~{budget['mean_example_tokens']:.0f} tokens at "
+            f"{budget['mfu']:.0%} of {budget['gpu_tflops']:g} TFLOPs); the study published under "
+            f"${budget['study_cost_per_adapter']:.0f} per adapter (about ${budget['study_total_cost']:,.0f} for 310, "
+            f"A10G GPUs), {budget['study_gpu_hours_per_adapter_at_this_price']:.1f} GPU-hours at this price. The gap "
+            "is the GPU's type and price, the utilisation reached (resources.mfu) and the tokens per example "
+            "(packing, prompt length): docs/cluster.md#the-studys-budget.")
     return 0
 
 
@@ -177,6 +198,33 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     written = ", ".join(f"{split} {rows} rows" for split, rows in counts.items())
     console.print(f"{args.task}: wrote {written} to {task_dir(args.task)}")
     return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """For every task and base model of a sweep: where its data and weights come from, whether they load, and the
+    command that fixes each problem (offline: which checks could not be made, and how)."""
+    import os
+
+    from orchestrator.config import load_sweep
+    from orchestrator.datacheck import HfHub, data_check
+
+    checks = data_check(load_sweep(args.sweep), None if args.offline else HfHub(os.environ.get("HF_TOKEN")))
+    if args.json:
+        print(json.dumps([vars(c) for c in checks], indent=2))
+    else:
+        table = Table(title=f"Data and weights of {args.sweep}")
+        for column in ("subject", "source", "state", "detail", "fix"):
+            table.add_column(column, overflow="fold")
+        colour = {"ok": "green", "fix": "red", "unchecked": "yellow"}
+        for c in checks:
+            table.add_row(c.subject, c.source, f"[{colour[c.state]}]{c.state}[/]", c.detail, c.fix)
+        console.print(table)
+    unchecked = sum(c.state == "unchecked" for c in checks)
+    if unchecked and not args.json:
+        console.print(f"{unchecked} checks could not be made here (the Hub did not answer): run `loraland data check "
+                      f"{args.sweep}` where huggingface.co answers (or HF_ENDPOINT names a mirror), with the HF_TOKEN "
+                      "the workers get.")
+    return 1 if any(c.state == "fix" for c in checks) else 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -253,12 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", help="output folder (default: .loraland/reports/NAME)")
     sub.add_argument("--tracking-uri")
     sub.set_defaults(run=cmd_report)
-    data = commands.add_parser("data", help="prepare data that is not a Hugging Face dataset").add_subparsers(
+    data = commands.add_parser("data", help="prepare data that is not on the Hub; check a sweep's data").add_subparsers(
         dest="data_command", required=True, metavar="COMMAND")
     sub = data.add_parser("prepare", help=cmd_data_prepare.__doc__)
     sub.add_argument("task", help="task name (legal, covid, jigsaw or customer_support)")
     sub.add_argument("--from", dest="source", required=True, help="folder of the task's unzipped original download")
     sub.set_defaults(run=cmd_data_prepare)
+    sub = data.add_parser("check", help=cmd_data_check.__doc__)
+    sub.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/lora_land.yaml")
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_argument("--offline", action="store_true", help="only the checks that need no network (the preflight)")
+    sub.set_defaults(run=cmd_data_check)
     sub = commands.add_parser("promote", help=cmd_promote.__doc__)
     sub.add_argument("task")
     sub.add_argument("version")

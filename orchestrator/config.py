@@ -16,6 +16,7 @@ from core.paths import data_home
 from core.schemas import EvalSettings, LoraSettings, QuantizationSettings, StrictModel, TrainingSettings
 from jobs import storage
 from jobs.config import JobConfig, JobKind, lora_target_problems, outcome_settings
+from orchestrator.search_config import SearchSettings, search_problems
 
 
 class ResourceSettings(StrictModel):
@@ -43,6 +44,11 @@ class ResourceSettings(StrictModel):
         default=1.0, ge=0, description="Jobs submitted to Ray beyond what the cluster holds, as a fraction of its "
         "capacity: Ray fills a freed share from them at once; the rest wait in the driver, where a resubmitted job "
         "goes first.")
+    eval_tokens_per_second: float = Field(
+        default=600.0, gt=0, description="Generated tokens per second of one evaluator (a base model's multi-LoRA "
+        "engine, `evaluation.engine: evaluator`) on one whole GPU for a 7B base, all its evaluations' rows together; "
+        "plan scales it by parameters (decoding reads every weight per step). 600: about a third of vLLM's 1,788 "
+        "tok/s with a rank-8 LoRA on an A100, for an A10G (docs/driver.md).")
 
 
 class RetrySettings(StrictModel):
@@ -84,6 +90,9 @@ class SweepConfig(StrictModel):
     storage_path: str = Field(
         default="", description="Checkpoints, adapters and results: a folder every node sees (NFS, EFS, FSx) or an "
         "object store URI (s3://bucket/prefix, gs://...). Default: the data folder.")
+    search: SearchSettings | None = Field(
+        default=None, description="LoRA hyper-parameter search on Ray Tune for the fine-tunes of some or all tasks "
+        "(docs/search.md); without it every fine-tune trains once with the settings above.")
 
 
 def catalog_problems(data: Any, catalog: Catalog) -> list[str]:
@@ -104,6 +113,7 @@ def catalog_problems(data: Any, catalog: Catalog) -> list[str]:
     listed = dict.fromkeys(n for n in (names if isinstance(names, list) else []) if isinstance(n, str))
     bases = [catalog.base_models[n] for n in listed if n in catalog.base_models]
     lora = data.get("lora")
+    problems += search_problems(data.get("search"), data.get("tasks"), bases)
     return problems + lora_target_problems(lora.get("target_modules") if isinstance(lora, dict) else None, bases)
 
 
@@ -133,7 +143,12 @@ def config_hash(sweep: SweepConfig, kind: str) -> str:
 
 
 def job_key(sweep: SweepConfig, base_model: str, task: str, kind: str) -> str:
-    """The stable key of a job: sweep, base model, task, kind and config hash."""
+    """The stable key of a job: sweep, base model, task, kind and config hash; a searched fine-tune's kind part is
+    `search` and its hash covers the task's search settings too."""
+    if kind == "train" and sweep.search is not None and sweep.search.searches(task):
+        settings = json.dumps(sweep.search.for_task(task).model_dump(mode="json", exclude={"tasks"}), sort_keys=True)
+        digest = hashlib.sha256(f"{config_hash(sweep, kind)}{settings}".encode()).hexdigest()[:12]
+        return f"{sweep.name}/{base_model}/{task}/search-{digest}"
     return f"{sweep.name}/{base_model}/{task}/{kind}-{config_hash(sweep, kind)}"
 
 

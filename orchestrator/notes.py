@@ -17,13 +17,15 @@ console = Console(highlight=False)
 
 
 def progress_line(outcomes: Mapping[str, JobOutcome], submitted: int, queued: int, total: int,
-                  eta_s: float | None) -> str:
-    """The driver's progress line: done (finished or skipped), failed, submitted, queued, and the ETA when there is
-    one."""
+                  eta_s: float | None, evaluations: tuple[int, int] = (0, 0)) -> str:
+    """The driver's progress line: done (finished or skipped), failed, submitted, queued, the ETA when there is one,
+    and of the submitted and queued jobs those at the evaluators' (`evaluations`: running, queued) when any are."""
     done = sum(o.state in ("finished", "skipped") for o in outcomes.values())
     failed = sum(o.state == "failed" for o in outcomes.values())
     eta = f", ETA {eta_s:.0f} s" if eta_s is not None and (submitted or queued) else ""
-    return f"progress: {done} done, {failed} failed, {submitted} running or starting, {queued} queued of {total}{eta}"
+    at_evaluators = f"; evaluations {evaluations[0]} running, {evaluations[1]} queued" if any(evaluations) else ""
+    return (f"progress: {done} done, {failed} failed, {submitted} running or starting, {queued} queued of {total}"
+            f"{at_evaluators}{eta}")
 
 
 def lifts(outcomes: list[JobOutcome]) -> list[tuple[JobOutcome, float | None, float | None]]:

@@ -1,14 +1,15 @@
 """The scheduler: runs a sweep's work units on Ray and returns each job's outcome.
 
-A unit (`orchestrator.units.WorkUnit`) is one Ray task standing for one or more jobs. The scheduler needs of it a key,
-the jobs it stands for, its Ray demand, plan's seconds for it, a way to submit one attempt, and how its Ray result, or
-its failure, becomes one outcome per job. Units of today: `SingleJob` (one job, one task) and `CoTrainGroup` (a base
-model's fine-tunes trained together in one task). The next kinds are written the same way, in orchestrator/units.py,
-and made by `work_units`, with no change here:
-- an evaluation unit (one shared inference engine per base model scoring several adapters): `jobs` are its adapters'
-  evaluations, `demand` the engine's GPU share, `finished` reads one score per adapter from its result;
-- a search-trial unit (a Ray Tune trial's configuration of a fine-tune): `jobs` is the trial, `submit` runs it with its
-  trial's parameters, `finished` reads the trial's metric as its score.
+A unit (`orchestrator.units.WorkUnit`) is one Ray task (or actor call) standing for one or more jobs. The scheduler
+needs of it a key, the jobs it stands for, its Ray demand, plan's seconds for it, a way to submit one attempt, how its
+Ray result, or its failure, becomes one outcome per job, and the units that follow it. Units: `SingleJob` (one job, one
+task), `CoTrainGroup` (a base model's fine-tunes trained together in one task), `EvaluationUnit` (one job's evaluation
+through its base model's evaluator actor, orchestrator/evaluator.py) and the search's `SearchJob`.
+
+Follow-ups: a unit that finished may hand on units (`follow_ups`): a fine-tune that only trained (its sweep evaluates
+through evaluators) hands on its evaluation, and gives its job no outcome yet, so the job counts as finished only once
+its evaluation is recorded. Follow-ups go to the front of the queue (an evaluation asks nothing of the cluster: its
+evaluator holds the resources, so it goes out at once); their jobs count as running meanwhile.
 
 Units go out in the order given. The scheduler holds the queue and keeps submitted to Ray what the cluster holds now
 plus `queue_ahead` of it (re-read from `ray.cluster_resources()` as units end, so concurrency follows the cluster as
@@ -19,11 +20,12 @@ for room for every unfinished unit (`request_resources`), so it scales for the w
 submitted.
 
 Retries are the scheduler's, not Ray's (tasks run with `max_retries=0`), because Ray counts a lost node and a crashing
-job against one budget. Here a unit whose node died (`NodeDiedError`: preemption, scale-down, a dead machine) is
-resubmitted without touching `retries.max_failures` (up to `retries.max_node_losses`, unlimited by default); any other
-failure (the task raised, its worker process crashed or ran out of memory) counts, and past `max_failures` retries the
-unit's jobs end failed with its error and the sweep goes on. The progress line counts jobs, not units: a group of five
-running is five jobs running.
+job against one budget. Here a unit whose node died (`NodeDiedError`: preemption, scale-down, a dead machine), or whose
+evaluator actor died (`ActorDiedError`, `ActorUnavailableError`: its node lost, its process killed; not a constructor
+that raised), is resubmitted without touching `retries.max_failures` (up to `retries.max_node_losses`, unlimited by
+default); any other failure (the task raised, its worker process crashed or ran out of memory) counts, and past
+`max_failures` retries the unit's jobs end failed with its error and the sweep goes on. The progress line counts jobs,
+not units: a group of five running is five jobs running.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from orchestrator.cluster import request_capacity
 from orchestrator.config import RetrySettings
 from orchestrator.eta import eta_now, running_now, time_ratios
 from orchestrator.notes import console, progress_line
-from orchestrator.units import JobOutcome, WorkUnit
+from orchestrator.units import EVALUATION, JobOutcome, WorkUnit
 
 PROGRESS_EVERY_S = 10.0
 WAIT_S = 1.0  # how often the scheduler looks for results and for capacity that joined
@@ -55,6 +57,7 @@ class SchedulerSettings:
     queue_ahead: float = 1.0
     earlier: Mapping[str, JobOutcome] = field(default_factory=dict)
     on_result: Callable[[WorkUnit, dict[str, Any]], None] | None = None
+    lease_check: Callable[[], None] | None = None  # raises (one line) once this driver may no longer submit
 
 
 def run_units(units: Sequence[WorkUnit], settings: SchedulerSettings) -> dict[str, JobOutcome]:
@@ -88,7 +91,10 @@ class SchedulerRun:
         """Fill the window, wait up to WAIT_S for a result and take what came, print the progress when it is due."""
         import ray
 
-        submit_window(self.queue, self.pending, self.settings.queue_ahead, ray.cluster_resources())
+        if self.settings.lease_check:  # every step, also with nothing left to submit: a fenced driver stops
+            self.settings.lease_check()
+        submit_window(self.queue, self.pending, self.settings.queue_ahead, ray.cluster_resources(),
+                      self.settings.lease_check)
         now = time.monotonic()
         self.submitted_at.update({ref: now for ref in self.pending if ref not in self.submitted_at})
         if now - self.last_print >= PROGRESS_EVERY_S:
@@ -104,12 +110,17 @@ class SchedulerRun:
     def collect(self, ref: Any) -> None:
         """The ended attempt `ref`: its unit finished, failed, or back at the front of the queue for another attempt."""
         import ray
-        from ray.exceptions import NodeDiedError
+        from ray.exceptions import NodeDiedError, RayActorError
 
         unit = self.pending.pop(ref)
         ran_s = time.monotonic() - self.submitted_at.pop(ref)
         try:
-            result = ray.get(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as error:  # an evaluator lost as a node is lost; its constructor raising is a failure
+                if error.actor_init_failed:
+                    raise
+                raise NodeDiedError(last_line(error)) from error
         except NodeDiedError:
             self.node_losses[unit.key] += 1
             limit = self.settings.retries.max_node_losses
@@ -126,13 +137,17 @@ class SchedulerRun:
             else:
                 self.end(unit, "failed", unit.failed(message))
         else:
-            outcomes = unit.finished(result)
+            outcomes, follow_ups = unit.finished(result), unit.follow_ups(result)
             self.timings.append((unit.kind, unit.planned_s, float(result.get("wall_s", ran_s))))
             for line in unit.ended_lines(outcomes):
                 console.print(line, soft_wrap=True)
             if self.settings.on_result:
                 self.settings.on_result(unit, result)
-            self.end(unit, "finished", outcomes, result.get("node", ""))
+            self.queue.extendleft(reversed(follow_ups))
+            state = "trained" if follow_ups and not outcomes else "finished"
+            if len(unit.jobs) == 1 and outcomes and outcomes[0].state == "failed":  # e.g. its adapter did not load
+                state = "failed"
+            self.end(unit, state, outcomes, result.get("node", ""))
 
     def resubmit(self, unit: WorkUnit, line: str) -> None:
         """`unit` back at the front of the queue (before the units that never started), saying why in `line`."""
@@ -150,15 +165,17 @@ class SchedulerRun:
                      for ref in sorted(self.pending, key=self.submitted_at.__getitem__)]
         slots = running_now([unit for unit, _ in submitted], lambda unit: unit.demand, capacity)
         eta = eta_now(submitted, list(self.queue), lambda unit: unit.planned_s, time_ratios(self.timings), slots)
+        evaluations = (jobs_in([u for u in self.pending.values() if u.kind == EVALUATION]),
+                       jobs_in([u for u in self.queue if u.kind == EVALUATION]))
         return progress_line({**self.settings.earlier, **self.outcomes}, jobs_in(self.pending.values()),
-                             jobs_in(self.queue), self.settings.total, eta)
+                             jobs_in(self.queue), self.settings.total, eta, evaluations)
 
 
 def submit_window(queue: deque[WorkUnit], pending: dict[Any, WorkUnit], queue_ahead: float,
-                  capacity: Mapping[str, float]) -> None:
+                  capacity: Mapping[str, float], lease_check: Callable[[], None] | None = None) -> None:
     """Submit from the front of `queue` while, for each resource the next unit needs, the submitted units ask for less
     than (1 + queue_ahead) x the cluster's total of it (`capacity`); with nothing submitted, the next unit goes
-    regardless (a cluster scaled to zero GPU nodes grows on demand)."""
+    regardless (a cluster scaled to zero GPU nodes grows on demand). `lease_check` runs before each submission."""
     in_flight: Counter[str] = Counter()
     for unit in pending.values():
         in_flight.update(unit.demand)
@@ -167,6 +184,8 @@ def submit_window(queue: deque[WorkUnit], pending: dict[Any, WorkUnit], queue_ah
         limit = {name: (1 + queue_ahead) * capacity.get(name, 0.0) for name in need if need[name] > 0}
         if pending and any(in_flight[name] >= amount for name, amount in limit.items()):
             return
+        if lease_check:
+            lease_check()
         unit = queue.popleft()
         pending[unit.submit()] = unit
         in_flight.update(need)

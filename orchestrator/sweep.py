@@ -5,7 +5,9 @@ exactly-once state lives where it must survive a lost driver anyway: the job's M
 checkpoints on the storage path. Tune's experiment restore would be a second, competing record of the same state.
 
 Jobs go out base evaluations first (a fine-tune's lift needs its base score), then fine-tunes longest first (plan's
-estimate; LPT keeps the longest job from starting last). The scheduler (orchestrator/scheduler.py) keeps the cluster
+estimate; LPT keeps the longest job from starting last). With `evaluation.engine: evaluator` (the default) evaluations
+go through one evaluator actor per base model (orchestrator/evaluator.py): a fine-tune's task only trains, and its
+evaluation follows on its base's evaluator. The scheduler (orchestrator/scheduler.py) keeps the cluster
 full, follows it as nodes join or go, and retries by the sweep's `retries` rules. A resubmitted job reuses its MLflow
 run and resumes from its checkpoint.
 
@@ -17,8 +19,8 @@ resumes the others from their checkpoints. The progress line counts a group's me
 
 Run again after a crash, or submitted twice, the driver skips jobs whose run is FINISHED, closes runs left RUNNING by
 killed workers, and resubmits the rest, which resume from their checkpoints. One driver runs a sweep at a time
-(`tracking.store.sweep_lease` on the parent run): a second submission while the first is alive stops in one line,
-before it touches a run.
+(`tracking.lease.sweep_lease` on the parent run): a second submission while the first is alive stops in one line,
+before it touches a run, and a driver that lost the lease stops submitting.
 
 The parts: orchestrator/cluster.py (joining Ray), workers.py (what runs on a worker), resources.py (plans as Ray
 resources and tasks), units.py (the work units), scheduler.py (running them), eta.py, notes.py (progress, summary,
@@ -28,6 +30,7 @@ the sweep's note in MLflow).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +38,13 @@ from jobs.config import JobConfig
 from jobs.storage import check_writable
 from orchestrator.cluster import cluster_address, connect_ray
 from orchestrator.config import SweepConfig, expand_jobs, storage_root
+from orchestrator.datacheck import data_preflight
+from orchestrator.evaluator import evaluator_pool
 from orchestrator.notes import console, results_description, sweep_description
 from orchestrator.plan import plan_job
-from orchestrator.resources import job_task
 from orchestrator.scheduler import SchedulerSettings, run_units
+from orchestrator.search import is_searched, search_units, trial_hosts
 from orchestrator.units import JobOutcome, RayTasks, work_units
-from orchestrator.workers import run_tracked_group, run_tracked_job
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,9 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None,
     """Run every unfinished job of the sweep on Ray, base evaluations first; returns each job's outcome in catalogue
     order. The experiment and the parent run are described (MLflow's note) with the sweep, its `config_file`, its job
     counts, and at the end a summary of the results."""
+    data_preflight(sweep)  # missing prepared files, no HF_TOKEN for a gated model...: one line each, first of all
     cluster_address()  # a RAY_ADDRESS no cluster answers at fails here, before storage, MLflow or Ray are touched
-    from tracking import preflight, store
+    from tracking import lease, preflight, store
 
     check_writable(storage_root(sweep))  # a wrong bucket, credential or mount fails here, before MLflow or Ray
 
@@ -78,8 +83,8 @@ def run_sweep(sweep: SweepConfig, tracking_uri: str | None = None,
     todo = [job for job in jobs if job.job_key not in skipped]
     # One driver per sweep: a second one stops here in one line, before it closes a run or submits a job (with nothing
     # left to run there is nothing to guard).
-    with store.sweep_lease(run.parent_run_id, sweep.name, uri) if todo else contextlib.nullcontext():
-        outcomes = run_unfinished(sweep, jobs, skipped, run, config_file)
+    with lease.sweep_lease(run.parent_run_id, sweep.name, uri) if todo else contextlib.nullcontext() as held:
+        outcomes = run_unfinished(sweep, jobs, skipped, run, config_file, held.check if held else None)
     return [outcomes[job.job_key] for job in catalogue_order]
 
 
@@ -97,7 +102,8 @@ def finished_before(jobs: list[JobConfig], run: SweepRun) -> dict[str, JobOutcom
 
 
 def run_unfinished(sweep: SweepConfig, jobs: list[JobConfig], skipped: dict[str, JobOutcome], run: SweepRun,
-                   config_file: str | Path | None = None) -> dict[str, JobOutcome]:
+                   config_file: str | Path | None = None,
+                   lease_check: Callable[[], None] | None = None) -> dict[str, JobOutcome]:
     """Describe the sweep on its experiment and parent run, close the runs of the jobs not `skipped` left RUNNING by
     lost workers, run those jobs, settle the champions, add the results to the description and end the parent run.
     Returns every job's outcome by job key."""
@@ -113,10 +119,12 @@ def run_unfinished(sweep: SweepConfig, jobs: list[JobConfig], skipped: dict[str,
     outcomes = dict(skipped)
     if todo:
         connect_ray()
-        tasks = RayTasks(job_task(run_tracked_job, sweep), job_task(run_tracked_group, sweep),
-                         (run.experiment_id, run.parent_run_id, run.uri))
-        settings = SchedulerSettings(sweep.retries, len(jobs), sweep.resources.queue_ahead, earlier=skipped)
-        outcomes |= run_units(work_units(todo, sweep, tasks), settings)
+        settings = SchedulerSettings(sweep.retries, len(jobs), sweep.resources.queue_ahead, earlier=skipped,
+                                     lease_check=lease_check)
+        plain = [job for job in todo if not is_searched(job, sweep)]  # searched fine-tunes: orchestrator/search.py
+        with trial_hosts(sweep), evaluator_pool(plain, sweep) as evaluators:
+            tasks = RayTasks.of(sweep, (run.experiment_id, run.parent_run_id, run.uri), evaluators)
+            outcomes |= run_units(search_units(todo, sweep, tasks.args) + work_units(plain, sweep, tasks), settings)
     for task in sweep.tasks:  # settles a race between two workers finishing one task at the same instant
         update_champion(task, run.uri)
     results = results_description([outcomes[job.job_key] for job in jobs])

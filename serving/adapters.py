@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 ADAPTER_ID = re.compile(rf"^{registry.MODEL_PREFIX}(?P<task>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<version>[1-9][0-9]*)$")
 HARMLESS_SUFFIXES = (".json", ".md", ".txt")  # besides the weights, what an adapter folder may hold
 MIN_REFRESH_S = 1.0  # an unknown model id re-reads the registry at most this often
+REGISTRY_BACKOFF_S = 1.0  # after a failed registry read, the next waits this long, doubling while reads keep failing
+MAX_REGISTRY_BACKOFF_S = 30.0
 REGISTRY_PROBE_S = 2.0  # how long the tracking server may take to answer /health before it counts as down
 
 Published = dict[str, TaskAdapters]
@@ -120,7 +122,11 @@ def model_ids(published: Published, served: ServedTasks) -> list[tuple[str, str]
 
 
 class ModelResolver:
-    """The ingress's view of the registry: re-read when older than `ttl_s`, or at once for an unknown id."""
+    """The ingress's view of the registry: re-read when older than `ttl_s`, or at once for an unknown id.
+
+    One read at a time, and no request waits for it while a view exists (it is served, and the read refreshes it in
+    the background), except a request for an id that view lacks (published a moment ago?). After a failed read the
+    next waits REGISTRY_BACKOFF_S, doubling up to MAX_REGISTRY_BACKOFF_S while reads keep failing."""
 
     def __init__(self, served: ServedTasks, read: Callable[[], Published], ttl_s: float, timeout_s: float) -> None:
         self.served = served
@@ -130,7 +136,8 @@ class ModelResolver:
         self.published: Published | None = None
         self.read_at = -float("inf")
         self.read_error: str | None = None  # why the last registry read failed; None when it worked
-        self.lock = asyncio.Lock()
+        self.failures = 0  # registry reads failed in a row
+        self.reading: asyncio.Future[None] | None = None  # the read in flight
 
     async def resolve(self, model: str) -> Route:
         """The route of `model`; a 404 APIError when it is not served, 503 when the registry cannot be read."""
@@ -138,7 +145,7 @@ class ModelResolver:
             return Route(model, model, None)
         route = resolve(model, await self._current(self.ttl_s), self.served)
         if route is None:
-            route = resolve(model, await self._current(MIN_REFRESH_S), self.served)  # published a moment ago?
+            route = resolve(model, await self._current(MIN_REFRESH_S, wait=True), self.served)  # published just now?
         if route is None:
             await self.refuse(model, [model_id for model_id, _ in model_ids(self.published or {}, self.served)])
         assert route is not None
@@ -148,7 +155,7 @@ class ModelResolver:
         """What an id this endpoint does not serve gets after its second look (the registry re-read when older than
         MIN_REFRESH_S): 503 while the registry cannot be read (it may have been published meanwhile), else a 404 listing
         `listed`. Also what a caller gets for a model outside its scope, so the two cannot be told apart."""
-        await self._current(MIN_REFRESH_S)
+        await self._current(MIN_REFRESH_S, wait=True)
         if self.read_error is not None:
             raise registry_unavailable(f"{model!r} is not in the last view of it ({self.read_error})")
         raise model_not_found(model, listed)
@@ -162,19 +169,29 @@ class ModelResolver:
         published = await self._current(self.ttl_s)
         return [model_card(model_id, owner) for model_id, owner in model_ids(published, self.served)]
 
-    async def _current(self, max_age_s: float) -> Published:
-        async with self.lock:
-            if time.monotonic() - self.read_at > max_age_s:
-                try:
-                    self.published = await asyncio.wait_for(asyncio.to_thread(self.read), self.timeout_s)
-                    self.read_error = None
-                except Exception as error:
-                    self.read_error = f"{type(error).__name__}: {error}"
-                    if self.published is None:
-                        raise registry_unavailable(self.read_error) from None
-                    log.warning("registry read failed, serving the last view: %s", error)
-                self.read_at = time.monotonic()
-            return self.published or {}
+    async def _current(self, max_age_s: float, wait: bool = False) -> Published:
+        """The view, re-read when older than `max_age_s` (and not backing off); waits for the read only without a
+        view or when `wait`; 503 while there is no view and the registry cannot be read."""
+        backoff = min(MAX_REGISTRY_BACKOFF_S, REGISTRY_BACKOFF_S * 2 ** (self.failures - 1)) if self.failures else 0.0
+        if time.monotonic() - self.read_at > max(max_age_s, backoff) and self.reading is None:
+            self.reading = asyncio.ensure_future(self._read())
+        if self.reading is not None and (wait or self.published is None):
+            await asyncio.shield(self.reading)
+        if self.published is None:
+            raise registry_unavailable(self.read_error or "not read yet")
+        return self.published
+
+    async def _read(self) -> None:
+        """One registry read (bounded by `timeout_s`) into the view; a failure keeps the last view and says why."""
+        try:
+            self.published = await asyncio.wait_for(asyncio.to_thread(self.read), self.timeout_s)
+            self.read_error, self.failures = None, 0
+        except Exception as error:
+            self.read_error, self.failures = f"{type(error).__name__}: {error}", self.failures + 1
+            if self.published is not None:
+                log.warning("registry read failed, serving the last view: %s", error)
+        finally:
+            self.read_at, self.reading = time.monotonic(), None
 
 
 def registry_unavailable(cause: str) -> APIError:

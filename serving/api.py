@@ -19,12 +19,17 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.parsing import hide_credentials
 from serving.chat import Message
 from serving.engine import SamplingParams
 
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256  # per stop string: every stop is searched for in the text after each token, on the decode thread
+MAX_PROMPT_CHARS = 200_000  # a prompt (or a chat's messages together); checked before anything tokenizes it
+MAX_BODY_BYTES = 2 * 1024 * 1024  # any request body; a prompt at the cap fits in it even with JSON escapes
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what every engine's generator takes (a 64-bit signed integer)
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
@@ -32,12 +37,13 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}; a URL's `user:pass@` in
+    the message (a tracking URI named by a 503) is never sent."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
                  param: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(status, message, type, code, param, retry_after_s)  # all args: survives pickling across Ray
-        self.status, self.message, self.type, self.code = status, message, type, code
+        self.status, self.message, self.type, self.code = status, hide_credentials(message), type, code
         self.param, self.retry_after_s = param, retry_after_s
 
     def body(self) -> dict[str, Any]:
@@ -75,18 +81,64 @@ def parse_request(schema: type[ModelT], body: Any) -> ModelT:
         raise from_validation_error(error) from None
 
 
-async def read_body(request: Request, schema: type[ModelT]) -> ModelT:
-    """The request's JSON body validated against `schema`; a 400 APIError when it is not JSON or does not fit."""
+async def read_body(request: Request, schema: type[ModelT], json_type_required: bool = False) -> ModelT:
+    """The request's JSON body validated against `schema`: a 413 beyond MAX_BODY_BYTES (read no further), a 400
+    APIError when it is not JSON or does not fit, and with `json_type_required` (an endpoint without keys, where a
+    browser's cross-site form POST must not count as JSON) a 415 unless the Content-Type is JSON."""
+    if json_type_required and not is_json_type(request.headers.get("content-type")):
+        raise APIError(415, "send the body as JSON with `Content-Type: application/json`", code="invalid_content_type")
     try:
-        body = await request.json()
+        body = json.loads(await bounded_body(request))
     except ValueError:
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     return parse_request(schema, body)
 
 
+def is_json_type(content_type: str | None) -> bool:
+    """`application/json` (or `application/<x>+json`), whatever its parameters."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def body_too_large() -> APIError:
+    return APIError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes (the endpoint's cap)",
+                    code="request_too_large")
+
+
+async def bounded_body(request: Request) -> bytes:
+    """The body, read no further than MAX_BODY_BYTES (a 413 APIError beyond, by Content-Length or by count)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise body_too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise body_too_large()
+    return bytes(body)
+
+
+def json_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI `requestBody` of a route that reads `schema` itself (with `read_body`), self-contained (its
+    sub-schemas inlined), so the docs and the fuzz test (tests/test_fuzz.py) know every body."""
+    definitions = schema.model_json_schema()
+    inline = definitions.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(inline[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(item) for item in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": resolve(definitions)}}}}
+
+
 def openai_app() -> FastAPI:
     """A FastAPI application that answers every error in OpenAI's shape (never FastAPI's 422 nor an HTML page)."""
-    app = FastAPI(title="LoRA Land", description="OpenAI-compatible multi-LoRA endpoint.")
+    app = FastAPI(title="LoRA Land", description="OpenAI-compatible multi-LoRA endpoint.", docs_url=None,
+                  redoc_url=None, openapi_url=None)  # no Swagger page (it loads from a CDN), no schema route
     app.exception_handler(APIError)(_api_error)
     app.exception_handler(RequestValidationError)(_validation_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
@@ -131,7 +183,7 @@ class OpenAIRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="A 64-bit signed integer.")
     n: int = Field(default=1, description="Only 1 is served.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -167,6 +219,8 @@ class OpenAIRequest(BaseModel):
         stops = [value] if isinstance(value, str) else value or []
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
             raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty stop strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may hold at most {MAX_STOP_CHARS} characters")
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -179,7 +233,7 @@ class OpenAIRequest(BaseModel):
 class CompletionRequest(OpenAIRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(description=f"One prompt, at most {MAX_PROMPT_CHARS} characters.")
     max_tokens: int = Field(default=16, ge=1, description="OpenAI's default: 16.")
     echo: bool = False
     logprobs: int | None = None
@@ -191,8 +245,11 @@ class CompletionRequest(OpenAIRequest):
     def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("exactly one prompt per request is supported")
-        if not (value if isinstance(value, str) else value[0]):
+        text = value if isinstance(value, str) else value[0]
+        if not text:
             raise ValueError("the prompt is empty")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt holds {len(text)} characters; the cap is {MAX_PROMPT_CHARS}")
         return value
 
     @field_validator("echo")
@@ -256,6 +313,9 @@ class ChatCompletionRequest(OpenAIRequest):
     def _ends_with_user(cls, value: list[ChatMessage]) -> list[ChatMessage]:
         if value[-1].role != "user":
             raise ValueError("the last message must be the user's")
+        chars = sum(len(message.to_message().content) for message in value)
+        if chars > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages hold {chars} characters together; the cap is {MAX_PROMPT_CHARS}")
         return value
 
     @field_validator("logprobs")

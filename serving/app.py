@@ -25,7 +25,7 @@ No `from __future__ import annotations` here: FastAPI reads the route methods' a
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,12 +36,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.deployment import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from core.catalog import load_catalog
 from core.paths import data_home
 from serving import faults
-from serving.adapters import AdapterStore, AdapterUnavailable, ModelResolver, Route, read_registry
+from serving.adapters import AdapterStore, AdapterUnavailable, ModelResolver, Published, Route, read_registry
 from serving.api import (
     DONE,
     APIError,
@@ -50,11 +50,12 @@ from serving.api import (
     CompletionRequest,
     GenerateRequest,
     generate_request,
+    json_body,
     openai_app,
     read_body,
     sse,
 )
-from serving.auth import Caller, KeyRing, resolve_in_scope, visible_cards
+from serving.auth import Caller, KeyRing, host_allowed, resolve_in_scope, visible_cards
 from serving.chat import render_chat
 from serving.config import BaseDeployment, ServeConfig, parse_serve_config
 from serving.engine import (
@@ -69,7 +70,7 @@ from serving.engine import (
 from serving.engines import EngineFactory, build_engine
 from serving.metrics import IngressMetrics, ReplicaMetrics
 from serving.replication import HotAdapterRouter, adapter_of
-from serving.webapp import PageSources, page_routes
+from serving.webapp import CardReader, PageSources, page_routes
 from tracking import store
 from tracking.cards import TaskCards
 
@@ -146,7 +147,7 @@ class BaseModelServer:
                 self.metrics.cache_lookup(adapter, hit=routing in self.resident)
                 await self.load_adapter(routing)
             self.report_residency()
-            prompt_ids = self.encode(request)
+            prompt_ids = await asyncio.to_thread(self.encode, request)  # a long prompt must not stall the loop
             max_tokens = request.max_tokens or max(1, self.engine.max_context_tokens - len(prompt_ids))
             sent = 0
             async for delta in self.engine.generate(prompt_ids, adapter, request.sampling(max_tokens)):
@@ -164,12 +165,13 @@ class BaseModelServer:
         text = request.prompt if request.prompt is not None else render_chat(list(request.messages), self.chat_format)
         return encode_prompt(self.engine.tokenizer, text)
 
-    def prompt_tokens(self, prompt: str) -> tuple[int, int]:
+    async def prompt_tokens(self, prompt: str) -> tuple[int, int]:
         """(tokens of `prompt` as a completion request encodes it, the engine's context): the page's check before
-        sending."""
+        sending (tokenized off the replica's event loop)."""
         from jobs.encoding import encode_prompt
 
-        return len(encode_prompt(self.engine.tokenizer, prompt)), self.engine.max_context_tokens
+        ids = await asyncio.to_thread(encode_prompt, self.engine.tokenizer, prompt)
+        return len(ids), self.engine.max_context_tokens
 
     def resources(self) -> dict[str, float]:
         """What this replica holds now (batch rows, slots, KV cache bytes, threads): the soak test's leak check."""
@@ -242,14 +244,19 @@ def replica_count(deployment: BaseDeployment) -> int:
 class OpenAIIngress:
     """`/v1/models`, `/v1/completions`, `/v1/chat/completions` over the base models' deployments; the page at `/`."""
 
-    def __init__(self, config: ServeConfig, servers: dict[str, DeploymentHandle], tracking_uri: str) -> None:
+    def __init__(self, config: ServeConfig, servers: dict[str, DeploymentHandle], tracking_uri: str,
+                 registry_reader: Callable[[], Published] | None = None, cards: CardReader | None = None) -> None:
+        """`registry_reader` and `cards` default to reading `tracking_uri` (tests of the ingress alone pass their
+        own, with handles that are not Serve's)."""
         self.servers = servers
         self.tracking_uri = tracking_uri
         self.keys = KeyRing.from_settings(config.api_key, config.api_keys_file)  # serving/auth.py
+        self.allowed_hosts = config.allowed_hosts
         self.timeout_s = config.ingress.request_timeout_s
         served = {d.base_model: None if d.tasks == "all" else frozenset(d.tasks) for d in config.deployments}
-        self.resolver = ModelResolver(served, partial(read_registry, tracking_uri),
+        self.resolver = ModelResolver(served, registry_reader or partial(read_registry, tracking_uri),
                                       config.ingress.model_ttl_s, config.ingress.request_timeout_s)
+        self.cards = cards or TaskCards(tracking_uri)
         self.metrics = IngressMetrics()
         self.hot = {d.base_model: HotAdapterRouter(d.hot_adapters, replica_count(d)) for d in config.deployments}
 
@@ -259,11 +266,22 @@ class OpenAIIngress:
         app = openai_app()
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/models/{model:path}", self.model, methods=["GET"])
-        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
-        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
-        app.include_router(page_routes(PageSources(self.resolver, self.keys, TaskCards(self.tracking_uri),
-                                                   self.count_tokens, self.tracking_uri)))
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"], openapi_extra=json_body(
+            CompletionRequest))
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"],
+                          openapi_extra=json_body(ChatCompletionRequest))
+        app.include_router(page_routes(PageSources(self.resolver, self.keys, self.cards, self.count_tokens,
+                                                   self.tracking_uri)))
+        app.middleware("http")(self.check_host)
         return app
+
+    async def check_host(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Without keys, a request must name this endpoint in `Host` (an IP address, localhost or one of
+        `allowed_hosts`): a DNS-rebinding page, which sends its own domain name, gets a 400."""
+        if not self.keys.required and not host_allowed(request.headers.get("host"), self.allowed_hosts):
+            return APIError(400, "the Host header names none of this endpoint's names; add it to `allowed_hosts` in "
+                                 "the serve config, or configure API keys", code="invalid_host").response()
+        return await call_next(request)
 
     async def models(self, request: Request) -> dict[str, Any]:
         return {"object": "list", "data": visible_cards(await self.resolver.cards(), self.caller(request))}
@@ -286,14 +304,14 @@ class OpenAIIngress:
         """Validate, route, and answer once the first event is in: JSON, an SSE stream, or the error."""
         started = time.perf_counter()
         caller = self.caller(request)
-        parsed = await read_body(request, schema)
+        parsed = await read_body(request, schema, json_type_required=not self.keys.required)
         route = await resolve_in_scope(self.resolver, caller, parsed.model)
         routing = self.hot[route.base_model].route(route.adapter)  # hot adapters spread over replicas
         if route.adapter:
             self.metrics.spread(route.base_model, route.adapter, self.hot[route.base_model].copies[route.adapter])
         handle = self.servers[route.base_model].options(multiplexed_model_id=routing, stream=True)
         response = handle.generate.remote(generate_request(parsed), route.adapter)
-        assert isinstance(response, DeploymentResponseGenerator)  # a stream=True handle's call
+        assert not isinstance(response, DeploymentResponse)  # a stream=True handle's call streams
         events = self.events(response)
         completion = Completion(chat=schema is ChatCompletionRequest, model=parsed.model, adapter=route.adapter or "")
         first = await anext(events, None) or APIError(500, "the model returned no answer", type="server_error")
@@ -427,10 +445,21 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return app_for(parse_serve_config(args, "application args"))
 
 
+def open_bind_warning(config: ServeConfig, keys_required: bool) -> str | None:
+    """One line when `config` binds every interface and no key is configured; None otherwise."""
+    if config.host not in ("0.0.0.0", "::") or keys_required:
+        return None
+    return (f"serving on {config.host} without API keys: anyone who reaches port {config.port} may call every model; "
+            "set api_keys_file (or $LORALAND_API_KEYS_FILE), or bind 127.0.0.1")
+
+
 def deploy(config: ServeConfig, engine: EngineFactory = build_engine) -> str:
     """Start Serve's HTTP proxy on the config's host and port (Ray must be connected) and run the
     application (replicas build their engine with `engine`), waiting until every replica is up; returns the OpenAI
     base URL."""
+    warning = open_bind_warning(config, KeyRing.from_settings(config.api_key, config.api_keys_file).required)
+    if warning:
+        log.warning(warning)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(app_for(config, engine), name=config.name, route_prefix=config.route_prefix)
     return f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/v1"

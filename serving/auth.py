@@ -12,8 +12,8 @@ keys:
 read from `$LORALAND_API_KEYS` (the document itself) or from a file: `api_keys_file` in the config, else
 `$LORALAND_API_KEYS_FILE` (for example a Kubernetes secret mounted as a file). The file is read again when
 its modification time changes, so keys are added or revoked without a restart (a file that no longer
-parses keeps the last good keys and logs why). The config's single `api_key`, when set, is one more key
-that may use every model.
+parses keeps the last good keys and logs why, never a key itself; a file that is gone revokes its keys). The
+config's single `api_key`, when set, is one more key that may use every model.
 
 A request's key is compared with every configured key in constant time (`hmac.compare_digest` over
 SHA-256 digests, no early exit). A missing or unknown key is a 401 in OpenAI's error shape. A model
@@ -28,17 +28,20 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field
 
 from core.errors import ConfigError
-from core.parsing import parse_model
+from core.parsing import SECRET, parse_model
 from core.schemas import StrictModel
 from serving.adapters import ModelResolver, Route
 from serving.api import APIError
@@ -55,7 +58,7 @@ class KeyEntry(StrictModel):
     """One API key and the model ids it may call."""
 
     name: str = Field(min_length=1, description="Who holds the key (logged; never the key itself).")
-    key: str = Field(min_length=MIN_KEY_LENGTH, description="The bearer token.")
+    key: str = Field(min_length=MIN_KEY_LENGTH, description="The bearer token.", json_schema_extra=SECRET)
     models: list[str] = Field(default_factory=lambda: list(EVERY_MODEL), min_length=1,
                               description="fnmatch patterns over model ids (`*:legal`, a base model name, `*`).")
 
@@ -112,7 +115,8 @@ class KeyRing:
     inline: str | None = None  # $LORALAND_API_KEYS
     path: Path | None = None  # api_keys_file or $LORALAND_API_KEYS_FILE
     entries: list[tuple[bytes, Caller]] = field(default_factory=list)
-    stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file as last read
+    stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file as last read; None: no file
+    loaded: bool = False
 
     @classmethod
     def from_settings(cls, api_key: str | None, api_keys_file: str | None) -> KeyRing:
@@ -131,8 +135,10 @@ class KeyRing:
     def reload(self, strict: bool = False) -> None:
         """Read the keys again when the file changed; a bad file raises when `strict`, else keeps the last keys."""
         stamp = self._file_stamp(strict)
-        if self.entries and stamp == self.stamp:
+        if self.loaded and stamp == self.stamp:
             return
+        if self.path is not None and stamp is None:
+            log.warning("the API keys file %s is gone: its keys are revoked", self.path)
         try:
             keys = parse_keys(self.inline, f"${API_KEYS_ENV}") if self.inline else []
             if self.path is not None and stamp is not None:
@@ -144,7 +150,7 @@ class KeyRing:
             return
         legacy = [(digest(self.legacy_key), Caller("api_key"))] if self.legacy_key else []
         self.entries = legacy + [(digest(entry.key), Caller(entry.name, tuple(entry.models))) for entry in keys]
-        self.stamp = stamp
+        self.stamp, self.loaded = stamp, True
         log.info("API keys loaded: %d", len(self.entries))
 
     def _file_stamp(self, strict: bool) -> tuple[int, int] | None:
@@ -155,7 +161,7 @@ class KeyRing:
         except OSError as error:
             if strict:
                 raise ConfigError(str(self.path), [f"the API keys file cannot be read ({error.strerror})"]) from None
-            return self.stamp  # gone for a moment (a secret being swapped): keep what we have
+            return None  # gone (a Kubernetes secret is swapped by renaming a link, never by deleting): revoked
         return status.st_mtime_ns, status.st_size
 
     def authenticate(self, authorization: str | None) -> Caller:
@@ -173,6 +179,22 @@ class KeyRing:
             raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
                            code="invalid_api_key")
         return found
+
+
+def host_allowed(host: str | None, names: Collection[str]) -> bool:
+    """Whether a request's `Host` header may reach an endpoint without keys: an IP address, `localhost` or one of
+    `names` (a DNS-rebinding page sends its own domain name there). A request without the header is let through."""
+    if not host:
+        return True
+    try:
+        hostname = urlsplit(f"//{host}").hostname or ""
+    except ValueError:  # an unbalanced IPv6 bracket
+        return False
+    try:
+        ipaddress.ip_address(hostname)
+        return True
+    except ValueError:
+        return hostname in {"localhost", *(name.lower() for name in names)}
 
 
 def visible_cards(cards: list[dict[str, Any]], caller: Caller) -> list[dict[str, Any]]:

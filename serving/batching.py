@@ -136,7 +136,7 @@ class BatchingEngine:
                                             self.wake, self.counters)
         self.scheduler = Scheduler(self.tiers, settings.max_batch_size,
                                    settings.max_running_per_adapter or max(1, settings.max_batch_size // 2),
-                                   settings.max_queued_requests)
+                                   settings.max_queued_requests, settings.max_batch_tokens)
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -238,7 +238,8 @@ class BatchingEngine:
                 self.scheduler.drain()
                 for seq, error in self.scheduler.unloadable():
                     self._send(seq, error)
-                admitted = self.scheduler.admit(self.rows)
+                width = self.batch.mask.shape[1] if self.batch is not None and self.rows else 0
+                admitted = self.scheduler.admit(self.rows, width)
                 if admitted:
                     self._guarded(self._prefill, admitted, victims=admitted)
                 if self.rows:
@@ -395,11 +396,14 @@ def _deliver(items: list[tuple[Sequence, Delta | BaseException]]) -> None:
         seq.stream.put_nowait(item)
 
 
-def build_engine(spec: BaseModelSpec, precision: str, device: str, fetch: AdapterFetcher,
+def build_engine(spec: BaseModelSpec, precision: str | QuantizationSettings, device: str, fetch: AdapterFetcher,
                  settings: BatchingEngineConfig, max_context_tokens: int | None = None) -> BatchingEngine:
-    """Load `spec` (4-bit nf4, bf16 or fp32) on `device` and start an engine over it."""
+    """Load `spec` (4-bit nf4, bf16 or fp32; or exactly as a job's QuantizationSettings hold it, as evaluation does)
+    on `device` and start an engine over it."""
     resolved = resolve_device(device)
-    if precision == "4bit":
+    if isinstance(precision, QuantizationSettings):
+        quant = precision
+    elif precision == "4bit":
         quant = QuantizationSettings()
     else:
         quant = QuantizationSettings(load_in_4bit=False, compute_dtype="bfloat16" if precision == "bf16" else "float32")

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from core.errors import ConfigError
-from core.parsing import parse_model, read_yaml
+from core.parsing import SECRET, parse_model, read_yaml
 from core.schemas import StrictModel, names_or
 
 APP_BUILDER = "serving.app:build_app"  # the import_path of our application in a Ray Serve config file
@@ -29,6 +29,9 @@ class BatchingEngineConfig(StrictModel):
 
     kind: Literal["batching"] = Field(default="batching", description="Which engine: the batching engine.")
     max_batch_size: int = Field(default=64, ge=1, description="Requests decoded together in one forward pass.")
+    max_batch_tokens: int = Field(default=32768, ge=1, description="Budget of the batch's padded KV cache, in tokens: "
+                                  "rows x the longest row's prompt + max_tokens (every row is padded to the longest); "
+                                  "a request is admitted only within it (alone, always).")
     device_adapter_slots: int = Field(default=0, ge=0, description="Adapters held on the accelerator at once; "
                                       "0: sized from free memory.")
     host_adapter_slots: int = Field(default=256, ge=1, description="Adapters kept in host memory (LRU beyond).")
@@ -229,11 +232,14 @@ class ServeConfig(StrictModel):
     name: str = Field(default="loraland", description="Serve application name.")
     host: str = Field(default="127.0.0.1", description="HTTP bind address.")
     port: int = Field(default=8000, gt=0, lt=65536, description="HTTP port.")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names (besides IP addresses and "
+                                     "localhost) that requests may carry in `Host` while no API key is configured: "
+                                     "a DNS-rebinding page cannot reach a keyless endpoint.")
     route_prefix: str = Field(default="/", description="Route prefix of the application.")
     tracking_uri: str | None = Field(default=None, description="MLflow URI adapters come from; default: "
                                      "$MLFLOW_TRACKING_URI.")
     api_key: str | None = Field(default=None, description="Bearer token required on every request, if set (one key "
-                                "for every model).")
+                                "for every model).", json_schema_extra=SECRET)
     api_keys_file: str | None = Field(default=None, description="File of API keys scoped to models (serving/auth.py); "
                                       "default: $LORALAND_API_KEYS_FILE. Keys never go in this config.")
     max_context_tokens: int | None = Field(default=None, gt=0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from core.schemas import BaseModelSpec
+from core.schemas import BaseModelSpec, QuantizationSettings
 from serving.config import EngineConfig, VllmEngineConfig
 from serving.engine import AdapterFetcher, Engine
 
@@ -22,13 +22,22 @@ class EngineFactory(Protocol):
                  max_context_tokens: int | None = None) -> Engine: ...
 
 
-def build_engine(spec: BaseModelSpec, precision: str, device: str, fetch: AdapterFetcher, config: EngineConfig,
-                 max_context_tokens: int | None = None) -> Engine:
-    """The engine `config.kind` names: `serving.batching` (ours) or `serving.vllm_engine`."""
+def build_engine(spec: BaseModelSpec, precision: str | QuantizationSettings, device: str, fetch: AdapterFetcher,
+                 config: EngineConfig, max_context_tokens: int | None = None) -> Engine:
+    """The engine `config.kind` names: `serving.batching` (ours) or `serving.vllm_engine`. `precision` is a serve
+    deployment's ("4bit", "bf16", "fp32") or a job's quantization settings (evaluation holds the base as the job)."""
     if isinstance(config, VllmEngineConfig):
         from serving.vllm_engine import build_engine as build_vllm_engine
 
-        return build_vllm_engine(spec, precision, device, fetch, config, max_context_tokens)
+        held = precision if isinstance(precision, str) else precision_of(precision)
+        return build_vllm_engine(spec, held, device, fetch, config, max_context_tokens)
     from serving.batching import build_engine as build_batching_engine
 
     return build_batching_engine(spec, precision, device, fetch, config, max_context_tokens)
+
+
+def precision_of(quant: QuantizationSettings) -> str:
+    """A serve deployment's precision nearest a job's quantization settings (4-bit nf4 or fp4: "4bit")."""
+    if quant.load_in_4bit:
+        return "4bit"
+    return "bf16" if quant.compute_dtype == "bfloat16" else "fp32"

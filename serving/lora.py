@@ -26,8 +26,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -192,22 +194,49 @@ class LoraSlots:
         batch.mask = (columns[None, :] == owner[:, None]).to(stack.dtype)
 
 
+HEADER_BYTES = 1 << 20  # what a safetensors header and a folder's config may add to the weights themselves
+
+
 def read_adapter(path: Path, layers: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype) -> AdapterWeights:
     """Read a PEFT LoRA folder into host memory, checked against the base model's layers.
 
     `layers` maps each wrapped module name to its (in_features, out_features). Only safetensors are
     read; a pickle (.bin) adapter, DoRA, LoRA biases, embedding/LM-head deltas or a rank above
-    `max_rank` are refused with the reason.
+    `max_rank` are refused with the reason. The file's size (at most what a rank-`max_rank` fp32 adapter of every
+    layer takes) and its tensors' names and shapes (from the safetensors header) are checked before any weight is read.
     """
     config_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
         raise AdapterFormatError(f"{path.name}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
                                  "(pickle .bin adapters are refused)")
+    cap = max_rank * sum(fan_in + fan_out for fan_in, fan_out in layers.values()) * 4 + HEADER_BYTES
+    size = weights_path.stat().st_size
+    if size > cap or config_path.stat().st_size > HEADER_BYTES:
+        raise AdapterFormatError(f"{path.name}: {size} bytes of weights, more than a rank-{max_rank} adapter of this "
+                                 f"base model holds ({cap} bytes)")
     try:
         config = json.loads(config_path.read_text())
+        with safe_open(str(weights_path), framework="pt") as header:
+            shapes = {key: tuple(header.get_slice(key).get_shape()) for key in header.keys()}
+    except Exception as error:
+        raise AdapterFormatError(f"{path.name}: unreadable adapter ({type(error).__name__}: {error})") from error
+    rank, scale = lora_settings(path, config, max_rank)
+    modules = lora_modules(path, shapes, layers, rank)
+    try:
         tensors = load_file(str(weights_path), device="cpu")
     except Exception as error:
         raise AdapterFormatError(f"{path.name}: unreadable adapter ({type(error).__name__}: {error})") from error
+    adapter = AdapterWeights(rank=rank)
+    for module, (a_key, b_key) in modules.items():
+        a, b = tensors[a_key], tensors[b_key]
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterFormatError(f"{path.name}: {module} holds NaN or infinite weights")
+        adapter.modules[module] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+    return adapter
+
+
+def lora_settings(path: Path, config: dict[str, Any], max_rank: int) -> tuple[int, float]:
+    """(rank, scale) of a LoRA adapter's config; AdapterFormatError for what is not served."""
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(f"{path.name}: peft_type {config.get('peft_type')} is not LORA")
     if config.get("use_dora") or config.get("lora_bias"):
@@ -216,10 +245,15 @@ def read_adapter(path: Path, layers: dict[str, tuple[int, int]], max_rank: int, 
     if not 0 < rank <= max_rank:
         raise AdapterFormatError(f"{path.name}: rank {rank} is outside 1..{max_rank} (max_lora_rank)")
     alpha = float(config.get("lora_alpha", rank))
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    adapter = AdapterWeights(rank=rank)
+    return rank, alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def lora_modules(path: Path, shapes: dict[str, tuple[int, ...]], layers: dict[str, tuple[int, int]],
+                 rank: int) -> dict[str, tuple[str, str]]:
+    """Module -> (A key, B key) of the tensors a safetensors header lists, each pair of this base's shapes."""
     prefix = "base_model.model."
-    for key, a in tensors.items():
+    modules: dict[str, tuple[str, str]] = {}
+    for key, a_shape in shapes.items():
         if not key.endswith(".lora_A.weight"):
             if ".lora_B." not in key:
                 raise AdapterFormatError(f"{path.name}: unexpected tensor {key} "
@@ -227,16 +261,14 @@ def read_adapter(path: Path, layers: dict[str, tuple[int, int]], max_rank: int, 
             continue
         module = key[len(prefix):] if key.startswith(prefix) else key
         module = module[: -len(".lora_A.weight")]
-        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
-        if module not in layers or b is None:
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        if module not in layers or b_key not in shapes:
             raise AdapterFormatError(f"{path.name}: {module} is not a served layer of this base model")
         fan_in, fan_out = layers[module]
-        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
-            raise AdapterFormatError(f"{path.name}: {module} has shapes {tuple(a.shape)}/{tuple(b.shape)}, "
+        if a_shape != (rank, fan_in) or shapes[b_key] != (fan_out, rank):
+            raise AdapterFormatError(f"{path.name}: {module} has shapes {a_shape}/{shapes[b_key]}, "
                                      f"expected ({rank}, {fan_in})/({fan_out}, {rank}): adapter of another base model?")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterFormatError(f"{path.name}: {module} holds NaN or infinite weights")
-        adapter.modules[module] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
-    if not adapter.modules:
+        modules[module] = (key, b_key)
+    if not modules:
         raise AdapterFormatError(f"{path.name}: holds no LoRA weights")
-    return adapter
+    return modules

@@ -4,7 +4,12 @@ Requests come in on any thread through a bounded queue (`max_queued_requests`, b
 `EngineOverloaded`). The decode thread admits them between forward passes: round-robin over adapters
 with waiting requests, an adapter already holding `max_running_per_adapter` rows yields while others
 wait, only adapters that have a free accelerator slot and are in host memory are admitted (loads
-run off the decode loop), and one iteration prefills at most `PREFILL_TOKEN_BUDGET` prompt tokens.
+run off the decode loop), one iteration prefills at most `PREFILL_TOKEN_BUDGET` prompt tokens, and the batch's
+padded KV cache stays within `max_batch_tokens`: the batching engine pads every row's cache to the widest (a merge pads
+the narrower cache, each decode step adds a column to every row), so a request is admitted only while rows x the widest
+the cache can grow to (its width once the request joins, plus the most tokens any row may still generate) fits: one
+long request cannot multiply KV memory by the batch's rows. An empty batch takes any request that fits the context;
+a request that does not fit holds back the others until rows leave, so it never starves.
 """
 
 from __future__ import annotations
@@ -54,13 +59,19 @@ class Sequence:
         return self.adapter or BASE
 
 
+def remaining(seq: Sequence) -> int:
+    """Tokens the request may still generate (each one a new cache column for every row)."""
+    return seq.params.max_tokens - len(seq.out_ids)
+
+
 class Scheduler:
     """Admission into the running batch (see the module docstring)."""
 
     def __init__(self, tiers: AdapterTiers, max_batch_size: int, max_running_per_adapter: int,
-                 max_queued_requests: int) -> None:
+                 max_queued_requests: int, max_batch_tokens: int) -> None:
         self.tiers = tiers
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.max_running_per_adapter = max_running_per_adapter
         self.max_queued_requests = max_queued_requests
         self.inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -107,14 +118,16 @@ class Scheduler:
         """Every request waiting for admission."""
         return [seq for waiting in self.waiting.values() for seq in waiting]
 
-    def admit(self, rows: list[Sequence]) -> list[Sequence]:
-        """Round-robin over adapters with waiting requests until the batch or the prefill budget is full."""
+    def admit(self, rows: list[Sequence], width: int = 0) -> list[Sequence]:
+        """Round-robin over adapters with waiting requests until the batch, the prefill budget or the KV budget is
+        full (`width`: the running batch's cache columns now)."""
         free = self.max_batch_size - len(rows)
         running: dict[str, int] = defaultdict(int)
         for seq in rows:
             running[seq.key] += 1
         admitted: list[Sequence] = []
         budget = PREFILL_TOKEN_BUDGET
+        most_remaining = max((remaining(seq) for seq in rows), default=0)
         progress = True
         while free > 0 and budget > 0 and progress:
             progress = False
@@ -126,6 +139,10 @@ class Scheduler:
                 if free == 0 or budget <= 0 or (others_wait and running[key] >= self.max_running_per_adapter):
                     continue
                 seq = waiting[0]
+                count = len(rows) + len(admitted)
+                joined, most = max(width, len(seq.prompt_ids)), max(most_remaining, seq.params.max_tokens)
+                if count > 0 and (count + 1) * (joined + most) > self.max_batch_tokens:
+                    return admitted  # nothing more joins until rows leave and it fits: a long request never starves
                 slot = self.tiers.acquire(seq.adapter)
                 if slot is None:  # loading off this loop (again, if host memory evicted it), or every slot is busy
                     if seq.adapter is not None:
@@ -138,6 +155,7 @@ class Scheduler:
                 running[key] += 1
                 free -= 1
                 budget -= len(seq.prompt_ids)
+                width, most_remaining = joined, most
                 progress = True
                 self.waiting.move_to_end(key)  # the next round starts with the adapters that waited longest
         return admitted

@@ -21,7 +21,11 @@ cards, a token counter, the tracking URI); the ingress builds them once per repl
 ASGI app (`OpenAIIngress.__serve_build_asgi_app__`), and includes them beside its own. A function rather than a
 Serve deployment of its own: the page shares the ingress's port, route prefix, registry view and keys, and a second
 deployment would need its own application and route prefix for no gain. Every data route but `settings` needs a
-valid key when a key is configured (`KeyRing.authenticate`); it checks no model scope.
+valid key when a key is configured (`KeyRing.authenticate`), and applies the key's model scope exactly as `/v1` does
+(`serving.auth.visible_cards`): a task is listed, shown, scored or checked only when the key may use its champion id,
+its leaderboard and model ids are cut to the ids the key may use, and a 404 lists only tasks in scope. The score route
+runs the metric (ROUGE-L is quadratic, in pure Python) on capped text in a small thread pool, off the event loop that
+also serves `/v1`.
 
 No `from __future__ import annotations` here: FastAPI reads the routes' annotations at run time.
 """
@@ -29,7 +33,8 @@ No `from __future__ import annotations` here: FastAPI reads the routes' annotati
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +47,8 @@ from core.prompts import CODE_METRIC, evaluation_prompt
 from core.schemas import TaskSpec
 from jobs.metrics import score
 from serving.adapters import ModelResolver, Published, ServedTasks, adapter_id, resolve
-from serving.api import APIError, read_body
-from serving.auth import KeyRing
+from serving.api import MAX_PROMPT_CHARS, APIError, json_body, read_body
+from serving.auth import Caller, KeyRing, resolve_in_scope, visible_cards
 from serving.config import ServeConfig
 from tracking import registry, store
 from tracking.cards import TaskCard
@@ -51,6 +56,8 @@ from tracking.scores import RunScores, gpt_scores, run_link, run_scores, study_s
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}  # what /web/<name> serves besides the page
+MAX_SCORE_CHARS = 10_000  # an answer or gold answer to score: ROUGE-L takes about a second at this length
+SCORING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="page-score")  # scores off the ingress's event loop
 
 Row = dict[str, Any]
 TokenCounter = Callable[[str, str], Awaitable[tuple[int, int] | None]]  # (base model, prompt) -> (tokens, context)
@@ -224,8 +231,16 @@ class ScoreRequest(BaseModel):
     """POST /web/api/tasks/{task}/score: an answer and the example's gold answer."""
 
     model_config = ConfigDict(extra="forbid")
-    prediction: str
-    gold: str
+    prediction: str = Field(max_length=MAX_SCORE_CHARS, description=f"At most {MAX_SCORE_CHARS} characters.")
+    gold: str = Field(max_length=MAX_SCORE_CHARS, description=f"At most {MAX_SCORE_CHARS} characters.")
+
+
+def in_scope(detail: dict[str, Any], visible: Collection[str]) -> dict[str, Any]:
+    """A task's page data cut to the model ids `visible` (what the caller's key may use)."""
+    task = detail["name"]
+    return detail | {"base_models": [base for base in detail["base_models"] if f"{base}:{task}" in visible],
+                     "models": [model for model in detail["models"] if model in visible],
+                     "leaderboard": [row for row in detail["leaderboard"] if row["model"] in visible]}
 
 
 # --------------------------------------------------------------------------- routes
@@ -241,14 +256,22 @@ class PageSources:
     count_tokens: TokenCounter  # (base model, prompt) -> (prompt tokens, context) from its replica; None if unknown
     tracking_uri: str  # where runs' scores are read, and their MLflow UI links point
 
-    def authorize(self, request: Request) -> None:
-        """401 unless the request carries a configured key (no check when none is configured)."""
-        self.keys.authenticate(request.headers.get("authorization"))
+    def authorize(self, request: Request) -> Caller:
+        """The caller (its key's scope); 401 unless the request carries a configured key (none needed when none is
+        configured)."""
+        return self.keys.authenticate(request.headers.get("authorization"))
 
-    async def view(self) -> tuple[Published, ServedTasks, list[TaskCard]]:
-        """The registry as the resolver last read it, what is served, and the served tasks' cards."""
+    async def visible(self, caller: Caller) -> set[str]:
+        """The model ids `caller` may use, as `/v1/models` lists them."""
+        return {str(card["id"]) for card in visible_cards(await self.resolver.cards(), caller)}
+
+    async def view(self, caller: Caller) -> tuple[Published, ServedTasks, list[TaskCard], set[str]]:
+        """The registry as the resolver last read it, what is served, the cards of the served tasks whose champion
+        `caller` may use, and the model ids it may use."""
         published, served = await self.resolver.published_view(), self.resolver.served
-        return published, served, await asyncio.to_thread(served_cards, published, served, self.cards)
+        visible = await self.visible(caller)
+        cards = await asyncio.to_thread(served_cards, published, served, self.cards)
+        return published, served, [card for card in cards if card.task.name in visible], visible
 
     async def scores(self, run_ids: list[str]) -> Scores:
         return await asyncio.to_thread(run_scores, run_ids, self.tracking_uri)
@@ -267,47 +290,53 @@ def page_routes(sources: PageSources) -> APIRouter:
         """What the page needs before anything else: whether to ask for an API key."""
         return {"api_key_required": sources.keys.required}
 
+    json_only = not sources.keys.required  # without keys, a cross-site form POST must not pass for JSON
+
     @router.get("/web/api/tasks")
     async def web_tasks(request: Request) -> dict[str, Any]:
-        sources.authorize(request)
-        published, served, cards = await sources.view()
+        published, served, cards, visible = await sources.view(sources.authorize(request))
         scores = await sources.scores(version_run_ids([card.task.name for card in cards], published, served, False))
-        return {"tasks": [task_summary(card.task, published, served, scores) for card in cards]}
+        summaries = [task_summary(card.task, published, served, scores) for card in cards]
+        return {"tasks": [summary | {"base_models": [base for base in summary["base_models"]
+                                                     if f"{base}:{summary['name']}" in visible]}
+                          for summary in summaries]}
 
     @router.get("/web/api/tasks/{task}")
     async def web_task(task: str, request: Request) -> dict[str, Any]:
-        sources.authorize(request)
-        published, served, cards = await sources.view()
+        published, served, cards, visible = await sources.view(sources.authorize(request))
         card = known_card(task, cards)
         scores = await sources.scores(version_run_ids([task], published, served, True))
-        return task_detail(card, published, served, scores, sources.tracking_uri)
+        return in_scope(task_detail(card, published, served, scores, sources.tracking_uri), visible)
 
     @router.get("/web/api/tasks/{task}/example")
     async def web_example(task: str, request: Request) -> dict[str, Any]:
-        sources.authorize(request)
-        card = known_card(task, (await sources.view())[2])
+        card = known_card(task, (await sources.view(sources.authorize(request)))[2])
         if not card.examples:
             raise APIError(503, f"no evaluation rows in {task}'s task card", type="server_error", code="no_data")
         return random.choice(card.examples).model_dump()
 
-    @router.post("/web/api/tasks/{task}/prompt")
+    @router.post("/web/api/tasks/{task}/prompt", openapi_extra=json_body(PromptRequest))
     async def web_prompt(task: str, request: Request) -> dict[str, Any]:
-        sources.authorize(request)
-        card = known_card(task, (await sources.view())[2])
-        body = await read_body(request, PromptRequest)
+        caller = sources.authorize(request)
+        card = known_card(task, (await sources.view(caller))[2])
+        body = await read_body(request, PromptRequest, json_only)
         prompt = render_prompt(card, row_from_fields(card, body.fields))
-        routes = {model: await sources.resolver.resolve(model) for model in body.models}
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise APIError(400, f"fields: the prompt holds {len(prompt)} characters; the cap is {MAX_PROMPT_CHARS}",
+                           code="invalid_value", param="fields")
+        routes = {model: await resolve_in_scope(sources.resolver, caller, model) for model in body.models}
         bases = sorted({route.base_model for route in routes.values()})
         counts = dict(zip(bases, await asyncio.gather(*(sources.count_tokens(base, prompt) for base in bases))))
         checks = {model: context_check(counts[route.base_model], body.max_tokens) for model, route in routes.items()}
         return {"prompt": prompt, "checks": checks}
 
-    @router.post("/web/api/tasks/{task}/score")
+    @router.post("/web/api/tasks/{task}/score", openapi_extra=json_body(ScoreRequest))
     async def web_score(task: str, request: Request) -> dict[str, Any]:
-        sources.authorize(request)
-        card = known_card(task, (await sources.view())[2])
-        body = await read_body(request, ScoreRequest)
-        return {"metric": card.task.metric, "score": answer_score(card.task, body.prediction, body.gold)}
+        card = known_card(task, (await sources.view(sources.authorize(request)))[2])
+        body = await read_body(request, ScoreRequest, json_only)
+        loop = asyncio.get_running_loop()
+        scored = await loop.run_in_executor(SCORING, answer_score, card.task, body.prediction, body.gold)
+        return {"metric": card.task.metric, "score": scored}
 
     @router.get("/web/{asset}", include_in_schema=False)
     async def asset(asset: str) -> Response:

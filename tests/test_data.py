@@ -6,17 +6,19 @@ import csv
 import gzip
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pandas as pd
 import pytest
 
 from core.catalog import load_catalog
 from core.errors import ConfigError, NotFound
 from core.prompts import completion_for, prompt_for
-from core.schemas import TaskSpec
-from jobs.data import eval_rows, train_rows
+from core.schemas import DatasetSource, TaskSpec
+from jobs.data import eval_rows, load_rows, train_rows
 
 pytestmark = pytest.mark.unit
 
@@ -108,3 +110,44 @@ def test_bad_local_files_give_one_line_errors_naming_the_fix(tmp_path: Path) -> 
     assert "id, comment_text, is_toxic" in message
     message = _error(with_files(task, test=str(no_target)), ConfigError)
     assert "no file for split 'train'" in message and "data_files.train" in message
+
+
+# Repositories that ship a dataset loading script, which `datasets` 4 and later refuse (huggingface/datasets#7693):
+# the catalogue reads them only through the Hub's parquet conversion. Bare names are legacy ids the Hub redirects.
+SCRIPT_REPOSITORIES = {"tner/bc5cdr", "eriktks/conllpp", "tuetschek/e2e_nlg", "JulesBelveze/tldr_news", "GEM/viggo",
+                       "webnlg-challenge/web_nlg", "Salesforce/wikisql", "ucirvine/reuters21578"}
+PARQUET_CONVERSION = "refs/convert/parquet"
+
+
+def hub_sources() -> list[tuple[str, DatasetSource]]:
+    """Every Hub source of the catalogue, training and separate evaluation sets, by task."""
+    return [(task.name, source) for task in load_catalog().tasks.values()
+            for source in [task.dataset] + ([task.eval.dataset] if task.eval else []) if source.kind == "hf"]
+
+
+def test_no_catalogue_source_needs_a_loading_script_or_lacks_a_revision() -> None:
+    sources = hub_sources()
+    assert len(sources) == 28  # 27 study tasks on the Hub + HumanEval
+    for task, source in sources:
+        assert "/" in source.id, f"{task}: {source.id!r} is a legacy id (the Hub redirects it); name its repository"
+        assert source.revision, f"{task}: {source.id} has no revision"
+        if source.id in SCRIPT_REPOSITORIES:
+            assert source.revision == PARQUET_CONVERSION, f"{task}: {source.id} ships a script; read its conversion"
+        else:
+            assert source.revision == "main" or re.fullmatch(r"[0-9a-f]{40}", source.revision), (task, source.revision)
+
+
+def test_the_hub_loader_passes_each_sources_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def fake_load_dataset(*args: Any, **kwargs: Any) -> datasets.Dataset:
+        calls.append((args, kwargs))
+        return datasets.Dataset.from_list([{"row": 0}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    for _, source in hub_sources():
+        calls.clear()
+        load_rows(source, source.eval_split, limit=1)
+        configs = source.config.split("+") if source.config else [None]
+        assert calls == [((source.id, config), {"split": source.eval_split, "revision": source.revision})
+                         for config in configs]

@@ -340,6 +340,39 @@ def test_a_flood_for_one_adapter_does_not_starve_another(adapter_dir: Path) -> N
         engine.shutdown()
 
 
+def test_admission_keeps_the_padded_kv_cache_within_its_token_budget(adapter_dir: Path) -> None:
+    """M4: every row of the batch's KV cache is padded to the widest, so admission counts rows x the width the cache
+    can grow to, not rows and prompt tokens: one long request among short ones keeps the cache within
+    `max_batch_tokens` (the short ones wait for it, or it for them), and every request is still answered in full."""
+    budget = 240
+    engine = make_engine(adapter_dir, max_batch_size=8, max_batch_tokens=budget)
+    cells: list[int] = []
+    decode = engine._decode
+
+    def watched() -> None:  # what the cache holds before each decode step: rows x columns
+        assert engine.batch is not None
+        cells.append(len(engine.rows) * int(engine.batch.mask.shape[1]))
+        decode()
+
+    engine._decode = watched  # type: ignore[method-assign]  # the decode loop looks it up at each step
+    try:
+        long_ids = ids(engine, "a long review of a film " * 6)
+        assert 40 < len(long_ids) < 100
+
+        async def long() -> list[Delta]:
+            return [delta async for delta in engine.generate(long_ids, "a7", SamplingParams(max_tokens=40))]
+
+        async def mixed() -> list[list[Delta]]:  # one long request and six short ones, all at once
+            short = [collect(engine, PROMPTS[i % 5], f"a{i}", SamplingParams(max_tokens=8)) for i in range(6)]
+            return list(await asyncio.gather(long(), *short))
+
+        answers = run(mixed())
+        assert [len(tokens(answer)) for answer in answers] == [40] + [8] * 6
+        assert cells and max(cells) <= budget, max(cells)
+    finally:
+        engine.shutdown()
+
+
 def test_a_full_queue_answers_overloaded_and_recovers(adapter_dir: Path) -> None:
     engine = make_engine(adapter_dir, max_batch_size=2, max_queued_requests=3)
     try:

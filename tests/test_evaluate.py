@@ -29,7 +29,7 @@ def local_humaneval(path: Path) -> TaskSpec:
     """The catalogue's magicoder task, evaluated on the HumanEval problems in `path` instead of the Hub's."""
     data = load_catalog().task("magicoder").model_dump()
     source = data["eval"]["dataset"]
-    assert source["kind"] == "hf" and source["id"] == "openai_humaneval"  # the cluster's default stays the Hub
+    assert source["kind"] == "hf" and source["id"] == "openai/openai_humaneval"  # the cluster's default stays the Hub
     source.update(kind="local", data_files={source["eval_split"]: str(path)})
     return TaskSpec.model_validate(data)
 

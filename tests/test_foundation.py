@@ -273,8 +273,9 @@ def test_plan_totals_follow_gpu_memory_and_price(capsys: pytest.CaptureFixture[s
             assert job["jobs_per_gpu"] in fits and job["jobs_per_gpu"] >= 1, job
             assert job["gpus"] == math.floor(10_000 / job["jobs_per_gpu"]) / 10_000
         assert totals["jobs_per_gpu"] == min(j["jobs_per_gpu"] for j in planned)
-        assert totals["gpu_hours"] == pytest.approx(sum(j["gpu_hours"] for j in planned), abs=0.006)
-        assert totals["cost"] == pytest.approx(sum(j["gpu_hours"] for j in planned) * price, abs=0.006)
+        compute = sum(j["gpu_hours"] + j["eval_gpu_hours"] for j in planned)  # evaluations through the evaluators too
+        assert totals["gpu_hours"] == pytest.approx(compute, abs=0.006)
+        assert totals["cost"] == pytest.approx(compute * price, abs=0.006)
         plans[memory] = totals
     assert plans[80.0]["jobs_per_gpu"] > plans[24.0]["jobs_per_gpu"]
     assert plans[80.0]["gpu_hours"] == plans[24.0]["gpu_hours"]  # memory and price change packing and cost, not compute

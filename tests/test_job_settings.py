@@ -119,15 +119,15 @@ def hub_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[Any, ...], di
 def test_hub_loader_passes_the_catalogues_id_config_and_split(hub_calls: list) -> None:
     task = CATALOG.task("glue_qnli")
     rows = train_rows(task)
-    assert hub_calls == [(("glue", "qnli"), {"split": "train"})]
+    assert hub_calls == [(("nyu-mll/glue", "qnli"), {"split": "train", "revision": task.dataset.revision})]
     assert [row["index"] for row in rows] == [0, 1, 2]
     eval_rows(task, limit=2)
-    assert hub_calls[-1] == (("glue", "qnli"), {"split": "validation"})
+    assert hub_calls[-1] == (("nyu-mll/glue", "qnli"), {"split": "validation", "revision": task.dataset.revision})
 
 
 def test_hub_loader_without_a_config_passes_none(hub_calls: list) -> None:
     train_rows(CATALOG.task("boolq"))
-    assert hub_calls == [(("google/boolq", None), {"split": "train"})]
+    assert hub_calls == [(("google/boolq", None), {"split": "train", "revision": "main"})]
 
 
 def test_hub_loader_concatenates_a_plus_b_configs_in_order(hub_calls: list) -> None:
@@ -135,8 +135,8 @@ def test_hub_loader_concatenates_a_plus_b_configs_in_order(hub_calls: list) -> N
     assert task.dataset.config == "ARC-Easy+ARC-Challenge"  # the study's evaluation rows come Easy first
     rows = train_rows(task)
     assert hub_calls == [
-        (("ai2_arc", "ARC-Easy"), {"split": "train"}),
-        (("ai2_arc", "ARC-Challenge"), {"split": "train"}),
+        (("allenai/ai2_arc", "ARC-Easy"), {"split": "train", "revision": "main"}),
+        (("allenai/ai2_arc", "ARC-Challenge"), {"split": "train", "revision": "main"}),
     ]
     assert [(row["config"], row["index"]) for row in rows] == [("ARC-Easy", i) for i in range(3)] + [
         ("ARC-Challenge", i) for i in range(3)
@@ -145,11 +145,12 @@ def test_hub_loader_concatenates_a_plus_b_configs_in_order(hub_calls: list) -> N
     assert [(row["config"], row["index"]) for row in load_rows(task.dataset, "test", limit=2)] == [
         ("ARC-Easy", 0), ("ARC-Easy", 1),
     ]
-    assert hub_calls[-1] == (("ai2_arc", "ARC-Challenge"), {"split": "test"})
+    assert hub_calls[-1] == (("allenai/ai2_arc", "ARC-Challenge"), {"split": "test", "revision": "main"})
 
 
 def test_hub_loader_reads_a_separate_eval_set_from_its_own_source(hub_calls: list) -> None:
     task = CATALOG.task("magicoder")
     assert task.eval is not None
     eval_rows(task)
-    assert hub_calls == [((task.eval.dataset.id, None), {"split": task.eval.dataset.eval_split})]
+    source = task.eval.dataset
+    assert hub_calls == [((source.id, None), {"split": source.eval_split, "revision": source.revision})]

@@ -4,8 +4,11 @@ JSON), and the catalogue reading what it wrote. legal and covid are tested in te
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -165,3 +168,56 @@ def test_a_malformed_download_is_one_line_naming_the_file(tmp_path: Path, capsys
     (calls / "data" / "metadata" / "1a2b3c4d5e6f7002.json").write_text("{not json")
     err = _one_line_error(capsys, "customer_support", "--from", str(calls))
     assert "1a2b3c4d5e6f7002.json" in err and "not a Harper Valley call" in err
+
+
+def test_a_truncated_zip_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 23, low (jobs/prepare.py): a download zip cut off mid-transfer, or corrupt inside, is one line naming the
+    file, not a traceback."""
+    download = tmp_path / "zipped"
+    shutil.copytree(JIGSAW, download)
+    with zipfile.ZipFile(download / "train.csv.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.write(JIGSAW / "train.csv", "train.csv")
+    (download / "train.csv").unlink()
+    whole = (download / "train.csv.zip").read_bytes()
+    (download / "train.csv.zip").write_bytes(whole[: len(whole) // 2])
+    err = _one_line_error(capsys, "jigsaw", "--from", str(download))
+    assert "train.csv.zip" in err and "not a readable utf-8 CSV" in err
+    corrupt = bytearray(whole)
+    corrupt[60:90] = bytes(30)  # inside the compressed stream
+    (download / "train.csv.zip").write_bytes(bytes(corrupt))
+    assert "train.csv.zip" in _one_line_error(capsys, "jigsaw", "--from", str(download))
+
+
+def test_a_run_cut_off_mid_swap_never_leaves_old_and_new_split_files_mixed(tmp_path: Path) -> None:
+    """Issue 23, low (jobs/prepare.py): the new split files replace the old ones in one step. A run that dies after its
+    first rename (every rename after it fails) leaves the folder wholly old, or wholly new, never a mix; a finished
+    run leaves only the split files it wrote."""
+    prepare.prepare("jigsaw", JIGSAW)
+    folder = prepare.task_dir("jigsaw")
+    (folder / "validation.csv").write_text("id\n")  # a split an earlier run wrote, that this download has not
+    old = {path.name: path.read_bytes() for path in folder.iterdir()}
+    changed = tmp_path / "changed"
+    shutil.copytree(JIGSAW, changed)
+    train = (changed / "train.csv").read_text().splitlines()
+    (changed / "train.csv").write_text("\n".join(train[:-1]) + "\n")  # one row fewer
+    prepare.prepare("jigsaw", changed, root=tmp_path / "elsewhere")
+    new = {path.name: path.read_bytes() for path in prepare.task_dir("jigsaw", tmp_path / "elsewhere").iterdir()}
+    renames = {"count": 0}
+
+    def dies_after_one(real: Callable[..., None]) -> Callable[..., None]:
+        def rename(*args: object, **kwargs: object) -> None:
+            renames["count"] += 1
+            if renames["count"] > 1:
+                raise OSError("killed")
+            real(*args, **kwargs)
+        return rename
+
+    with pytest.MonkeyPatch.context() as patch, contextlib.suppress(OSError):
+        patch.setattr(os, "replace", dies_after_one(os.replace))
+        patch.setattr(os, "rename", dies_after_one(os.rename))
+        prepare.prepare("jigsaw", changed)
+    now = {path.name: path.read_bytes() for path in folder.iterdir()} if folder.is_dir() else {}
+    assert now in (old, new, {}), sorted(now)
+    prepare.prepare("jigsaw", changed)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == new
+    assert [path.name for path in folder.parent.iterdir()] == ["jigsaw"]

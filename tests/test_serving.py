@@ -88,8 +88,11 @@ def test_resolver_reuses_its_view_and_survives_a_registry_outage() -> None:
         resolver = ModelResolver({"llama": None}, read, ttl_s=3600, timeout_s=5)
         assert (await resolver.resolve("sentiment")).adapter == "loraland-sentiment/1"
         assert (await resolver.resolve("llama:sentiment")).adapter == "loraland-sentiment/1" and len(reads) == 1
-        resolver.ttl_s = 0  # every call re-reads now, and every read fails
-        assert (await resolver.resolve("sentiment")).adapter == "loraland-sentiment/1" and len(reads) == 2
+        resolver.ttl_s = 0  # every call re-reads now (in the background: the view answers meanwhile), and reads fail
+        assert (await resolver.resolve("sentiment")).adapter == "loraland-sentiment/1"
+        while resolver.reading is not None:
+            await asyncio.sleep(0.01)
+        assert len(reads) == 2 and (await resolver.resolve("sentiment")).adapter == "loraland-sentiment/1"
         assert (await resolver.resolve("llama")).adapter is None  # a base model needs no registry at all
         with pytest.raises(APIError) as caught:
             await ModelResolver({"llama": None}, read, ttl_s=0, timeout_s=5).resolve("sentiment")

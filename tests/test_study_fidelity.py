@@ -26,7 +26,7 @@ from core.schemas import EvalSettings, StudyMetric
 from jobs import prepare
 from jobs import study_metrics as sm
 from jobs.data import load_rows
-from jobs.evaluate import score_all
+from jobs.evaluate import EvalRequest, score_all
 from orchestrator import cli
 from tracking import heuristics as heur
 from tracking import report
@@ -458,22 +458,41 @@ def test_score_all_study_and_strict():
     assert demo.study_metric is None  # demo tasks keep strict scoring whatever `scoring` says
 
 
+def test_study_scoring_takes_the_generated_text_as_is():
+    """The study's harness scored each returned text without stripping it (reference `output_handling`); we used to
+    lstrip under study scoring, which turned an mrpc " 0" (a miss there: 0 has no fallback) into a hit."""
+    mrpc = load_catalog().task("glue_mrpc")
+
+    def request(scoring: str) -> EvalRequest:
+        settings = EvalSettings.model_validate({"scoring": scoring})
+        return EvalRequest(mrpc, settings, [], [], 1, mrpc.study_metric if scoring == "study" else None)
+
+    assert (request("study").strip, request("strict").strip) == ("none", "both")
+    assert score_all(mrpc, [" 0", "0"], ["0", "0"], mrpc.study_metric) == [0.0, 1.0]
+
+
 # ------------------------------------------------------------------------------ the study's headline analyses (report)
 
 
-def _study_table_as_runs(scoring: str = "study", max_steps: int = 40000,
+def _study_table_as_runs(scoring: str = "study", max_steps: int = study.STUDY_STEPS,
                          failed: dict[str, float] | None = None) -> pd.DataFrame:
     """The study's 10 x 31 table as finished runs (`report.runs_frame`'s columns, so a key it drops is lost here too):
-    its scores as ours, with `failed` generations per task (default 0)."""
+    its scores as ours, logged with the study's settings (but `scoring` and `max_steps`) and each task's catalogue
+    study rule and split, with `failed` generations per task (default 0)."""
+    catalog = load_catalog()
     rows: list[dict[str, Any]] = []
     for row in pd.read_csv(report.STUDY_SCORES).itertuples():
+        task = catalog.task(row.task)
+        logged = {**study.STUDY_TRAINING, **study.STUDY_EVALUATION, "training.max_steps": max_steps,
+                  "evaluation.scoring": scoring, "task.study_metric": task.study_metric, "evaluation.limit": None,
+                  "task.eval_split": (task.eval or task).dataset.eval_split}
         for kind, value in (("train", row.finetuned_score), ("evaluate_base", row.base_score)):
             rows.append({"run_id": f"{kind}/{row.base_model}/{row.task}",
                          "job_key": f"k/{row.base_model}/{row.task}/{kind}",
                          "kind": kind, "base_model": row.base_model, "task": row.task, "category": row.category,
                          "metric": "accuracy", "score": value, "peak_memory_mb": 1.0, "train_wall_time_s": 1.0,
-                         "job_wall_time_s": 1.0, "start_time": len(rows), "scoring": scoring, "max_steps": max_steps,
-                         "eval_limit": None, "failed_generations": (failed or {}).get(row.task, 0.0)})
+                         "job_wall_time_s": 1.0, "start_time": len(rows), **logged,
+                         "failed_generations": (failed or {}).get(row.task, 0.0)})
     return pd.DataFrame(rows, columns=report.RUN_COLUMNS)
 
 
@@ -502,8 +521,8 @@ def test_fig8_matrix_is_symmetric_with_scores_and_heuristics():
     features = pd.DataFrame({"output_tokens_std": 10 - 8 * scores["base_score"], "train_examples": 1000.0},
                             index=scores.index).rename_axis("task")
     matrix = study.fig8_matrix(features, scores)
-    names = ["output_tokens_std", "train_examples", "base_score", "finetuned_score", "lift", "gpt4_score",
-             "max_lift_over_gpt4"]
+    names = ["output_tokens_std", "train_examples", "base_score", "finetuned_score", "lift", "best_finetuned_score",
+             "gpt4_score", "max_lift_over_gpt4"]
     assert list(matrix.index) == names and list(matrix.columns) == names
     assert matrix.loc["output_tokens_std", "base_score"] == pytest.approx(-1.0)
     assert math.isnan(matrix.loc["train_examples", "lift"])  # a constant has no correlation
@@ -511,23 +530,48 @@ def test_fig8_matrix_is_symmetric_with_scores_and_heuristics():
     assert matrix.equals(matrix.T)
 
 
-def test_study_vs_ours_names_the_settings_that_differ():
+def test_study_vs_ours_names_every_setting_that_differs_as_the_runs_logged_it():
     runs = _study_table_as_runs(scoring="strict", max_steps=200, failed={"boolq": 3.0})
     reference = pd.read_csv(report.STUDY_SCORES)
+    splits = study.study_splits(pd.read_csv(report.STUDY_TASKS))
+    pair = (runs["task"] == "boolq") & (runs["base_model"] == "mistral-7b")
+    tuned, base = pair & (runs["kind"] == "train"), pair & (runs["kind"] == "evaluate_base")
+    runs.loc[tuned, "lora.r"] = 16
+    runs.loc[tuned, "lora.target_modules"] = pd.Series([["q_proj", "k_proj", "v_proj"]], index=runs.index[tuned])
+    runs.loc[base, "evaluation.prompt_cut"] = "keep_cue"
+    runs.loc[base, "task.eval_split"] = "train"
     board = report.leaderboard(runs)
     board.loc[board["task"] == "boolq", "finetuned_score"] -= 0.1
-    comparison = report.study_comparison(board, reference)
-    table = study.study_vs_ours(comparison, runs, study.study_rules_of(sorted(board["task"].unique())))
+    table = study.study_vs_ours(report.study_comparison(board, reference), runs, splits)
     assert len(table) == 310
     row = table[(table["task"] == "boolq") & (table["base_model"] == "mistral-7b")].iloc[0]
     assert row["difference"] == pytest.approx(-0.1)
-    assert row["differs"] == "scoring strict; steps 200 (study 40000)"
+    assert row["base_difference"] == pytest.approx(0.0) and row["base_score"] == row["study_base_score"]
+    assert row["differs"] == ("scoring strict; lora.r 16 (study 8); lora.target_modules ['q_proj', 'k_proj', 'v_proj'] "
+                              "(study ['q_proj', 'v_proj']); training.max_steps 200 (study 2500)")
+    assert row["base_differs"] == ("scoring strict; evaluation.prompt_cut keep_cue (study study); "
+                                   "eval split train (study's table: validation)")
     assert row["failed_generations"] == 3  # generations the study's scoring left out of the mean, per run
     arc = table[table["task"] == "arc_combined"].iloc[0]
     assert arc["differs"].startswith("scoring strict (the study's code has no rule)")
     same = study.study_vs_ours(report.study_comparison(report.leaderboard(_study_table_as_runs()), reference),
-                               _study_table_as_runs(), study.study_rules_of(["boolq"]))
+                               _study_table_as_runs(), splits)
     assert set(same.loc[same["task"] == "boolq", "differs"]) == {""}
+    assert set(same.loc[same["task"] == "boolq", "scoring"]) == {"study"}
+
+
+def test_study_vs_ours_reads_the_scoring_a_run_logged_not_todays_catalogue():
+    runs = _study_table_as_runs()
+    boolq = runs["task"] == "boolq"
+    runs.loc[boolq, "task.study_metric"] = None  # the run's task had no study rule when it ran
+    runs = runs.drop(columns=["lora.alpha"])  # and no run logged alpha (an older run)
+    reference = pd.read_csv(report.STUDY_SCORES)
+    table = study.study_vs_ours(report.study_comparison(report.leaderboard(runs), reference), runs,
+                                study.study_splits(pd.read_csv(report.STUDY_TASKS)))
+    row = table[table["task"] == "boolq"].iloc[0]
+    assert row["scoring"] == "strict"
+    assert row["differs"] == "scoring strict (the study's code has no rule); lora.alpha unknown"
+    assert "lora.alpha" not in row["base_differs"]  # training settings are a fine-tune's only
 
 
 def test_report_writes_the_study_sections(tmp_path: Path):
@@ -546,7 +590,7 @@ def test_report_writes_the_study_sections(tmp_path: Path):
     assert (vs_ours.loc[vs_ours["task"] != "boolq", "failed_generations"] == 0).all()
     assert len(pd.read_csv(tmp_path / "study_headline.csv")) == 2
     fig8 = pd.read_csv(tmp_path / "fig8_correlations.csv", index_col=0)
-    assert fig8.shape == (len(heur.HEURISTICS) + 5, len(heur.HEURISTICS) + 5)
+    assert fig8.shape == (len(heur.HEURISTICS) + 6, len(heur.HEURISTICS) + 6)  # + best_finetuned_score
 
 
 # --------------------------------------------------------------------------- data the study used that is not on the Hub

@@ -1,4 +1,5 @@
-"""Orchestrator: the Ray driver runs a sweep exactly once per job, also across a re-run and a killed driver."""
+"""Orchestrator: the Ray driver runs a sweep exactly once per job, also across a re-run and a killed driver (the mini
+sweep evaluates through its base model's evaluator, `evaluation.engine`'s default: orchestrator/evaluator.py)."""
 
 from __future__ import annotations
 
@@ -47,13 +48,40 @@ def kill_process_tree(pid: int, timeout_s: float = 60) -> None:
     assert alive == [], alive
 
 
+def trained_before(uri: str, storage: Path) -> tuple[str, Path]:
+    """The mini sweep's demo_arithmetic fine-tune trained as a driver's task trains it, then left there: its run
+    RUNNING, as a driver killed between its training and its evaluation leaves it. Its run id and adapter weights."""
+    from jobs.checkpoints import ADAPTER_DIR
+    from orchestrator.config import expand_jobs, load_sweep
+    from orchestrator.workers import train_tracked_job
+    from tracking import store
+
+    sweep = load_sweep(MINI).model_copy(update={"storage_path": str(storage)})
+    experiment_id = store.ensure_experiment(sweep.name, uri)
+    parent = store.start_sweep_run(experiment_id, sweep.name, sweep.model_dump(mode="json"), uri)
+    job = next(j for j in expand_jobs(sweep) if j.kind == "train" and j.task.name == "demo_arithmetic")
+    train_tracked_job(job, experiment_id, parent, uri)
+    run = store.find_job_run(experiment_id, job.job_key, uri)
+    assert run is not None and run.info.status == "RUNNING" and "score" not in run.data.metrics
+    return run.info.run_id, Path(job.output_dir) / ADAPTER_DIR / "adapter_model.safetensors"
+
+
 def test_sweep_runs_every_job_once_and_a_rerun_runs_none(mlflow_server, tmp_path: Path) -> None:
+    """Also: a fine-tune trained before the driver (killed before its evaluation) is evaluated, not trained again, and
+    finishes its own run."""
     uri = f"{mlflow_server.uri}"
+    run_id, weights = trained_before(uri, tmp_path / "storage")
+    written = weights.stat().st_mtime_ns
     first = subprocess.run(sweep_command(uri, tmp_path / "storage"), capture_output=True, text=True, timeout=600,
                            env=sweep_env(tmp_path))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "0 already finished, 4 to run" in first.stdout and "progress: 4 done, 0 failed" in first.stdout
+    # the trained fine-tune went straight to its evaluation, which the evaluator recorded in its run
+    assert "trained  train         tiny-llama x demo_arithmetic" in first.stdout, first.stdout[-3000:]
+    assert "finished evaluate      tiny-llama x demo_arithmetic" in first.stdout, first.stdout[-3000:]
+    assert weights.stat().st_mtime_ns == written
     runs = job_runs(uri)
+    assert run_id in {r.info.run_id for r in runs}
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["loraland.job_key"] for r in runs}) == 4
     from mlflow import MlflowClient

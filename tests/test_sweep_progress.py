@@ -14,7 +14,7 @@ from orchestrator.config import SweepConfig, expand_jobs, load_sweep
 from orchestrator.eta import ALL_KINDS, JobTiming, estimate_eta_s, eta_now, running_now, time_ratios
 from orchestrator.notes import progress_line, results_description, sweep_description
 from orchestrator.resources import planned_seconds
-from orchestrator.units import JobOutcome, RayTasks, WorkUnit, work_units
+from orchestrator.units import EvaluationUnit, JobOutcome, RayTasks, WorkUnit, work_units
 
 MINI = PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml"
 
@@ -82,8 +82,11 @@ def test_running_now_is_what_fits_in_the_cluster() -> None:
 @pytest.mark.unit
 def test_planned_seconds_of_a_tiny_job_is_not_rounded_to_zero() -> None:
     sweep = load_sweep(MINI)
-    seconds = {job.kind: planned_seconds(job, sweep) for job in expand_jobs(sweep)}
+    generate = sweep.model_copy(update={"evaluation": sweep.evaluation.model_copy(update={"engine": "generate"})})
+    seconds = {job.kind: planned_seconds(job, generate) for job in expand_jobs(generate)}
     assert 0 < seconds["evaluate_base"] < seconds["train"]
+    # through the evaluators (the default) an evaluation is its own unit, with its own time
+    assert all(EvaluationUnit.of(job, sweep, RayTasks(None, None)).planned_s > 0 for job in expand_jobs(sweep))
 
 
 def outcomes() -> list[JobOutcome]:

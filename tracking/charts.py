@@ -152,3 +152,19 @@ def plot_predictor(predictor: dict[str, Any], lift: pd.Series, path: Path) -> Ch
     ax.set_title(f"Lift predictor: LOO MAE {predictor['loo_mae']:.3f} (mean-only {predictor['baseline_loo_mae']:.3f})")
     ax.legend()
     return _save(fig, path)
+
+
+def plot_validation_curves(curves: pd.DataFrame, title: str, path: Path) -> Chart:
+    """A LoRA search's validation score against training step, a line (with a dot per score) for every trial
+    (`curves`: trial, step, score); a trial the scheduler stopped early ends where its line ends."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for trial, points in curves.sort_values("step").groupby("trial"):
+        ax.plot(points["step"], points["score"], marker="o", linewidth=1.2, label=str(trial))
+        ax.scatter(points["step"], points["score"], s=12, zorder=3)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation score (task metric)")
+    ax.set_title(f"Search trials: {title}")
+    if len(curves):
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

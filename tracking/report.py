@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from core.paths import data_home
+from core.prompts import CODE_METRIC
 from tracking import heuristics as heur
 from tracking import store
 from tracking import study_analysis as study
@@ -47,16 +48,18 @@ from tracking.charts import (
     plot_vs_study,
 )
 from tracking.retry import call_with_retry
+from tracking.search_report import SearchRecord, mark_searched_adapters, search_record, search_sections
 
 log = logging.getLogger(__name__)
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 STUDY_SCORES = REFERENCE_DIR / "lora_land_paper_scores.csv"
+STUDY_TASKS = REFERENCE_DIR / "lora_land_tasks.csv"
 STUDY_SOURCE = ('Zhao et al. 2024, "LoRA Land: 310 Fine-tuned LLMs that Rival GPT-4" (arXiv 2405.00732); '
                 "scores transcribed in tracking/reference/lora_land_paper_scores.csv")
 RUN_COLUMNS = ["run_id", "job_key", "kind", "base_model", "task", "category", "metric", "score", "peak_memory_mb",
-               "train_wall_time_s", "job_wall_time_s", "start_time", "failed_generations", *study.SETTING_COLUMNS]
-SETTING_PARAMS = {"scoring": "evaluation.scoring", "max_steps": "training.max_steps", "eval_limit": "evaluation.limit"}
+               "train_wall_time_s", "job_wall_time_s", "start_time", "failed_generations", "unconfined_code",
+               *study.SETTING_COLUMNS]
 BOARD_COLUMNS = ["task", "category", "metric", "base_model", "base_score", "finetuned_score", "lift", "best",
                  "finetuned_run_id", "base_run_id"]
 TARGETS = ("base_score", "finetuned_score", "lift")
@@ -90,7 +93,8 @@ class Report:
 
 
 def runs_frame(experiment_id: str, uri: str | None = None) -> pd.DataFrame:
-    """A row per FINISHED job run of the experiment (RUN_COLUMNS)."""
+    """A row per FINISHED job run of the experiment (RUN_COLUMNS; the settings columns are the params the run logged,
+    `study_analysis.UNKNOWN` where it logged none)."""
     rows = []
     for run in store.job_runs(experiment_id, uri, status="FINISHED"):
         tags, metrics = run.data.tags, run.data.metrics
@@ -102,7 +106,10 @@ def runs_frame(experiment_id: str, uri: str | None = None) -> pd.DataFrame:
                      "train_wall_time_s": metrics.get("train_wall_time_s", math.nan),
                      "job_wall_time_s": metrics.get("job_wall_time_s", math.nan), "start_time": run.info.start_time,
                      "failed_generations": metrics.get("eval_failed_generations", math.nan),
-                     **{column: run.data.params.get(param) for column, param in SETTING_PARAMS.items()}})
+                     "unconfined_code": tags.get(store.TAG_METRIC) == CODE_METRIC  # code allowed to run unconfined
+                     and store.decode_param(run.data.params.get("evaluation.unconfined_code", "false")) is True,
+                     **{key: store.decode_param(run.data.params[key]) if key in run.data.params else study.UNKNOWN
+                        for key in study.SETTING_COLUMNS}})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
@@ -145,11 +152,11 @@ def task_means(board: pd.DataFrame) -> pd.DataFrame:
 
 def study_comparison(board: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """Our (task, base model) pairs that the study also ran (`reference`: its published table, STUDY_SCORES), with its
-    base, fine-tuned and GPT-4 scores and the id of our fine-tuning run."""
+    base, fine-tuned and GPT-4 scores and the ids of our fine-tuning and base runs."""
     published = reference.rename(columns={"base_score": "study_base_score", "finetuned_score": "study_finetuned_score"})
     joined = board.merge(published.drop(columns=["category"]), on=["task", "base_model"], how="inner")
     return joined[["task", "base_model", "base_score", "finetuned_score", "study_base_score", "study_finetuned_score",
-                   "gpt35_score", "gpt4_score", "finetuned_run_id"]].reset_index(drop=True)
+                   "gpt35_score", "gpt4_score", "finetuned_run_id", "base_run_id"]].reset_index(drop=True)
 
 
 def heuristics_frame(tasks: list[str], unit: heur.LengthUnit, limit: int = heur.SAMPLE_ROWS) -> pd.DataFrame:
@@ -293,8 +300,10 @@ def render_html(title: str, sections: list[Section]) -> str:
 
 def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Land leaderboard",
                  features: pd.DataFrame | None = None, heuristics_limit: int = heur.SAMPLE_ROWS,
-                 length_unit: str | None = None) -> Report:
-    """Write every file of the report for `runs` (see `runs_frame`) into `out_dir`.
+                 length_unit: str | None = None, search: SearchRecord | None = None) -> Report:
+    """Write every file of the report for `runs` (see `runs_frame`) into `out_dir`; with `search` (the experiment's
+    LoRA searches, tracking/search_report.py) the leaderboard says which adapters were searched, and a section per
+    searched job shows its trials.
 
     `features` (heuristics per task, index task) is computed with tracking.heuristics when not given,
     lengths in a tokenizer of the runs' base models (heuristics.length_unit); given, `length_unit` says
@@ -306,6 +315,8 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     board = leaderboard(runs)
+    if search is not None and search.searched:
+        board = mark_searched_adapters(board, search)
     files = []
     drawn: dict[str, Chart] = {}
 
@@ -330,11 +341,16 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
         Section("Fine-tuned scores", image=chart(plot_finetuned_heatmap(board, out / "finetuned_heatmap.png"))),
         Section("Lift per base model", image=chart(plot_lift_by_base_model(board, out / "lift_by_base_model.png"))),
     ]
+    if "unconfined_code" in runs and runs["unconfined_code"].eq(True).any():  # jobs.sandbox: UnconfinedCode
+        marked = runs[runs["unconfined_code"].eq(True)][["run_id", "kind", "base_model", "task", "score"]]
+        sections.insert(1, Section("Scores made with unconfined code", "These code-task runs allowed model-written "
+                                   "programs to run without the kernel's confinement (`evaluation.unconfined_code: "
+                                   "true`, for a machine without bubblewrap): their scores may come from code that "
+                                   "escaped its limits.", marked))
     reference = pd.read_csv(STUDY_SCORES)
-    tasks = sorted(board["task"].dropna().unique())
     comparison = study_comparison(board, reference)
     if len(comparison):
-        shared = table(comparison.drop(columns=["finetuned_run_id"]), "vs_study.csv")
+        shared = table(comparison.drop(columns=["finetuned_run_id", "base_run_id"]), "vs_study.csv")
         sections.append(Section("Against the study", f"Pairs this sweep shares with the study. Source: {STUDY_SOURCE}.",
                                 shared, chart(plot_vs_study(shared, STUDY_SOURCE, out / "vs_study.png"))))
     sections += [
@@ -342,9 +358,11 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
                 "study's table over the tasks with a fine-tune; margins = best fine-tune - GPT-4 per task. Scores of "
                 "this sweep use each run's `evaluation.scoring` (see study_vs_ours.csv). Source: " + STUDY_SOURCE + ".",
                 table(study.headline(board, reference), "study_headline.csv")),
-        Section("Study vs ours", "Per pair the study also ran: published fine-tuned score, ours, the difference, and "
-                "our settings that differ from the study's (scoring, evaluated rows, training steps).",
-                table(study.study_vs_ours(comparison, runs, study.study_rules_of(tasks)), "study_vs_ours.csv")),
+        Section("Study vs ours", "Per pair the study also ran: published fine-tuned and base scores, ours, the "
+                "differences, and every setting our fine-tuning and base runs logged that differs from the study's "
+                "(scoring, LoRA, training, quantization, prompt cut, generation limit, evaluated rows, split).",
+                table(study.study_vs_ours(comparison, runs, study.study_splits(pd.read_csv(STUDY_TASKS))),
+                      "study_vs_ours.csv")),
     ]
     targets = task_means(board)
     if features is None:
@@ -370,7 +388,8 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
                 f"Pearson r with the per-task mean over base models (n/a below {minimum} tasks or for a constant).",
                 None if gap else corr.reset_index(), heatmap),
         Section("Correlation matrix (the study's Fig 8)", "Pearson r among the heuristics and the per-task mean base, "
-                "fine-tuned and lift scores, GPT-4's score and the best fine-tune's lift over GPT-4 (n/a below "
+                "fine-tuned and lift scores, the best fine-tune's score, GPT-4's score and the best fine-tune's lift "
+                "over GPT-4 (n/a below "
                 f"{minimum} tasks or for a constant).", fig8.round(2).reset_index(names="")),
         Section("Predicting lift from the heuristics", f"{predictor['model']}: {predictor['tasks']} tasks, "
                 f"leave-one-task-out MAE {_fmt(predictor['loo_mae'])} against {_fmt(predictor['baseline_loo_mae'])} "
@@ -378,6 +397,9 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, title: str = "LoRA Lan
                 image=chart(plot_predictor(predictor, targets["lift"], out / "lift_predictor.png"))
                 if predictor["loo_predictions"] else None),
     ]
+    if search is not None and search.searched:
+        sections += [Section(title, text, table(frame, name), chart(made) if made else None)
+                     for title, text, frame, name, made in search_sections(search, out)]
     files += [out / s.image for s in sections if s.image]
     (out / "leaderboard.md").write_text(render_markdown(title, sections))
     (out / "leaderboard.html").write_text(render_html(title, sections))
@@ -397,7 +419,7 @@ def build_report(experiment: str, out_dir: str | Path | None = None, uri: str | 
     experiment_id = store.experiment_id_for(experiment, uri)
     out = Path(out_dir) if out_dir else data_home() / "reports" / experiment
     report = write_report(runs_frame(experiment_id, uri), out, f"LoRA Land leaderboard: {experiment}", features,
-                          heuristics_limit, length_unit)
+                          heuristics_limit, length_unit, search_record(experiment_id, uri))
     parent = store.find_sweep_run(experiment_id, uri=uri)
     if log_to_run and parent is not None:
         report.parent_run_id = parent.info.run_id

@@ -19,6 +19,11 @@ or dead tracking URI fails in seconds there instead.
 
 Only wrap calls that are safe to repeat; `tracking` makes its non-idempotent steps (create a run,
 create a model version) look-up-then-create so that a retry after a lost reply creates nothing twice.
+
+Where waiting out an outage is the wrong answer, neither layer is used: the sweep lease's heartbeat
+(`tracking.lease`) must succeed within seconds or not at all, so each of its calls is one request through
+MLflow's `http_request` with `max_retries=0` and a timeout of `LeaseTiming.call_timeout_s` (5 s), and the
+next beat is its retry.
 """
 
 from __future__ import annotations

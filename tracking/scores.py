@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from core.parsing import hide_credentials
 from tracking import store
 from tracking.report import STUDY_SCORES
 from tracking.retry import call_with_retry
@@ -65,12 +66,12 @@ def run_scores(run_ids: list[str], uri: str | None = None) -> dict[str, RunScore
 
 
 def run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
-    """The run's page in the MLflow UI when tracking goes to an http(s) server, else None (a SQLite store has no
-    address of its own: `loraland ui` serves it)."""
+    """The run's page in the MLflow UI when tracking goes to an http(s) server (never with the URI's `user:pass@`),
+    else None (a SQLite store has no address of its own: `loraland ui` serves it)."""
     resolved = store.resolve_tracking_uri(uri)
     if not store.is_server_uri(resolved):
         return None
-    return f"{resolved.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{hide_credentials(resolved, mask='').rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _number(text: str | None) -> float | None:

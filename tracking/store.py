@@ -14,27 +14,22 @@ retried job reuses its run instead of duplicating it (`find_job_run`). Every cal
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import socket
-import threading
 import time
-import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import psutil
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
-from core.errors import Conflict, NotFound, Unreachable
+from core.errors import NotFound, Unreachable
 from core.paths import data_home
 from tracking.retry import call_with_retry, retrying
 from tracking.server import wait_healthy
@@ -288,65 +283,6 @@ def start_sweep_run(experiment_id: str, sweep_name: str, params: Mapping[str, An
             raise
         log.warning("sweep %s: params differ from the first submission; kept the first (%s)", sweep_name, error)
     return run.info.run_id
-
-
-TAG_DRIVER = "loraland.driver"  # on the parent run: the driver running the sweep now (JSON: host, pid, token, seen)
-LEASE_STALE_S = 60.0  # a driver not seen for this long is gone
-LEASE_HEARTBEAT_S = 10.0
-LEASE_SETTLE_S = 2.0  # two drivers claiming at once: each reads back after both wrote; the last writer keeps it
-
-
-def _driver_record(run_id: str, uri: str | None) -> dict[str, Any] | None:
-    value = call_with_retry(client(uri).get_run, run_id).data.tags.get(TAG_DRIVER)
-    return json.loads(value) if value else None
-
-
-def _other_live_driver(record: dict[str, Any] | None, token: str) -> str | None:
-    """Who holds the sweep, if that is another driver that is still alive, else None."""
-    if not record or record.get("token") == token:
-        return None
-    age = time.time() - float(record.get("seen", 0))
-    dead_here = record.get("host") == socket.gethostname() and not psutil.pid_exists(int(record.get("pid", -1)))
-    if age > LEASE_STALE_S or dead_here:
-        return None
-    return f"pid {record.get('pid')} on {record.get('host')}, seen {age:.0f}s ago"
-
-
-@contextlib.contextmanager
-def sweep_lease(run_id: str, sweep_name: str, uri: str | None = None) -> Iterator[None]:
-    """Hold the sweep for this driver while the block runs: one driver at a time per sweep, so a second
-    `ray job submit` of a sweep still running cannot close its live runs or train its jobs twice. A driver
-    that died frees the sweep at once on the same host (its pid is gone), else after LEASE_STALE_S without a
-    heartbeat. Held elsewhere: a one-line Conflict saying whose it is and what to do."""
-    token = uuid.uuid4().hex
-    mine = lambda: json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": token, "seen": time.time()})  # noqa: E731
-    for attempt in range(2):  # claim, then read back once both of two racing drivers have written
-        holder = _other_live_driver(_driver_record(run_id, uri), token)
-        if holder:
-            raise Conflict(
-                f"sweep {sweep_name} is being run by another driver ({holder}); wait for it to end, or stop it "
-                f"(`ray job stop`); a driver that died frees the sweep after {LEASE_STALE_S:.0f}s"
-            )
-        if attempt == 0:
-            call_with_retry(client(uri).set_tag, run_id, TAG_DRIVER, mine())
-            time.sleep(LEASE_SETTLE_S)
-    stop = threading.Event()
-
-    def heartbeat() -> None:
-        while not stop.wait(LEASE_HEARTBEAT_S):
-            with contextlib.suppress(Exception):  # a missed beat is survivable: LEASE_STALE_S spans several
-                call_with_retry(client(uri).set_tag, run_id, TAG_DRIVER, mine(), attempts=2)
-
-    beating = threading.Thread(target=heartbeat, name="sweep-lease", daemon=True)
-    beating.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        beating.join()
-        with contextlib.suppress(Exception):
-            if (_driver_record(run_id, uri) or {}).get("token") == token:
-                call_with_retry(client(uri).delete_tag, run_id, TAG_DRIVER)
 
 
 def describe(experiment_id: str, run_id: str | None, text: str, uri: str | None = None) -> None:

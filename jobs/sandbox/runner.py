@@ -1,7 +1,8 @@
-"""Running one untrusted program under the confinement and collecting how it ended (an `ExecResult`)."""
+"""Running one untrusted program in its sandbox and collecting how it ended (an `ExecResult`)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import select
@@ -12,18 +13,21 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Literal
 
 from jobs.sandbox.confinement import (
-    DISK_LIMIT,
-    FILE_COUNT_LIMIT,
     PROGRAM_NAME,
-    Confinement,
+    SYSTEM_PYTHON,
+    WORKDIR,
+    Sandbox,
+    UnconfinedCode,
+    box_command,
+    bwrap_user,
     child_env,
-    command,
-    probe_confinement,
+    program_command,
     resource_limits,
 )
 
@@ -31,8 +35,10 @@ Status = Literal["passed", "failed", "timeout", "killed"]
 
 MAX_OUTPUT_HEAD = 2048  # bytes of output kept from the start ...
 MAX_OUTPUT_TAIL = 6144  # ... and from the end (the traceback)
-DISK_CHECK_INTERVAL_S = 0.1  # how often the evaluator checks the disk limits where no private tmpfs enforces them
-PROBE_TIMEOUT_S = 20.0  # a probe program (see current_confinement) that takes longer counts as failed
+POLL_INTERVAL_S = 0.1  # how often the evaluator looks whether a silent child has ended
+PROBE_TIMEOUT_S = 20.0  # a probe (see current_sandbox) that takes longer counts as failed
+PROBE_CODE = "import os\nassert sorted(p for p in os.listdir('/proc') if p.isdigit()) == ['1', '2']\n"  # only the box
+KILL_WAIT_S = 10.0  # after the kill, how long the evaluator waits for the box's last process to be gone
 SIGNAL_REASONS = {
     "SIGXCPU": "CPU time limit reached",
     "SIGXFSZ": "file size limit reached",
@@ -46,13 +52,15 @@ class ExecResult:
     """Outcome of one program: `passed` is True only for status "passed" (exit code 0).
 
     status: passed (ran to the end, exit 0), failed (non-zero exit, e.g. an AssertionError),
-    timeout (wall-clock limit; the process group was killed), killed (ended by a signal or a
-    resource limit: CPU seconds, memory, file size, total disk use).
+    timeout (wall-clock limit; the box was killed), killed (ended by a signal or a resource limit:
+    CPU seconds, memory, file size). `confined`: whether it ran in the box (False only where the
+    caller allowed unconfined code on a machine without one).
     """
 
     passed: bool
     status: Status
     detail: str
+    confined: bool = True
 
 
 def run_program(
@@ -60,156 +68,129 @@ def run_program(
     timeout_s: float = 10.0,
     memory_mb: int = 1024,
     *,
-    isolate_network: bool = True,
+    unconfined: bool = False,
 ) -> ExecResult:
-    """Run untrusted Python `code` in a fenced subprocess and report how it ended.
+    """Run untrusted Python `code` in the box (see `jobs.sandbox`) and report how it ended.
 
-    The code runs under `sys.executable -I` in a fresh temporary directory (deleted afterwards),
-    in a new session, with RLIMIT_AS = memory_mb, RLIMIT_CPU ~ timeout_s, small RLIMIT_FSIZE,
-    no core dumps, a minimal environment and the guard prelude; a root evaluator runs it as
-    `nobody` in a private mount namespace where the machine allows (see `jobs.sandbox`).
-    With `isolate_network` (default) it also gets a private network namespace when `unshare`
-    allows one here; the prelude blocks networking either way. After `timeout_s` seconds of wall
-    time the whole process group is SIGKILLed (status "timeout"). Exit code 0 -> "passed".
-    Never raises for bad code; an evaluator-side failure to start the child is "failed" with a
-    `sandbox error` detail.
+    RLIMIT_AS = memory_mb, RLIMIT_CPU ~ timeout_s, RLIMIT_FSIZE, no core dumps, a minimal environment, stdin from
+    /dev/null; after `timeout_s` seconds of wall time the box is SIGKILLed whole (status "timeout"). Exit code 0 ->
+    "passed". Where this machine has no box: UnconfinedCode, unless `unconfined` (the caller's
+    `evaluation.unconfined_code`) lets the program run with the limits alone (`ExecResult.confined` False). Never
+    raises for bad code; an evaluator-side failure to start the child is "failed" with a `sandbox error` detail.
     """
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     if not timeout_s > 0 or not memory_mb > 0:
         raise ValueError(f"timeout_s and memory_mb must be positive (got {timeout_s}, {memory_mb})")
-    return run_under(current_confinement(), code, timeout_s, memory_mb, network=isolate_network)
+    return run_in(require_confinement(unconfined), code, timeout_s, memory_mb)
 
 
-# --------------------------------------------------------------------------- the confinement, probed once
-
-_confinement_lock = threading.Lock()
-
-
-def current_confinement() -> Confinement:
-    """The confinement this machine allows (`confinement.probe_confinement`), probed once per process."""
-    with _confinement_lock:
-        return _probed_confinement()
-
-
-@functools.cache
-def _probed_confinement() -> Confinement:
-    return probe_confinement(passes_under)
-
-
-def passes_under(confinement: Confinement, code: str) -> bool:
-    """Whether `code` passes when run under `confinement` (without a network namespace)."""
+def run_in(sandbox: Sandbox, code: str, timeout_s: float, memory_mb: int) -> ExecResult:
+    """run_program in an explicit sandbox."""
+    source = code.encode("utf-8", "surrogatepass")
+    user = sandbox.user if sandbox.boxed else None  # bwrap's user (a root evaluator's: nobody)
     try:
-        return run_under(confinement, code, PROBE_TIMEOUT_S, 1024, network=False).passed
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-# --------------------------------------------------------------------------- one run
-
-
-def run_under(confinement: Confinement, code: str, timeout_s: float, memory_mb: int, *, network: bool) -> ExecResult:
-    """run_program under an explicit confinement (the probes try candidates through here)."""
-    workdir = None
-    try:
-        workdir = _make_workdir(code, confinement)
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            command(workdir, confinement, network),
-            cwd=workdir,
-            env=child_env(workdir),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-            start_new_session=True,
-            preexec_fn=resource_limits(timeout_s, memory_mb),
-        )
-        over_limit = None if confinement.private_mounts else functools.partial(disk_overuse, workdir)
-        output = Output()
-        try:
-            ending = _collect(proc, started + timeout_s, output, over_limit)
-        finally:
-            _kill_group(proc.pid)  # stragglers, or everything on timeout or a breach
-            proc.wait()
-            if proc.stdout is not None:
+        with _program_place(sandbox, source) as (argv, cwd, fds):
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=child_env(WORKDIR if sandbox.boxed else cwd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=fds,
+                start_new_session=True,
+                preexec_fn=resource_limits(timeout_s, memory_mb, sandbox.boxed),
+                user=user and user[0],
+                group=user and user[1],
+                extra_groups=user and [],
+            )
+            assert proc.stdout is not None
+            output, pipe, deadline = Output(), proc.stdout.fileno(), time.monotonic() + timeout_s
+            try:
+                _read(pipe, output, deadline, ended=lambda: proc.poll() is not None)
+                timed_out = not _ended_by(proc, deadline)
+            finally:
+                _kill_group(proc.pid)  # bwrap and the box's init (whose death kills the rest), or an unconfined group
+                proc.wait()
+                _read(pipe, output, time.monotonic() + KILL_WAIT_S)  # until every process of the box is gone
                 proc.stdout.close()
-        if ending is None and over_limit is not None:
-            ending = over_limit()  # what a fast writer left behind within its last interval
-        return outcome(proc.returncode, ending, output.text().strip(), timeout_s, memory_mb)
+        return outcome(proc.returncode, timed_out, output.text().strip(), timeout_s, memory_mb, sandbox.boxed)
     except (OSError, subprocess.SubprocessError) as exc:
-        return ExecResult(False, "failed", f"sandbox error: could not run the program ({exc})")
-    finally:
-        if workdir is not None:
-            _remove_tree(workdir)
+        return ExecResult(False, "failed", f"sandbox error: could not run the program ({exc})", sandbox.boxed)
 
 
-def _make_workdir(code: str, confinement: Confinement) -> str:
-    """A fresh directory holding program.py, owned by the program's user when it is not given a
-    tmpfs of its own (the launcher builds that one owned by the user)."""
-    workdir = tempfile.mkdtemp(prefix="loraland-sandbox-")
-    program = os.path.join(workdir, PROGRAM_NAME)
-    with open(program, "wb") as handle:
-        handle.write(code.encode("utf-8", "surrogatepass"))
-    if confinement.user is not None and not confinement.private_mounts:
-        for path in (workdir, program):
-            os.chown(path, *confinement.user)
-    return workdir
-
-
-def disk_overuse(workdir: str) -> str | None:
-    """Why the working directory breaks FILE_COUNT_LIMIT / DISK_LIMIT, or None (the check used
-    where no private tmpfs enforces them). A directory it may not read counts as a breach."""
-    hidden = "disk limit: the program hid part of its working directory from the check"
-    entries, size, pending = 0, 0, [workdir]
-    while pending:
+@contextlib.contextmanager
+def _program_place(sandbox: Sandbox, source: bytes) -> Iterator[tuple[list[str], str, tuple[int, ...]]]:
+    """(argv, cwd, fds to pass) of a program: in the box, the source in a memory file bwrap copies in; unconfined, a
+    throw-away folder holding program.py (removed afterwards)."""
+    if sandbox.boxed:
+        program = os.memfd_create(PROGRAM_NAME)
         try:
-            listing = os.scandir(pending.pop())
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return hidden
-        with listing:
-            for entry in listing:
-                entries += 1
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                except OSError:
-                    return hidden
-                size += max(info.st_size, info.st_blocks * 512)
-                if entries > FILE_COUNT_LIMIT or size > DISK_LIMIT:
-                    return f"disk limit reached (more than {FILE_COUNT_LIMIT} files or {DISK_LIMIT // 2**20} MB)"
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-    return None
+            os.write(program, source)
+            os.lseek(program, 0, os.SEEK_SET)
+            yield box_command(sandbox.python, program), "/", (program,)
+        finally:
+            os.close(program)
+        return
+    workdir = tempfile.mkdtemp(prefix="loraland-unconfined-")
+    try:
+        Path(workdir, PROGRAM_NAME).write_bytes(source)
+        yield program_command(sandbox.python), workdir, ()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _kill_group(pgid: int) -> None:
-    """SIGKILL every process left in the program's process group."""
+    """SIGKILL every process left in the child's process group."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _remove_tree(path: str) -> None:
-    """Delete the working directory even if the program made parts of it read-only."""
+# --------------------------------------------------------------------------- what this machine allows, probed once
 
-    def retry(func: Callable[..., Any], target: str, _exc: Any) -> None:
-        try:
-            os.chmod(os.path.dirname(target), 0o700)
-            if os.path.isdir(target) and not os.path.islink(target):
-                os.chmod(target, 0o700)
-            func(target)
-        except OSError:
-            pass
+_sandbox_lock = threading.Lock()
 
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=retry)
-    else:
-        shutil.rmtree(path, onerror=retry)
+
+def require_confinement(allow_unconfined: bool) -> Sandbox:
+    """The sandbox programs will run in; UnconfinedCode (one line) where the kernel cannot confine them and
+    `allow_unconfined` (`evaluation.unconfined_code`) is false."""
+    sandbox = current_sandbox()
+    if not sandbox.boxed and not allow_unconfined:
+        raise UnconfinedCode(sandbox.refusal())
+    return sandbox
+
+
+def check_code_task(metric: str, allow_unconfined: bool) -> None:
+    """`require_confinement` for a task scored by `metric` when it is a code task: jobs call it before training."""
+    from core.prompts import CODE_METRIC  # here: jobs.sandbox itself imports with the standard library alone
+
+    if metric == CODE_METRIC:
+        require_confinement(allow_unconfined)
+
+
+def current_sandbox() -> Sandbox:
+    """The sandbox this machine gives programs, found once per process: a box with the evaluator's interpreter, or
+    with SYSTEM_PYTHON where bwrap's user cannot read the evaluator's (e.g. under /root), or unconfined."""
+    with _sandbox_lock:
+        return _probe()
+
+
+@functools.cache
+def _probe() -> Sandbox:
+    if shutil.which("bwrap") is None:
+        return Sandbox(False, sys.executable, reason="bwrap is not installed")
+    reason = "no interpreter to run in the box"
+    for python in dict.fromkeys((str(Path(sys.executable).resolve()), SYSTEM_PYTHON)):
+        if os.path.isfile(python):
+            candidate = Sandbox(True, python, bwrap_user())
+            tried = run_in(candidate, PROBE_CODE, PROBE_TIMEOUT_S, 1024)
+            if tried.passed:
+                return candidate
+            reason = f"bwrap failed: {tried.detail.splitlines()[-1]}"
+    return Sandbox(False, sys.executable, reason=reason)
 
 
 # --------------------------------------------------------------------------- output and outcome
@@ -242,56 +223,48 @@ class Output:
         return bytes(self.head).decode("utf-8", "replace") + middle + bytes(self.tail).decode("utf-8", "replace")
 
 
-def _collect(
-    proc: subprocess.Popen[bytes], deadline: float, output: Output, over_limit: Callable[[], str | None] | None
-) -> str | None:
-    """Read the child's output until EOF or the child's exit (None), the deadline ("timeout"), or
-    until `over_limit`, checked every DISK_CHECK_INTERVAL_S, names a breach (its message)."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
+def _read(fd: int, output: Output, deadline: float, ended: Callable[[], bool] = lambda: False) -> bool:
+    """Read the child's output from `fd` until EOF (True: every process holding the pipe has ended), or until the
+    deadline or `ended()` (False)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-    next_check = time.monotonic()
-    while True:
-        now = time.monotonic()
-        if now >= deadline:
-            return "timeout"
-        if over_limit is not None and now >= next_check:
-            breach = over_limit()
-            if breach is not None:
-                return breach
-            next_check = now + DISK_CHECK_INTERVAL_S
-        events = poller.poll(min(deadline - now, DISK_CHECK_INTERVAL_S) * 1000)
-        if events:
+    while (now := time.monotonic()) < deadline:
+        if poller.poll(min(deadline - now, POLL_INTERVAL_S) * 1000):
             chunk = os.read(fd, 65536)
-            if not chunk:  # EOF: everyone closed the pipe
-                break
+            if not chunk:
+                return True
             output.add(chunk)
-        elif proc.poll() is not None:
-            break  # the program ended; a straggler may hold the pipe, it is killed below
+        elif ended():
+            return False
+    return False
+
+
+def _ended_by(proc: subprocess.Popen[bytes], deadline: float) -> bool:
+    """Whether the child exits by the deadline."""
     try:
         proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        return "timeout"
-    return None
+        return False
+    return True
 
 
-def outcome(returncode: int, ending: str | None, text: str, timeout_s: float, memory_mb: int) -> ExecResult:
-    """The ExecResult of a finished child: `ending` is None, "timeout", or a disk-limit breach."""
-    if ending == "timeout":
-        return ExecResult(False, "timeout", _join(f"timed out after {timeout_s:g} s; process group killed", text))
-    if ending is not None:
-        return ExecResult(False, "killed", _join(f"{ending}; process group killed", text))
+def outcome(returncode: int, timed_out: bool, text: str, timeout_s: float, memory_mb: int,
+            boxed: bool = True) -> ExecResult:
+    """The ExecResult of a finished child. bwrap reports a program ended by signal N as exit code 128 + N."""
+    if timed_out:
+        return ExecResult(False, "timeout", _join(f"timed out after {timeout_s:g} s; box killed", text), boxed)
     if returncode == 0:
-        return ExecResult(True, "passed", text)
-    if returncode < 0:
-        name = _signal_name(-returncode)
-        reason = SIGNAL_REASONS.get(name, "ended by a signal")
-        return ExecResult(False, "killed", _join(f"{reason} ({name})", text))
+        return ExecResult(True, "passed", text, boxed)
+    signum = -returncode if returncode < 0 else returncode - 128 if boxed and returncode > 128 else 0
+    if signum:
+        name = _signal_name(signum)
+        return ExecResult(False, "killed", _join(f"{SIGNAL_REASONS.get(name, 'ended by a signal')} ({name})", text),
+                          boxed)
     last_line = text.splitlines()[-1] if text else ""
     if last_line.startswith("MemoryError"):
-        return ExecResult(False, "killed", _join(f"memory limit of {memory_mb} MB reached (MemoryError)", text))
-    return ExecResult(False, "failed", _join(f"exit code {returncode}", text))
+        return ExecResult(False, "killed", _join(f"memory limit of {memory_mb} MB reached (MemoryError)", text),
+                          boxed)
+    return ExecResult(False, "failed", _join(f"exit code {returncode}", text), boxed)
 
 
 def _signal_name(number: int) -> str:
