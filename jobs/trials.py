@@ -81,6 +81,8 @@ class TrialHost:
         self.group_steps = 0  # shared steps run (one forward/backward over every trial that was due)
         self._trials: dict[str, Trial] = {}
         self._validation: dict[str, list[Row]] = {}
+        self._data: dict[tuple[Any, ...], TrainingSet] = {}  # tokenized training rows, shared by trials of one task
+        self._data_lock = threading.Lock()
         self._busy = False  # a step, an addition, a validation, a save or a drop is running
         self._changed = threading.Condition()
 
@@ -188,7 +190,7 @@ class TrialHost:
                 self._trials[trial_id].until = until_step
                 return self._trials[trial_id]
         self._check(job)
-        data = training_set(job, self.tokenizer, self.validation_size)  # before taking the host: steps go on meanwhile
+        data = self._training_set(job)  # before taking the host: steps go on meanwhile
         with self._exclusive(lambda: trial_id in self._trials or self._free_index() is not None):
             if trial_id not in self._trials:
                 index = self._free_index()
@@ -198,6 +200,17 @@ class TrialHost:
             with self._changed:
                 self._trials[trial_id].until = until_step
             return self._trials[trial_id]
+
+    def _training_set(self, job: JobConfig) -> TrainingSet:
+        """`job`'s tokenized training rows, made once per host for all trials that train on the same rows (trials differ
+        in LoRA and optimizer settings, not in their data; each keeps its own order), so a trial joins at once and
+        shares the steps of the trials already training instead of falling behind them while it tokenizes."""
+        key = (job.task.name, job.training.max_train_examples, job.training.max_seq_length,
+               job.evaluation.prompt_cut, job.evaluation.prompt_max_chars)
+        with self._data_lock:
+            if key not in self._data:
+                self._data[key] = training_set(job, self.tokenizer, self.validation_size)
+            return self._data[key]
 
     def _member(self, index: int, job: JobConfig, data: TrainingSet) -> Member:
         """A new member at `index`: its initial adapter (a single job's, from its seed) in the wrapped layers, resumed

@@ -139,7 +139,7 @@ class SchedulerRun:
         else:
             outcomes, follow_ups = unit.finished(result), unit.follow_ups(result)
             self.timings.append((unit.kind, unit.planned_s, float(result.get("wall_s", ran_s))))
-            for line in unit.ended_lines(outcomes):
+            for line in unit.ended_lines(outcomes, result):
                 console.print(line, soft_wrap=True)
             if self.settings.on_result:
                 self.settings.on_result(unit, result)

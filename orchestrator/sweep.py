@@ -1,8 +1,10 @@
 """`loraland sweep`: the Ray driver that fans a sweep out over a cluster, exactly once per job.
 
-Ray core tasks, not Tune: every job is one function call with its own resources (a GPU share from `plan`), and the
-exactly-once state lives where it must survive a lost driver anyway: the job's MLflow run (found by its job key) and its
-checkpoints on the storage path. Tune's experiment restore would be a second, competing record of the same state.
+Ray core tasks, not Tune, for the jobs: every job is one function call with its own resources (a GPU share from
+`plan`), and the exactly-once state lives where it must survive a lost driver anyway: the job's MLflow run (found by its
+job key) and its checkpoints on the storage path. Tune runs only inside a searched fine-tune (a sweep's `search`
+section, orchestrator/search.py): one scheduler unit per searched job, whose Tune experiment is stored in the job's own
+output folder and restored when the unit is resubmitted.
 
 Jobs go out base evaluations first (a fine-tune's lift needs its base score), then fine-tunes longest first (plan's
 estimate; LPT keeps the longest job from starting last). With `evaluation.engine: evaluator` (the default) evaluations
@@ -23,8 +25,9 @@ killed workers, and resubmits the rest, which resume from their checkpoints. One
 before it touches a run, and a driver that lost the lease stops submitting.
 
 The parts: orchestrator/cluster.py (joining Ray), workers.py (what runs on a worker), resources.py (plans as Ray
-resources and tasks), units.py (the work units), scheduler.py (running them), eta.py, notes.py (progress, summary,
-the sweep's note in MLflow).
+resources and tasks), units.py (the work units), evaluator.py (one evaluation engine per base model), search.py and
+search_trials.py (LoRA search on Ray Tune), scheduler.py (running them), eta.py, notes.py (progress, summary, the
+sweep's note in MLflow), datacheck.py (data and weights preflight).
 """
 
 from __future__ import annotations

@@ -74,8 +74,9 @@ class WorkUnit(Protocol):
     def failed(self, error: str) -> list[JobOutcome]:
         """Its jobs' outcomes when it failed as a whole with `error` (retries or node losses spent)."""
 
-    def ended_lines(self, outcomes: list[JobOutcome]) -> list[str]:
-        """Log lines for its jobs once it finished, before the line the scheduler prints for the unit itself."""
+    def ended_lines(self, outcomes: list[JobOutcome], result: dict[str, Any]) -> list[str]:
+        """Log lines for its jobs once it finished with `result` (`outcomes` from `finished`), before the line the
+        scheduler prints for the unit itself."""
 
 
 def job_label(job: JobConfig) -> str:
@@ -154,7 +155,7 @@ class SingleJob:
     def failed(self, error: str) -> list[JobOutcome]:
         return [JobOutcome(self.job, "failed", error=error)]
 
-    def ended_lines(self, outcomes: list[JobOutcome]) -> list[str]:
+    def ended_lines(self, outcomes: list[JobOutcome], result: dict[str, Any]) -> list[str]:
         return []
 
 
@@ -215,9 +216,12 @@ class CoTrainGroup:
     def failed(self, error: str) -> list[JobOutcome]:
         return [JobOutcome(job, "failed", error=error or "its group did not run") for job in self.members]
 
-    def ended_lines(self, outcomes: list[JobOutcome]) -> list[str]:
-        return [f"  {o.state:8s} {job_label(o.job)} (co-trained)" + (f": {o.error[:300]}" if o.error else "")
-                for o in outcomes]
+    def ended_lines(self, outcomes: list[JobOutcome], result: dict[str, Any]) -> list[str]:
+        """A line per member: trained (its evaluation follows), finished or failed in the group."""
+        trained = [f"  trained  {job_label(job)} (co-trained)" for job in self.members
+                   if result.get("members", {}).get(job.job_key, {}).get("trained")]
+        return trained + [f"  {o.state:8s} {job_label(o.job)} (co-trained)" + (f": {o.error[:300]}" if o.error else "")
+                          for o in outcomes]
 
 
 @dataclass(frozen=True)
@@ -272,7 +276,7 @@ class EvaluationUnit:
         self.pool.settle(self.job.base_model.name)
         return [JobOutcome(self.job, "failed", error=error)]
 
-    def ended_lines(self, outcomes: list[JobOutcome]) -> list[str]:
+    def ended_lines(self, outcomes: list[JobOutcome], result: dict[str, Any]) -> list[str]:
         return [f"  failed   {self.label}: {o.error[:300]}" for o in outcomes if o.state == "failed"]
 
 

@@ -264,12 +264,19 @@ def download_error(error: Exception, cache_dir: Path) -> AdapterLoadError:
     return AdapterLoadError(f"download failed ({type(error).__name__}: {str(error)[:300]})")
 
 
+# The most an adapter artifact may take to be downloaded at all: a rank-64 fp32 adapter on every linear layer of a 7B
+# model takes about 0.7 GB; the engine's own check (serving/lora.py `read_adapter`) then holds it to its rank/layers.
+MAX_DOWNLOAD_BYTES = 2 << 30
+
+
 class AdapterStore:
     """An `AdapterFetcher`: adapter id -> checked local folder `<cache_dir>/<registered model>/<version>`."""
 
     def __init__(self, base: BaseModelSpec, cache_dir: Path, tracking_uri: str, failure_ttl_s: float = 30.0,
-                 on_fetch: Callable[[str, str, float], None] | None = None) -> None:
+                 on_fetch: Callable[[str, str, float], None] | None = None,
+                 max_download_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
         self.base = base
+        self.max_download_bytes = max_download_bytes  # an artifact listed larger is refused before it is fetched
         self.cache_dir = cache_dir
         self.tracking_uri = tracking_uri
         self.failure_ttl_s = failure_ttl_s
@@ -313,7 +320,7 @@ class AdapterStore:
         try:
             check_tracking(self.tracking_uri)
             uri = registry.model_uri(task, version)
-            staged = registry.download_adapter(uri, staging / "adapter", self.tracking_uri)
+            staged = registry.download_adapter(uri, staging / "adapter", self.tracking_uri, self.max_download_bytes)
             faults.before_caching(self.base.name, adapter, staged)
             check_adapter_files(staged, self.base)
             shutil.rmtree(folder, ignore_errors=True)

@@ -121,7 +121,9 @@ def storage_files(storage: Path) -> dict[str, int]:
 
 
 def nodes_used(output: str) -> set[str]:
-    return set(re.findall(r"^\s+finished .* on node ([0-9a-f]{8})$", output, flags=re.MULTILINE))
+    """The nodes the driver's log says units ended on: jobs that finished, and fine-tunes that trained (their
+    evaluation then runs on their base model's evaluator, wherever that actor lives)."""
+    return set(re.findall(r"^\s+(?:finished|trained) .* on node ([0-9a-f]{8})$", output, flags=re.MULTILINE))
 
 
 @pytest.fixture

@@ -116,7 +116,8 @@ def search_sweep(tmp_path: Path) -> Path:
     """One base x one task, 4 trials co-trained, of 10 or 20 steps scored every 10 on 8 rows; a learning rate of 1e30
     makes a trial's loss non-finite, so it fails (seed 3 draws it once)."""
     data = yaml.safe_load((PROJECT_ROOT / "tests" / "fixtures" / "mini_sweep.yaml").read_text())
-    data |= {"name": f"search-{tmp_path.name}"[:60], "tasks": ["demo_sentiment"], "evaluate_base": False}
+    # demo_arithmetic: the registry is shared per server; tests/tracking_fixtures.py counts demo_sentiment's versions
+    data |= {"name": f"search-{tmp_path.name}"[:60], "tasks": ["demo_arithmetic"], "evaluate_base": False}
     data["lora"] |= {"dropout": 0.0}
     data["evaluation"] |= {"limit": 8, "batch_size": 8}
     data["training"] |= {"micro_batch_size": 4}
@@ -188,9 +189,9 @@ def test_search_killed_mid_way_resumes_and_its_winner_is_champion(mlflow_server,
     assert validation_history(uri, winner.info.run_id)[-1][1] == best
     assert job.data.params["lora.r"] == winner.data.params["lora.r"]
     # the winner's adapter is the job's: evaluated on the evaluation rows, registered, champion as a job's adapter is
-    registered = [v for v in versions("demo_sentiment", uri) if v.run_id == job.info.run_id]
+    registered = [v for v in versions("demo_arithmetic", uri) if v.run_id == job.info.run_id]
     assert len(registered) == 1 and version_score(registered[0]) == job.data.metrics["score"]
-    best_version = champion("demo_sentiment", uri)
+    best_version = champion("demo_arithmetic", uri)
     assert best_version is not None and version_score(best_version) >= job.data.metrics["score"]
 
     third = subprocess.run(command, capture_output=True, text=True, timeout=300, env=sweep_env(tmp_path))

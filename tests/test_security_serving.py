@@ -508,3 +508,25 @@ def test_a_slow_or_failing_registry_never_stalls_ids_of_the_cached_view(monkeypa
     asyncio.run(asyncio.wait_for(scenario(), 60))
     release.set()
     assert len(reads) == 3, reads
+
+
+@pytest.mark.integration
+def test_an_adapter_artifact_too_large_is_refused_before_it_is_downloaded(tmp_path: Path,
+                                                                          mlflow_server: Server) -> None:
+    """Low: adapter downloads had no size cap (the whole artifact was fetched, then read). The replica's store now
+    refuses an artifact whose listed files exceed its cap before a byte is fetched, and the refusal names both sizes."""
+    from tracking import registry, store
+
+    folder = fake_adapter_folder(tmp_path / "adapter", load_catalog().base_model("tiny-llama").hf_id, seed=1)
+    client = store.client(mlflow_server.uri)
+    experiment = store.ensure_experiment("adapter-size-cap", mlflow_server.uri)
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(folder), store.ADAPTER_ARTIFACT)
+    listed = registry.artifact_bytes(run.info.run_id, store.ADAPTER_ARTIFACT, mlflow_server.uri)
+    assert listed == sum(path.stat().st_size for path in folder.iterdir())
+    target = tmp_path / "downloaded"
+    with pytest.raises(ValueError, match=f"holds {listed} bytes, more than the {listed - 1}"):
+        registry.download_adapter(run.info.run_id, target, mlflow_server.uri, max_bytes=listed - 1)
+    assert not target.exists() and not target.with_name(".downloaded.partial").exists()  # nothing was fetched
+    assert (registry.download_adapter(run.info.run_id, target, mlflow_server.uri, max_bytes=listed) / "adapter_config"
+            ".json").is_file()

@@ -232,15 +232,22 @@ def resolve_run_id(ref: str, uri: str | None = None) -> str:
     return ref
 
 
-def download_adapter(ref: str, dst: str | Path | None = None, uri: str | None = None) -> Path:
+def download_adapter(ref: str, dst: str | Path | None = None, uri: str | None = None,
+                     max_bytes: int | None = None) -> Path:
     """Download the adapter folder of `ref` (see `resolve_run_id`); returns the local folder.
 
     Default destination: `<data_home()>/adapters/<run_id>` (reused when already there; a run's
-    artifacts do not change once it finished). The download is staged and renamed into place."""
+    artifacts do not change once it finished). The download is staged and renamed into place. With `max_bytes`, an
+    artifact whose listed files add up to more is refused (ValueError naming both sizes) before a byte is fetched."""
     run_id = resolve_run_id(ref, uri)
     target = Path(dst) if dst else data_home() / "adapters" / run_id
     if (target / ADAPTER_WEIGHTS).is_file():
         return target
+    if max_bytes is not None:
+        size = artifact_bytes(run_id, store.ADAPTER_ARTIFACT, uri)
+        if size > max_bytes:
+            raise ValueError(f"the adapter artifact of run {run_id} holds {size} bytes, more than the {max_bytes} an "
+                             "adapter may take here")
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -250,6 +257,14 @@ def download_adapter(ref: str, dst: str | Path | None = None, uri: str | None = 
     local.rename(target)
     shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def artifact_bytes(run_id: str, path: str, uri: str | None = None) -> int:
+    """The bytes the files under a run's artifact folder `path` add up to, as the artifact store lists them."""
+    total = 0
+    for item in call_with_retry(store.client(uri).list_artifacts, run_id, path):
+        total += artifact_bytes(run_id, item.path, uri) if item.is_dir else int(item.file_size or 0)
+    return total
 
 
 def load_adapter_model(ref: str, device: str = "auto", uri: str | None = None, dst: str | Path | None = None) -> Any:
