@@ -274,10 +274,10 @@ def test_one_download_per_adapter_however_many_ask(endpoint: ApiEndpoint, tmp_pa
     downloads: list[str] = []
     real_download = registry.download_adapter
 
-    def counted(ref: str, dst: Any = None, uri: Any = None) -> Path:
+    def counted(ref: str, dst: Any = None, uri: Any = None, max_bytes: int | None = None) -> Path:
         downloads.append(ref)
         time.sleep(0.2)  # widen the window in which the other threads ask
-        return real_download(ref, dst, uri)
+        return real_download(ref, dst, uri, max_bytes)
 
     monkeypatch.setattr(registry, "download_adapter", counted)
     sources: list[str] = []

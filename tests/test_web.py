@@ -221,8 +221,9 @@ def test_task_list_to_side_by_side_run_by_keyboard(page: Any, site: Site, tmp_pa
     assert len(page.query_selector_all("#leaderboard tbody tr")) == len(BASES)
     link = page.get_attribute("#leaderboard tr.champion a", "href")
     assert link is not None and link.startswith(f"{site.tracking}/#/experiments/"), link  # the champion's MLflow run
-    with page.expect_response("**/example"):
-        page.click("#another")
+    page.evaluate("() => { window.shownBefore = state.example; }")
+    page.click("#another")  # wait until the page has taken the new example in (its response alone may be unread)
+    page.wait_for_function("() => state.example !== window.shownBefore")
     index = page.evaluate("() => state.example.index")
     assert page.input_value("#field-review") == eval_rows(task)[index]["review"]
     page.focus("#field-review")
