@@ -24,11 +24,12 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m orchestrator.demo
 
 # Every tier (tests/conftest.py refuses a test without exactly one of unit, integration, cluster; gpu tests skip
-# without CUDA), after ruff, mypy and the import contracts; the 10-minute soak has its own target.
+# without CUDA), after ruff, mypy and the import contracts, printing the 25 slowest; the 10-minute soak has its own
+# target.
 test: setup
 	bash scripts/install_test_system_packages.sh
 	$(MAKE) --no-print-directory lint || [ "$(STRICT_LINT)" != 1 ]
-	$(PY) -m pytest -q -m "not soak"
+	$(PY) -m pytest -q -m "not soak" --durations=25
 
 # 10 minutes of mixed load against a real Serve app (LORALAND_SOAK_S shortens it); prints leak figures.
 soak: setup

@@ -39,17 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    RESULTS,
-    child_env,
-    collect,
-    command,
-    emit,
-    machine,
-    random_4bit_model,
-    spawn,
-    write_report,
-)
+from benchmarks.common import RESULTS, collect, command, emit, machine, random_4bit_model, start_child, write_report
 
 DEFAULT_OUT = RESULTS / "co_train.json"
 TASKS = ("demo_sentiment", "demo_colors", "demo_similarity", "demo_arithmetic")
@@ -97,32 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def member_configs(args: argparse.Namespace, k: int, root: Path, layout: str, base: str | None = None,
                    device: str = "cpu") -> list[Any]:
     """K jobs: the demo tasks in turn, each its own seed and output folder, micro-batch 1 in `layout`."""
-    from core.catalog import load_catalog
-    from core.schemas import EvalSettings, LoraSettings, TrainingSettings
-    from jobs.config import JobConfig
+    from benchmarks.common import benchmark_job
 
-    catalog = load_catalog()
-    return [
-        JobConfig(
-            base_model=catalog.base_model(base or args.base),
-            task=catalog.task(TASKS[i % len(TASKS)]),
-            output_dir=str(root / f"m{i}"),
-            device=device,
-            lora=LoraSettings(target_modules="all-linear"),
-            evaluation=EvalSettings(limit=1),
-            training=TrainingSettings(
-                max_steps=args.steps,
-                micro_batch_size=1,
-                gradient_accumulation_steps=args.accumulation,
-                max_seq_length=args.max_seq_length,
-                packing=layout == "packed",
-                checkpoint_every=10_000,
-                log_every=10_000,
-                seed=i,
-            ),
-        )
-        for i in range(k)
-    ]
+    settings = dict(max_steps=args.steps, micro_batch_size=1, gradient_accumulation_steps=args.accumulation,
+                    max_seq_length=args.max_seq_length, packing=layout == "packed", log_every=10_000)
+    return [benchmark_job(base or args.base, TASKS[i % len(TASKS)], root / f"m{i}", device, evaluation={"limit": 1},
+                          seed=i, **settings) for i in range(k)]
 
 
 def peak_rss_mb() -> float:
@@ -172,7 +142,7 @@ def start(args: argparse.Namespace, mode: str, k: int, layout: str, folder: Path
         "--base",
         args.base,
     ]
-    return spawn("co_train", arguments, child_env(threads=1))
+    return start_child("co_train", arguments, threads=1)
 
 
 def result(process: subprocess.Popen[str]) -> dict[str, float]:

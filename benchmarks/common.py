@@ -1,6 +1,6 @@
 """What the benchmarks share: where results go, the machine and command line a result records, writing it, a child
-process that reports one JSON line, latency percentiles, and the random 4-bit model of a real base's shape that the
-GPU modes build."""
+process that reports one JSON line, latency percentiles, a benchmark's job config, and the random 4-bit model of a
+real base's shape that the GPU modes build."""
 
 from __future__ import annotations
 
@@ -83,6 +83,27 @@ def spawn(module: str, arguments: list[str], env: dict[str, str]) -> subprocess.
     """Start `python -m benchmarks.<module> ARGUMENTS` from the project root; `collect` reads its result."""
     return subprocess.Popen([sys.executable, "-m", f"benchmarks.{module}", *arguments], cwd=PROJECT_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_child(module: str, arguments: list[str], threads: int) -> subprocess.Popen[str]:
+    """`spawn` a measuring child in `child_env(threads)`: offline, quiet, `threads` OpenMP/MKL threads."""
+    return spawn(module, arguments, child_env(threads))
+
+
+def benchmark_job(base: str, task: str, output_dir: str | Path, device: str = "auto",
+                  lora: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None, **training: Any) -> Any:
+    """A benchmark's JobConfig: `base` x `task` from the catalogue on `device`, LoRA on all linear layers (updated by
+    `lora`), the evaluation settings `evaluation`, and `training` over TrainingSettings' defaults with no checkpoint but
+    the last."""
+    from core.catalog import load_catalog
+    from core.schemas import EvalSettings, LoraSettings, TrainingSettings
+    from jobs.config import JobConfig
+
+    catalog = load_catalog()
+    return JobConfig(base_model=catalog.base_model(base), task=catalog.task(task), output_dir=str(output_dir),
+                     device=device, lora=LoraSettings(**({"target_modules": "all-linear"} | (lora or {}))),
+                     evaluation=EvalSettings(**(evaluation or {})),
+                     training=TrainingSettings(**({"checkpoint_every": 10**6} | training)))
 
 
 def emit(result: dict[str, Any]) -> None:

@@ -66,17 +66,10 @@ from core.errors import DeviceUnavailable, UserError, print_user_error
 from core.schemas import BaseModelSpec, QuantizationSettings
 from jobs.models import load_base_model, load_tokenizer
 from serving.batching import BatchingEngine
-from serving.config import (
-    BaseDeployment,
-    BatchingEngineConfig,
-    HotAdapterSettings,
-    IngressSettings,
-    ReplicaBounds,
-    ServeConfig,
-)
+from serving.config import BatchingEngineConfig, HotAdapterSettings, ReplicaBounds, ServeConfig
 from serving.engine import Delta, SamplingParams
 from serving.synthetic import RANKS, publish_adapters, random_adapters
-from tests.helpers import local_serve
+from tests.helpers import local_serve, two_replica_config
 
 DEFAULT_OUT = RESULTS / "serve_adapters.json"
 PARTS = ("engine", "peft", "hot", "cold")
@@ -443,11 +436,9 @@ def zipf_picker(models: list[str], hot_share: float) -> Callable[[random.Random]
 def hot_config(args: argparse.Namespace, uri: str, cache: Path, port: int, hot_task: str | None) -> ServeConfig:
     """2 replicas of the base, 1 CPU each; with `hot_task`, that task held to one replica (Serve's behaviour alone)."""
     bounds = {hot_task: ReplicaBounds(max_replicas=1)} if hot_task else {}
-    deployment = BaseDeployment(base_model=args.base, device="cpu", num_replicas=2, num_cpus=1,
-                                engine=engine_settings(args, HOT_ADAPTERS + 16),
-                                max_adapters_per_replica=HOT_ADAPTERS, hot_adapters=HotAdapterSettings(adapters=bounds))
-    return ServeConfig(name="serve-hot", port=port, tracking_uri=uri, adapter_cache_dir=str(cache),
-                       ingress=IngressSettings(num_cpus=0, request_timeout_s=300), deployments=[deployment])
+    return two_replica_config("serve-hot", uri, cache, port, 300, base_model=args.base, num_cpus=1,
+                              engine=engine_settings(args, HOT_ADAPTERS + 16), max_adapters_per_replica=HOT_ADAPTERS,
+                              hot_adapters=HotAdapterSettings(adapters=bounds))
 
 
 def run_hot(base: Base, args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:

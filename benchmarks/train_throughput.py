@@ -37,23 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    RESULTS,
-    child_env,
-    collect,
-    command,
-    emit,
-    machine,
-    random_4bit_model,
-    spawn,
-    write_report,
-)
+from benchmarks.common import RESULTS, collect, command, emit, machine, random_4bit_model, start_child, write_report
 
 DEFAULT_OUT = RESULTS / "train_throughput.json"
 SIDES = ("ours", "baseline")
 GPU_SHAPES = {"mistral-7b": "mistral-7b"}  # --model value -> catalogue base model whose real shape is built at random
 CUDA_CONTEXT_BYTES = 512 * 2**20  # per-process CUDA context, outside torch's allocator (estimate)
 GPU_BYTES = 80 * 10**9  # "one 80 GB GPU"
+TRAINING_ARGUMENTS = ("micro_batch_size", "gradient_accumulation_steps", "max_seq_length", "learning_rate",
+                      "lr_scheduler", "warmup_ratio", "gradient_checkpointing", "seed")  # TrainingSettings' names
 
 
 # --------------------------------------------------------------------------- arguments
@@ -139,33 +131,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def job_config(args: argparse.Namespace, output_dir: str):
-    """The JobConfig both sides train from (ours runs it through `jobs.train.train`)."""
-    from core.catalog import load_catalog
-    from core.schemas import LoraSettings, TrainingSettings
-    from jobs.config import JobConfig
+    """The JobConfig both sides train from (ours runs it through `jobs.train.train`): the command line's training
+    settings, packed, logged every step, checkpointed only after the timed steps."""
+    from benchmarks.common import benchmark_job
 
-    catalog = load_catalog()
-    base = catalog.base_model(GPU_SHAPES.get(args.model, args.base))
-    return JobConfig(
-        base_model=base,
-        task=catalog.task(args.task),
-        output_dir=output_dir,
-        lora=LoraSettings(r=args.lora_r, target_modules="all-linear"),
-        training=TrainingSettings(
-            max_steps=args.warmup_steps + args.steps,
-            micro_batch_size=args.micro_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            max_seq_length=args.max_seq_length,
-            learning_rate=args.learning_rate,
-            lr_scheduler=args.lr_scheduler,
-            warmup_ratio=args.warmup_ratio,
-            packing=True,
-            gradient_checkpointing=args.gradient_checkpointing,
-            checkpoint_every=10**6,  # only the final checkpoint, after the timed steps
-            log_every=1,
-            seed=args.seed,
-        ),
-    )
+    training = {name: getattr(args, name) for name in TRAINING_ARGUMENTS}
+    return benchmark_job(GPU_SHAPES.get(args.model, args.base), args.task, output_dir, lora={"r": args.lora_r},
+                         max_steps=args.warmup_steps + args.steps, packing=True, log_every=1, **training)
 
 
 # --------------------------------------------------------------------------- measuring one side
@@ -428,7 +400,7 @@ def child_arguments(args: argparse.Namespace, side: str) -> list[str]:
 
 def run_child(args: argparse.Namespace, side: str) -> dict[str, Any]:
     started = time.perf_counter()
-    result = collect(spawn("train_throughput", child_arguments(args, side), child_env(args.threads)),
+    result = collect(start_child("train_throughput", child_arguments(args, side), args.threads),
                      f"train_throughput: the {side} side")
     result["process_seconds"] = time.perf_counter() - started
     return result

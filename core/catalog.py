@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from core.errors import ConfigError, NotFound
 from core.parsing import parse_model, read_yaml
 from core.paths import CONFIG_DIR
-from core.prompts import template_problems
+from core.prompts import EXAMPLES, template_problems, template_reads
 from core.schemas import BaseModelSpec, TaskSpec
 
 CATALOG_DIR = CONFIG_DIR / "catalog"
@@ -82,11 +82,27 @@ def _parse_entries(data: dict[str, Any], key: str, spec_type: type[Spec], source
 
 
 def template_problems_of(task: TaskSpec) -> list[str]:
-    """A line per broken template of a task: each must parse and read only the columns it declares."""
-    checks = [("prompt", task.prompt, task.columns), ("completion", task.completion, task.columns)]
+    """A line per broken template of a task: each must parse and read only the columns it declares (a prompt also
+    its worked `examples`, which it must show when the task declares some, and only then)."""
+    shown = [EXAMPLES] if task.worked_examples else []
+    checks = [("prompt", task.prompt, task.columns + shown), ("completion", task.completion, task.columns)]
     if task.eval:
-        checks.append(("eval.prompt", task.eval.prompt, task.eval.columns))
-    return [f"{name}: {problem}" for name, source, columns in checks for problem in template_problems(source, columns)]
+        checks.append(("eval.prompt", task.eval.prompt, task.eval.columns + shown))
+    problems = [f"{name}: {problem}" for name, source, columns in checks
+                for problem in template_problems(source, columns)]
+    return problems or example_problems(task)
+
+
+def example_problems(task: TaskSpec) -> list[str]:
+    """A line per clash of a task's worked examples with its (valid) templates and columns."""
+    if not task.worked_examples:
+        return []
+    problems = [f"columns: {name!r} names the worked examples in its templates; rename the column"
+                for name in (EXAMPLES, "completion") if name in task.columns]
+    if not template_reads(task.prompt, EXAMPLES):
+        problems.append(f"prompt: never shows its {task.worked_examples} worked `{EXAMPLES}`; show them, or set "
+                        "worked_examples: 0")
+    return problems
 
 
 @lru_cache(maxsize=8)

@@ -134,8 +134,13 @@ class TaskSpec(StrictModel):
     description: str = Field(default="", description="One line a person reads in `loraland catalog`.")
     dataset: DatasetSource = Field(description="Training (and, unless `eval` is set, evaluation) data.")
     columns: list[str] = Field(min_length=1, description="Columns of the real dataset the templates use.")
-    prompt: str = Field(description="Jinja template: row -> prompt (completion-style, zero-shot).")
+    prompt: str = Field(description="Jinja template: row -> prompt (completion-style; zero-shot unless "
+                        "`worked_examples`).")
     completion: str = Field(description="Jinja template: row -> gold completion (the training target).")
+    worked_examples: int = Field(
+        default=0, ge=0, description="Worked examples the prompt shows (the study's examples_in_prompt): the first N "
+        "rows of the training split, in the dataset's order, read with the data (jobs/data.py) and given to the prompt "
+        "templates as `examples`, each row's columns plus its rendered `completion` (core/prompts.py).")
     metric: Metric = Field(description="The study's metric for this task.")
     answer: AnswerKind = Field(description="How a generated answer is parsed before scoring.")
     labels: list[str] | None = Field(default=None, description="Allowed answers for classification tasks.")
@@ -208,10 +213,17 @@ EvalPath = Literal["evaluator", "generate"]
 class EvaluatorSettings(StrictModel):
     """The multi-LoRA engine that evaluations go through under `evaluation.engine: evaluator` (one per base model,
     rows of many adapters decoded in the same batches); serving/evaluation.py maps these onto the batching engine's
-    config. They change speed and memory, never a completion, so they are not part of a job's identity."""
+    config by name (serving.config.BatchingEngineConfig: each field here is one there, `max_queued_rows` its
+    `max_queued_requests`). They change speed and memory, never a completion, so they are not part of a job's
+    identity."""
 
     max_batch_size: int = Field(default=256, gt=0, description="Rows decoded together in one forward pass, across "
                                 "every evaluation on the engine (their KV caches are held at once).")
+    max_batch_tokens: int = Field(default=65_536, gt=0, description="Budget of the batch's padded KV cache in tokens "
+                                  "(rows x the longest row's prompt + new tokens): rows join only within it, e.g. "
+                                  "about 220 rows of short prompts and 256 new tokens, 100 of 1,500-character prompts "
+                                  "(a 7B's KV cache takes 0.1-0.5 MB a token: raise it where the accelerator has "
+                                  "room).")
     max_queued_rows: int = Field(default=100_000, gt=0, description="Rows waiting for a batch place (every row of "
                                  "every evaluation is submitted at once).")
     device_adapter_slots: int = Field(default=0, ge=0, description="Adapters on the accelerator at once; 0: sized "

@@ -43,6 +43,16 @@ def train_rows(task: TaskSpec, limit: int | None = None, held_out: int = 0) -> l
     return rows[:limit] if limit else rows
 
 
+def example_rows(task: TaskSpec) -> list[Row]:
+    """The rows a task's prompt shows as worked examples (`task.worked_examples`, core/prompts.py): the first rows of
+    its training split in the dataset's order (before any shuffle, `max_train_examples` cut or held-out slice), with
+    the task's columns only; none for a task without worked examples (its data is not read)."""
+    if not task.worked_examples:
+        return []
+    rows = load_rows(task.dataset, task.dataset.train_split, task.worked_examples, task.columns)
+    return [{column: row[column] for column in task.columns if column in row} for row in rows]
+
+
 def validation_rows(task: TaskSpec, n: int) -> list[Row]:
     """A search's validation slice: the last `n` rows of the training split (which its trials then never train on,
     `train_rows(held_out=n)`). Never an evaluation row: where the task evaluates on its training split itself, the

@@ -20,8 +20,15 @@ class Example:
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Prompt tokens exactly as evaluation sees them: BOS (if the model has one) + prompt."""
-    ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    return encode_prompts(tokenizer, [prompt])[0]
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    """`encode_prompt` of every prompt, in one tokenizer call (a fast tokenizer encodes the batch outside Python)."""
+    if not prompts:
+        return []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
 
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_len: int) -> Example:

@@ -1,8 +1,9 @@
 """Evaluation as the study did it: greedy generation on the first `eval_limit` rows, scored by the task's metric.
 
 Prompts are cut the same way for every model (`prompt_max_chars`, `prompt_cut`); base and fine-tuned models get
-the same prompt. `scoring` picks the study's own rules (jobs/study_metrics.py) or our strict parsing
-(jobs/metrics.py). HumanEval-style tasks run the generated code in the sandbox (jobs/sandbox.py).
+the same prompt, with the task's worked examples (its first training rows, `jobs.data.example_rows`) as training's.
+`scoring` picks the study's own rules (jobs/study_metrics.py) or our strict parsing (jobs/metrics.py). HumanEval-style
+tasks run the generated code in the sandbox (jobs/sandbox.py).
 
 Two paths generate the completions and share everything else (`prepare_evaluation` -> completions ->
 `score_evaluation`, with `completion_text` turning a completion's tokens into the text scored):
@@ -20,7 +21,7 @@ Run alone: `python -m jobs evaluate --config job.yaml [--adapter DIR]` (see jobs
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
@@ -28,8 +29,8 @@ from transformers import PreTrainedTokenizerBase
 
 from core.prompts import CODE_METRIC, completion_for, evaluation_prompt
 from core.schemas import EvalSettings, TaskSpec
-from jobs.data import Row, eval_rows
-from jobs.encoding import encode_prompt
+from jobs.data import Row, eval_rows, example_rows
+from jobs.encoding import encode_prompts
 from jobs.metrics import parse_answer, score
 from jobs.models import CausalLM
 from jobs.sandbox import pass_at_1
@@ -50,6 +51,7 @@ class EvalResult:
     predictions: list[dict[str, Any]]
     scoring: str = "strict"  # "study" (the task's study_metric) or "strict" (jobs/metrics.py)
     failed: int = 0  # failed generations (module docstring): left out of the mean under study scoring, 0 under strict
+    worked_examples: list[Row] = field(default_factory=list)  # the rows the prompts showed as worked examples
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class EvalRequest:
     prompts: list[str]
     max_new_tokens: int
     study_rule: str | None  # the task's study metric under `scoring: study`, else None (strict)
+    examples: list[Row] = field(default_factory=list)  # the task's worked examples (`jobs.data.example_rows`)
 
     @property
     def code(self) -> bool:
@@ -75,10 +78,16 @@ class EvalRequest:
 
 def prepare_evaluation(task: TaskSpec, settings: EvalSettings) -> EvalRequest:
     """`task`'s evaluation rows and prompts under `settings` (reads the data: blocking)."""
-    rows = eval_rows(task, settings.limit or task.eval_limit)
-    return EvalRequest(task, settings, rows, [evaluation_prompt(task, row, settings) for row in rows],
+    return evaluation_request(task, settings, eval_rows(task, settings.limit or task.eval_limit))
+
+
+def evaluation_request(task: TaskSpec, settings: EvalSettings, rows: list[Row]) -> EvalRequest:
+    """The evaluation of `rows` under `settings`: their prompts, with the task's worked examples (read from its
+    training split: blocking), the generation budget and the scoring rule."""
+    examples = example_rows(task)
+    return EvalRequest(task, settings, rows, [evaluation_prompt(task, row, settings, examples) for row in rows],
                        settings.max_new_tokens or task.max_new_tokens,
-                       task.study_metric if settings.scoring == "study" else None)
+                       task.study_metric if settings.scoring == "study" else None, examples)
 
 
 def fits_context(prompt_ids: Sequence[int], max_new_tokens: int, context: int) -> bool:
@@ -105,8 +114,8 @@ def evaluate_model(model: CausalLM, tokenizer: PreTrainedTokenizerBase, task: Ta
     when the task has one, else strictly by the task's metric. Generation: transformers' `generate` (this job alone)."""
     request = prepare_evaluation(task, settings)
     context = model_context(model)
-    fits = [i for i, prompt in enumerate(request.prompts)
-            if fits_context(encode_prompt(tokenizer, prompt), request.max_new_tokens, context)]
+    fits = [i for i, prompt_ids in enumerate(encode_prompts(tokenizer, request.prompts))
+            if fits_context(prompt_ids, request.max_new_tokens, context)]
     generated = generate(model, tokenizer, [request.prompts[i] for i in fits], request.max_new_tokens,
                          settings.batch_size, request.strip)
     completions: list[str | None] = [None] * len(request.prompts)
@@ -121,7 +130,7 @@ def generate(model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[
     """Greedy completions of `prompts`, batched by similar length (left padding), in the input order, as
     `completion_text` turns them into text (`strip`: both ends by default)."""
     model.eval()
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
@@ -162,7 +171,8 @@ def score_evaluation(request: EvalRequest, completions: Sequence[str | None]) ->
     ]
     tally = mean_of_answered(scores)
     return EvalResult(task.metric, tally.mean, tally.answered, predictions,
-                      "study" if request.study_rule else "strict", sum(c is None for c in completions))
+                      "study" if request.study_rule else "strict", sum(c is None for c in completions),
+                      request.examples)
 
 
 def score_all(task: TaskSpec, predictions: Sequence[str | None], golds: Sequence[str],

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from core.prompts import examples_digest
 from core.schemas import EVAL_PATH_FIELDS
 from jobs.config import JobConfig
 
@@ -34,6 +36,8 @@ class JobResult:
     history: list[dict[str, float]] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     failed_generations: int = 0  # left out of the mean by the study's scoring (jobs/study_metrics.py)
+    # the rows its prompts showed as worked examples (the task's first training rows; the page's task card shows them)
+    worked_examples: list[dict[str, Any]] = field(default_factory=list)
     # In memory only (never in result.json): the first training examples as trained on, {prompt, completion} each, for
     # the tracker to log as the run's training input; empty for a result loaded from its file or an evaluate_base job.
     training_examples: list[dict[str, str]] = field(default_factory=list, repr=False, metadata={"saved": False})
@@ -51,10 +55,11 @@ class JobResult:
         return cls(**json.loads(path.read_text()))
 
 
-def job_params(config: JobConfig) -> dict[str, Any]:
-    """Every hyper-parameter of the job, flattened (`lora.r`, `training.learning_rate`, ...). The evaluation path
-    (`evaluation.engine`, `evaluation.evaluator.*`) is left out: it changes no completion, and a job re-run on the other
-    path reuses its MLflow run, whose params cannot change value."""
+def job_params(config: JobConfig, worked_examples: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Every hyper-parameter of the job, flattened (`lora.r`, `training.learning_rate`, ...), and what its prompts'
+    `worked_examples` held (how many, a digest of the rows). The evaluation path (`evaluation.engine`,
+    `evaluation.evaluator.*`) is left out: it changes no completion, and a job re-run on the other path reuses its
+    MLflow run, whose params cannot change value."""
     params: dict[str, Any] = {"kind": config.kind, "base_model": config.base_model.name,
                               "base_model.hf_id": config.base_model.hf_id,
                               "task": config.task.name, "task.metric": config.task.metric,
@@ -62,7 +67,10 @@ def job_params(config: JobConfig) -> dict[str, Any]:
                               "task.study_metric": config.task.study_metric,
                               "task.max_new_tokens": config.task.max_new_tokens,
                               "task.eval_split": (config.task.eval or config.task).dataset.eval_split,
-                              "task.dataset_revision": config.task.dataset.revision}
+                              "task.dataset_revision": config.task.dataset.revision,
+                              "task.worked_examples": len(worked_examples),
+                              "task.worked_examples_digest": examples_digest(worked_examples) if worked_examples
+                              else None}
     sections = ("lora", "quantization", "training", "evaluation")
     path = set(EVAL_PATH_FIELDS)
     return params | flat({section: getattr(config, section).model_dump(mode="json", exclude=path if section ==

@@ -128,10 +128,10 @@ def record_result(config: JobConfig, storage: JobStorage, evaluation: EvalResult
     result = JobResult(
         job_key=config.job_key, kind=config.kind, base_model=config.base_model.name, task=config.task.name,
         metric=evaluation.metric, score=evaluation.score, examples=evaluation.examples,
-        adapter_dir=trained.adapter_dir if trained else None, params=job_params(config),
+        adapter_dir=trained.adapter_dir if trained else None, params=job_params(config, evaluation.worked_examples),
         summary=trained.summary if trained else {}, history=trained.history if trained else [],
         predictions=evaluation.predictions, failed_generations=evaluation.failed,
-        training_examples=trained.examples if trained else [],
+        training_examples=trained.examples if trained else [], worked_examples=evaluation.worked_examples,
     )
     result.save(storage.local / RESULT_FILE)
     storage.push(RESULT_FILE)

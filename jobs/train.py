@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from core.errors import UserError
 from core.paths import ADAPTER_WEIGHTS
-from core.prompts import completion_for, prompt_for
+from core.prompts import Examples, completion_for, prompt_for
 from core.schemas import TrainingSettings
 from jobs.checkpoints import (
     ADAPTER_DIR,
@@ -44,7 +44,7 @@ from jobs.checkpoints import (
     set_rng_state,
 )
 from jobs.config import JobConfig
-from jobs.data import train_rows
+from jobs.data import example_rows, train_rows
 from jobs.encoding import IGNORE, Example, encode_example
 from jobs.models import attach_lora, load_base_model, load_tokenizer, resolve_device
 from jobs.peak_memory import peak_memory_mb
@@ -142,8 +142,9 @@ def _padded(row: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def training_prompt(config: JobConfig, row: dict[str, Any]) -> str:
-    """A training row's prompt, as `evaluation.prompt_cut` sets up the job.
+def training_prompt(config: JobConfig, row: dict[str, Any], examples: Examples = ()) -> str:
+    """A training row's prompt, as `evaluation.prompt_cut` sets up the job; `examples` are the task's worked examples
+    (`jobs.data.example_rows`), the same as its evaluation prompts show.
 
     `study`: the whole prompt, no character cut. The study's 1,500-character cut belongs to its evaluation harness (the
     request-preparation script); its training config capped sequences in tokens (prompt 1,194, all 1,196: see
@@ -154,7 +155,7 @@ def training_prompt(config: JobConfig, row: dict[str, Any]) -> str:
     """
     settings = config.evaluation
     max_chars = settings.prompt_max_chars if settings.prompt_cut == "keep_cue" else None
-    return prompt_for(config.task, row, max_chars, cut="keep_cue")
+    return prompt_for(config.task, row, max_chars, cut="keep_cue", examples=examples)
 
 
 def training_set(config: JobConfig, tokenizer: PreTrainedTokenizerBase, held_out: int = 0) -> TrainingSet:
@@ -163,10 +164,11 @@ def training_set(config: JobConfig, tokenizer: PreTrainedTokenizerBase, held_out
     rows = train_rows(config.task, config.training.max_train_examples, held_out)
     if not rows:
         raise TrainingError(f"task {config.task.name}: the training split is empty")
+    worked = example_rows(config.task)
     examples: list[Example] = []
     sample: list[dict[str, str]] = []
     for row in rows:
-        prompt, completion = training_prompt(config, row), completion_for(config.task, row)
+        prompt, completion = training_prompt(config, row, worked), completion_for(config.task, row)
         examples.append(encode_example(tokenizer, prompt, completion, config.training.max_seq_length))
         if len(sample) < TRAINING_SAMPLE:
             sample.append({"prompt": prompt, "completion": completion})

@@ -6,6 +6,10 @@
 - Trials that are training at the same time share steps: one forward/backward pass over all of them (each row through
   its own trial's adapter); a trial training alone steps alone. With LoRA dropout 0 a trial ends with the same adapter
   as the same trial trained alone, whoever it shared steps with and whenever they joined.
+- Trials stay in step: a trial that asks for steps while others on the host are between calls (being validated,
+  saved, reported) waits for them, so that they step together instead of one after another, until the host has been
+  idle `gather_s`; a trial that does not come back by then is not waited for again until it asks for steps
+  (`trial_steps / group_steps` is the trials per shared step).
 - A trial trains on its task's training rows but the validation slice (`jobs.data.validation_rows`, never an
   evaluation row) and is scored on that slice by its task's metric (greedy generation, jobs/evaluate.py's scoring).
 - `drop` frees a trial's place: the next trial takes it without reloading the base. A trial added again resumes from
@@ -17,27 +21,30 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from core.errors import ConfigError, NotFound
-from core.prompts import CODE_METRIC, evaluation_prompt
+from core.prompts import CODE_METRIC
 from core.schemas import BaseModelSpec, QuantizationSettings, TaskSpec
-from jobs.checkpoints import CHECKPOINT_DIR, save_checkpoint
+from jobs.checkpoints import CHECKPOINT_DIR, latest_checkpoint, save_checkpoint
 from jobs.config import JobConfig
 from jobs.cotrain import Group, Member
 from jobs.data import Row, validation_rows
-from jobs.evaluate import EvalRequest, generate, score_evaluation
+from jobs.evaluate import evaluation_request, generate, score_evaluation
 from jobs.group_lora import GroupLoraLinear, Routing, bare_layers, initial_adapter, unwrap_member, wrap_member
 from jobs.models import load_base_model, load_tokenizer, prepare_for_training, resolve_device
 from jobs.train import JobTrainer, TrainingError, TrainingSet, training_set
 
 DEFAULT_VALIDATION_ROWS = 64
+DEFAULT_GATHER_S = 1.0  # how long a trial waits for the host's other trials to ask for their next steps
 BaseLoader = Callable[[BaseModelSpec, QuantizationSettings, str], PreTrainedModel]
 
 
@@ -48,30 +55,40 @@ class TrialFailed(TrainingError):
 
 @dataclass
 class Trial:
-    """A trial on the host: its group member, the step its caller waits for, and the loss records already returned."""
+    """A trial on the host: its group member, the step its caller waits for, the loss records already returned, and
+    whether the host stopped waiting for it to ask for more steps (until it does)."""
 
     id: str
     member: Member
     until: int = 0
     reported: int = 0
+    given_up: bool = False
 
     @property
     def behind(self) -> bool:
         """Whether it still has steps to train before `until`."""
         return self.member.training and self.member.trainer.state.step < self.until
 
+    @property
+    def awaited(self) -> bool:
+        """Whether a shared step should wait for it: it has steps left but has not asked for them yet (its caller is
+        between calls), and the host has not given up on it."""
+        return self.member.training and not self.behind and not self.given_up
+
 
 class TrialHost:
     """Up to `slots` trials co-trained over one base model loaded once (see the module doc)."""
 
     def __init__(self, base: BaseModelSpec, quantization: QuantizationSettings, device: str, slots: int, *,
-                 validation_size: int = DEFAULT_VALIDATION_ROWS, load_base: BaseLoader = load_base_model) -> None:
+                 validation_size: int = DEFAULT_VALIDATION_ROWS, load_base: BaseLoader = load_base_model,
+                 gather_s: float = DEFAULT_GATHER_S) -> None:
         """`validation_size`: the rows of each task's validation slice (held out of its trials' training);
-        `load_base`: how the base is loaded (tests count the loads)."""
+        `load_base`: how the base is loaded (tests count the loads); `gather_s`: how long a step waits for the trials
+        between calls (see the module doc)."""
         if slots < 1:
             raise ConfigError("trial host", [f"slots: {slots}; a host holds at least one trial"])
         self.base, self.quantization, self.device = base, quantization, resolve_device(device)
-        self.slots, self.validation_size = slots, validation_size
+        self.slots, self.validation_size, self.gather_s = slots, validation_size, gather_s
         self.model = load_base(base, quantization, self.device)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(base)
         self.gradient_checkpointing: bool | None = None  # set by the first trial (the base is prepared for it then)
@@ -79,11 +96,13 @@ class TrialHost:
         self.group = Group(self.model, self.routing, [], self.tokenizer.pad_token_id, self.device, None)
         self.group.members_per_pass = slots
         self.group_steps = 0  # shared steps run (one forward/backward over every trial that was due)
+        self.trial_steps = 0  # the trials' steps those ran (trial_steps / group_steps: trials per shared step)
         self._trials: dict[str, Trial] = {}
         self._validation: dict[str, list[Row]] = {}
         self._data: dict[tuple[Any, ...], TrainingSet] = {}  # tokenized training rows, shared by trials of one task
         self._data_lock = threading.Lock()
         self._busy = False  # a step, an addition, a validation, a save or a drop is running
+        self._joining = 0  # callers adding a trial (tokenizing its rows, waiting for a place, building its member)
         self._changed = threading.Condition()
 
     # ----------------------------------------------------------------------- the interface
@@ -122,9 +141,10 @@ class TrialHost:
             if member.error:
                 raise TrialFailed(member.error)
             trainer = member.trainer
-            saved = save_checkpoint(trainer.root, member.adapter, trainer.optimizer, trainer.scheduler, trainer.state,
-                                    trainer.settings.keep_checkpoints)
-            trainer.storage.push_checkpoint(CHECKPOINT_DIR, saved.name)
+            if not checkpointed(trainer.root, trainer.state.step):  # training wrote none at this step
+                saved = save_checkpoint(trainer.root, member.adapter, trainer.optimizer, trainer.scheduler,
+                                        trainer.state, trainer.settings.keep_checkpoints)
+                trainer.storage.push_checkpoint(CHECKPOINT_DIR, saved.name)
             return trainer.finish().adapter_dir
 
     def drop(self, trial_id: str) -> None:
@@ -145,6 +165,11 @@ class TrialHost:
         with self._changed:
             return list(self._trials)
 
+    def resumed_from(self, trial_id: str) -> int:
+        """The step trial `trial_id` resumed from (its newest checkpoint) when it joined this host; 0: from scratch."""
+        with self._changed:
+            return self._trial(trial_id).member.trainer.resumed_from
+
     # ----------------------------------------------------------------------- inside
 
     @contextmanager
@@ -162,9 +187,21 @@ class TrialHost:
 
     def _step_towards(self, trial: Trial) -> bool:
         """Run one shared step of every trial that is behind, unless another thread is running one (then wait for it);
-        False once `trial` is no longer behind."""
+        before it, wait for the trials between calls (`Trial.awaited`) until the host has been idle `gather_s`. False
+        once `trial` is no longer behind."""
+        deadline = time.monotonic() + self.gather_s
         with self._changed:
-            self._changed.wait_for(lambda: not self._busy or not trial.behind)
+            while trial.behind and (self._busy or self._awaited()):
+                if self._busy:  # a validation or save of a trial we wait for, say: its time is not waiting time
+                    self._changed.wait()
+                    deadline = time.monotonic() + self.gather_s
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    for late in self._trials.values():
+                        late.given_up = late.given_up or late.awaited
+                    break
+                self._changed.wait(left)
             if not trial.behind:
                 return False
             self._busy = True
@@ -172,11 +209,16 @@ class TrialHost:
         try:
             self.group.step(due)
             self.group_steps += 1
+            self.trial_steps += len(due)
         finally:
             with self._changed:
                 self._busy = False
                 self._changed.notify_all()
         return True
+
+    def _awaited(self) -> bool:
+        """Whether a step should wait: for a trial between calls, or one joining while a place is free."""
+        return any(t.awaited for t in self._trials.values()) or (self._joining > 0 and self._free_index() is not None)
 
     def _free_index(self) -> int | None:
         taken = {t.member.index for t in self._trials.values()}
@@ -187,19 +229,31 @@ class TrialHost:
         (set at once, so that the next shared step includes it)."""
         with self._changed:
             if trial_id in self._trials:
-                self._trials[trial_id].until = until_step
+                self._ask(self._trials[trial_id], until_step)
                 return self._trials[trial_id]
         self._check(job)
-        data = self._training_set(job)  # before taking the host: steps go on meanwhile
-        with self._exclusive(lambda: trial_id in self._trials or self._free_index() is not None):
-            if trial_id not in self._trials:
-                index = self._free_index()
-                assert index is not None
-                self._trials[trial_id] = Trial(trial_id, self._member(index, job, data))
-                self.group.members.append(self._trials[trial_id].member)
+        data = self._training_set(job)  # before steps wait for it: a task's first trial tokenizes its rows
+        with self._changed:
+            self._joining += 1  # steps wait for it while a place is free (see `_awaited`)
+        try:
+            with self._exclusive(lambda: trial_id in self._trials or self._free_index() is not None):
+                if trial_id not in self._trials:
+                    index = self._free_index()
+                    assert index is not None
+                    self._trials[trial_id] = Trial(trial_id, self._member(index, job, data))
+                    self.group.members.append(self._trials[trial_id].member)
+                with self._changed:
+                    self._ask(self._trials[trial_id], until_step)
+                return self._trials[trial_id]
+        finally:
             with self._changed:
-                self._trials[trial_id].until = until_step
-            return self._trials[trial_id]
+                self._joining -= 1
+                self._changed.notify_all()
+
+    def _ask(self, trial: Trial, until_step: int) -> None:
+        """`trial` now waits for `until_step` (call holding `_changed`): a step waiting for it goes on."""
+        trial.until, trial.given_up = until_step, False
+        self._changed.notify_all()
 
     def _training_set(self, job: JobConfig) -> TrainingSet:
         """`job`'s tokenized training rows, made once per host for all trials that train on the same rows (trials differ
@@ -260,6 +314,12 @@ class TrialHost:
         return self._validation[task.name]
 
 
+def checkpointed(root: Path, step: int) -> bool:
+    """Whether the newest checkpoint under `root` is of `step` (jobs/checkpoints.py's `step-NNNNNNNN` folders)."""
+    newest = latest_checkpoint(root)
+    return newest is not None and newest.name == f"step-{step:08d}"
+
+
 def validation_score(model: Any, tokenizer: PreTrainedTokenizerBase, job: JobConfig, rows: list[Row]) -> float:
     """`model`'s score by the job's task metric on `rows` (training rows held out), generated and scored as the job's
     evaluation would score evaluation rows. Code tasks are refused: their training rows carry no tests to run."""
@@ -267,9 +327,7 @@ def validation_score(model: Any, tokenizer: PreTrainedTokenizerBase, job: JobCon
     if task.metric == CODE_METRIC:
         raise ConfigError(f"task {task.name}", ["its metric runs tests that its training rows do not have; search "
                                                 "another task, or give it a validation set"])
-    request = EvalRequest(task, settings, rows, [evaluation_prompt(task, row, settings) for row in rows],
-                          settings.max_new_tokens or task.max_new_tokens,
-                          task.study_metric if settings.scoring == "study" else None)
+    request = evaluation_request(task, settings, rows)  # the job's evaluation prompts, worked examples included
     completions = generate(model, tokenizer, request.prompts, request.max_new_tokens, settings.batch_size,
                            request.strip)
     return score_evaluation(request, list(completions)).score

@@ -67,13 +67,14 @@ def start_local_ray() -> None:
     """The embedded default: a one-node Ray on loopback. With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at 1 (Linux's default)
     Ray swaps 127.0.0.1 for the address it would use to reach the internet and listens on every interface. Ray reads the
     variable when it is imported, so its constant is set too (ray may have been imported before this call). Ray 2.60 has
-    no public API for this switch: `ray._private.ray_constants` is the only way in."""
+    no public API for this switch: `ray._private.ray_constants` is the only way in. `address="local"` always starts a
+    new one: without it Ray joins the cluster the machine's last `ray start` recorded (/tmp/ray/ray_current_cluster)."""
     import ray
     from ray._private import ray_constants
 
     os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
     ray_constants.ENABLE_RAY_CLUSTER = os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR].lower() in ("1", "true")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
 
 
 def request_capacity(bundles: list[dict[str, float]]) -> None:

@@ -67,7 +67,7 @@ def serve_and_ask() -> bool:
     and the endpoint; True when every adapter answered."""
     from core.catalog import load_catalog
     from core.prompts import prompt_for
-    from jobs.data import eval_rows
+    from jobs.data import eval_rows, example_rows
     from orchestrator.cluster import connect_ray
     from serving.app import deploy
     from serving.config import load_serve_config
@@ -83,7 +83,7 @@ def serve_and_ask() -> bool:
     answered = 0
     for model in models:
         task = load_catalog().task(model.split(":", 1)[1])
-        prompt = prompt_for(task, eval_rows(task, 1)[0], evaluation=True)
+        prompt = prompt_for(task, eval_rows(task, 1)[0], evaluation=True, examples=example_rows(task))
         response = httpx.post(f"{endpoint}/completions", timeout=120, json={
             "model": model, "prompt": prompt, "max_tokens": task.max_new_tokens, "temperature": 0})
         body = response.json()

@@ -11,11 +11,17 @@ job task does. `ray.data.llm` would batch one finished dataset at a time and lea
 - The actor is created when the first evaluation of its base is submitted (`EvaluatorPool.submit`) and ended when its
   base has no evaluation submitted that has not ended (`EvaluatorPool.settle`), so its GPU share goes back to training.
 - It asks for plan's GPU share of an engine holding the base (`plan.evaluator_memory_gb`) and `cpus_per_job`.
-- Faults: the actor restarts whenever it dies (`max_restarts=-1`: node lost, process killed) and its calls are not
-  retried by Ray (`max_task_retries=0`): an unfinished evaluation fails with ActorDiedError / ActorUnavailableError,
-  which the scheduler resubmits as it does a job whose node died (not counted as a failure), to the restarted actor.
-  The engine is built in the constructor but a failure there is kept, not raised (a constructor that raises would be
-  taken for a lost node again and again): every call then raises it, counted against `retries.max_failures`.
+- Faults: Ray neither restarts the actor (`max_restarts=0`) nor retries its calls (`max_task_retries=0`); an unfinished
+  evaluation fails with ActorDiedError / ActorUnavailableError, and the pool starts a new actor when the scheduler
+  resubmits it (`EvaluatorPool.submit` finds the old one dead). Why it died decides the rest (`actor_failure`,
+  from the GCS's record of the actor's death): with its node (preemption, scale-down, a dead machine) the scheduler
+  resubmits the evaluation as it does a job whose node died (not counted as a failure, up to `max_node_losses`);
+  otherwise (its process crashed, ran out of memory or was killed) the evaluation fails with Ray's one-line reason,
+  counted against `retries.max_failures`, and after `retries.max_failures` such deaths of one base's evaluator the pool
+  starts no other: that base's evaluations then fail at once, naming the cause. So an evaluator that dies on start
+  (its base cannot load) is not restarted without bound even with `max_node_losses: -1`.
+  The engine is built in the constructor but an exception there is kept, not raised: every call then raises it,
+  counted against `retries.max_failures`, and the actor (alive) is not restarted.
 - An adapter that cannot be loaded (serving.engine.AdapterLoadError) fails its own job at once (its run ends FAILED
   with the error; no retry: the same files fail the same way), and the engine goes on with the others.
 """
@@ -26,6 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,16 +131,25 @@ class EvaluatorPool:
     """The driver's side: an evaluator actor per base model while that base has evaluations under way.
 
     `demand[base]` is the Ray demand of its evaluator (`evaluator_demands`); `actor` the actor's class (`Evaluator`;
-    tests pass a stand-in with its `evaluate` and `shutdown`). Used by `units.EvaluationUnit`."""
+    tests pass a stand-in with its `evaluate` and `shutdown`); `max_restarts` how many times one base's evaluator may
+    die other than with its node before the pool starts no other. Used by `units.EvaluationUnit`."""
 
-    def __init__(self, demand: dict[str, dict[str, float]], actor: type = Evaluator) -> None:
-        self.demand, self.actor = demand, actor
+    def __init__(self, demand: dict[str, dict[str, float]], actor: type = Evaluator, max_restarts: int = 3) -> None:
+        self.demand, self.actor, self.max_restarts = demand, actor, max_restarts
         self.actors: dict[str, Any] = {}
         self.outstanding: dict[str, set[Any]] = {}  # base -> ObjectRefs of its evaluations not yet seen ended
+        self.deaths: Counter[str] = Counter()  # base -> its evaluators that died other than with their node
+        self.given_up: dict[str, str] = {}  # base -> why its evaluations fail at once
 
     def submit(self, job: JobConfig, *tracking: str) -> Any:
-        """Send `job` to its base's evaluator (created now if it has none); returns the call's ObjectRef."""
+        """Send `job` to its base's evaluator (started now if it has none, or if it died); returns the call's ObjectRef,
+        or, once that base's evaluator has died more than `max_restarts` times, a ref to `{"error": ...}`."""
+        import ray
+
         base = job.base_model.name
+        self._forget_dead(base)
+        if base in self.given_up:
+            return ray.put({"error": f"job {job.job_key}: {self.given_up[base]}", "job_key": job.job_key})
         if base not in self.actors:
             self.actors[base] = self._start(job)
         ref = self.actors[base].evaluate.options(name=job.job_key).remote(job, *tracking)
@@ -156,6 +172,21 @@ class EvaluatorPool:
             self._stop(self.actors.pop(base))
         self.outstanding.clear()
 
+    def _forget_dead(self, base: str) -> None:
+        """Drop `base`'s evaluator if it died; count a death other than with its node, giving up past `max_restarts`."""
+        actor = self.actors.get(base)
+        death = actor_death(actor._actor_id.hex()) if actor is not None else None
+        if death is None:
+            return
+        del self.actors[base]
+        if death.with_node:
+            return
+        self.deaths[base] += 1
+        if self.deaths[base] > self.max_restarts:
+            self.given_up[base] = (f"the evaluator of {base} died {self.deaths[base]} times, not with its node, and is "
+                                   f"not started again (retries.max_failures: {self.max_restarts}); last: "
+                                   f"{death.cause}; its worker's log in Ray's session folder says why")
+
     def _start(self, job: JobConfig) -> Any:
         import ray
 
@@ -163,7 +194,7 @@ class EvaluatorPool:
 
         options = ray_options(self.demand[job.base_model.name])
         actor: Any = ray.remote(self.actor)
-        return actor.options(max_restarts=-1, max_task_retries=0, max_concurrency=1000, **options).remote(job)
+        return actor.options(max_restarts=0, max_task_retries=0, max_concurrency=1000, **options).remote(job)
 
     @staticmethod
     def _stop(actor: Any) -> None:
@@ -174,6 +205,63 @@ class EvaluatorPool:
         ray.kill(actor, no_restart=True)
 
 
+@dataclass(frozen=True)
+class ActorDeath:
+    """Why an actor died, as the GCS recorded it: with its node (NODE_DIED, or drained) or not, and its cause."""
+
+    with_node: bool
+    cause: str
+
+
+def actor_death(actor_id: str) -> ActorDeath | None:
+    """The GCS's record of actor `actor_id`'s death; None while it lives (or is being created or restarted).
+
+    Ray 2.60's ActorDiedError keeps only a message of its cause (and `preempted`), and `ray.util.state` needs the
+    dashboard, which the embedded Ray runs without: the actor table (`ray._private.state`) is where the reason is."""
+    from ray._private import state
+
+    record = state.actors(actor_id)
+    if not record or record["State"] != "DEAD":
+        return None
+    cause = record["DeathCause"]
+    kind = cause.WhichOneof("context")
+    if kind == "creation_task_failure_context":  # its constructor raised or exited: the traceback's last line says why
+        lines = cause.creation_task_failure_context.formatted_exception_string.strip().splitlines()
+        return ActorDeath(False, f"its constructor failed: {lines[-1][:300] if lines else 'no traceback'}")
+    if kind != "actor_died_error_context":  # runtime_env_failed, actor_unschedulable, oom: each has an error_message
+        return ActorDeath(False, f"{kind}: {first_sentence(getattr(getattr(cause, kind or ''), 'error_message', ''))}")
+    context = cause.actor_died_error_context  # protobuf: the enums' values are attributes of their messages
+    drained = context.node_death_info.reason == context.node_death_info.AUTOSCALER_DRAIN_PREEMPTED
+    return ActorDeath(context.reason == context.NODE_DIED or drained, first_sentence(context.error_message))
+
+
+def actor_failure(error: Exception) -> Exception:
+    """What a failed evaluator call (a RayActorError) counts as: NodeDiedError, resubmitted without counting as a
+    failure, when the actor's node was lost or the actor is only unreachable for now (ActorUnavailableError); otherwise
+    (its process crashed, ran out of memory or was killed; its constructor raised) a RuntimeError naming the cause in
+    one line, a failure."""
+    from ray.exceptions import ActorUnavailableError, NodeDiedError, RayActorError
+
+    if isinstance(error, ActorUnavailableError):
+        return NodeDiedError(f"the evaluator is unreachable: {first_sentence(str(error))}")
+    if isinstance(error, RayActorError) and error.preempted:
+        return NodeDiedError("the evaluator's node was preempted (drained)")
+    if isinstance(error, RayActorError) and error.actor_init_failed:
+        lines = str(error).strip().splitlines()
+        return RuntimeError(f"the evaluator did not start: {lines[-1][:300] if lines else type(error).__name__}")
+    actor_id = getattr(error, "actor_id", None)
+    death = actor_death(actor_id) if actor_id else None
+    if death is not None and death.with_node:
+        return NodeDiedError(f"the evaluator's node was lost: {death.cause}")
+    return RuntimeError(f"the evaluator died: {death.cause if death else first_sentence(str(error))}")
+
+
+def first_sentence(text: str) -> str:
+    """The first line of `text`, cut before Ray's advice ("Some common causes include") and at 300 characters."""
+    line = text.strip().splitlines()[0] if text.strip() else "no cause recorded"
+    return line.split(" Some common causes", 1)[0][:300]
+
+
 @contextlib.contextmanager
 def evaluator_pool(jobs: Sequence[JobConfig], sweep: Any) -> Iterator[EvaluatorPool | None]:
     """The sweep's evaluators for `jobs` under `evaluation.engine: evaluator` (None under `generate`: each job
@@ -181,7 +269,7 @@ def evaluator_pool(jobs: Sequence[JobConfig], sweep: Any) -> Iterator[EvaluatorP
     if sweep.evaluation.engine != "evaluator":
         yield None
         return
-    pool = EvaluatorPool(evaluator_demands(jobs, sweep.resources))
+    pool = EvaluatorPool(evaluator_demands(jobs, sweep.resources), max_restarts=sweep.retries.max_failures)
     try:
         yield pool
     finally:

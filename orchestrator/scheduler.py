@@ -21,9 +21,10 @@ submitted.
 
 Retries are the scheduler's, not Ray's (tasks run with `max_retries=0`), because Ray counts a lost node and a crashing
 job against one budget. Here a unit whose node died (`NodeDiedError`: preemption, scale-down, a dead machine), or whose
-evaluator actor died (`ActorDiedError`, `ActorUnavailableError`: its node lost, its process killed; not a constructor
-that raised), is resubmitted without touching `retries.max_failures` (up to `retries.max_node_losses`, unlimited by
-default); any other failure (the task raised, its worker process crashed or ran out of memory) counts, and past
+evaluator actor died with its node or is unreachable for now (`ActorDiedError` whose GCS record says NODE_DIED,
+`ActorUnavailableError`: `evaluator.actor_failure`), is resubmitted without touching `retries.max_failures` (up to
+`retries.max_node_losses`, unlimited by default); any other failure (the task raised, its worker process crashed or ran
+out of memory, an evaluator's process died or its constructor raised) counts, and past
 `max_failures` retries the unit's jobs end failed with its error and the sweep goes on. The progress line counts jobs,
 not units: a group of five running is five jobs running.
 """
@@ -40,6 +41,7 @@ from typing import Any
 from orchestrator.cluster import request_capacity
 from orchestrator.config import RetrySettings
 from orchestrator.eta import eta_now, running_now, time_ratios
+from orchestrator.evaluator import actor_failure
 from orchestrator.notes import console, progress_line
 from orchestrator.units import EVALUATION, JobOutcome, WorkUnit
 
@@ -117,10 +119,8 @@ class SchedulerRun:
         try:
             try:
                 result = ray.get(ref)
-            except RayActorError as error:  # an evaluator lost as a node is lost; its constructor raising is a failure
-                if error.actor_init_failed:
-                    raise
-                raise NodeDiedError(last_line(error)) from error
+            except RayActorError as error:  # an evaluator lost with its node is a lost node; else a failure
+                raise actor_failure(error) from error
         except NodeDiedError:
             self.node_losses[unit.key] += 1
             limit = self.settings.retries.max_node_losses

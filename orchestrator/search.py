@@ -15,6 +15,10 @@ experiment, whose best trial's adapter becomes the job's adapter (docs/search.md
   Each trial logs to its own MLflow run nested under the job's (tracking/search_runs.py); `TrialEnd`, a Tune callback
   in the search's process, ends that run and frees the trial's slot however the trial ended. A failed trial does not
   fail the search; a search with no scored trial fails its job.
+- Faults and storage (docs/search.md#faults-and-resume): everything lives on the sweep's storage (a shared folder or
+  an object store), the winner's adapter copied into the job's own folder. A trial whose host is lost with its node
+  starts a new host and resumes there from its checkpoint (no failure); trials run on the search's own node, so they
+  die only with the search, which the scheduler resubmits and Tune restores.
 
 This module is the driver's side (the space, trial settings, the host, the units, `plan`'s view); what runs on Ray
 (the search's task, its trials, the callback) is orchestrator/search_trials.py, which imports Ray Tune.
@@ -140,6 +144,9 @@ class TrialHostActor:
     def drop(self, trial_id: str) -> None:
         self.host.drop(trial_id)
 
+    def resumed_from(self, trial_id: str) -> int:
+        return self.host.resumed_from(trial_id)
+
 
 def host_name(sweep_name: str, base_model: str) -> str:
     """The trial host's actor name (in namespace `HOST_NAMESPACE`)."""
@@ -206,13 +213,15 @@ def host_spec(job: JobConfig, sweep: SweepConfig, settings: SearchSettings) -> H
 @dataclass(frozen=True)
 class SearchPlan:
     """Everything one search needs on its worker: the job, the task's search settings, its host, the winner's
-    evaluation demand, the retries of a trial, and where it is tracked."""
+    evaluation demand, the retries of a trial (`max_failures`) and the losses of its host a trial outlives
+    (`max_node_losses`, -1: any), and where it is tracked."""
 
     job: JobConfig
     settings: SearchSettings
     host: HostSpec
     evaluation_demand: dict[str, float]
     max_failures: int
+    max_node_losses: int
     experiment_id: str
     uri: str
 
@@ -242,7 +251,7 @@ def search_plan(job: JobConfig, sweep: SweepConfig, experiment_id: str, uri: str
     assert sweep.search is not None
     settings = sweep.search.for_task(job.task.name)
     return SearchPlan(job, settings, host_spec(job, sweep, settings), job_demand(job, sweep),
-                      sweep.retries.max_failures, experiment_id, uri)
+                      sweep.retries.max_failures, sweep.retries.max_node_losses, experiment_id, uri)
 
 
 def search_units(todo: list[JobConfig], sweep: SweepConfig, tracking: tuple[str, str, str]) -> list[WorkUnit]:

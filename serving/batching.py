@@ -8,7 +8,7 @@ One decode thread owns the model. Each iteration it
 2. prefills the admitted requests together (right-padded, so no query row is fully masked) and
    merges their KV caches into the running batch's cache;
 3. decodes one token for every running request in one forward pass, whatever its adapter
-   (`serving.lora`: gathered LoRA, one slot index per row), samples per request (`serving.sampling`),
+   (`serving.lora`: each row's own LoRA delta, side by side or gathered), samples per request (`serving.sampling`),
    turns the token into text and applies the stop rules (`serving.detok`), and streams the new text;
    finished requests leave the batch before the next step.
 
@@ -53,6 +53,7 @@ from serving.tiers import AdapterTiers
 
 log = logging.getLogger(__name__)
 
+UNUSED_COLUMNS_KEPT_UNDER = 4  # unused cache columns are dropped once they are 1/4 of the columns (BatchCache.keep)
 Outbox = dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Delta | BaseException]]]
 
 
@@ -80,19 +81,21 @@ class BatchCache:
         return self.mask
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` (in that order) and drop the columns none of them uses."""
+        """Keep only `rows` (in that order); drop the columns none of them uses once they are a quarter of the cache
+        (masked columns cost attention a little, copying the cache to drop them costs as much as keeping the rows)."""
         index = torch.tensor(rows, device=self.mask.device)
-        self.mask = self.mask[index]
+        self.mask = self.mask.index_select(0, index)
         used = self.mask.any(dim=0)
-        columns = used.nonzero().squeeze(1) if not bool(used.all()) else None
+        unused = int(used.numel() - used.sum())
+        columns = used.nonzero().squeeze(1) if unused * UNUSED_COLUMNS_KEPT_UNDER >= used.numel() else None
         for layer in _layers(self.cache):
             keys, values = _kv(layer)
-            keys, values = keys[index], values[index]
+            keys, values = keys.index_select(0, index), values.index_select(0, index)
             if columns is not None:
-                keys, values = keys[:, :, columns], values[:, :, columns]
+                keys, values = keys.index_select(2, columns), values.index_select(2, columns)
             layer.keys, layer.values = keys, values
         if columns is not None:
-            self.mask = self.mask[:, columns]
+            self.mask = self.mask.index_select(1, columns)
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
@@ -285,7 +288,7 @@ class BatchingEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = torch.arange(width, device=self.device).expand(len(new), width)
         last = sorted(set(length - 1 for length in lengths))
-        self.tiers.lora.set_batch([seq.slot for seq in new])
+        self.tiers.lora.set_batch([seq.slot for seq in new], tokens_per_row=width)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=DynamicCache(),
                          use_cache=True, logits_to_keep=torch.tensor(last, device=self.device))
         column = {position: index for index, position in enumerate(last)}
@@ -354,7 +357,7 @@ class BatchingEngine:
         if len(seq.out_ids) >= seq.params.max_tokens:
             self._finish(seq, "length")
             return
-        ready = seq.output.take_ready()
+        ready = seq.output.take_ready() if seq.params.stream else ""
         if ready:
             self._send(seq, Delta(text=ready, token_ids=seq.out_ids[seq.tokens_sent:],
                                   prompt_tokens=len(seq.prompt_ids),

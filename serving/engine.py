@@ -33,6 +33,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stream: bool = True  # False: the whole completion comes in the last delta (batch work: one wake-up a request)
 
 
 @dataclass

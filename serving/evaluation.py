@@ -22,7 +22,7 @@ import asyncio
 from pathlib import Path
 
 from core.schemas import BaseModelSpec, EvalSettings, QuantizationSettings, TaskSpec
-from jobs.encoding import encode_prompt
+from jobs.encoding import encode_prompts
 from jobs.evaluate import EvalResult, Strip, completion_text, fits_context, prepare_evaluation, score_evaluation
 from jobs.models import check_adapter_dir
 from serving.config import BatchingEngineConfig, EngineConfig
@@ -33,14 +33,15 @@ __all__ = ["AdapterLoadError", "build_evaluation_engine", "evaluate_through", "e
            "local_adapter"]
 
 
+# EvaluatorSettings fields named otherwise in BatchingEngineConfig; every other field has the same name in both
+ENGINE_FIELD_NAMES = {"max_queued_rows": "max_queued_requests"}
+
+
 def evaluator_engine_config(settings: EvalSettings) -> BatchingEngineConfig:
-    """The batching engine's config from a sweep's `evaluation.evaluator` settings."""
-    evaluator = settings.evaluator
-    return BatchingEngineConfig(max_batch_size=evaluator.max_batch_size,
-                                max_queued_requests=evaluator.max_queued_rows,
-                                device_adapter_slots=evaluator.device_adapter_slots,
-                                host_adapter_slots=evaluator.host_adapter_slots,
-                                max_lora_rank=evaluator.max_lora_rank)
+    """The batching engine's config from a sweep's `evaluation.evaluator` settings, field by field (the engine's
+    defaults for the rest)."""
+    return BatchingEngineConfig(**{ENGINE_FIELD_NAMES.get(name, name): value
+                                   for name, value in settings.evaluator.model_dump().items()})
 
 
 def local_adapter(adapter: str) -> Path:
@@ -68,9 +69,10 @@ async def evaluate_through(engine: Engine, task: TaskSpec, settings: EvalSetting
     request = await asyncio.to_thread(prepare_evaluation, task, settings)
     if adapter is not None:
         await engine.prefetch(adapter)  # a bad adapter fails here, before its rows take batch places
-    params = SamplingParams(max_tokens=request.max_new_tokens, temperature=0.0)
-    rows = [asyncio.ensure_future(_completion(engine, prompt, adapter, params, request.strip))
-            for prompt in request.prompts]
+    params = SamplingParams(max_tokens=request.max_new_tokens, temperature=0.0, stream=False)
+    encoded = await asyncio.to_thread(encode_prompts, engine.tokenizer, request.prompts)
+    rows = [asyncio.ensure_future(_completion(engine, prompt_ids, adapter, params, request.strip))
+            for prompt_ids in encoded]
     try:
         completions = await asyncio.gather(*rows)
     except BaseException:  # the first row's error fails the evaluation: withdraw its other rows from the engine
@@ -80,11 +82,10 @@ async def evaluate_through(engine: Engine, task: TaskSpec, settings: EvalSetting
     return await asyncio.to_thread(score_evaluation, request, completions)
 
 
-async def _completion(engine: Engine, prompt: str, adapter: str | None, params: SamplingParams,
+async def _completion(engine: Engine, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
                       strip: Strip) -> str | None:
-    """One row's completion as `jobs.evaluate.generate` gives it; None when the prompt and the budget exceed the
-    engine's context (a failed generation, as in jobs/evaluate.py)."""
-    prompt_ids = encode_prompt(engine.tokenizer, prompt)
+    """One row's completion (its prompt's tokens) as `jobs.evaluate.generate` gives it; None when the prompt and the
+    budget exceed the engine's context (a failed generation, as in jobs/evaluate.py)."""
     if not fits_context(prompt_ids, params.max_tokens, engine.max_context_tokens):
         return None
     tokens: list[int] = []

@@ -5,16 +5,24 @@ stack of adapter weights, one slot per adapter held on the accelerator (slot 0 i
 all zeros), padded to the largest rank a replica accepts. A batch's rows use U distinct slots; each
 layer adds every row's own LoRA delta in one of two ways, chosen per batch (`LoraSlots.set_batch`):
 
-- **side by side** (U < `GATHER_FROM_ADAPTERS`): `y = base(x) + ((x @ A_cat^T) * M) @ B_cat^T`, where
+- **side by side**: `y = base(x) + ((x @ A_cat^T) * M) @ B_cat^T`, where
   A_cat [R, in] and B_cat [out, R] are the U adapters' A and B (B pre-scaled by alpha / rank) laid side
   by side, each at its own rank (R = the sum of the U ranks, no padding), and M [rows, R] is 1 on each
   row's own block. Each active adapter's weights are read once per step; A_cat/B_cat are rebuilt only
-  when the set of active slots changes. Cheapest for few adapters, but every row multiplies every
-  block, so its cost grows with rows x R.
-- **gathered** (U >= `GATHER_FROM_ADAPTERS`): each row's A and B (padded to the batch's largest rank
-  r, with zeros that add nothing) are gathered [rows, in, r] / [rows, r, out] and applied with two
-  batched matmuls: cost rows x r, whatever U. Measured on the tiny model (20 rows, 20 adapters of
-  ranks 4-16): 25 us per layer against 35 us side by side at their own ranks and 172 us padded.
+  when the set of active slots changes. Two dense products, but every token multiplies every block, so
+  its cost grows with tokens x R.
+- **gathered**: each row's A and B (padded to the batch's largest rank r, with zeros that add nothing)
+  are gathered [rows, in, r] / [rows, r, out] and applied with two batched matmuls: cost rows x r for the
+  gather plus tokens x r, whatever U, but small batched products are slow per multiply.
+
+`uses_gather` picks the cheaper by a cost model measured on a CPU (tiny-llama's 64 -> 128 layers, rank 8,
+one thread, torch 2.13, 2026-12-06): gathering a row's weights costs about `GATHER_ROW_COST` side-by-side
+multiplies per weight, and each multiply of the small batched products about `GATHER_TOKEN_COST`. So a
+decode step (one token a row) lays up to ~20 equal-rank adapters side by side (256 rows: 8 adapters 225 us
+a layer side by side against 486 us gathered; 31 adapters 851 us against 407 us), while a prefill of
+30-token prompts gathers from ~5 adapters on (36 rows, 31 adapters: 290 us gathered, 5.8 ms side by
+side). On a GPU (not measured there) side by side reads each active adapter once per decode step, gathered once
+per row.
 
 `read_adapter` turns a PEFT adapter folder (safetensors only) into host tensors keyed by module
 name; `LoraSlots.load` copies them into a slot.
@@ -36,7 +44,16 @@ from torch import nn
 from core.errors import ConfigError
 from core.paths import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-GATHER_FROM_ADAPTERS = 8  # distinct adapters in a batch from which rows gather their own weights (see the module doc)
+GATHER_ROW_COST = 16  # a row's gathered weight, in side-by-side multiplies (see the module doc)
+GATHER_TOKEN_COST = 4  # one multiply of the gathered batched products, in side-by-side multiplies
+
+
+def uses_gather(ranks: list[int], tokens_per_row: int) -> bool:
+    """Whether a batch of rows using adapters of `ranks` (the distinct active ones), `tokens_per_row` tokens each,
+    is cheaper gathered than side by side (per row and layer feature: side by side multiplies T x R, gathered
+    copies r weights and multiplies T x r, r the largest rank)."""
+    side_by_side = tokens_per_row * sum(ranks)
+    return side_by_side > max(ranks) * (GATHER_ROW_COST + GATHER_TOKEN_COST * tokens_per_row)
 
 
 class AdapterFormatError(ValueError):
@@ -86,8 +103,12 @@ class MultiLoraLinear(nn.Module):
         self.batch = batch
         self.in_features: int = base.in_features
         self.out_features: int = base.out_features
-        self.register_buffer("lora_a", torch.zeros(slots + 1, self.in_features, max_rank, dtype=dtype, device=device))
-        self.register_buffer("lora_b", torch.zeros(slots + 1, max_rank, self.out_features, dtype=dtype, device=device))
+        # Uninitialised (zeroing every slot of a large stack costs seconds): `LoraSlots.load` writes a whole slot, and
+        # slot 0, "no adapter", which gathered rows without an adapter read, is zeros.
+        self.register_buffer("lora_a", torch.empty(slots + 1, self.in_features, max_rank, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.empty(slots + 1, max_rank, self.out_features, dtype=dtype, device=device))
+        self.lora_a[0].zero_()
+        self.lora_b[0].zero_()
 
         self.cached_version = -1
         self.a_cat = self.b_cat = torch.empty(0)
@@ -113,8 +134,8 @@ class MultiLoraLinear(nn.Module):
         rows = x.to(self.lora_a.dtype)
         flat = rows.dim() == 2
         rows = rows[:, None, :] if flat else rows  # [rows, T, in]
-        a = self.lora_a.index_select(0, row_slots)[:, :, :rank]  # [rows, in, r]
-        b = self.lora_b.index_select(0, row_slots)[:, :rank]  # [rows, r, out]
+        a = self.lora_a[:, :, :rank].index_select(0, row_slots)  # [rows, in, r]: only r of max_rank columns copied
+        b = self.lora_b[:, :rank].index_select(0, row_slots)  # [rows, r, out]
         delta = torch.bmm(torch.bmm(rows, a), b)
         return delta[:, 0] if flat else delta
 
@@ -165,9 +186,10 @@ class LoraSlots:
         self._active = ()  # the slot's rank may have changed: the next batch rebuilds its columns
         self.batch.version += 1
 
-    def set_batch(self, slots: list[int]) -> None:
-        """Point every layer at the rows' slots (one per row, 0 for none) for the next forward pass."""
-        active = tuple(dict.fromkeys(s for s in slots if self.ranks[s] > 0))  # distinct, in order of first use
+    def set_batch(self, slots: list[int], tokens_per_row: int = 1, gather: bool | None = None) -> None:
+        """Point every layer at the rows' slots (one per row, 0 for none) for the next forward pass of
+        `tokens_per_row` tokens a row (1 when decoding); `gather` forces a path (None: `uses_gather` picks)."""
+        active = tuple(sorted({s for s in slots if self.ranks[s] > 0}))  # rows joining or leaving keep the columns
         batch, stack = self.batch, next(iter(self.layers.values())).lora_a
         device = stack.device
         batch.row_slots = batch.mask = None
@@ -175,7 +197,7 @@ class LoraSlots:
             batch.slot_index = batch.rank_index = None
             self._active = ()
             return
-        if len(active) >= GATHER_FROM_ADAPTERS:
+        if gather if gather is not None else uses_gather([self.ranks[s] for s in active], tokens_per_row):
             batch.row_slots = torch.tensor(slots, dtype=torch.long, device=device)
             batch.rank = max(self.ranks[s] for s in active)
             return

@@ -94,8 +94,9 @@ def row_from_fields(card: TaskCard, fields: dict[str, str]) -> Row:
 
 
 def render_prompt(card: TaskCard, row: Row) -> str:
-    """The prompt as the job's evaluation built it: the evaluation template, cut as its settings say (code never)."""
-    return evaluation_prompt(card.task, row, card.evaluation)
+    """The prompt as the job's evaluation built it: the evaluation template with the worked examples the job showed,
+    cut as its settings say (code never)."""
+    return evaluation_prompt(card.task, row, card.evaluation, card.worked_examples)
 
 
 def answer_score(task: TaskSpec, prediction: str, gold: str) -> float | None:

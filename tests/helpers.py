@@ -74,3 +74,15 @@ def local_serve(config: ServeConfig, num_cpus: int, metrics_port: int | None = N
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def two_replica_config(name: str, tracking_uri: str, cache: Path, port: int, request_timeout_s: float,
+                       **deployment: Any) -> ServeConfig:
+    """The serving app with one base model's deployment of 2 CPU replicas (`deployment`: its other settings,
+    `base_model` and `num_cpus` among them) behind an ingress that takes no CPU, its adapters from the registry at
+    `tracking_uri`, cached in `cache`: the hot-adapter tests and the serving benchmark's `hot` part."""
+    from serving.config import BaseDeployment, IngressSettings, ServeConfig
+
+    return ServeConfig(name=name, port=port, tracking_uri=tracking_uri, adapter_cache_dir=str(cache),
+                       ingress=IngressSettings(num_cpus=0, request_timeout_s=request_timeout_s),
+                       deployments=[BaseDeployment(device="cpu", num_replicas=2, **deployment)])

@@ -164,6 +164,14 @@ def test_stop_strings_max_tokens_and_streaming(engine: BatchingEngine) -> None:
     assert all(stop not in delta.text for delta in cut)
 
 
+def test_an_unstreamed_request_gets_its_whole_completion_in_one_delta(engine: BatchingEngine) -> None:
+    streamed = run(collect(engine, PROMPTS[1], "a3"))
+    whole = run(collect(engine, PROMPTS[1], "a3", SamplingParams(max_tokens=GREEDY.max_tokens, stream=False)))
+    assert len(streamed) > 1 and len(whole) == 1
+    assert tokens(whole) == tokens(streamed) and whole[0].text == "".join(delta.text for delta in streamed)
+    assert whole[0].finish_reason == streamed[-1].finish_reason
+
+
 def test_seeded_sampling_is_reproducible(engine: BatchingEngine) -> None:
     def sample(seed: int) -> list[int]:
         return tokens(run(collect(engine, PROMPTS[0], "a5",
@@ -444,10 +452,11 @@ class _OneLinear(torch.nn.Module):
 @pytest.mark.parametrize("slots", [
     [1, 2, 0, 3, 1],  # 3 adapters and a base row: side by side, each at its own rank
     [4, 4, 4],  # one adapter for every row: no mask
-    [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2],  # 9 adapters (GATHER_FROM_ADAPTERS or more): each row gathers its own weights
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2],  # 9 adapters and a base row
 ])
 @pytest.mark.parametrize("tokens", [0, 3])  # a decode step [rows, in] and a prefill [rows, T, in]
-def test_every_row_gets_exactly_its_own_adapter(slots: list[int], tokens: int) -> None:
+@pytest.mark.parametrize("gather", [False, True])  # side by side, each at its own rank; each row gathers its own
+def test_every_row_gets_exactly_its_own_adapter(slots: list[int], tokens: int, gather: bool) -> None:
     from serving.lora import AdapterWeights, LoraSlots
 
     torch.manual_seed(0)
@@ -457,13 +466,23 @@ def test_every_row_gets_exactly_its_own_adapter(slots: list[int], tokens: int) -
     for slot, (a, b) in weights.items():
         lora.load(slot, AdapterWeights(rank=a.shape[0], modules={"proj": (a, b)}))
     x = torch.randn(len(slots), *([tokens] if tokens else []), 6)
-    lora.set_batch(slots)
+    lora.set_batch(slots, max(tokens, 1), gather=gather)
     with torch.inference_mode():
         got = model.proj(x)
         base = lora.layers["proj"].base(x)
     for row, slot in enumerate(slots):
         expected = base[row] + ((x[row] @ weights[slot][0].T) @ weights[slot][1].T if slot else 0)
         torch.testing.assert_close(got[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_steps_lay_a_few_adapters_side_by_side_and_prefills_gather_from_a_few_more() -> None:
+    from serving.lora import uses_gather
+
+    assert not uses_gather([8] * 8, tokens_per_row=1)  # a decode step: 8 rank-8 adapters side by side
+    assert uses_gather([8] * 31, tokens_per_row=1)
+    assert uses_gather([8] * 8, tokens_per_row=30)  # a prefill of 30-token prompts gathers
+    assert not uses_gather([4, 8], tokens_per_row=30)
+    assert not uses_gather([64], tokens_per_row=500)  # one adapter is never gathered
 
 
 def test_residency_names_each_adapters_tier(engine: BatchingEngine) -> None:

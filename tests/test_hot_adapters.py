@@ -13,14 +13,7 @@ import pytest
 from prometheus_client.samples import Sample
 from pydantic import ValidationError
 
-from serving.config import (
-    BaseDeployment,
-    BatchingEngineConfig,
-    HotAdapterSettings,
-    IngressSettings,
-    ReplicaBounds,
-    ServeConfig,
-)
+from serving.config import BatchingEngineConfig, HotAdapterSettings, ReplicaBounds
 from serving.replication import ANY_REPLICA, HotAdapterRouter, RequestRates, adapter_of, copies_for, routing_id, task_of
 
 HOT, TAIL = "loraland-legal/3", "loraland-rare/1"
@@ -111,18 +104,15 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     from core.schemas import QuantizationSettings
     from jobs.models import load_base_model
     from serving.synthetic import publish_adapters
-    from tests.helpers import local_serve
+    from tests.helpers import local_serve, two_replica_config
 
     root = tmp_path_factory.mktemp("hot")
     spec = load_catalog().base_model("tiny-llama")
     uri = f"sqlite:///{root}/mlflow.db"
     models = publish_adapters(uri, root / "cache", load_base_model(spec, QuantizationSettings(), "cpu"), spec, 4)
     hot = HotAdapterSettings(adapters={"bench_0002": ReplicaBounds(min_replicas=2)})
-    config = ServeConfig(name="hot-test", port=free_port(), tracking_uri=uri, adapter_cache_dir=str(root / "cache"),
-                         ingress=IngressSettings(num_cpus=0, request_timeout_s=120),
-                         deployments=[BaseDeployment(base_model="tiny-llama", device="cpu", num_replicas=2,
-                                                     num_cpus=0.5,
-                                                     hot_adapters=hot, engine=BatchingEngineConfig(max_batch_size=8))])
+    config = two_replica_config("hot-test", uri, root / "cache", free_port(), 120, base_model="tiny-llama",
+                                num_cpus=0.5, hot_adapters=hot, engine=BatchingEngineConfig(max_batch_size=8))
     metrics_port = free_port()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # this module's Ray only
@@ -165,7 +155,7 @@ def spread(metrics_port: int) -> dict[str, float]:
 
 @pytest.mark.cluster
 def test_a_hot_adapter_is_served_by_both_replicas_and_the_tail_by_one(two_replicas: tuple[str, int, list[str]]) -> None:
-    from serving.app import RESIDENCY_PERIOD_S
+    from serving.replica import RESIDENCY_PERIOD_S
 
     url, metrics_port, models = two_replicas
     hot, tail, floored = (f"loraland-{model.split(':')[1]}/1" for model in models[:3])

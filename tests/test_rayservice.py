@@ -31,7 +31,7 @@ def pods(cluster: dict[str, Any]) -> list[dict[str, Any]]:
 def test_the_serve_config_is_rays_schema_and_ours() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import server_options
+    from serving.replica import server_options
 
     service = rayservice()
     assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")

@@ -4,11 +4,14 @@ search, a driver killed mid-search that resumes, and the winner registered and c
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -109,6 +112,16 @@ def test_the_demo_search_validates_and_plans() -> None:
     assert sweep.search.for_task("demo_colors").algorithm == "optuna"
 
 
+@pytest.mark.unit
+def test_tune_keeps_its_state_where_the_job_keeps_its_own() -> None:
+    from orchestrator.search_trials import tune_storage
+
+    assert tune_storage("/data/sweeps/s/job") == ("/data/sweeps/s/job", None)
+    # an object store: the path in pyarrow's filesystem (no scheme, no query), the endpoint in the filesystem
+    path, filesystem = tune_storage("s3://bucket/sweeps/s/job?endpoint_override=127.0.0.1:9&scheme=http&region=x")
+    assert path == "bucket/sweeps/s/job" and filesystem.type_name == "s3"
+
+
 # --------------------------------------------------------------------------- a real search
 
 
@@ -144,16 +157,20 @@ def validation_history(uri: str, run_id: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.cluster
-def test_search_killed_mid_way_resumes_and_its_winner_is_champion(mlflow_server, tmp_path: Path) -> None:
+def test_search_killed_mid_way_resumes_and_its_winner_is_champion(mlflow_server, s3_store, tmp_path: Path) -> None:
+    """Storage on an object store only (moto's S3): Tune's state, the trials' checkpoints and the winner's adapter and
+    result are kept there (on one machine the scratch folders stay: the node-loss test below gives each node its own
+    disk, so a resumed trial can only read its checkpoint from the store)."""
     from tracking.registry import champion, version_score, versions
     from tracking.search_runs import TAG_SEARCHED, TAG_STOPPED_AT, TAG_TRIAL, TAG_WINNER
 
     uri = mlflow_server.uri
     sweep = search_sweep(tmp_path)
     name = yaml.safe_load(sweep.read_text())["name"]
-    command = sweep_command(uri, tmp_path / "storage", sweep)
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=sweep_env(tmp_path),
-                              start_new_session=True)
+    command = sweep_command(uri, s3_store.uri(tmp_path.name), sweep)
+    env = sweep_env(tmp_path) | s3_store.env
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     finished_before: dict[str, list[tuple[int, float]]] = {}
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None:  # kill it once a trial has finished
@@ -166,11 +183,12 @@ def test_search_killed_mid_way_resumes_and_its_winner_is_champion(mlflow_server,
             finished_before = {t.data.tags[TAG_TRIAL]: validation_history(uri, t.info.run_id) for t in done}
             break
         time.sleep(0.5)
-    assert driver.poll() is None and finished_before, "the search ended (or never got going) before it was killed"
+    assert driver.poll() is None and finished_before, f"the search ended (or never got going) before it was killed: " \
+                                                      f"{log.read_text()[-3000:]}"
     kill_process_tree(driver.pid)  # the driver's local Ray, its trial host and trials go with it
     driver.wait()
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=sweep_env(tmp_path))
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     job, trials = search_runs(uri, name)
     assert job.info.status == "FINISHED" and job.data.tags[TAG_SEARCHED] == "true"
@@ -193,10 +211,98 @@ def test_search_killed_mid_way_resumes_and_its_winner_is_champion(mlflow_server,
     assert len(registered) == 1 and version_score(registered[0]) == job.data.metrics["score"]
     best_version = champion("demo_arithmetic", uri)
     assert best_version is not None and version_score(best_version) >= job.data.metrics["score"]
+    assert_on_the_store(s3_store.keys(f"{tmp_path.name}/"), job.data.tags[TAG_WINNER])
 
-    third = subprocess.run(command, capture_output=True, text=True, timeout=300, env=sweep_env(tmp_path))
+    third = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert third.returncode == 0 and "1 already finished, 0 to run" in " ".join(third.stdout.split()), third.stdout
     assert search_runs(uri, name)[0].data.tags[TAG_WINNER] == job.data.tags[TAG_WINNER]
+
+
+def checkpointed_trials(keys: list[str]) -> set[str]:
+    """The trials with a complete checkpoint among a store's keys."""
+    return {match.group(1) for key in keys if (match := re.search(r"/trials/([^/]+)/checkpoints/step-\d+/state\.json$",
+                                                                   key))}
+
+
+def add_node_with_own_disk(cluster: Any, monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """A worker node whose processes keep their scratch folders (jobs/storage.py) in `folder` (TMPDIR), as a machine of
+    its own would on its own disk: what another node reads of its work comes from the store."""
+    folder.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        cluster.add_worker()
+
+
+def trial_host_process(cluster: Any) -> Any:
+    """The process of the cluster's trial host, or None (another Ray on the machine may run one of its own)."""
+    from infra.local_cluster import cluster_processes
+
+    for process in cluster_processes(cluster.root):
+        try:
+            if (process.cmdline() or [""])[0].startswith("ray::TrialHostActor"):
+                return process
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.cluster
+def test_a_lost_node_s_trials_resume_from_their_checkpoints_on_the_store(s3_store, mlflow_server, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a real cluster whose storage is an object store only, each worker with its own local disk, the node of the
+    trial host (where both trials co-train) is lost once they have a checkpoint: the host starts again on another
+    node, each trial resumes from its newest checkpoint on the store (not from step 0), neither counts as failed
+    (`max_failures: 0`), and the search's job finishes with its winner, evaluated on the node that joined."""
+    from infra.local_cluster import LocalCluster, free_port_block
+    from tests.test_cluster import finish, job_env, sweep_args, wait_for
+    from tracking.search_runs import RESUMED_METRIC, TAG_HOST_LOSSES, TAG_STOPPED_AT, TAG_WINNER
+
+    data = yaml.safe_load(search_sweep(tmp_path).read_text())
+    data |= {"name": f"nodeloss-{tmp_path.name}"[:60], "retries": {"max_failures": 0}}
+    data["search"] = {"space": {"r": [4, 8], "max_steps": [30]}, "num_samples": 2, "validation_rows": 8,
+                      "eval_every": 10, "scheduler": "none", "max_concurrent_trials": 2}
+    sweep = write_sweep(tmp_path, data, "nodeloss.yaml")
+    with LocalCluster(free_port_block()) as cluster:
+        cluster.start(workers=0)
+        for node in ("worker-1", "worker-2"):
+            add_node_with_own_disk(cluster, monkeypatch, tmp_path / node)
+        cluster.wait_for_nodes(3)
+        env = os.environ | cluster.env() | job_env(tmp_path / "home")  # the store's variables: os.environ (s3_store)
+        driver = subprocess.Popen(sweep_args(sweep, mlflow_server.uri, s3_store.uri(tmp_path.name)), env=env,
+                                  stdout=(tmp_path / "driver.log").open("w"), stderr=subprocess.STDOUT,
+                                  cwd=PROJECT_ROOT)
+        try:
+            wait_for(lambda: len(checkpointed_trials(s3_store.keys(tmp_path.name))) == 2, 300,
+                     "both trials' first checkpoints on the store", driver)
+            host = wait_for(lambda: trial_host_process(cluster), 30, "the trial host's process", driver)
+            cluster.kill_node(cluster.node_of(host.pid))
+            add_node_with_own_disk(cluster, monkeypatch, tmp_path / "worker-3")  # the lost node's replacement
+            output = finish(driver, tmp_path)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    assert "progress: 1 done, 0 failed" in output and "node lost" not in output, output[-3000:]
+    job, trials = search_runs(mlflow_server.uri, data["name"])
+    assert job.info.status == "FINISHED" and len(trials) == 2, output[-3000:]
+    for trial in trials:  # it outlived one host, resumed from a checkpoint after step 0, and ran to its end once
+        assert trial.info.status == "FINISHED" and trial.data.tags[TAG_STOPPED_AT] == "30"
+        assert trial.data.tags[TAG_HOST_LOSSES] == "1" and trial.data.metrics[RESUMED_METRIC] in (10, 20)
+        assert [step for step, _ in validation_history(mlflow_server.uri, trial.info.run_id)] == [10, 20, 30]
+    assert_on_the_store(s3_store.keys(f"{tmp_path.name}/"), job.data.tags[TAG_WINNER])
+
+
+def assert_on_the_store(keys: list[str], winner: str) -> None:
+    """A search's folder on the store holds a normal job's result and adapter (the winner's), each scored trial's
+    adapter and checkpoints (complete: state.json), and Tune's experiment state."""
+    job_dir = next(key.rsplit("/result.json", 1)[0] for key in keys if key.endswith("/result.json"))
+    assert f"{job_dir}/adapter/adapter_model.safetensors" in keys, keys
+    assert any(key.startswith(f"{job_dir}/tune/") for key in keys), keys
+    adapters = [key for key in keys if "/trials/" in key and key.endswith("/adapter/adapter_model.safetensors")]
+    scored = {key.split("/trials/")[1].split("/")[0] for key in adapters}
+    assert winner in scored, (winner, scored)
+    for trial in scored:
+        assert any(key.startswith(f"{job_dir}/trials/{trial}/checkpoints/step-") and key.endswith("/state.json")
+                   for key in keys), (trial, keys)
 
 
 @pytest.mark.unit

@@ -99,7 +99,7 @@ class LocalServer:
         return encode_prompt(self.engine.tokenizer, text)
 
     async def answer(self, request: GenerateRequest, adapter: str | None) -> AsyncIterator[Any]:
-        from serving.app import engine_error
+        from serving.replica import engine_error
 
         try:
             ids = await asyncio.to_thread(self.encode, request)

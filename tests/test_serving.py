@@ -191,7 +191,8 @@ def test_serve_config_file_is_ray_serve_format_and_ours() -> None:
     from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import build_app, server_options
+    from serving.app import build_app
+    from serving.replica import server_options
 
     path = PROJECT_ROOT / "configs/serve/demo.yaml"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
@@ -259,8 +260,8 @@ def test_engine_settings_that_disagree_are_one_line_each(tmp_path: Path, capsys:
 @pytest.mark.unit
 def test_health_check_fails_when_the_decode_loop_dies(tmp_path: Path) -> None:
     """Serve's health check on a base model's replica is the engine's: alive, then dead after shutdown."""
-    from serving.app import BaseModelServer
     from serving.engines import build_engine
+    from serving.replica import BaseModelServer
 
     server = BaseModelServer.func_or_class(BaseDeployment(base_model="tiny-llama", device="cpu"),
                                            "sqlite:///" + str(tmp_path / "m.db"), str(tmp_path / "cache"), None,

@@ -18,15 +18,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from core.catalog import load_catalog
+from core.catalog import load_catalog, template_problems_of
 from core.errors import ConfigError, NotFound
 from core.parsing import parse_model
-from core.prompts import completion_for, prompt_for
-from core.schemas import EvalSettings, StudyMetric
+from core.prompts import EXAMPLES, completion_for, evaluation_prompt, examples_digest, prompt_for
+from core.schemas import DatasetSource, EvalSettings, StudyMetric, TaskSpec
 from jobs import prepare
 from jobs import study_metrics as sm
-from jobs.data import load_rows
-from jobs.evaluate import EvalRequest, score_all
+from jobs.data import eval_rows, example_rows, load_rows
+from jobs.evaluate import EvalRequest, evaluation_request, prepare_evaluation, score_all
 from orchestrator import cli
 from tracking import heuristics as heur
 from tracking import report
@@ -338,12 +338,14 @@ def test_setup_table_covers_the_31_tasks():
 @pytest.mark.parametrize("name", sorted(STUDY_SETUP))
 def test_prompt_has_the_studys_structure_and_gold_its_format(name):
     task, expected = load_catalog().task(name), STUDY_SETUP[name]
-    assert _template_columns(task.prompt) == set(expected.reads), "the prompt reads the study's input columns"
+    assert _template_columns(task.prompt) - {EXAMPLES} == set(expected.reads), "the prompt reads the study's inputs"
+    assert task.worked_examples == expected.examples, "the study's number of worked examples"
     for source in (task.prompt, task.eval.prompt if task.eval else ""):
         assert not CHAT_MARKERS.search(source), "no chat markers in the template"
     assert all(re.fullmatch(expected.gold, label) for label in task.labels or []), "labels are the study's values"
-    for row in _rows(name):
-        prompt = prompt_for(task, {column: row[column] for column in task.columns})
+    rows = _rows(name)  # the first rows stand for the training split's first rows: the worked examples
+    for row in rows:
+        prompt = prompt_for(task, {column: row[column] for column in task.columns}, examples=rows)
         assert len(EXAMPLE_HEADER.findall(prompt)) == expected.examples, "the study's number of worked examples"
         position = 0
         for column in expected.reads:  # the input fields in the study's order
@@ -360,6 +362,98 @@ def test_prompt_has_the_studys_structure_and_gold_its_format(name):
         assert re.fullmatch(expected.gold, gold), f"gold {gold!r} is not in the study's format"
         if task.study_metric in SCORED_BY_RULE:
             assert sm.study_score(task.study_metric, gold, gold) == 1.0, "the gold scores 1 against itself"
+
+
+# --------------------------------------------------------------------------- worked examples: the first training rows
+
+WORKED = sorted(name for name, expected in STUDY_SETUP.items() if expected.examples)
+
+
+def _on_fixture(name: str) -> TaskSpec:
+    """The catalogue's task reading its fixture as both its training and its evaluation split (the fixture's rows in
+    the dataset's order: its first rows are the task's first training rows)."""
+    path = str(FIXTURES / f"{name}.jsonl")
+    source = DatasetSource(kind="local", id=f"fixture {name}", train_split="train", eval_split="test",
+                           data_files={"train": path, "test": path})
+    return load_catalog().task(name).model_copy(update={"dataset": source})
+
+
+def _shows_first_rows(task: TaskSpec, prompt: str, rows: list[dict[str, Any]]) -> None:
+    """`prompt` shows the first `task.worked_examples` of `rows` as its worked examples, in order, and no later row's
+    gold as an example."""
+    golds = [completion_for(task, row) for row in rows]
+    n = task.worked_examples
+    instruction_end = prompt.rindex("\n\n")  # the new input follows the examples' block
+    positions = [prompt.find(gold) for gold in golds[:n]]
+    assert all(0 <= at < instruction_end for at in positions) and positions == sorted(positions), "first rows shown"
+    assert all(gold not in prompt[:instruction_end] for gold in golds[n:] if gold not in golds[:n]), "no later row"
+    assert len(EXAMPLE_HEADER.findall(prompt)) == n
+
+
+@pytest.mark.parametrize("name", WORKED)
+def test_worked_examples_are_the_first_training_rows_on_every_path(name: str, tmp_path: Path):
+    """Training, evaluation (the evaluator's path goes through `prepare_evaluation`), search validation
+    (`evaluation_request`), heuristics, the job's logged params and the page's card all show the task's first training
+    rows, whatever the job's `max_train_examples` cut."""
+    from jobs.models import load_tokenizer
+    from jobs.result import job_params
+    from jobs.train import training_set
+    from serving.webapp import render_prompt
+    from tests.helpers import tiny_job
+    from tracking.cards import TaskCard, task_card
+
+    task, rows = _on_fixture(name), _rows(name)
+    first = [{column: row[column] for column in task.columns} for row in rows[: task.worked_examples]]
+    assert example_rows(task) == first
+    settings = EvalSettings(limit=3)
+    request = prepare_evaluation(task, settings)
+    assert request.examples == first and len(request.prompts) == 3
+    for prompt in request.prompts + evaluation_request(task, settings, rows[-1:]).prompts:
+        _shows_first_rows(task, prompt, rows)
+    job = tiny_job(tmp_path, max_train_examples=1).model_copy(update={"task": task, "evaluation": settings})
+    trained = training_set(job, load_tokenizer(job.base_model))
+    assert len(trained.examples) == 1
+    _shows_first_rows(task, trained.sample[0]["prompt"], rows)
+    for prompt in heur.task_examples(task, 3)[0]:
+        _shows_first_rows(task, prompt, rows)
+    params = job_params(job, request.examples)
+    logged = (params["task.worked_examples"], params["task.worked_examples_digest"])
+    assert logged == (len(first), examples_digest(first))
+    published = task_card(task, eval_rows(task, 3), settings, example_rows(task))
+    card = TaskCard.model_validate_json(published.model_dump_json())  # as the page reads it from the run
+    assert [render_prompt(card, row) for row in eval_rows(task, 3)] == request.prompts, "the page renders the job's"
+    with pytest.raises(NotFound, match="worked examples"):
+        task_card(task, eval_rows(task, 3), settings)
+
+
+def test_a_prompt_with_worked_examples_is_never_rendered_without_them():
+    viggo = load_catalog().task("viggo")
+    row = _rows("viggo")[2]
+    with pytest.raises(NotFound, match=r"task viggo: its prompt shows its first 2 training row\(s\) as worked "
+                       r"examples, and 1 were given"):
+        evaluation_prompt(viggo, row, EvalSettings(), _rows("viggo")[:1])
+    assert prompt_for(viggo, row, examples=_rows("viggo")) == prompt_for(viggo, row, examples=_rows("viggo")[:2])
+    glue = load_catalog().task("glue_sst2")
+    assert glue.worked_examples == 0 and prompt_for(glue, _rows("glue_sst2")[0]), "a task without them needs none"
+
+
+def test_only_the_fixtures_tasks_carry_worked_examples():
+    """The study's examples come from the data; the demo tasks (generated offline) show none."""
+    catalog = load_catalog()
+    assert {name for name, task in catalog.tasks.items() if task.worked_examples} == set(WORKED)
+    for name in WORKED:
+        assert "Example" in catalog.task(name).prompt and "example." in catalog.task(name).prompt
+
+
+def test_catalogue_rejects_worked_examples_a_prompt_does_not_show():
+    viggo = load_catalog().task("viggo")
+    hidden = viggo.model_copy(update={"prompt": "Turn {{ meaning_representation }} into a sentence.\nOutput:"})
+    assert template_problems_of(hidden) == ["prompt: never shows its 2 worked `examples`; show them, or set "
+                                            "worked_examples: 0"]
+    undeclared = viggo.model_copy(update={"worked_examples": 0})
+    assert template_problems_of(undeclared) == ["prompt: uses 'examples', not among its columns (gem_id, "
+                                                "meaning_representation, target, references)"]
+    assert template_problems_of(viggo) == []
 
 
 def test_drop_gold_is_the_first_span_only():
@@ -485,7 +579,8 @@ def _study_table_as_runs(scoring: str = "study", max_steps: int = study.STUDY_ST
         task = catalog.task(row.task)
         logged = {**study.STUDY_TRAINING, **study.STUDY_EVALUATION, "training.max_steps": max_steps,
                   "evaluation.scoring": scoring, "task.study_metric": task.study_metric, "evaluation.limit": None,
-                  "task.eval_split": (task.eval or task).dataset.eval_split}
+                  "task.eval_split": (task.eval or task).dataset.eval_split,
+                  study.WORKED_EXAMPLES: task.worked_examples}
         for kind, value in (("train", row.finetuned_score), ("evaluate_base", row.base_score)):
             rows.append({"run_id": f"{kind}/{row.base_model}/{row.task}",
                          "job_key": f"k/{row.base_model}/{row.task}/{kind}",
@@ -540,6 +635,7 @@ def test_study_vs_ours_names_every_setting_that_differs_as_the_runs_logged_it():
     runs.loc[tuned, "lora.target_modules"] = pd.Series([["q_proj", "k_proj", "v_proj"]], index=runs.index[tuned])
     runs.loc[base, "evaluation.prompt_cut"] = "keep_cue"
     runs.loc[base, "task.eval_split"] = "train"
+    runs.loc[base, study.WORKED_EXAMPLES] = 1  # a prompt that showed a worked example the study's did not
     board = report.leaderboard(runs)
     board.loc[board["task"] == "boolq", "finetuned_score"] -= 0.1
     table = study.study_vs_ours(report.study_comparison(board, reference), runs, splits)
@@ -550,13 +646,13 @@ def test_study_vs_ours_names_every_setting_that_differs_as_the_runs_logged_it():
     assert row["differs"] == ("scoring strict; lora.r 16 (study 8); lora.target_modules ['q_proj', 'k_proj', 'v_proj'] "
                               "(study ['q_proj', 'v_proj']); training.max_steps 200 (study 2500)")
     assert row["base_differs"] == ("scoring strict; evaluation.prompt_cut keep_cue (study study); "
-                                   "eval split train (study's table: validation)")
+                                   "eval split train (study's table: validation); worked examples 1 (study 0)")
     assert row["failed_generations"] == 3  # generations the study's scoring left out of the mean, per run
     arc = table[table["task"] == "arc_combined"].iloc[0]
     assert arc["differs"].startswith("scoring strict (the study's code has no rule)")
     same = study.study_vs_ours(report.study_comparison(report.leaderboard(_study_table_as_runs()), reference),
                                _study_table_as_runs(), splits)
-    assert set(same.loc[same["task"] == "boolq", "differs"]) == {""}
+    assert set(same.loc[same["task"].isin(["boolq", "viggo"]), "differs"]) == {""}  # viggo: its 2 first rows
     assert set(same.loc[same["task"] == "boolq", "scoring"]) == {"study"}
 
 
@@ -564,13 +660,16 @@ def test_study_vs_ours_reads_the_scoring_a_run_logged_not_todays_catalogue():
     runs = _study_table_as_runs()
     boolq = runs["task"] == "boolq"
     runs.loc[boolq, "task.study_metric"] = None  # the run's task had no study rule when it ran
+    runs[study.WORKED_EXAMPLES] = runs[study.WORKED_EXAMPLES].astype(object)  # as runs_frame mixes counts and UNKNOWN
+    runs.loc[boolq, study.WORKED_EXAMPLES] = study.UNKNOWN  # nor logged its worked examples (an older run)
     runs = runs.drop(columns=["lora.alpha"])  # and no run logged alpha (an older run)
     reference = pd.read_csv(report.STUDY_SCORES)
     table = study.study_vs_ours(report.study_comparison(report.leaderboard(runs), reference), runs,
                                 study.study_splits(pd.read_csv(report.STUDY_TASKS)))
     row = table[table["task"] == "boolq"].iloc[0]
     assert row["scoring"] == "strict"
-    assert row["differs"] == "scoring strict (the study's code has no rule); lora.alpha unknown"
+    assert row["differs"] == ("scoring strict (the study's code has no rule); lora.alpha unknown; "
+                              "worked examples unknown")
     assert "lora.alpha" not in row["base_differs"]  # training settings are a fine-tune's only
 
 

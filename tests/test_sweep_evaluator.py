@@ -1,13 +1,16 @@
 """The sweep's evaluations through one evaluator per base model (orchestrator/evaluator.py): fine-tunes train, then
 their evaluation goes to their base's evaluator; every result lands once in its job's run; a job counts finished only
-once its evaluation is recorded; a killed evaluator's evaluations are resubmitted without counting as failures; a bad
-adapter fails only its job; `evaluation.engine: generate` runs today's way."""
+once its evaluation is recorded; an evaluator lost with its node has its evaluations resubmitted without counting as
+failures, one whose process dies is a failure and restarted a bounded number of times; a bad adapter fails only its
+job; `evaluation.engine: generate` runs today's way."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,32 @@ def test_plan_shows_evaluation_apart_from_the_evaluators_throughput_and_progress
     assert planned.gpu_hours <= today.gpu_hours and today.eval_gpu_hours == 0.0
     line = progress_line({}, 3, 2, 9, None, evaluations=(2, 1))
     assert line == "progress: 0 done, 0 failed, 3 running or starting, 2 queued of 9; evaluations 2 running, 1 queued"
+
+
+@pytest.mark.unit
+def test_an_evaluator_unreachable_or_preempted_is_a_node_loss_and_one_whose_constructor_failed_is_a_failure() -> None:
+    """What the scheduler makes of a failed evaluator call without asking the GCS (the deaths it asks about: the
+    cluster test below): unreachable for now or drained with its node, a node loss; its constructor failed, a failure
+    naming the error in one line."""
+    from ray import ActorID
+    from ray.core.generated import common_pb2
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError
+
+    from orchestrator.evaluator import actor_failure
+
+    protobuf: Any = common_pb2  # generated classes, which type checkers do not see
+    actor = ActorID.from_random()
+    unreachable = ActorUnavailableError("The actor is temporarily unavailable: IOError: broken pipe", actor.binary())
+    drained = ActorDiedError(protobuf.ActorDiedErrorContext(
+        actor_id=actor.binary(), error_message="The actor died because its node has died.",
+        node_death_info=protobuf.NodeDeathInfo(reason=protobuf.NodeDeathInfo.AUTOSCALER_DRAIN_PREEMPTED)))
+    constructor = RayActorError(actor.hex(), "The actor died because of an error raised in its creation task\n"
+                                "Traceback (most recent call last):\nValueError: tiny-llama: no such file", True)
+    assert isinstance(actor_failure(unreachable), NodeDiedError) and "broken pipe" in str(actor_failure(unreachable))
+    assert isinstance(actor_failure(drained), NodeDiedError) and "preempted" in str(actor_failure(drained))
+    failure = actor_failure(constructor)
+    assert type(failure) is RuntimeError
+    assert str(failure) == "the evaluator did not start: ValueError: tiny-llama: no such file"
 
 
 # --------------------------------------------------------------------------- the evaluator's record (real engine)
@@ -168,56 +197,118 @@ def test_an_evaluator_records_each_evaluation_once_and_a_bad_adapter_fails_only_
 # --------------------------------------------------------------------------- faults on Ray
 
 
-class SlowEvaluator:
+@pytest.fixture(scope="module")
+def two_workers() -> Iterator[Any]:
+    """A Ray cluster on loopback (ray.cluster_utils): a head without CPUs and two one-CPU worker nodes, one to lose."""
+    import ray
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    saved = os.environ.get("RAY_ADDRESS"), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.pop("RAY_ADDRESS", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False  # keep Ray on 127.0.0.1 (orchestrator.cluster.start_local_ray says why)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(wait=False, num_cpus=1, node_ip_address="127.0.0.1")  # both start at once
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is not None:
+            os.environ["RAY_ADDRESS"] = saved[0]
+
+
+class NodeEvaluator:
     """A stand-in evaluator actor (the pool's and scheduler's handling of its death is under test, not the engine):
-    each call appends its job key to `<output_dir>/calls`, waits 3 s, and returns a score."""
+    each call appends "<job key> <node id>" to `<output_dir>/calls`; a job's first call then waits (its node is to be
+    lost), a later one returns a score at once."""
 
     def __init__(self, job: JobConfig) -> None:
         self.base = job.base_model.name
 
     async def evaluate(self, job: JobConfig, *tracking: str) -> dict[str, Any]:
+        import ray
+
         calls = Path(job.output_dir) / "calls"
+        earlier = calls.read_text().split() if calls.is_file() else []
         with calls.open("a") as out:
-            out.write(f"{job.job_key}\n")
-        await asyncio.sleep(3.0)
-        return {"score": float(len(calls.read_text().splitlines())), "node": "", "wall_s": 3.0}
+            out.write(f"{job.job_key} {ray.get_runtime_context().get_node_id()}\n")
+        if job.job_key not in earlier:
+            await asyncio.sleep(120.0)
+        return {"score": 1.0, "node": "", "wall_s": 0.0}
+
+    def shutdown(self) -> None:
+        pass
+
+
+class CrashingEvaluator:
+    """A stand-in evaluator whose process dies as it starts (as when loading its base crashes), counting its starts in
+    `<output_dir>/starts`."""
+
+    def __init__(self, job: JobConfig) -> None:
+        with (Path(job.output_dir) / "starts").open("a") as out:
+            out.write("start\n")
+        os._exit(1)
+
+    async def evaluate(self, job: JobConfig, *tracking: str) -> dict[str, Any]:
+        return {"score": 1.0}
 
     def shutdown(self) -> None:
         pass
 
 
 @pytest.mark.cluster
-def test_a_killed_evaluator_has_its_evaluations_resubmitted_without_counting_as_failures(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Two evaluations on one base's evaluator; the actor is killed (as its node would be lost) while both run: with
-    `max_failures: 0` both still finish, on the restarted actor, each called twice; the pool ends the actor after."""
-    import ray
-
-    from orchestrator.cluster import connect_ray
+def test_an_evaluator_lost_with_its_node_is_resubmitted_and_one_that_crashes_is_a_bounded_failure(
+        two_workers: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two evaluations on one base's evaluator, whose node is lost while both run: with `max_failures: 0` both still
+    finish, on a new actor on the other node, each called twice; the pool ends the actor after. Then an evaluator whose
+    process dies on start: each death is a failure with its cause (never a node loss, so `max_node_losses: -1` does
+    not loop), and once it died more than the pool's restarts its base's evaluations fail at once."""
     from orchestrator.scheduler import SchedulerSettings, run_units
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
-    jobs = [tiny_job(tmp_path, task=task, kind="evaluate_base").model_copy(update={"job_key": f"killed/{task}"})
+    jobs = [tiny_job(tmp_path, task=task, kind="evaluate_base").model_copy(update={"job_key": f"lost/{task}"})
             for task in ("demo_sentiment", "demo_colors")]
-    pool = EvaluatorPool({"tiny-llama": {"CPU": 0.5}}, actor=SlowEvaluator)
-    units = [EvaluationUnit(job, pool, ("", "", "")) for job in jobs]
+    pool = EvaluatorPool({"tiny-llama": {"CPU": 0.5}}, actor=NodeEvaluator)
     calls = tmp_path / "calls"
-    connect_ray()
-    try:
-        def kill_when_both_run() -> None:
-            wait_until(lambda: calls.is_file() and len(calls.read_text().splitlines()) == 2, 120, "both evaluations")
-            ray.kill(pool.actors["tiny-llama"], no_restart=False)  # restarts, as after a lost node
 
-        killer = threading.Thread(target=kill_when_both_run)
-        killer.start()
-        outcomes = run_units(units, SchedulerSettings(RetrySettings(max_failures=0), len(jobs)))
-        killer.join()
-        assert pool.actors == {}  # ended once its base had no evaluation left
+    def lose_the_evaluators_node() -> None:
+        lines = wait_until(lambda: calls.is_file() and len(calls.read_text().splitlines()) == 2 and
+                           calls.read_text().splitlines(), 120, "both evaluations")
+        node_id = lines[0].split()[1]
+        two_workers.remove_node(next(node for node in two_workers.worker_nodes if node.node_id == node_id))
+
+    killer = threading.Thread(target=lose_the_evaluators_node)
+    killer.start()
+    try:
+        outcomes = run_units([EvaluationUnit(job, pool, ("", "", "")) for job in jobs],
+                             SchedulerSettings(RetrySettings(max_failures=0), len(jobs)))
     finally:
+        killer.join()
         pool.close()
-        ray.shutdown()
     out = capsys.readouterr().out
     assert [outcomes[job.job_key].state for job in jobs] == ["finished", "finished"], out[-3000:]
-    assert sorted(calls.read_text().splitlines()) == sorted(2 * [job.job_key for job in jobs])
+    assert sorted(line.split()[0] for line in calls.read_text().splitlines()) == sorted(2 * [j.job_key for j in jobs])
+    assert len({line.split()[1] for line in calls.read_text().splitlines()}) == 2  # the second calls: the other node
     assert out.count("node lost") == 2 and "retry" not in out, out[-3000:]
+    assert pool.actors == {}  # ended once its base had no evaluation left
+
+    crashing = tmp_path / "crashing"
+    crashing.mkdir()
+    job = tiny_job(crashing, kind="evaluate_base").model_copy(update={"job_key": "crashing/demo_sentiment"})
+    pool = EvaluatorPool({"tiny-llama": {"CPU": 0.5}}, actor=CrashingEvaluator, max_restarts=1)
+    try:
+        outcomes = run_units([EvaluationUnit(job, pool, ("", "", ""))],
+                             SchedulerSettings(RetrySettings(max_failures=5, max_node_losses=-1), 1))
+    finally:
+        pool.close()
+    out = capsys.readouterr().out
+    error = outcomes[job.job_key].error
+    assert outcomes[job.job_key].state == "failed" and "died 2 times, not with its node" in error, out[-3000:]
+    assert "worker process has died" in error and "\n" not in error, error
+    assert (crashing / "starts").read_text().count("start") == 2  # started once, restarted once
+    assert "retry 1/5" in out and "retry 2/5" in out and "retry 3/5" not in out and "node lost" not in out, out[-3000:]

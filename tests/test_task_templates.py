@@ -17,7 +17,7 @@ import jinja2.meta
 import pytest
 
 from core.catalog import load_catalog_file
-from core.prompts import completion_for, cut_prompt, prompt_for
+from core.prompts import EXAMPLES, completion_for, cut_prompt, prompt_for
 from core.schemas import TaskSpec
 
 pytestmark = pytest.mark.unit
@@ -134,11 +134,12 @@ def test_generation_budget_is_the_studys(name):
 def test_templates_use_only_listed_columns(name):
     task = TASKS_BY_NAME[name]
     assert len(set(task.columns)) == len(task.columns)
-    for source in (task.prompt, task.completion):
-        unlisted = _template_names(source) - set(task.columns)
+    shown = {EXAMPLES} if task.worked_examples else set()  # a prompt's worked examples (first training rows)
+    for source, allowed in ((task.prompt, shown), (task.completion, set())):
+        unlisted = _template_names(source) - set(task.columns) - allowed
         assert not unlisted, f"template reads columns not in `columns`: {sorted(unlisted)}"
     if task.eval is not None:
-        unlisted = _template_names(task.eval.prompt) - set(task.eval.columns)
+        unlisted = _template_names(task.eval.prompt) - set(task.eval.columns) - shown
         assert not unlisted, f"eval template reads columns not in eval.columns: {sorted(unlisted)}"
 
 
@@ -159,14 +160,15 @@ def test_fixture_rows_have_the_dataset_columns(name):
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_prompt_and_completion_render(name):
     task = TASKS_BY_NAME[name]
-    for row in _fixture_rows(name):
+    rows = _fixture_rows(name)  # the first stands for the training split's first row: the worked example
+    for row in rows:
         # Render from the listed columns only: a template reading any other column fails here.
         listed = {column: row[column] for column in task.columns}
-        prompt = prompt_for(task, listed)
+        prompt = prompt_for(task, listed, examples=[{c: r[c] for c in task.columns} for r in rows])
         completion = completion_for(task, listed)
         assert prompt.strip(), "empty prompt"
         assert completion.strip(), "empty completion"
-        assert prompt == prompt_for(task, row)
+        assert prompt == prompt_for(task, row, examples=rows)
 
         lines = prompt.split("\n")
         assert len(lines) >= 3, "an instruction, the input, then the cue or closing request"
@@ -222,8 +224,9 @@ def test_every_fixture_belongs_to_a_task():
 def test_short_prompts_are_not_cut():
     for name in TASK_NAMES:
         task = TASKS_BY_NAME[name]
-        for row in _fixture_rows(name):
-            assert prompt_for(task, row, 1500) == prompt_for(task, row)
+        rows = _fixture_rows(name)
+        for row in rows:
+            assert prompt_for(task, row, 1500, examples=rows) == prompt_for(task, row, examples=rows)
     assert cut_prompt("Instruction.\nInput: x\nAnswer:", 29) == "Instruction.\nInput: x\nAnswer:"
 
 

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from core.catalog import load_catalog
 from core.errors import ConfigError
 from core.schemas import BaseModelSpec, QuantizationSettings
+from jobs import trials as trials_module
 from jobs.config import JobConfig
 from jobs.data import eval_rows, train_rows, validation_rows
 from jobs.models import load_adapter, load_base_model, load_tokenizer
@@ -50,10 +51,10 @@ class CountingLoader:
         return load_base_model(spec, quant, device)
 
 
-def host(slots: int, loader: CountingLoader | None = None) -> TrialHost:
+def host(slots: int, loader: CountingLoader | None = None, gather_s: float = 1.0) -> TrialHost:
     catalog = load_catalog()
     return TrialHost(catalog.base_model("tiny-llama"), QuantizationSettings(), "cpu", slots,
-                     validation_size=VALIDATION_ROWS, load_base=loader or load_base_model)
+                     validation_size=VALIDATION_ROWS, load_base=loader or load_base_model, gather_s=gather_s)
 
 
 def target_modules(adapter_dir: str) -> list[str]:
@@ -61,11 +62,20 @@ def target_modules(adapter_dir: str) -> list[str]:
 
 
 @pytest.mark.integration
-def test_a_co_trained_trial_equals_it_alone_and_a_freed_place_is_taken_without_reloading(tmp_path: Path) -> None:
+def test_a_co_trained_trial_equals_it_alone_and_a_freed_place_is_taken_without_reloading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Trials of different ranks and targets co-trained (the first alone for two steps, then joined by the others from
-    three threads) end with the adapters each makes alone; alone, each in turn takes the place the previous one left,
-    over the one base loaded once, and the first, saved at step 2 and dropped, resumes from its checkpoint."""
-    co_host, co_jobs = host(slots=3), trial_jobs(tmp_path / "co")
+    three threads, in step) end with the adapters each makes alone; alone, each in turn takes the place the previous
+    one left, over the one base loaded once, and the first, saved at step 2 and dropped, resumes from its checkpoint.
+    `save` writes a checkpoint only where training wrote none."""
+    saves, save_checkpoint = list[int](), trials_module.save_checkpoint
+
+    def counted_save(*args: Any) -> Path:
+        saves.append(args[4].step)  # the trainer state's step
+        return save_checkpoint(*args)
+
+    monkeypatch.setattr(trials_module, "save_checkpoint", counted_save)
+    co_host, co_jobs = host(slots=3, gather_s=60.0), trial_jobs(tmp_path / "co")  # its steps never wait that long
     assert co_host.train("t0", co_jobs[0], 2)[-1]["step"] == 2  # alone, then joined
     assert co_host.train("t1", co_jobs[1], 0) == [] and co_host.train("t2", co_jobs[2], 0) == []  # on, not training
     with ThreadPoolExecutor(3) as pool:
@@ -73,8 +83,10 @@ def test_a_co_trained_trial_equals_it_alone_and_a_freed_place_is_taken_without_r
         records = [future.result() for future in futures]
     assert [r["step"] for r in records[0]] == [3.0, 4.0]  # the loss records since the last call
     assert [r["step"] for r in records[2]] == [1.0, 2.0, 3.0]
-    assert co_host.group_steps < sum(job.training.max_steps for job in co_jobs)  # some steps were shared
+    # in step: 2 steps of t0 alone, then 5 shared steps (t0's last 2, t2's 3 and t1's 5, whichever thread came first)
+    assert (co_host.group_steps, co_host.trial_steps) == (7, 12)
     co_trained = [co_host.save(f"t{i}") for i in range(3)]
+    assert saves == []  # training checkpointed each trial at its last step
 
     loader = CountingLoader()
     alone_host = host(slots=1, loader=loader)
@@ -83,6 +95,7 @@ def test_a_co_trained_trial_equals_it_alone_and_a_freed_place_is_taken_without_r
             alone_host.train("alone-0", job, 2)
             alone_host.save("alone-0")
             alone_host.drop("alone-0")
+            assert saves == [2]  # training wrote none at step 2 (checkpoint_every is larger)
         history = alone_host.train(f"alone-{index}", job, job.training.max_steps)  # resumed: its history came back
         assert [r["step"] for r in history] == [float(s + 1) for s in range(job.training.max_steps)]
         assert alone_host.trials == [f"alone-{index}"]
@@ -142,3 +155,37 @@ def test_the_validation_slice_is_held_out_of_training_and_never_an_evaluation_ro
     with pytest.raises(ConfigError, match="no room for 51 validation rows") as error:
         validation_rows(same_split, 51)
     assert len(str(error.value).splitlines()) == 1
+
+
+@pytest.mark.unit
+def test_asha_breaks_score_ties_by_loss_and_the_search_runs_at_most_k_trials() -> None:
+    """Trials tied on a coarse score at a rung are ranked by their training loss (ASHA alone stops nothing on ties);
+    a better score still wins over a lower loss. Random and Optuna searches both cap the trials running at once."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from orchestrator.search_config import SearchSettings
+    from orchestrator.search_trials import ScoreThenLoss, search_algorithm
+
+    def decisions(results: list[tuple[float, float]]) -> list[str]:
+        scheduler = ScoreThenLoss(time_attr="step", metric="score", mode="max", max_t=8, grace_period=2,
+                                  reduction_factor=2)
+        actions = []
+        for index, (score, loss) in enumerate(results):
+            trial = SimpleNamespace(trial_id=f"t{index}")
+            scheduler.on_trial_add(None, trial)  # type: ignore[arg-type]
+            actions.append(scheduler.on_trial_result(None, trial, {"step": 2, "score": score, "loss": loss}))
+        return actions
+
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    assert decisions([(0.0, 1.0), (0.0, 2.0), (0.0, 0.5)]) == [go, stop, go]  # ties: the higher loss stops
+    assert decisions([(0.0, 0.5), (0.25, 9.0)]) == [go, go]  # the score first
+    assert decisions([(0.0, float("nan")), (0.0, float("nan"))]) == [go, go]  # no loss recorded: plain ASHA
+
+    random_search = search_algorithm(SearchSettings(), 3)
+    assert isinstance(random_search, BasicVariantGenerator) and random_search.max_concurrent == 3
+    optuna = search_algorithm(SearchSettings(algorithm="optuna"), 2)
+    assert isinstance(optuna, ConcurrencyLimiter) and optuna.max_concurrent == 2

@@ -180,6 +180,47 @@ def test_study_scores_come_from_the_reference_table() -> None:
 
 
 @pytest.mark.integration
+def test_a_run_logs_its_worked_examples_and_its_card_renders_the_prompts_it_evaluated(mlflow_server: Any,
+                                                                                    tmp_path: Path) -> None:
+    """A job of a task with worked examples (viggo on its fixture: its first two rows) keeps the rows in result.json,
+    logs their count and digest, and publishes them in its task card: the page renders the job's own prompts."""
+    from core.prompts import examples_digest
+    from jobs.evaluate import prepare_evaluation, score_evaluation
+    from jobs.result import JobResult
+    from jobs.run import RESULT_FILE, claim_output, record_result
+    from jobs.storage import JobStorage
+    from jobs.train import TrainResult
+    from serving.webapp import render_prompt
+    from tests.helpers import tiny_job
+    from tests.test_study_fidelity import _on_fixture, _rows
+    from tracking import store
+    from tracking.cards import read_task_card
+    from tracking.tracker import JobTracker
+
+    task, settings = _on_fixture("viggo"), EvalSettings(limit=3)
+    first = [{column: row[column] for column in task.columns} for row in _rows("viggo")[:2]]
+    job = tiny_job(tmp_path / "job").model_copy(update={"task": task, "evaluation": settings,
+                                                        "job_key": "worked/tiny-llama/viggo/train-0"})
+    evaluation = score_evaluation(prepare_evaluation(task, settings), ["a", "b", "c"])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    storage = JobStorage(job.output_dir)
+    claim_output(storage, job)
+    result = record_result(job, storage, evaluation, TrainResult(str(adapter), {}, []))
+    assert JobResult.load(Path(job.output_dir) / RESULT_FILE).worked_examples == first
+    experiment_id = store.ensure_experiment("worked-examples", mlflow_server.uri)
+    with JobTracker.for_job(job, experiment_id, uri=mlflow_server.uri, system_metrics=False, register=False) as tracker:
+        run_id = tracker.finish(result)
+    params = store.client(mlflow_server.uri).get_run(run_id).data.params
+    assert (params["task.worked_examples"], params["task.worked_examples_digest"]) == ("2", examples_digest(first))
+    card = read_task_card(run_id, mlflow_server.uri)
+    assert card is not None and card.worked_examples == first
+    rows = eval_rows(task, 3)
+    assert [render_prompt(card, row) for row in rows] == [p["prompt"] for p in evaluation.predictions]
+
+
+@pytest.mark.integration
 def test_train_runs_publish_their_task_card_and_each_is_read_once(tiny_sweep: Sweep) -> None:
     from tracking.cards import TaskCards, read_task_card
 

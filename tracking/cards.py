@@ -2,9 +2,11 @@
 serving never loads a dataset nor re-reads the catalogue to show a task.
 
 A card holds the job's own task (its `TaskSpec`: templates, metric, answer parsing, labels, category, description,
-max tokens), the evaluation settings its prompts were cut with, the input fields the evaluation template reads with
-their kind ("text", or "json" for lists and numbers, edited as JSON), and the first `CARD_EXAMPLES` evaluation rows as
-those fields' texts with their gold answers (the example index is the row's index in the evaluation set).
+max tokens), the evaluation settings its prompts were cut with, the worked examples its prompts showed (the task's
+first training rows, as the job read them: the page renders the job's prompt without the training data), the input
+fields the evaluation template reads with their kind ("text", or "json" for lists and numbers, edited as JSON), and the
+first `CARD_EXAMPLES` evaluation rows as those fields' texts with their gold answers (the example index is the row's
+index in the evaluation set).
 
 It is the train run's `task_card.json` artifact, logged by the job's tracker before the adapter is registered. A
 finished run's artifacts do not change, so `TaskCards` keeps every card it read for good (a missing one is asked
@@ -27,7 +29,7 @@ import jinja2.meta
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core.prompts import CODE_METRIC, completion_for
+from core.prompts import CODE_METRIC, Examples, completion_for, worked_examples
 from core.schemas import EvalSettings, TaskSpec
 from tracking import store
 from tracking.retry import call_with_retry
@@ -64,6 +66,8 @@ class TaskCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task: TaskSpec
     evaluation: EvalSettings = Field(description="How the job's evaluation cut prompts and how many tokens it asked.")
+    worked_examples: list[Row] = Field(default_factory=list, description="The rows the job's prompts showed as worked "
+                                       "examples (`task.worked_examples` first training rows).")
     fields: list[CardField]
     examples: list[CardExample]
 
@@ -112,14 +116,16 @@ def gold_answer(task: TaskSpec, row: Row) -> str | None:
     return None if task.metric == CODE_METRIC else completion_for(task, row)
 
 
-def task_card(task: TaskSpec, rows: Sequence[Row], settings: EvalSettings) -> TaskCard:
-    """The card of `task` from its first evaluation rows (`rows[i]` is row i of the evaluation set)."""
+def task_card(task: TaskSpec, rows: Sequence[Row], settings: EvalSettings, worked: Examples = ()) -> TaskCard:
+    """The card of `task` from its first evaluation rows (`rows[i]` is row i of the evaluation set) and the worked
+    examples its job's prompts showed (a NotFound when the task shows more than `worked` holds)."""
+    worked_examples(task, worked)  # the page must never render the task's prompt without them
     columns = input_columns(task)
     examples = [CardExample(index=index, fields={column: field_text(row.get(column)) for column in columns},
                             gold=gold_answer(task, row)) for index, row in enumerate(rows[:CARD_EXAMPLES])]
     kinds = field_kinds(task, rows[:CARD_EXAMPLES])
-    return TaskCard(task=task, evaluation=settings, fields=[CardField(name=c, kind=kinds[c]) for c in columns],
-                    examples=examples)
+    return TaskCard(task=task, evaluation=settings, worked_examples=[dict(r) for r in worked[: task.worked_examples]],
+                    fields=[CardField(name=c, kind=kinds[c]) for c in columns], examples=examples)
 
 
 def evaluation_settings(params: dict[str, Any]) -> EvalSettings:
@@ -136,15 +142,17 @@ def log_task_card(run_id: str, card: TaskCard, uri: str | None = None) -> None:
     call_with_retry(store.client(uri).log_text, run_id, card.model_dump_json(), CARD_FILE)
 
 
-def publish_task_card(run_id: str, task: TaskSpec, settings: EvalSettings, uri: str | None = None) -> bool:
+def publish_task_card(run_id: str, task: TaskSpec, settings: EvalSettings, uri: str | None = None,
+                      worked: Examples = ()) -> bool:
     """Build the card of a job's task from its first evaluation rows (read where the job ran, from the data it
-    evaluated on) and log it with the job's run; False, with a warning logged, when that fails: the job's results
-    stand without it (its task is then missing from the page)."""
+    evaluated on) and the worked examples its prompts showed (`JobResult.worked_examples`), and log it with the job's
+    run; False, with a warning logged, when that fails: the job's results stand without it (its task is then missing
+    from the page)."""
     from jobs.data import eval_rows
 
     try:
         rows = eval_rows(task, min(CARD_EXAMPLES, settings.limit or task.eval_limit))
-        log_task_card(run_id, task_card(task, rows, settings), uri)
+        log_task_card(run_id, task_card(task, rows, settings, worked), uri)
     except Exception as error:
         log.warning("task card of run %s not published: %s: %s", run_id, type(error).__name__, str(error)[:300])
         return False

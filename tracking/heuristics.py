@@ -200,12 +200,12 @@ def sample_rows(rows: Sequence[Any], limit: int, seed: int = SAMPLE_SEED) -> lis
 
 def task_examples(task: Any, limit: int = SAMPLE_ROWS) -> tuple[list[str], list[str]]:
     """A seeded random sample (`sample_rows`) of `limit` training examples of a task (jobs.config.TaskSpec)
-    as (prompts, completions)."""
+    as (prompts, completions), the prompts with the task's worked examples as its jobs show them."""
     from core.prompts import completion_for, prompt_for
-    from jobs.data import train_rows
+    from jobs.data import example_rows, train_rows
 
-    rows = sample_rows(train_rows(task), limit)
-    return [prompt_for(task, row) for row in rows], [completion_for(task, row) for row in rows]
+    rows, worked = sample_rows(train_rows(task), limit), example_rows(task)
+    return [prompt_for(task, row, examples=worked) for row in rows], [completion_for(task, row) for row in rows]
 
 
 def train_size(task: Any) -> int:

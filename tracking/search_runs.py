@@ -3,8 +3,9 @@
 A trial's run is found again by its trial key (`<job key>/<trial id>`), so a trial resumed after a crash logs on into
 the run it started. It holds the trial's settings as params, its loss curve (`loss` by step) and validation scores
 (`validation_score` by step); it ends FINISHED (with `loraland.stopped_at`, the step it reached, and whether the
-scheduler stopped it early) or FAILED with the error. The job's own run says it was searched (`loraland.searched`) and
-which trial won.
+scheduler stopped it early) or FAILED with the error. A trial that outlived its host (its node lost) carries
+`loraland.host_losses` and `resumed_from_step`, the step it resumed from. The job's own run says it was searched
+(`loraland.searched`) and which trial won.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ TAG_STOPPED_EARLY = "loraland.stopped_early"  # "true" when the scheduler (ASHA)
 TAG_SEARCHED = "loraland.searched"  # on the job's run: "true" when its adapter is a search's winner
 TAG_WINNER = "loraland.search_winner"  # on the job's run: the winning trial's id
 TAG_ADAPTER_DIR = "loraland.adapter_dir"  # the trial's adapter folder, as of its last validation score
+TAG_HOST_LOSSES = "loraland.host_losses"  # hosts a trial outlived (their node lost): it resumed on the next
+RESUMED_METRIC = "resumed_from_step"  # the step (its newest checkpoint) a trial resumed from after losing its host
 VALIDATION_METRIC = "validation_score"
 
 
@@ -73,6 +76,12 @@ def log_trial_step(run_id: str, losses: list[dict[str, float]], step: int, score
                for key, value in record.items() if key != "step" and _finite(value)]
     call_with_retry(store.client(uri).set_tag, run_id, TAG_ADAPTER_DIR, adapter_dir)
     store.log_metrics(run_id, [*metrics, store.metric(VALIDATION_METRIC, score, step)], uri)
+
+
+def log_host_loss(run_id: str, losses: int, resumed_from: int, uri: str | None = None) -> None:
+    """Record on a trial's run that it outlived `losses` hosts, resuming at step `resumed_from` on the next."""
+    call_with_retry(store.client(uri).set_tag, run_id, TAG_HOST_LOSSES, str(losses))
+    store.log_metrics(run_id, [store.metric(RESUMED_METRIC, float(resumed_from), resumed_from)], uri)
 
 
 def end_trial_run(experiment_id: str, job_key: str, trial_id: str, status: str, stopped_at: int | None = None,

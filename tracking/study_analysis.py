@@ -10,8 +10,9 @@ Pure pandas over `tracking.report.leaderboard` frames and the study's published 
   lift and GPT-4 scores, and among themselves.
 - `study_vs_ours`: per (base model, task), the published base and fine-tuned scores beside ours, the differences, and
   every setting each of our two runs logged that differs from the study's (`STUDY_TRAINING`, `STUDY_EVALUATION`, the
-  scoring, evaluated rows and split), so a gap explains itself. Everything is read from what the runs logged
-  (`jobs.result.job_params`), never from today's catalogue: a setting a run did not log is named "unknown".
+  scoring, evaluated rows and split, the prompts' worked examples), so a gap explains itself. Everything is read from
+  what the runs logged (`jobs.result.job_params`), never from today's catalogue: a setting a run did not log is named
+  "unknown".
 """
 
 from __future__ import annotations
@@ -70,8 +71,12 @@ STUDY_EVALUATION: dict[str, Any] = {
     "evaluation.prompt_cut": "study", "evaluation.prompt_max_chars": STUDY_PROMPT_CHARS,
     "evaluation.max_new_tokens": None,  # None: the task's own limit, the study's (256; 1024 for mmlu)
 }
+# The worked examples of the study's prompts (its examples_in_prompt; each its task's first training rows); every other
+# task's prompt has none.
+STUDY_WORKED_EXAMPLES = {"bc5cdr": 1, "conllpp": 1, "e2e_nlg": 1, "viggo": 2, "webnlg": 1, "hellaswag_processed": 1}
+WORKED_EXAMPLES = "task.worked_examples"  # how many first training rows a run's prompts showed (jobs.result.job_params)
 SCORING_PARAMS = ("evaluation.scoring", "task.study_metric", "evaluation.limit", "task.eval_split")
-SETTING_COLUMNS = (*STUDY_TRAINING, *STUDY_EVALUATION, *SCORING_PARAMS)  # run columns (MLflow params) read here
+SETTING_COLUMNS = (*STUDY_TRAINING, *STUDY_EVALUATION, *SCORING_PARAMS, WORKED_EXAMPLES)  # run columns (MLflow params)
 UNKNOWN = "unknown"  # a setting the run did not log
 
 
@@ -169,7 +174,16 @@ def _differences(run: pd.Series, study: Mapping[str, Any], study_split: str | No
     split = _logged(run, "task.eval_split")
     if study_split and split not in (UNKNOWN, study_split):
         out.append(f"eval split {split} (study's table: {study_split})")
-    return out
+    return out + _example_difference(run)
+
+
+def _example_difference(run: pd.Series) -> list[str]:
+    """How the run's worked examples differ from the study's (the task's first training rows, as many as its prompt
+    held): UNKNOWN for a run that logged none (runs before they were logged showed examples written by us)."""
+    shown, theirs = _logged(run, WORKED_EXAMPLES), STUDY_WORKED_EXAMPLES.get(str(run.get("task")), 0)
+    if shown in (UNKNOWN, None):
+        return [f"worked examples {UNKNOWN}"]
+    return [] if int(shown) == theirs else [f"worked examples {int(shown)} (study {theirs})"]
 
 
 def study_vs_ours(comparison: pd.DataFrame, runs: pd.DataFrame, study_splits: Mapping[str, str]) -> pd.DataFrame:

@@ -177,7 +177,8 @@ class JobTracker:
         if result.adapter_dir:
             call_with_retry(self._client.log_artifacts, run_id, result.adapter_dir, store.ADAPTER_ARTIFACT)
         if result.adapter_dir and self.task_spec is not None:  # what the page shows of the task (tracking/cards.py)
-            publish_task_card(run_id, self.task_spec, evaluation_settings(result.params), self.uri)
+            publish_task_card(run_id, self.task_spec, evaluation_settings(result.params), self.uri,
+                              result.worked_examples)
         call_with_retry(self._client.set_terminated, run_id, "FINISHED")
         self._ended = True
         if self.register and self.kind == "train" and result.adapter_dir:
