@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast soak lint ruff mypy imports bench clean
+.PHONY: setup demo test test-fast test-long soak lint ruff mypy imports bench clean
 
 LINT_PATHS := core jobs orchestrator tracking serving tests benchmarks infra
 # Lint and type errors fail `make test` and `make test-fast`; STRICT_LINT=0 only prints them (while editing).
@@ -29,7 +29,11 @@ demo: setup
 test: setup
 	bash scripts/install_test_system_packages.sh
 	$(MAKE) --no-print-directory lint || [ "$(STRICT_LINT)" != 1 ]
-	$(PY) -m pytest -q -m "not soak" --durations=25
+	$(PY) -m pytest -q -m "not soak and not long" --durations=25
+
+# Costly variants of what `make test` covers (marker `long`), kept out of CI's 30 minutes.
+test-long: setup
+	$(PY) -m pytest -q -m long
 
 # 10 minutes of mixed load against a real Serve app (LORALAND_SOAK_S shortens it); prints leak figures.
 soak: setup

@@ -73,13 +73,14 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
 
 def trial_settings(job: JobConfig, config: dict[str, Any], eval_every: int) -> tuple[LoraSettings, TrainingSettings]:
     """The job's LoRA and training settings with a trial's draws applied (checkpoints every `eval_every` steps, where
-    the trial reports)."""
+    the trial reports, and its loss logged at least as often, for ASHA's tie-break on it)."""
     lora = job.lora.model_dump() | {name: type(getattr(job.lora, name))(config[name])
                                     for name in ("r", "alpha", "dropout") if name in config}
     if "target_modules" in config:
         targets = str(config["target_modules"])
         lora["target_modules"] = targets if targets == LINEAR_ALL else targets.split(",")
-    training = job.training.model_dump() | {"checkpoint_every": eval_every}
+    training = job.training.model_dump() | {"checkpoint_every": eval_every,
+                                            "log_every": min(job.training.log_every, eval_every)}
     if "learning_rate" in config:
         training["learning_rate"] = float(config["learning_rate"])
     if "max_steps" in config:

@@ -96,6 +96,8 @@ def test_a_trial_trains_its_draws_in_its_own_folder(tmp_path: Path) -> None:
     trial = trial_job(job, draws, "abc123", eval_every=20)
     assert (trial.lora.r, trial.lora.alpha, trial.lora.target_modules) == (16, 16, ["q_proj"])
     assert (trial.training.learning_rate, trial.training.max_steps, trial.training.checkpoint_every) == (0.003, 60, 20)
+    often = trial_job(job, draws, "abc123", eval_every=job.training.log_every - 1).training
+    assert often.log_every == often.checkpoint_every == job.training.log_every - 1
     assert trial.output_dir == f"{job.output_dir}/trials/abc123" and trial.job_key == f"{job.job_key}/abc123"
     assert trial_params(draws)["lora.r"] == 16 and trial_params(draws)["training.learning_rate"] == 0.003
     # on the CPU every trial at once fits; the host asks for the sweep's CPUs per job, no GPU

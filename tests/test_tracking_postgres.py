@@ -116,6 +116,7 @@ def test_a_job_survives_a_server_restart(stack: TrackingStack, tmp_path: Path, m
     check_job_survives_restart(stack.uri, stack.server.stop, stack.server.start, tmp_path)
 
 
+@pytest.mark.long  # make test covers the killed driver on SQLite (test_sweep.py) and on a cluster (test_cluster.py)
 def test_a_sweep_resubmitted_after_its_driver_was_killed_has_one_finished_run_per_job(
     stack: TrackingStack, tmp_path: Path
 ) -> None:

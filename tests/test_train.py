@@ -46,7 +46,9 @@ def test_fine_tuning_lifts_the_score_with_real_4bit_layers(tmp_path: Path) -> No
     assert len(tuned.predictions) == 100 and {"prompt", "prediction", "gold", "score"} <= set(tuned.predictions[0])
 
 
-@pytest.mark.parametrize("task", ["demo_colors", "demo_similarity", "demo_arithmetic"])
+# demo_arithmetic in make test; the other two (about 25 s each) in make test-long
+@pytest.mark.parametrize("task", [pytest.param("demo_colors", marks=pytest.mark.long),
+                                  pytest.param("demo_similarity", marks=pytest.mark.long), "demo_arithmetic"])
 def test_the_demo_sweep_lifts_every_other_demo_task_too(tmp_path: Path, task: str) -> None:
     """The shipped demo's settings (configs/sweeps/demo.yaml) on tiny-llama: ROUGE-L, stsb-style similarity and
     last-number accuracy each rise by at least 0.3 over the base's zero-shot score."""
@@ -241,6 +243,7 @@ def test_packing_is_padding_free_and_equals_padded_loss() -> None:
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+@pytest.mark.long  # make test runs `python -m jobs` train and evaluate in the test below
 def test_jobs_run_without_ray_from_the_command_line(tmp_path: Path) -> None:
     config = tiny_job(tmp_path / "job", max_steps=3, eval_limit=4)
     dump_yaml(config, tmp_path / "job.yaml")
