@@ -170,9 +170,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from tracking.ui import start_ui
 
     with exit_on_signals():  # SIGTERM and SIGHUP, like Ctrl-C, stop the server and all its processes
-        process = start_ui(args.tracking_uri, port=args.port)
-        console.print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
-        try:
+        process = start_ui(args.tracking_uri, port=args.port)  # stops it again if a signal comes while it starts
+        try:  # from here on (a signal during the print below left the server running)
+            console.print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
             return process.wait()
         except KeyboardInterrupt:
             return 0
