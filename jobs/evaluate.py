@@ -81,10 +81,11 @@ def prepare_evaluation(task: TaskSpec, settings: EvalSettings) -> EvalRequest:
     return evaluation_request(task, settings, eval_rows(task, settings.limit or task.eval_limit))
 
 
-def evaluation_request(task: TaskSpec, settings: EvalSettings, rows: list[Row]) -> EvalRequest:
-    """The evaluation of `rows` under `settings`: their prompts, with the task's worked examples (read from its
-    training split: blocking), the generation budget and the scoring rule."""
-    examples = example_rows(task)
+def evaluation_request(task: TaskSpec, settings: EvalSettings, rows: list[Row],
+                       examples: list[Row] | None = None) -> EvalRequest:
+    """The evaluation of `rows` under `settings`: their prompts, with the task's worked examples (`examples`, or read
+    from its training split when None: blocking), the generation budget and the scoring rule."""
+    examples = example_rows(task) if examples is None else examples
     return EvalRequest(task, settings, rows, [evaluation_prompt(task, row, settings, examples) for row in rows],
                        settings.max_new_tokens or task.max_new_tokens,
                        task.study_metric if settings.scoring == "study" else None, examples)

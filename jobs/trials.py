@@ -37,7 +37,7 @@ from core.schemas import BaseModelSpec, QuantizationSettings, TaskSpec
 from jobs.checkpoints import CHECKPOINT_DIR, latest_checkpoint, save_checkpoint
 from jobs.config import JobConfig
 from jobs.cotrain import Group, Member
-from jobs.data import Row, validation_rows
+from jobs.data import Row, example_rows, validation_rows
 from jobs.evaluate import evaluation_request, generate, score_evaluation
 from jobs.group_lora import GroupLoraLinear, Routing, bare_layers, initial_adapter, unwrap_member, wrap_member
 from jobs.models import load_base_model, load_tokenizer, prepare_for_training, resolve_device
@@ -98,7 +98,7 @@ class TrialHost:
         self.group_steps = 0  # shared steps run (one forward/backward over every trial that was due)
         self.trial_steps = 0  # the trials' steps those ran (trial_steps / group_steps: trials per shared step)
         self._trials: dict[str, Trial] = {}
-        self._validation: dict[str, list[Row]] = {}
+        self._validation: dict[str, tuple[list[Row], list[Row]]] = {}  # task -> validation rows, worked examples
         self._data: dict[tuple[Any, ...], TrainingSet] = {}  # tokenized training rows, shared by trials of one task
         self._data_lock = threading.Lock()
         self._busy = False  # a step, an addition, a validation, a save or a drop is running
@@ -125,10 +125,10 @@ class TrialHost:
         """Trial `trial_id`'s score by its task's metric on its task's validation slice (greedy generation)."""
         with self._exclusive():
             member = self._trial(trial_id).member
-            rows = self._validation_rows(member.config.task)
+            rows, examples = self._validation_rows(member.config.task)
             self.routing.use(member.index)
             try:
-                return validation_score(self.model, self.tokenizer, member.config, rows)
+                return validation_score(self.model, self.tokenizer, member.config, rows, examples)
             finally:
                 self.routing.use(None)
                 self.model.train()
@@ -308,9 +308,10 @@ class TrialHost:
             raise NotFound(f"trial {trial_id!r} is not on this host; train it first")
         return self._trials[trial_id]
 
-    def _validation_rows(self, task: TaskSpec) -> list[Row]:
+    def _validation_rows(self, task: TaskSpec) -> tuple[list[Row], list[Row]]:
+        """A task's validation slice and worked examples, read once per host (not at every validation)."""
         if task.name not in self._validation:
-            self._validation[task.name] = validation_rows(task, self.validation_size)
+            self._validation[task.name] = (validation_rows(task, self.validation_size), example_rows(task))
         return self._validation[task.name]
 
 
@@ -320,14 +321,16 @@ def checkpointed(root: Path, step: int) -> bool:
     return newest is not None and newest.name == f"step-{step:08d}"
 
 
-def validation_score(model: Any, tokenizer: PreTrainedTokenizerBase, job: JobConfig, rows: list[Row]) -> float:
+def validation_score(model: Any, tokenizer: PreTrainedTokenizerBase, job: JobConfig, rows: list[Row],
+                     examples: list[Row] | None = None) -> float:
     """`model`'s score by the job's task metric on `rows` (training rows held out), generated and scored as the job's
-    evaluation would score evaluation rows. Code tasks are refused: their training rows carry no tests to run."""
+    evaluation would score evaluation rows (`examples`: the task's worked examples, read when None). Code tasks are
+    refused: their training rows carry no tests to run."""
     task, settings = job.task, job.evaluation
     if task.metric == CODE_METRIC:
         raise ConfigError(f"task {task.name}", ["its metric runs tests that its training rows do not have; search "
                                                 "another task, or give it a validation set"])
-    request = evaluation_request(task, settings, rows)  # the job's evaluation prompts, worked examples included
+    request = evaluation_request(task, settings, rows, examples)  # the job's evaluation prompts, with its examples
     completions = generate(model, tokenizer, request.prompts, request.max_new_tokens, settings.batch_size,
                            request.strip)
     return score_evaluation(request, list(completions)).score
