@@ -61,12 +61,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint of `step` (sorting by name sorts by step)."""
+    return f"step-{step:08d}"
+
+
 def save_checkpoint(root: Path, model: AdapterWriter, optimizer: torch.optim.Optimizer, scheduler: Any,
                     state: TrainState, keep: int) -> Path:
     """Write a checkpoint into a hidden folder, then rename it into place: a kill mid-save leaves no broken
     checkpoint."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step:08d}"
+    final = root / checkpoint_name(state.step)
     staging = root / f".staging-{state.step:08d}-{os.getpid()}"
     for leftover in root.glob(".staging-*"):  # a save killed half-way (by us or an earlier run of the job)
         shutil.rmtree(leftover, ignore_errors=True)

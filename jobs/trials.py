@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from core.errors import ConfigError, NotFound
 from core.prompts import CODE_METRIC
 from core.schemas import BaseModelSpec, QuantizationSettings, TaskSpec
-from jobs.checkpoints import CHECKPOINT_DIR, latest_checkpoint, save_checkpoint
+from jobs.checkpoints import CHECKPOINT_DIR, checkpoint_name, latest_checkpoint, save_checkpoint
 from jobs.config import JobConfig
 from jobs.cotrain import Group, Member
 from jobs.data import Row, example_rows, validation_rows
@@ -316,9 +316,9 @@ class TrialHost:
 
 
 def checkpointed(root: Path, step: int) -> bool:
-    """Whether the newest checkpoint under `root` is of `step` (jobs/checkpoints.py's `step-NNNNNNNN` folders)."""
+    """Whether the newest checkpoint under `root` is of `step`."""
     newest = latest_checkpoint(root)
-    return newest is not None and newest.name == f"step-{step:08d}"
+    return newest is not None and newest.name == checkpoint_name(step)
 
 
 def validation_score(model: Any, tokenizer: PreTrainedTokenizerBase, job: JobConfig, rows: list[Row],
