@@ -81,8 +81,10 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
 
 
 def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
-    """Prepare a (4-bit) base for k-bit training (PEFT's preparation), with gradient checkpointing if asked."""
+    """Prepare a (4-bit) base for k-bit training (PEFT's preparation), with gradient checkpointing if asked, its 4-bit
+    layers kept on the kernel that trains (`keep_training_kernel`)."""
     if getattr(model, "is_loaded_in_4bit", False):
+        keep_training_kernel(model)
         return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -91,6 +93,19 @@ def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def keep_training_kernel(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from moving `model`'s 4-bit layers to its AVX512-BF16 CPU inference kernel. On such a CPU a
+    layer's first forward in eval mode without gradients (an evaluation between training steps, as a search trial's
+    validation) repacks its weights for that kernel for good, and a repacked layer passes no gradient to its input
+    (bitsandbytes 0.50.2): training after it would lose the base's share of every earlier layer's gradient, and its
+    results would change with the other rows of the batch. A no-op on a GPU and on CPUs without AVX512-BF16."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpointing: bool) -> PeftModel:

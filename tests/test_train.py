@@ -243,6 +243,36 @@ def test_packing_is_padding_free_and_equals_padded_loss() -> None:
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+def test_an_evaluation_between_training_steps_leaves_the_4bit_layers_training_as_before() -> None:
+    """An eval-mode forward without gradients (a search trial's validation) must not move the 4-bit layers to
+    bitsandbytes' AVX512-BF16 CPU inference kernel, which passes no gradient to its input: the LoRA gradients of a
+    training pass after it equal those before it (`jobs.models.keep_training_kernel`)."""
+    from core.schemas import LoraSettings
+
+    spec = load_catalog().base_model("tiny-llama")
+    model = attach_lora(load_base_model(spec, QuantizationSettings(), "cpu"), LoraSettings(dropout=0.0), False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.arange(3, 3 + 2 * 24).view(2, 24)
+
+    def lora_gradients() -> dict[str, torch.Tensor]:
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    before = lora_gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids[:, :5], use_cache=False)
+    after = lora_gradients()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
 @pytest.mark.long  # make test runs `python -m jobs` train and evaluate in the test below
 def test_jobs_run_without_ray_from_the_command_line(tmp_path: Path) -> None:
     config = tiny_job(tmp_path / "job", max_steps=3, eval_limit=4)
