@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -173,8 +174,9 @@ def through_evaluator(bench: Bench, runs: list[Evaluation]) -> tuple[float, list
     return time.perf_counter() - started, [results[i] for i in range(len(runs))], tokens, recorded
 
 
-def scenario(bench: Bench, runs: list[Evaluation], sample: int = 0) -> dict[str, Any]:
-    """Both paths over `runs`: wall time, generated tokens/s, and how many completions differ. Per-job generate runs in
+def scenario(bench: Bench, runs: list[Evaluation], sample: int = 0, repeats: int = 1) -> dict[str, Any]:
+    """Both paths over `runs`, `repeats` times each, interleaved: the median wall time, generated tokens/s, and how many
+    completions differ (those of the last run of each side; every run decodes the same). Per-job generate runs in
     a worker thread as the engine's decode loop does: on a CPU, OpenMP's team in the main thread of a loaded machine
     can be ten times slower than in a worker thread, which would flatter the engine. With `sample`, per-job generate
     runs only the first `sample` evaluations (each with its own adapter), its tokens/s measured on them and the
@@ -182,9 +184,17 @@ def scenario(bench: Bench, runs: list[Evaluation], sample: int = 0) -> dict[str,
     sampled = runs[:sample] if sample else runs
     if sample and len({run.adapter for run in sampled}) < len(sampled):
         raise ValueError("a sample of evaluations needs an adapter each (its tokens are counted by adapter)")
-    with ThreadPoolExecutor(1) as worker:
-        generate_s, expected = worker.submit(per_job_generate, bench, sampled).result()
-    evaluator_s, got, by_key, recorded = through_evaluator(bench, runs)
+    generate_times, evaluator_times = [], []
+    for repeat in range(repeats):  # interleaved (generate first, then the evaluator first, ...): drift hits both sides
+        for side in ("generate", "evaluator") if repeat % 2 == 0 else ("evaluator", "generate"):
+            if side == "generate":
+                with ThreadPoolExecutor(1) as worker:
+                    generate_s, expected = worker.submit(per_job_generate, bench, sampled).result()
+                generate_times.append(generate_s)
+            else:
+                evaluator_s, got, by_key, recorded = through_evaluator(bench, runs)
+                evaluator_times.append(evaluator_s)
+    generate_s, evaluator_s = statistics.median(generate_times), statistics.median(evaluator_times)
     tokens = sum(by_key.values())
     sampled_tokens = sum(by_key[f"{run.base.name}/{run.adapter}"] for run in sampled) if sample else tokens
     differing = len(differing_rows(expected, got))
@@ -192,8 +202,10 @@ def scenario(bench: Bench, runs: list[Evaluation], sample: int = 0) -> dict[str,
     return {"evaluations": len(runs), "adapters": sum(run.adapter is not None for run in runs),
             "rows": sum(len(result.predictions) for result in got), "generated_tokens": tokens,
             "generate": {"evaluations": len(sampled), "generated_tokens": sampled_tokens,
-                         "wall_s": round(generate_s, 2), "tokens_per_s": round(sampled_tokens / generate_s, 1)},
-            "evaluator": {"wall_s": round(evaluator_s, 2), "tokens_per_s": round(tokens / evaluator_s, 1)},
+                         "wall_s": round(generate_s, 2), "tokens_per_s": round(sampled_tokens / generate_s, 1),
+                         "runs_s": [round(t, 2) for t in generate_times]},
+            "evaluator": {"wall_s": round(evaluator_s, 2), "tokens_per_s": round(tokens / evaluator_s, 1),
+                          "runs_s": [round(t, 2) for t in evaluator_times]},
             "speedup": round(speedup, 2), "compared_completions": sum(len(r.predictions) for r in expected),
             "differing_completions": differing, "equal": differing == 0,
             "scores_equal": [r.score for r in expected] == [r.score for r in got[:len(expected)]],
@@ -324,6 +336,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scenario", choices=("both", "demo", "many"), default="both", help="which scenarios run "
                         "(the JSON's speedup and equal are over those run)")
     parser.add_argument("--gpu-shape", choices=GPU_SHAPES, help="random 4-bit base of that real shape, on a GPU")
+    parser.add_argument("--repeats", type=int, default=0, help="runs of each side per scenario, interleaved, the "
+                        "median reported (0: 3 on the CPU, 1 with --gpu-shape)")
     parser.add_argument("--generate-sample", type=int, default=0, help="per-job generate runs only this many of the "
                         "many scenario's evaluations (0: all), its tokens/s measured on them: a 7B budget")
     return parser.parse_args(argv)
@@ -341,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     catalog = load_catalog()
     tasks = [catalog.task(name) for name in DEMO_TASKS]
     many_tasks = [tasks[index % len(tasks)] for index in range(args.adapters)]
+    repeats = args.repeats or (1 if args.gpu_shape else 3)
     scenarios: dict[str, Any] = {}
     build_times: list[float] = []
     with tempfile.TemporaryDirectory(prefix="eval-throughput-") as tmp:
@@ -351,16 +366,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.gpu_shape and args.scenario in ("both", "demo"):
             demo = [run for name in ("tiny-llama", "tiny-mistral")
                     for run in with_adapters(bench, catalog.base_model(name), tasks, Path(tmp) / "demo", True)]
-            scenarios["demo"] = scenario(bench, demo)
+            scenarios["demo"] = scenario(bench, demo, repeats=repeats)
             print("demo", scenarios["demo"], flush=True)
         if args.gpu_shape or args.scenario in ("both", "many"):
             many = with_adapters(bench, base, many_tasks, Path(tmp) / "many", False)
-            scenarios["many"] = scenario(bench, many, args.generate_sample)
+            scenarios["many"] = scenario(bench, many, args.generate_sample, repeats)
             print("many", scenarios["many"], flush=True)
     report = {"speedup": min(s["speedup"] for s in scenarios.values()),
               "equal": all(s["equal"] for s in scenarios.values()), "scenarios": scenarios,
               "settings": {"quantization": quant.model_dump(), "evaluation": settings.model_dump(),
-                           "gpu_shape": args.gpu_shape, "base_build_s": [round(s, 1) for s in build_times]},
+                           "gpu_shape": args.gpu_shape, "repeats": repeats,
+                           "base_build_s": [round(s, 1) for s in build_times]},
               "machine": machine("torch", "transformers", "peft", "bitsandbytes"),
               "command": command("eval_throughput")}
     print(f"speedup {report['speedup']}x, every completion equal: {report['equal']}")

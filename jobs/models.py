@@ -65,6 +65,7 @@ def load_base_model(spec: BaseModelSpec, quant: QuantizationSettings, device: st
             bnb_4bit_compute_dtype=dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(model_source(spec), **kwargs)
+    keep_compute_dtype_kernel(model)
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
     return model
 
@@ -82,9 +83,9 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
 
 def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
     """Prepare a (4-bit) base for k-bit training (PEFT's preparation), with gradient checkpointing if asked, its 4-bit
-    layers kept on the kernel that trains (`keep_training_kernel`)."""
+    layers kept on the kernel that trains whoever loaded it (`keep_compute_dtype_kernel`)."""
     if getattr(model, "is_loaded_in_4bit", False):
-        keep_training_kernel(model)
+        keep_compute_dtype_kernel(model)
         return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -95,12 +96,15 @@ def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -
     return model
 
 
-def keep_training_kernel(model: torch.nn.Module) -> None:
+def keep_compute_dtype_kernel(model: torch.nn.Module) -> None:
     """Keep bitsandbytes from moving `model`'s 4-bit layers to its AVX512-BF16 CPU inference kernel. On such a CPU a
-    layer's first forward in eval mode without gradients (an evaluation between training steps, as a search trial's
-    validation) repacks its weights for that kernel for good, and a repacked layer passes no gradient to its input
-    (bitsandbytes 0.50.2): training after it would lose the base's share of every earlier layer's gradient, and its
-    results would change with the other rows of the batch. A no-op on a GPU and on CPUs without AVX512-BF16."""
+    layer's first forward in eval mode without gradients repacks its weights for that kernel for good (bitsandbytes
+    0.50.2), and the kernel (1) computes in bf16 whatever the configured compute dtype (fp32 on a CPU), which turns the
+    last-bit differences between two batchings of the same row into logit changes near 1e-3, enough to flip a greedy
+    near-tie: the sweep's evaluator and per-job `generate` then disagreed on about 1 row in 100; (2) passes no gradient
+    to its input, so training after an evaluation (a search trial's validation) lost the base's share of every earlier
+    layer's gradient. On this 2-core CPU the plain kernel (dequantize, fp32 matmul) generated as fast for the tiny
+    models (benchmarks/README.md). A no-op on a GPU and on CPUs without AVX512-BF16."""
     import bitsandbytes as bnb
 
     for module in model.modules():

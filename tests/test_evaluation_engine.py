@@ -4,10 +4,11 @@ Real tiny 4-bit bases (both architectures, held as the demo sweep holds them), r
 every linear layer saved as PEFT folders (serving.synthetic), the real batching engine, the real HumanEval sandbox.
 Greedy completions must be equal token for token, so a job's score does not depend on the path.
 
-Equality is exact only away from near-ties: fp32 sums on the CPU round differently with the batch's shape (rows
-decoded together, KV columns), and bitsandbytes' CPU 4-bit kernel rounds each layer's input to bf16, which turns that
-noise into logit differences of about 1e-3 (docs/evaluation.md). On the random tiny models about 1 row in 100 of
-16-token garbage meets such a near-tie; the cases here meet none, and the benchmark counts every differing completion.
+Equality is exact, near-ties included: the 4-bit layers compute in fp32 on both paths
+(`jobs.models.keep_compute_dtype_kernel`). With bitsandbytes' AVX512-BF16 CPU kernel, which rounds each layer's input
+to bf16, the last-bit differences between two batchings of a row became logit differences of about 1e-3, and about 1
+row in 100 of the random tiny models' 16-token garbage met such a near-tie (docs/evaluation.md); the benchmark counts
+every differing completion over 2,256 rows.
 """
 
 from __future__ import annotations

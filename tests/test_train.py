@@ -246,7 +246,7 @@ def test_packing_is_padding_free_and_equals_padded_loss() -> None:
 def test_an_evaluation_between_training_steps_leaves_the_4bit_layers_training_as_before() -> None:
     """An eval-mode forward without gradients (a search trial's validation) must not move the 4-bit layers to
     bitsandbytes' AVX512-BF16 CPU inference kernel, which passes no gradient to its input: the LoRA gradients of a
-    training pass after it equal those before it (`jobs.models.keep_training_kernel`)."""
+    training pass after it equal those before it (`jobs.models.keep_compute_dtype_kernel`)."""
     from core.schemas import LoraSettings
 
     spec = load_catalog().base_model("tiny-llama")
