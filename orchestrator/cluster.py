@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from core.errors import ConfigError, Unreachable
 from jobs.storage import first_line
-from orchestrator.signals import Terminated
+from orchestrator.signals import Terminated, handlers_kept
 
 RAY_CONNECT_TIMEOUT_S = 5.0  # how long `cluster_address` waits for RAY_ADDRESS's port to accept a connection
 RAY_ADDRESS_FIX = ("start that cluster (`ray start --head`) and set RAY_ADDRESS to its GCS address (HEAD:6379) or Ray "
@@ -50,17 +50,18 @@ def connect_ray() -> None:
     if ray.is_initialized():
         return
     address = cluster_address()
-    if address is None:
-        start_local_ray()
-        return
-    try:
-        ray.init(address=address, log_to_driver=False)
-    except Terminated:
-        raise
-    except (SystemExit, ConnectionError) as exc:  # Ray exits (status 15) when its GCS client gives up
-        cause = f"exit status {exc.code}" if isinstance(exc, SystemExit) else first_line(exc)
-        raise Unreachable(f"RAY_ADDRESS={address}: Ray could not join a cluster there ({cause}); "
-                          f"{RAY_ADDRESS_FIX}") from None
+    with handlers_kept():  # Ray's SIGTERM handlers would replace the command's own (exit_on_signals)
+        if address is None:
+            start_local_ray()
+            return
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Terminated:
+            raise
+        except (SystemExit, ConnectionError) as exc:  # Ray exits (status 15) when its GCS client gives up
+            cause = f"exit status {exc.code}" if isinstance(exc, SystemExit) else first_line(exc)
+            raise Unreachable(f"RAY_ADDRESS={address}: Ray could not join a cluster there ({cause}); "
+                              f"{RAY_ADDRESS_FIX}") from None
 
 
 def start_local_ray() -> None:

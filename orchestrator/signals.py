@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 from types import FrameType
 
@@ -37,3 +38,20 @@ def exit_on_signals(signals: tuple[signal.Signals, ...] = TERMINATING) -> Iterat
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+
+@contextlib.contextmanager
+def handlers_kept(signals: tuple[signal.Signals, ...] = TERMINATING) -> Iterator[None]:
+    """The handlers of `signals` that Python code set before the block (`exit_on_signals`) put back after it, at the
+    process level. `ray.init` sets Ray's own for SIGTERM: a Python one that exits with status 15, and a C++ one that
+    logs a stack and aborts, which left the local Ray's agents running after a `kill PID`. A handler that was the
+    default stays Ray's. Outside the main thread, nothing changes."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in signals} if main else {}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if callable(handler):
+                signal.signal(signum, handler)

@@ -95,9 +95,11 @@ def test_ui_ended_by_a_signal_leaves_no_process_and_frees_its_port(signum: signa
 
 
 @pytest.mark.cluster  # a local Ray cluster and Ray Serve with one tiny replica
-def test_serve_ended_by_sighup_leaves_no_process_and_frees_its_port(tmp_path: Path) -> None:
-    """`loraland serve` ended by a closed terminal (SIGHUP, sent to its PID only): Serve and the local Ray cluster it
-    started (GCS, raylet, workers, the replica) end with it and the HTTP port is free. (SIGTERM goes the same way.)"""
+def test_serve_ended_by_sigterm_leaves_no_process_and_frees_its_port(tmp_path: Path) -> None:
+    """`loraland serve` ended by `kill PID` (SIGTERM, sent to its PID only): Serve and the local Ray cluster it started
+    (GCS, raylet, workers, the replica) end with it, the HTTP port is free, and the exit status is the signal's, not an
+    abort: `ray.init` puts Ray's own SIGTERM handler in place (it logs a stack and aborts), so `connect_ray` puts ours
+    back. (A closed terminal's SIGHUP, which Ray leaves alone, goes the same way.)"""
     import yaml
 
     port = free_port()
@@ -118,12 +120,12 @@ def test_serve_ended_by_sighup_leaves_no_process_and_frees_its_port(tmp_path: Pa
             seen += line
         children = psutil.Process(serve.pid).children(recursive=True)
         assert children and not port_is_free(port)
-        os.kill(serve.pid, signal.SIGHUP)
+        os.kill(serve.pid, signal.SIGTERM)
         serve.wait(120)
         _, alive = psutil.wait_procs(children, timeout=60)
         assert alive == [], [(p.pid, p.name()) for p in alive]
         assert port_is_free(port)
-        assert serve.returncode == 128 + signal.SIGHUP
+        assert serve.returncode == 128 + signal.SIGTERM, seen[-3000:] + (serve.stdout.read() if serve.stdout else "")
     finally:
         for process in [*children, psutil.Process(serve.pid) if serve.poll() is None else None]:
             if process is not None and process.is_running():
@@ -176,3 +178,37 @@ def test_ray_giving_up_on_the_cluster_is_one_line(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(ray, "init", gives_up)
     with pytest.raises(Unreachable, match=r"^RAY_ADDRESS=auto: Ray could not join a cluster there \(exit status 15\);"):
         connect_ray()
+
+
+@pytest.mark.unit
+def test_joining_ray_keeps_the_commands_own_signal_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handler the command set (`exit_on_signals`) is back after `ray.init` set Ray's own; one left at the default
+    stays Ray's."""
+    import ray
+
+    from orchestrator.cluster import connect_ray
+    from orchestrator.signals import exit_on_signals
+
+    def rays(signum: int, frame: object) -> None:
+        raise SystemExit(signum)
+
+    def init(**_: object) -> None:
+        signal.signal(signal.SIGTERM, rays)
+        signal.signal(signal.SIGHUP, rays)
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setattr("orchestrator.cluster.cluster_address", lambda: "127.0.0.1:6379")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with exit_on_signals():
+            ours = signal.getsignal(signal.SIGTERM)
+            connect_ray()
+            assert signal.getsignal(signal.SIGTERM) is ours and signal.getsignal(signal.SIGHUP) is not rays
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        connect_ray()
+        assert signal.getsignal(signal.SIGTERM) is rays
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
