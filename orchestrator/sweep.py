@@ -128,6 +128,7 @@ def run_unfinished(sweep: SweepConfig, jobs: list[JobConfig], skipped: dict[str,
         with trial_hosts(sweep), evaluator_pool(plain, sweep) as evaluators:
             tasks = RayTasks.of(sweep, (run.experiment_id, run.parent_run_id, run.uri), evaluators)
             outcomes |= run_units(search_units(todo, sweep, tasks.args) + work_units(plain, sweep, tasks), settings)
+        close_given_up(outcomes, run)
     for task in sweep.tasks:  # settles a race between two workers finishing one task at the same instant
         update_champion(task, run.uri)
     results = results_description([outcomes[job.job_key] for job in jobs])
@@ -135,3 +136,17 @@ def run_unfinished(sweep: SweepConfig, jobs: list[JobConfig], skipped: dict[str,
     failed = any(o.state == "failed" for o in outcomes.values())
     store.finish_sweep_run(run.parent_run_id, "FAILED" if failed else "FINISHED", run.uri)
     return outcomes
+
+
+def close_given_up(outcomes: dict[str, JobOutcome], run: SweepRun) -> list[str]:
+    """End FAILED, with the driver's reason, the runs of the jobs it gave up on that nothing ended: a worker or an
+    evaluator that crashed (its retries spent) or a node lost too often leaves the job's run RUNNING, a fine-tune's also
+    while its evaluation waited. A run its job ended itself keeps its own status and error. Returns the closed run ids.
+    """
+    from tracking import store
+
+    reasons = {key: f"the sweep gave up on it: {outcome.error or 'no error recorded'}"
+               for key, outcome in outcomes.items() if outcome.state == "failed"}
+    if not reasons:
+        return []
+    return store.close_stale_runs(run.experiment_id, reasons, uri=run.uri, reasons=reasons)

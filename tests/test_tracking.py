@@ -437,6 +437,42 @@ def test_promote_pins_the_champion_until_a_better_version_arrives(tiny_sweep: Sw
 
 
 @pytest.mark.integration
+def test_a_job_the_sweep_gave_up_on_ends_failed_with_why_and_a_run_its_job_ended_keeps_its_own(
+        mlflow_server: Server, tmp_path: Path) -> None:
+    """After its units ran, the driver ends FAILED the runs of the jobs it gave up on that nothing ended (a crashed
+    evaluator left a trained fine-tune's run RUNNING), tagged with its reason; a run that its job ended FAILED itself
+    keeps its own error, and the run of a job that did not fail is left alone."""
+    from orchestrator.sweep import SweepRun, close_given_up
+    from orchestrator.units import JobOutcome
+    from tests.helpers import tiny_job
+    from tracking.tracker import JobTracker
+
+    uri = mlflow_server.uri
+    experiment_id = store.ensure_experiment("given-up", uri)
+    runs = {}
+    for name in ("crashed", "failed_itself", "running"):
+        tracker = JobTracker(experiment_id, f"given-up/{name}", "tiny-llama", "demo_sentiment", uri=uri,
+                             system_metrics=False, flush_interval_s=600)
+        runs[name] = tracker.start()
+        if name == "failed_itself":
+            tracker.fail("ValueError: its own error")
+        else:
+            tracker._stop_background()  # its worker or evaluator died: nothing ends its run
+    outcomes = {
+        "given-up/crashed": JobOutcome(tiny_job(tmp_path), "failed", error="its evaluator died 2 times"),
+        "given-up/failed_itself": JobOutcome(tiny_job(tmp_path), "failed", error="ValueError: its own error"),
+        "given-up/running": JobOutcome(tiny_job(tmp_path), "finished", 1.0),
+    }
+    assert close_given_up(outcomes, SweepRun(experiment_id, "", uri)) == [runs["crashed"]]
+    got = {name: store.client(uri).get_run(run_id) for name, run_id in runs.items()}
+    assert got["crashed"].info.status == "FAILED"
+    assert got["crashed"].data.tags[store.TAG_ERROR] == "the sweep gave up on it: its evaluator died 2 times"
+    assert got["failed_itself"].data.tags[store.TAG_ERROR] == "ValueError: its own error"
+    assert got["running"].info.status == "RUNNING"
+    assert close_given_up({}, SweepRun(experiment_id, "", uri)) == []
+
+
+@pytest.mark.integration
 def test_killed_worker_run_is_closed_and_a_retry_reuses_its_run(mlflow_server: Server) -> None:
     from jobs.run import JobResult
     from tracking.tracker import JobTracker

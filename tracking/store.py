@@ -320,19 +320,22 @@ def close_stale_runs(
     job_keys: Iterable[str] | None = None,
     reason: str = "worker lost: run left RUNNING",
     uri: str | None = None,
+    reasons: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Mark RUNNING job runs FAILED (a worker killed by SIGKILL never ends its run); returns their ids.
 
-    The driver calls this for jobs it knows are not running (Ray reported the worker dead, or at
-    the start of a resumed sweep before any worker starts): with `job_keys` None every RUNNING job
-    run of the experiment is closed.
+    The driver calls this for jobs it knows are not running (Ray reported the worker dead, at the start of a resumed
+    sweep before any worker starts, or once it gave up on a job): with `job_keys` None every RUNNING job run of the
+    experiment is closed. `reasons` gives a job key its own error tag instead of `reason`.
     """
     wanted = set(job_keys) if job_keys is not None else None
     closed = []
     for run in job_runs(experiment_id, uri, status="RUNNING"):
-        if wanted is not None and run.data.tags.get(TAG_JOB_KEY) not in wanted:
+        key = run.data.tags.get(TAG_JOB_KEY)
+        if wanted is not None and key not in wanted:
             continue
-        call_with_retry(client(uri).log_batch, run.info.run_id, tags=[RunTag(TAG_ERROR, reason[:5000])])
+        why = (reasons or {}).get(key or "", reason)
+        call_with_retry(client(uri).log_batch, run.info.run_id, tags=[RunTag(TAG_ERROR, why[:5000])])
         call_with_retry(client(uri).set_terminated, run.info.run_id, "FAILED")
         closed.append(run.info.run_id)
     return closed
