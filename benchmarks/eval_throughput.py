@@ -340,7 +340,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "median reported (0: 3 on the CPU, 1 with --gpu-shape)")
     parser.add_argument("--generate-sample", type=int, default=0, help="per-job generate runs only this many of the "
                         "many scenario's evaluations (0: all), its tokens/s measured on them: a 7B budget")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeats < 0:
+        parser.error(f"--repeats {args.repeats}: give a count of runs (>= 1), or 0 for the default")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -103,8 +103,8 @@ def keep_compute_dtype_kernel(model: torch.nn.Module) -> None:
     last-bit differences between two batchings of the same row into logit changes near 1e-3, enough to flip a greedy
     near-tie: the sweep's evaluator and per-job `generate` then disagreed on about 1 row in 100; (2) passes no gradient
     to its input, so training after an evaluation (a search trial's validation) lost the base's share of every earlier
-    layer's gradient. On this 2-core CPU the plain kernel (dequantize, fp32 matmul) generated as fast for the tiny
-    models (benchmarks/README.md). A no-op on a GPU and on CPUs without AVX512-BF16."""
+    layer's gradient. On this 2-core CPU the plain kernel (dequantize, fp32 matmul) evaluates the tiny models as fast
+    and serves them about a quarter slower (benchmarks/README.md). A no-op on a GPU and on CPUs without AVX512-BF16."""
     import bitsandbytes as bnb
 
     for module in model.modules():

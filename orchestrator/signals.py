@@ -40,7 +40,6 @@ def exit_on_signals(signals: tuple[signal.Signals, ...] = TERMINATING) -> Iterat
             signal.signal(signum, handler)
 
 
-
 @contextlib.contextmanager
 def handlers_kept(signals: tuple[signal.Signals, ...] = TERMINATING) -> Iterator[None]:
     """The handlers of `signals` that Python code set before the block (`exit_on_signals`) put back after it, at the
